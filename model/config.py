@@ -1,0 +1,266 @@
+"""Model configuration: the YAML-facing `ModelArgs` and megatron's `FAMConfig`.
+
+`ModelArgs` is the `model:` section of a famtron config file (configs/<name>.yaml). It is a
+plain dataclass so the training config tree can embed it and check unknown keys.
+`to_fam_config(args, ...)` derives megatron-core's `TransformerConfig` subclass from it.
+
+Named configs live in `configs/` at the repository root. A config file may start with
+`base: <other>.yaml`; its sections are then merged key by key over the base's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F_
+import yaml
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ATTENTION_KINDS = ("fam", "dense")
+
+
+@dataclass
+class ModelArgs:
+    """Shape of a TransformerFAM decoder (fam-paper.md §3). F=0 gives BSWA."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None: multi-head; 1: multi-query
+    ffn_multiplier: float = 4.0  # SwiGLU hidden size = ffn_multiplier * hidden_size
+    ffn_hidden_size: int | None = None  # overrides ffn_multiplier when set
+    vocab_size: int = 256
+    attention: str = "fam"  # "fam" (FAM, or BSWA when fam_len == 0) or "dense" (full causal)
+    block_size: int = 64  # C
+    mem_blocks: int = 3  # m
+    fam_len: int = 8  # F
+    rope_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    recompute: bool = False  # activation recompute per layer
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or int(round(self.ffn_multiplier * self.hidden_size))
+
+    @property
+    def uses_fam(self) -> bool:
+        return self.attention == "fam" and self.fam_len > 0
+
+    def validate(self, tensor_parallel_size: int = 1) -> None:
+        """Raise one ValueError naming the field and value of the first bad setting."""
+
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"model.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be a positive integer")
+        if self.attention not in ATTENTION_KINDS:
+            bad("attention", f"must be one of {ATTENTION_KINDS}")
+        if self.hidden_size % self.num_attention_heads:
+            bad("hidden_size", f"must be divisible by num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            bad("hidden_size", "hidden_size / num_attention_heads must be even for RoPE")
+        if self.num_query_groups is not None and (
+            self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups
+        ):
+            bad("num_query_groups", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.block_size <= 0:
+            bad("block_size", "must be a positive integer (the FAM/BSWA block length C)")
+        if self.mem_blocks < 0:
+            bad("mem_blocks", "must be >= 0 (the number of cached previous blocks m)")
+        if self.fam_len < 0:
+            bad("fam_len", "must be >= 0 (0 gives block sliding-window attention)")
+        if self.fam_len > self.block_size:
+            bad("fam_len", f"must not exceed block_size={self.block_size}")
+        if self.ffn_size <= 0:
+            bad("ffn_multiplier", "gives a non-positive FFN size")
+        if self.rope_base <= 0:
+            bad("rope_base", "must be positive")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"parallel.tensor_parallel_size={tensor_parallel_size}: must be >= 1")
+        if self.num_attention_heads % tensor_parallel_size:
+            bad("num_attention_heads", f"must be divisible by tensor_parallel_size={tensor_parallel_size}")
+        if self.query_groups % tensor_parallel_size:
+            raise ValueError(
+                f"model.num_query_groups={self.query_groups}: must be divisible by "
+                f"tensor_parallel_size={tensor_parallel_size} (use TP=1 for multi-query attention)"
+            )
+        if self.ffn_size % tensor_parallel_size:
+            bad("ffn_hidden_size", f"FFN size {self.ffn_size} must be divisible by tensor_parallel_size={tensor_parallel_size}")
+        if self.vocab_size % tensor_parallel_size:
+            bad("vocab_size", f"must be divisible by tensor_parallel_size={tensor_parallel_size}")
+
+    def num_params(self, embeddings: bool = False) -> int:
+        """Parameter count: layers and final norm; embeddings and output layer if asked."""
+        h, d, n, g = self.hidden_size, self.head_dim, self.num_attention_heads, self.query_groups
+        attention = h * (n + 2 * g) * d + n * d * h
+        ffn = 3 * h * self.ffn_size
+        total = self.num_layers * (attention + ffn + 2 * h) + h
+        if embeddings:
+            total += 2 * self.vocab_size * h + (self.fam_len * h if self.uses_fam else 0)
+        return total
+
+
+@dataclass
+class FAMConfig(TransformerConfig):
+    """megatron-core TransformerConfig plus the FAM fields (see ModelArgs for meanings)."""
+
+    vocab_size: int = 256
+    attention: str = "fam"
+    block_size: int = 1024
+    mem_blocks: int = 3
+    fam_len: int = 64
+    rope_base: float = 10000.0
+
+
+def to_fam_config(
+    args: ModelArgs,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+) -> FAMConfig:
+    """Derive megatron's config from the YAML section; validates first."""
+    args.validate(tensor_parallel_size)
+    on_gpu = torch.cuda.is_available()
+    return FAMConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.query_groups,
+        ffn_hidden_size=args.ffn_size,
+        kv_channels=args.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F_.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        recompute_granularity="full" if args.recompute else None,
+        recompute_method="uniform" if args.recompute else None,
+        recompute_num_layers=1 if args.recompute else None,
+        vocab_size=args.vocab_size,
+        attention=args.attention,
+        block_size=args.block_size,
+        mem_blocks=args.mem_blocks,
+        fam_len=args.fam_len,
+        rope_base=args.rope_base,
+    )
+
+
+# ---------------------------------------------------------------- YAML files
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config name ("tiny", "fam-1b") or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    named = CONFIG_DIR / f"{name_or_path}.yaml"
+    if named.exists():
+        return named
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ValueError(f"unknown config {str(name_or_path)!r}: not a YAML file and not one of {known}")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_tree(name_or_path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    """The YAML tree of a config, with `base:` files merged in (relative to the file)."""
+    path = resolve_config_path(name_or_path).resolve()
+    if path in _seen:
+        raise ValueError(f"{path}: circular `base:` chain {[str(p) for p in _seen]}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    if not base_path.exists():
+        base_path = resolve_config_path(Path(base).stem)
+    return _merge(read_config_tree(base_path, _seen + (path,)), tree)
+
+
+def model_args_from_dict(section: dict[str, Any], where: str = "model") -> ModelArgs:
+    """Build ModelArgs, rejecting unknown keys with the list of valid ones."""
+    valid = {f.name for f in dataclasses.fields(ModelArgs)}
+    unknown = sorted(set(section) - valid)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in `{where}`; valid keys: {sorted(valid)}")
+    return ModelArgs(**section)
+
+
+def load_model_args(name_or_path: str | Path, **overrides: Any) -> ModelArgs:
+    """The `model:` section of a named config or YAML file, with keyword overrides."""
+    tree = read_config_tree(name_or_path)
+    section = _merge(tree.get("model", {}), overrides)
+    args = model_args_from_dict(section, f"{resolve_config_path(name_or_path)}: model")
+    args.validate()
+    return args
+
+
+def nominal_size(name: str) -> float | None:
+    """The size in a config's name ("fam-24b" -> 24e9), for the parameter-count report."""
+    tail = name.rsplit("-", 1)[-1].lower()
+    if tail.endswith("b") and tail[:-1].replace(".", "").isdigit():
+        return float(tail[:-1]) * 1e9
+    return None
+
+
+def describe(args: ModelArgs) -> str:
+    return (
+        f"L={args.num_layers} d={args.hidden_size} heads={args.num_attention_heads} "
+        f"groups={args.query_groups} ffn={args.ffn_size} vocab={args.vocab_size} "
+        f"attention={args.attention} C={args.block_size} m={args.mem_blocks} F={args.fam_len}"
+    )
+
+
+__all__ = [
+    "ModelArgs",
+    "FAMConfig",
+    "to_fam_config",
+    "read_config_tree",
+    "resolve_config_path",
+    "model_args_from_dict",
+    "load_model_args",
+    "nominal_size",
+    "describe",
+    "CONFIG_DIR",
+]
