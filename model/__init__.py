@@ -1,0 +1,80 @@
+"""famtron's model: TransformerFAM on megatron-core.
+
+    from model import build_model
+    model = build_model("tiny")                       # single process; no launcher needed
+    out = model(tokens, labels=labels)                # tokens [b, s]
+    out.loss, out.logits, out.state                   # state: per-layer FAM + memory blocks
+    out2 = model(next_tokens, state=out.state)        # streaming: carry the state on
+
+See model/reference.py for the algorithm, written next to the paper.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+
+from model.config import FAMConfig, ModelArgs, load_model_args, to_fam_config  # noqa: E402
+from model.language_model import FAMLanguageModel, ModelOutput  # noqa: E402
+from model.state import FAMState, LayerState  # noqa: E402
+
+
+def init_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, backend: str | None = None) -> None:
+    """Initialise torch.distributed (env:// under torchrun, else a one-process gloo group) and
+    megatron-core's parallel state. gloo on CPU, NCCL on GPU. Idempotent."""
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
+        else:
+            if backend == "nccl":
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        world = dist.get_world_size()
+        if world % (tensor_parallel_size * pipeline_parallel_size):
+            raise ValueError(
+                f"world size {world} is not divisible by tensor_parallel_size={tensor_parallel_size} x "
+                f"pipeline_parallel_size={pipeline_parallel_size}"
+            )
+        parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size)
+
+
+def build_model(
+    args: ModelArgs | str,
+    params_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    **overrides,
+) -> FAMLanguageModel:
+    """This rank's shard of the FAM language model. `args` is ModelArgs or a config name/path."""
+    if not isinstance(args, ModelArgs):
+        args = load_model_args(args, **overrides)
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        init_parallel()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    config = to_fam_config(args, tensor_parallel_size=tp, params_dtype=params_dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return FAMLanguageModel(config).to(device)
+
+
+__all__ = [
+    "FAMConfig",
+    "FAMLanguageModel",
+    "FAMState",
+    "LayerState",
+    "ModelArgs",
+    "ModelOutput",
+    "build_model",
+    "init_parallel",
+    "load_model_args",
+    "to_fam_config",
+]

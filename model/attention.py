@@ -1,0 +1,111 @@
+"""FAM self-attention on megatron-core's tensor-parallel linears, device-agnostic.
+
+`FAMSelfAttention` owns the weights (megatron's ColumnParallelLinear for QKV, RowParallelLinear
+for the output projection) and three attention kernels the layer composes:
+  - `attend_fam`: the F FAM queries of one block over [F_{t-1}; the whole block] (no mask);
+  - `attend_blocks`: every block's queries at once over [memory; FAM keys; blocks] with the
+    mask of model/masks.py (SDPA with a dense mask on CPU, FlexAttention with a block mask on GPU);
+  - `attend_causal`: full causal attention, the `dense` baseline (flash attention on GPU).
+Tensor parallelism: heads (and query groups) are split across TP ranks; the QKV weight uses
+megatron's grouped layout [g x (n/g q heads, k, v) x d] so a contiguous row split keeps whole
+groups on a rank. Shapes: [s, b, n, d] inside, [s, b, h] at the edges.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F_
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+from model.config import FAMConfig
+from model.masks import BlockLayout
+from model.rope import rope_sbnd
+
+
+def _to_bnsd(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(1, 2, 0, 3)  # [s, b, n, d] -> [b, n, s, d]
+
+
+def _from_bnsd(x: torch.Tensor) -> torch.Tensor:
+    b, n, s, d = x.shape
+    return x.permute(2, 0, 1, 3).reshape(s, b, n * d)  # -> [s, b, n*d]
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_block_mask(layout: BlockLayout, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(layout.mask_mod(), None, None, layout.q_len, layout.kv_len, device=device)
+
+
+class FAMSelfAttention(MegatronModule):
+    def __init__(self, config: FAMConfig, tp_group=None):
+        super().__init__(config)
+        tp = config.tensor_model_parallel_size
+        self.head_dim = config.kv_channels
+        self.heads = divide(config.num_attention_heads, tp)
+        self.groups = divide(config.num_query_groups, tp)
+        self.heads_per_group = config.num_attention_heads // config.num_query_groups
+        self.linear_qkv = ColumnParallelLinear(
+            config.hidden_size,
+            (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+            tp_group=tp_group,
+        )
+        self.linear_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            tp_group=tp_group,
+        )
+
+    def project_qkv(self, x: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor):
+        """x [s, b, h] (normed) -> q [s, b, n, d], k, v [s, b, g, d], RoPE at the given [b, s] positions."""
+        mixed, _ = self.linear_qkv(x)
+        s, b, _ = mixed.shape
+        mixed = mixed.view(s, b, self.groups, self.heads_per_group + 2, self.head_dim)
+        q = mixed[:, :, :, : self.heads_per_group].reshape(s, b, self.heads, self.head_dim)
+        k, v = mixed[:, :, :, -2], mixed[:, :, :, -1]
+        base = self.config.rope_base
+        return rope_sbnd(q, q_positions, base), rope_sbnd(k, k_positions, base), v
+
+    def project_out(self, context: torch.Tensor) -> torch.Tensor:
+        out, _ = self.linear_proj(context)
+        return out
+
+    def attend_fam(self, q, k, v) -> torch.Tensor:
+        """FAM queries [F, b, n, d] over all keys [F + c, b, g, d]: full attention, no mask."""
+        out = F_.scaled_dot_product_attention(_to_bnsd(q), _to_bnsd(k), _to_bnsd(v), enable_gqa=True)
+        return _from_bnsd(out)
+
+    def attend_blocks(self, q, k, v, layout: BlockLayout) -> torch.Tensor:
+        """Block queries [T*C, b, n, d] over keys [M + T*F + T*C, b, g, d] with the FAM mask."""
+        q, k, v = _to_bnsd(q), _to_bnsd(k), _to_bnsd(v)
+        if q.is_cuda:
+            block_mask = _flex_block_mask(layout, str(q.device))
+            out = _compiled_flex()(q, k.to(q.dtype), v.to(q.dtype), block_mask=block_mask, enable_gqa=True)
+        else:
+            out = F_.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(q.device), enable_gqa=True)
+        return _from_bnsd(out)
+
+    def attend_causal(self, q, k, v) -> torch.Tensor:
+        out = F_.scaled_dot_product_attention(_to_bnsd(q), _to_bnsd(k), _to_bnsd(v), is_causal=True, enable_gqa=True)
+        return _from_bnsd(out)

@@ -1,0 +1,94 @@
+"""The FAM language model on megatron-core: embedding, FAM prompt, FAM layers, final norm, head.
+
+One tensor flows between layers (and, later, pipeline stages): [F + S, b, h], the FAM prompt
+rows followed by the block tokens. The loss and logits use block tokens only (fam-paper.md §6.3).
+The model is split into `embed`, `run_layers` and `head` so a pipeline stage can run any part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.core.transformer.module import MegatronModule
+from torch.utils.checkpoint import checkpoint
+
+from model.config import FAMConfig
+from model.layer import FAMLayer
+from model.norm import build_norm
+from model.state import FAMState
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None  # mean cross-entropy over all label tokens
+    logits: torch.Tensor  # [b, s, vocab / tp]: this rank's vocabulary shard
+    state: FAMState
+
+
+class FAMLanguageModel(MegatronModule):
+    def __init__(self, config: FAMConfig, layer_range: range | None = None, pre_process: bool = True, post_process: bool = True, tp_group=None):
+        super().__init__(config)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_range = layer_range or range(config.num_layers)
+        h, F = config.hidden_size, config.fam_len
+        if pre_process:
+            self.embedding = VocabParallelEmbedding(
+                config.vocab_size, h, init_method=config.init_method, config=config, tp_group=tp_group
+            )
+            self.fam_prompt = torch.nn.Parameter(torch.empty(F, h, dtype=config.params_dtype)) if F else None
+            if F:
+                config.init_method(self.fam_prompt)
+        self.layers = torch.nn.ModuleList(FAMLayer(config, i, tp_group=tp_group) for i in self.layer_range)
+        if post_process:
+            self.final_norm = build_norm(config)
+            self.output_layer = ColumnParallelLinear(
+                h, config.vocab_size, config=config, init_method=config.init_method, bias=False, gather_output=False, tp_group=tp_group
+            )
+
+    def positions(self, batch: int, seq: int, state: FAMState | None, position_offset, device) -> torch.Tensor:
+        """Float positions [b, s]: offset (RPO) + tokens consumed before + arange."""
+        start = 0 if state is None else state.position
+        offset = torch.as_tensor(position_offset, dtype=torch.float32, device=device).reshape(-1, 1).expand(batch, 1)
+        return offset + start + torch.arange(seq, dtype=torch.float32, device=device)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, s] -> [F + s, b, h]."""
+        x = self.embedding(tokens).transpose(0, 1)  # [s, b, h]
+        if self.fam_prompt is None:
+            return x
+        return torch.cat([self.fam_prompt[:, None, :].expand(-1, x.shape[1], -1).to(x.dtype), x])
+
+    def run_layers(self, hidden, positions, state: FAMState | None):
+        """hidden [F + s, b, h] through this module's layers; returns (hidden, their states)."""
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            layer_state = None if state is None else state.layers[i]
+            if self.config.recompute_granularity == "full" and torch.is_grad_enabled():
+                hidden, s = checkpoint(layer, hidden, positions, layer_state, use_reentrant=False)
+            else:
+                hidden, s = layer(hidden, positions, layer_state)
+            new_states.append(s)
+        return hidden, new_states
+
+    def head(self, hidden: torch.Tensor, labels: torch.Tensor | None):
+        """hidden [F + s, b, h] -> (loss or None, logits [b, s, V/tp])."""
+        x = self.final_norm(hidden[self.config.fam_len :])
+        logits, _ = self.output_layer(x)  # [s, b, V/tp]
+        loss = None
+        if labels is not None:
+            loss = vocab_parallel_cross_entropy(logits.float().clone(), labels.t().contiguous()).mean()
+        return loss, logits.transpose(0, 1)
+
+    def forward(self, tokens, labels=None, state: FAMState | None = None, position_offset=0.0) -> ModelOutput:
+        if state is not None and state.ends_mid_block:
+            raise ValueError("the state ends in a partial block and cannot be continued: feed pieces whose lengths are multiples of model.block_size, except the last")
+        b, s = tokens.shape
+        if state is not None and state.position % self.config.block_size:
+            raise ValueError(f"state.position={state.position} is not a multiple of block_size={self.config.block_size}")
+        positions = self.positions(b, s, state, position_offset, tokens.device)
+        hidden, layer_states = self.run_layers(self.embed(tokens), positions, state)
+        loss, logits = self.head(hidden, labels)
+        new_state = FAMState(layer_states, (0 if state is None else state.position) + s, s % self.config.block_size != 0)
+        return ModelOutput(loss, logits, new_state)

@@ -1,0 +1,107 @@
+"""The FAM transformer layer, layer-major (fam-paper.md §2.2: "almost the cost of BSWA").
+
+Where the reference loops block by block, this layer processes a whole sequence at once:
+  1. QKV of all block tokens in one GEMM;
+  2. the sequential FAM scan: only the F FAM rows per block go through the recurrence
+     (QKV, attention over [F_{t-1}; block t], projection, residual, norm, FFN);
+  3. attention of all blocks at once over [memory blocks; F_{t-1}; causal block];
+  4. projection and FFN of all block tokens, one GEMM each.
+Input and output are one tensor [F + S, b, h]: the FAM rows, then the block tokens. On the way
+in, the F rows are this layer's initial FAM (the prompt, or the layer below's FAM after the
+first block: the soft-prompt reading of model/reference.py); on the way out they are this
+layer's FAM after the first block, which the next layer starts from. An optional LayerState
+(streaming, random state passing) replaces the rows as the initial FAM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+
+from model.attention import FAMSelfAttention
+from model.config import FAMConfig
+from model.masks import BlockLayout
+from model.norm import build_norm
+from model.state import LayerState
+
+
+class FAMLayer(MegatronModule):
+    def __init__(self, config: FAMConfig, layer_number: int, tp_group=None):
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.input_norm = build_norm(config)
+        self.attention = FAMSelfAttention(config, tp_group=tp_group)
+        self.pre_mlp_norm = build_norm(config)
+        self.mlp = MLP(
+            config,
+            MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            tp_group=tp_group,
+        )
+
+    def ffn(self, a: torch.Tensor) -> torch.Tensor:
+        """O = FF(PreNorm(A)) + A, for tokens and FAM alike (Algorithm 2)."""
+        out, _ = self.mlp(self.pre_mlp_norm(a))
+        return out + a
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, state: LayerState | None = None):
+        """hidden [F + S, b, h], positions [b, S] float -> (hidden [F + S, b, h], LayerState)."""
+        cfg = self.config
+        if cfg.attention == "dense":
+            return self._dense(hidden, positions, state)
+        F, C = cfg.fam_len, cfg.block_size
+        x = hidden[F:]  # [S, b, h]
+        S, b = x.shape[0], x.shape[1]
+        T = math.ceil(S / C)
+        q, k, v = self.attention.project_qkv(self.input_norm(x), positions, positions)  # 1: one GEMM
+
+        fam_k, fam_v, first_fam, fam = [], [], None, None
+        if F:  # 2: the FAM scan
+            fam = state.fam.expand(-1, b, -1) if state is not None else hidden[:F]
+            offsets = torch.arange(F, dtype=positions.dtype, device=positions.device)
+            for t in range(T):
+                lo, hi = t * C, min((t + 1) * C, S)
+                start, end = positions[:, lo : lo + 1], positions[:, hi - 1 : hi] + 1
+                fq, fk, fv = self.attention.project_qkv(self.input_norm(fam), end - F + offsets, start - F + offsets)
+                context = self.attention.attend_fam(fq, torch.cat([fk, k[lo:hi]]), torch.cat([fv, v[lo:hi]]))
+                residual = torch.zeros_like(fam) if (t == 0 and state is None) else fam  # paper B.1
+                fam = self.ffn(self.attention.project_out(context) + residual)
+                fam_k.append(fk)
+                fam_v.append(fv)
+                first_fam = fam if t == 0 else first_fam
+
+        # 3: all blocks at once. Pad to whole blocks; padded keys sit after every real query.
+        pad = T * C - S
+        mem_k, mem_v = (state.mem_k, state.mem_v) if state is not None and state.mem_len else (None, None)
+        keys = [t for t in (mem_k, *fam_k, _pad(k, pad)) if t is not None]
+        values = [t for t in (mem_v, *fam_v, _pad(v, pad)) if t is not None]
+        layout = BlockLayout(0 if mem_k is None else mem_k.shape[0], T, C, F, cfg.mem_blocks)
+        context = self.attention.attend_blocks(_pad(q, pad), torch.cat(keys), torch.cat(values), layout)[:S]
+        x = self.ffn(self.attention.project_out(context) + x)  # 4
+
+        new_state = LayerState(fam, *self._memory(mem_k, mem_v, k, v))
+        out = torch.cat([first_fam, x]) if F else x
+        return out, new_state
+
+    def _memory(self, mem_k, mem_v, k, v):
+        """The K/V of the last m whole blocks, for the next call."""
+        keep = self.config.mem_blocks * self.config.block_size
+        if keep == 0:
+            return None, None
+        all_k = k if mem_k is None else torch.cat([mem_k, k])
+        all_v = v if mem_v is None else torch.cat([mem_v, v])
+        return all_k[-keep:], all_v[-keep:]
+
+    def _dense(self, hidden, positions, state):
+        if state is not None:
+            raise ValueError("model.attention='dense' keeps no streaming state; pass state=None")
+        q, k, v = self.attention.project_qkv(self.input_norm(hidden), positions, positions)
+        x = self.ffn(self.attention.project_out(self.attention.attend_causal(q, k, v)) + hidden)
+        return x, LayerState(None)
+
+
+def _pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    return x if pad == 0 else torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
