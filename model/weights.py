@@ -38,23 +38,69 @@ def grouped_qkv(args: ModelArgs, wq, wk, wv) -> torch.Tensor:
     return torch.cat([q, wk.view(g, 1, d, h), wv.view(g, 1, d, h)], dim=1).reshape(-1, h)
 
 
+# How each megatron parameter is split over TP ranks: "rows", "cols", "glu" (rows of the gate
+# and up halves separately) or replicated (absent).
+def _split_kind(name: str) -> str | None:
+    if name in ("embedding.weight", "output_layer.weight") or name.endswith("linear_qkv.weight"):
+        return "rows"
+    if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
+        return "cols"
+    if name.endswith("linear_fc1.weight"):
+        return "glu"
+    return None
+
+
+def shard_megatron_state(full: dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+    """A TP=1 megatron state dict -> rank tp_rank's shard of a TP=tp_size model."""
+    out = {}
+    for name, w in full.items():
+        kind = _split_kind(name)
+        if kind == "rows":
+            out[name] = _rows(w, tp_rank, tp_size)
+        elif kind == "cols":
+            out[name] = _cols(w, tp_rank, tp_size)
+        elif kind == "glu":
+            gate, up = w.chunk(2, dim=0)
+            out[name] = torch.cat([_rows(gate, tp_rank, tp_size), _rows(up, tp_rank, tp_size)])
+        else:
+            out[name] = w
+    return out
+
+
+def merge_megatron_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The inverse of shard_megatron_state: TP shards in rank order -> one TP=1 state dict."""
+    out = {}
+    for name in shards[0]:
+        parts = [s[name] for s in shards]
+        kind = _split_kind(name)
+        if kind == "rows":
+            out[name] = torch.cat(parts, dim=0)
+        elif kind == "cols":
+            out[name] = torch.cat(parts, dim=1)
+        elif kind == "glu":
+            halves = [p.chunk(2, dim=0) for p in parts]
+            out[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+        else:
+            out[name] = parts[0]
+    return out
+
+
 def megatron_state_from_reference(reference, args: ModelArgs, tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
     """The megatron model's state dict (this TP rank's shard) holding the reference's weights."""
-    out = {"embedding.weight": _rows(reference.embed, tp_rank, tp_size)}
+    full = {"embedding.weight": reference.embed}
     if reference.fam_prompt is not None:
-        out["fam_prompt"] = reference.fam_prompt
+        full["fam_prompt"] = reference.fam_prompt
     for i, layer in enumerate(reference.layers):
         p = f"layers.{i}."
-        out[p + "input_norm.weight"] = layer.attn_norm
-        out[p + "attention.linear_qkv.weight"] = _rows(grouped_qkv(args, layer.wq, layer.wk, layer.wv), tp_rank, tp_size)
-        out[p + "attention.linear_proj.weight"] = _cols(layer.wo, tp_rank, tp_size)
-        out[p + "pre_mlp_norm.weight"] = layer.mlp_norm
-        gate, up = _rows(layer.w_gate, tp_rank, tp_size), _rows(layer.w_up, tp_rank, tp_size)
-        out[p + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
-        out[p + "mlp.linear_fc2.weight"] = _cols(layer.w_down, tp_rank, tp_size)
-    out["final_norm.weight"] = reference.final_norm
-    out["output_layer.weight"] = _rows(reference.lm_head, tp_rank, tp_size)
-    return {k: v.detach().clone() for k, v in out.items()}
+        full[p + "input_norm.weight"] = layer.attn_norm
+        full[p + "attention.linear_qkv.weight"] = grouped_qkv(args, layer.wq, layer.wk, layer.wv)
+        full[p + "attention.linear_proj.weight"] = layer.wo
+        full[p + "pre_mlp_norm.weight"] = layer.mlp_norm
+        full[p + "mlp.linear_fc1.weight"] = torch.cat([layer.w_gate, layer.w_up])
+        full[p + "mlp.linear_fc2.weight"] = layer.w_down
+    full["final_norm.weight"] = reference.final_norm
+    full["output_layer.weight"] = reference.lm_head
+    return {k: v.detach().clone() for k, v in shard_megatron_state(full, tp_rank, tp_size).items()}
 
 
 @torch.no_grad()

@@ -1,0 +1,69 @@
+"""Tensor parallelism on gloo: TP=2 and TP=4 equal TP=1, loss and every gradient at full shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.spawn import run_on_ranks
+
+SEQ = 37  # a partial last block
+
+
+def _args(kind: str):
+    from tests.test_reference import small_args
+
+    if kind == "mha":
+        return small_args(num_layers=2, num_attention_heads=4, num_query_groups=None, ffn_multiplier=2)
+    if kind == "gqa":
+        return small_args(num_layers=2, num_attention_heads=8, num_query_groups=4, hidden_size=64, ffn_multiplier=2)
+    return small_args(num_layers=2, fam_len=0)  # bswa
+
+
+def _worker(rank, world_size, kind):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from model import build_model, init_parallel
+    from model.reference import ReferenceFAM
+    from model.weights import load_reference_weights, merge_megatron_shards
+
+    init_parallel(tensor_parallel_size=world_size)
+    args = _args(kind)
+    torch.manual_seed(0)
+    reference = ReferenceFAM(args)  # the same full weights on every rank
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    model = build_model(args)
+    load_reference_weights(model, reference, args, tp_rank, tp_size)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, args.vocab_size, (2, SEQ), generator=g)
+    labels = torch.randint(0, args.vocab_size, (2, SEQ), generator=g)
+    out = model(tokens, labels=labels, position_offset=torch.tensor([3.0, 1000.5]))
+    out.loss.backward()
+
+    shards = [{} for _ in range(tp_size)]
+    for name, p in model.named_parameters():
+        parts = [torch.empty_like(p.grad) for _ in range(tp_size)]
+        dist.all_gather(parts, p.grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+        for r in range(tp_size):
+            shards[r][name] = parts[r]
+        if not getattr(p, "tensor_model_parallel", False):  # replicated: identical on every rank
+            assert all(torch.equal(parts[0], x) for x in parts), name
+    full = merge_megatron_shards(shards)
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    return {"loss": out.loss.item(), "grads": {k: v.numpy() for k, v in full.items()}} if rank == 0 else None
+
+
+@pytest.mark.parametrize("kind, tp", [("mha", 2), ("gqa", 2), ("gqa", 4), ("bswa", 2)])
+def test_tp_matches_tp1_loss_and_every_gradient(kind, tp):
+    tp1 = run_on_ranks(_worker, 1, kind)[0]
+    tpn = run_on_ranks(_worker, tp, kind)[0]
+    # fp32; TP changes only the order of reductions (row-parallel all-reduce, vocab-parallel
+    # softmax), so results agree to rounding: relative 1e-5 of each tensor's largest entry.
+    assert abs(tpn["loss"] - tp1["loss"]) < 1e-6
+    assert tpn["grads"].keys() == tp1["grads"].keys()
+    for name, expected in tp1["grads"].items():
+        got = tpn["grads"][name]
+        assert got.shape == expected.shape, name
+        assert abs(got - expected).max() <= 1e-5 * abs(expected).max(), name
