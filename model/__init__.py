@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 
 from model.config import FAMConfig, ModelArgs, load_model_args, to_fam_config  # noqa: E402
 from model.language_model import FAMLanguageModel, ModelOutput  # noqa: E402
@@ -28,16 +28,15 @@ from model.state import FAMState, LayerState  # noqa: E402
 
 def init_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, backend: str | None = None) -> None:
     """Initialise torch.distributed (env:// under torchrun, else a one-process gloo group) and
-    megatron-core's parallel state. gloo on CPU, NCCL on GPU. Idempotent."""
+    megatron-core's parallel state. gloo on CPU; on GPU NCCL for CUDA tensors and gloo for CPU
+    tensors. Idempotent."""
     if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        if "nccl" in backend:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend)
         else:
-            if backend == "nccl":
-                torch.cuda.set_device(0)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         world = dist.get_world_size()
@@ -53,16 +52,22 @@ def build_model(
     args: ModelArgs | str,
     params_dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    seed: int = 1234,
     **overrides,
 ) -> FAMLanguageModel:
-    """This rank's shard of the FAM language model. `args` is ModelArgs or a config name/path."""
+    """This rank's shard of the FAM language model. `args` is ModelArgs or a config name/path.
+    Weights are initialised on `device` from `seed` (megatron's per-TP-rank RNG on GPU)."""
     if not isinstance(args, ModelArgs):
         args = load_model_args(args, **overrides)
     if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
         init_parallel()
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    config = to_fam_config(args, tensor_parallel_size=tp, params_dtype=params_dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = to_fam_config(args, tensor_parallel_size=tp, params_dtype=params_dtype, cpu_initialization=device.type == "cpu")
+    if device.type == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
     return FAMLanguageModel(config).to(device)
 
 

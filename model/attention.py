@@ -1,8 +1,8 @@
 """FAM self-attention on megatron-core's tensor-parallel linears, device-agnostic.
 
 `FAMSelfAttention` owns the weights (megatron's ColumnParallelLinear for QKV, RowParallelLinear
-for the output projection) and three attention kernels the layer composes:
-  - `attend_fam`: the F FAM queries of one block over [F_{t-1}; the whole block] (no mask);
+for the output projection) and the attention kernels the layer composes (the FAM rows' own
+attention is in model/scan.py):
   - `attend_blocks`: every block's queries at once over [memory; FAM keys; blocks] with the
     mask of model/masks.py (SDPA with a dense mask on CPU, FlexAttention with a block mask on GPU);
   - `attend_causal`: full causal attention, the `dense` baseline (flash attention on GPU).
@@ -90,11 +90,6 @@ class FAMSelfAttention(MegatronModule):
     def project_out(self, context: torch.Tensor) -> torch.Tensor:
         out, _ = self.linear_proj(context)
         return out
-
-    def attend_fam(self, q, k, v) -> torch.Tensor:
-        """FAM queries [F, b, n, d] over all keys [F + c, b, g, d]: full attention, no mask."""
-        out = F_.scaled_dot_product_attention(_to_bnsd(q), _to_bnsd(k), _to_bnsd(v), enable_gqa=True)
-        return _from_bnsd(out)
 
     def attend_blocks(self, q, k, v, layout: BlockLayout) -> torch.Tensor:
         """Block queries [T*C, b, n, d] over keys [M + T*F + T*C, b, g, d] with the FAM mask."""

@@ -134,10 +134,13 @@ def to_fam_config(
     pipeline_parallel_size: int = 1,
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
+    cpu_initialization: bool | None = None,
 ) -> FAMConfig:
-    """Derive megatron's config from the YAML section; validates first."""
+    """Derive megatron's config from the YAML section; validates first. Weights are
+    initialised on the CPU unless CUDA is available (or as `cpu_initialization` says)."""
     args.validate(tensor_parallel_size)
-    on_gpu = torch.cuda.is_available()
+    if cpu_initialization is None:
+        cpu_initialization = not torch.cuda.is_available()
     return FAMConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -162,7 +165,7 @@ def to_fam_config(
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=cpu_initialization,
         perform_initialization=True,
         recompute_granularity="full" if args.recompute else None,
         recompute_method="uniform" if args.recompute else None,

@@ -15,10 +15,17 @@ layer's FAM after the first block, which the next layer starts from. An optional
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.parallel_state import get_tensor_model_parallel_group
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 
@@ -26,6 +33,8 @@ from model.attention import FAMSelfAttention
 from model.config import FAMConfig
 from model.masks import BlockLayout
 from model.norm import build_norm
+from model.rope import rope_angles
+from model.scan import fam_step_for
 from model.state import LayerState
 
 
@@ -33,6 +42,7 @@ class FAMLayer(MegatronModule):
     def __init__(self, config: FAMConfig, layer_number: int, tp_group=None):
         super().__init__(config)
         self.layer_number = layer_number
+        self.tp_group = tp_group if tp_group is not None else get_tensor_model_parallel_group()
         self.input_norm = build_norm(config)
         self.attention = FAMSelfAttention(config, tp_group=tp_group)
         self.pre_mlp_norm = build_norm(config)
@@ -59,16 +69,17 @@ class FAMLayer(MegatronModule):
         q, k, v = self.attention.project_qkv(self.input_norm(x), positions, positions)  # 1: one GEMM
 
         fam_k, fam_v, first_fam, fam = [], [], None, None
-        if F:  # 2: the FAM scan
+        if F:  # 2: the FAM scan (model/scan.py)
             fam = state.fam.expand(-1, b, -1) if state is not None else hidden[:F]
-            offsets = torch.arange(F, dtype=positions.dtype, device=positions.device)
+            rope_q, rope_k = self._fam_rope(positions, S)
+            step, weights = fam_step_for(x.device), self._scan_weights()
             for t in range(T):
                 lo, hi = t * C, min((t + 1) * C, S)
-                start, end = positions[:, lo : lo + 1], positions[:, hi - 1 : hi] + 1
-                fq, fk, fv = self.attention.project_qkv(self.input_norm(fam), end - F + offsets, start - F + offsets)
-                context = self.attention.attend_fam(fq, torch.cat([fk, k[lo:hi]]), torch.cat([fv, v[lo:hi]]))
-                residual = torch.zeros_like(fam) if (t == 0 and state is None) else fam  # paper B.1
-                fam = self.ffn(self.attention.project_out(context) + residual)
+                zero_residual = t == 0 and state is None  # paper B.1: the first update has none
+                fam, fk, fv = step(
+                    fam, k[lo:hi], v[lo:hi], *rope_q[t], *rope_k[t], 0.0 if zero_residual else 1.0,
+                    *weights,
+                )
                 fam_k.append(fk)
                 fam_v.append(fv)
                 first_fam = fam if t == 0 else first_fam
@@ -85,6 +96,41 @@ class FAMLayer(MegatronModule):
         new_state = LayerState(fam, *self._memory(mem_k, mem_v, k, v))
         out = torch.cat([first_fam, x]) if F else x
         return out, new_state
+
+    def _fam_rope(self, positions: torch.Tensor, S: int):
+        """cos/sin [T, F, b, 1, d] for every block's FAM queries (the block's last F positions)
+        and FAM keys (the F positions before the block), computed once for the whole scan."""
+        F, C = self.config.fam_len, self.config.block_size
+        starts = positions[:, 0::C]  # [b, T]
+        ends = positions[:, C - 1 :: C] + 1
+        if ends.shape[1] < starts.shape[1]:  # a partial last block ends at the last token
+            ends = torch.cat([ends, positions[:, -1:] + 1], dim=1)
+        offsets = torch.arange(F, dtype=positions.dtype, device=positions.device) - F
+        tables = []
+        for anchor in (ends, starts):  # queries end at the block's end, keys before its start
+            cos, sin = rope_angles(anchor[:, :, None] + offsets, self.config.kv_channels, self.config.rope_base)
+            cos, sin = cos.permute(1, 2, 0, 3)[:, :, :, None], sin.permute(1, 2, 0, 3)[:, :, :, None]
+            tables.append(list(zip(cos.unbind(0), sin.unbind(0))))  # per block: ([F, b, 1, d], same)
+        return tables
+
+    def _scan_weights(self):
+        """The layer's own weights and TP mappings, in fam_step's argument order."""
+        cfg, att = self.config, self.attention
+        enter = leave = None
+        if cfg.tensor_model_parallel_size > 1:
+            enter = functools.partial(copy_to_tensor_model_parallel_region, group=self.tp_group)
+            leave = functools.partial(reduce_from_tensor_model_parallel_region, group=self.tp_group)
+        matrices = [att.linear_qkv.weight, att.linear_proj.weight, self.mlp.linear_fc1.weight, self.mlp.linear_fc2.weight]
+        if torch.is_autocast_enabled("cuda"):
+            # Cast once per layer, not once per block: a compiled step would otherwise save its
+            # own bf16 copy of every weight for backward, T copies per layer.
+            dtype = torch.get_autocast_dtype("cuda")
+            matrices = [w.to(dtype) for w in matrices]
+        qkv, proj, fc1, fc2 = matrices
+        return (
+            self.input_norm.weight, qkv, proj, self.pre_mlp_norm.weight, fc1, fc2,
+            cfg.layernorm_epsilon, att.groups, att.head_dim, enter, leave,
+        )
 
     def _memory(self, mem_k, mem_v, k, v):
         """The K/V of the last m whole blocks, for the next call."""

@@ -1,0 +1,63 @@
+"""One step of the FAM scan (Algorithm 2's FAM rows), as a single function of tensors.
+
+Only F rows per block go through the recurrence, so the scan is many small operations; run
+through megatron's Linear modules each costs more in Python than on the GPU. Here the step is
+one function of plain tensors (the layer's own weights, no new ones) so that on CUDA
+`torch.compile` fuses it into a few kernels, and one compiled graph serves every layer.
+On CPU the same function runs eagerly, so the CPU tests check exactly this math.
+
+    x       = PreNorm(F_{t-1})
+    q, k, v = QKV(x)                          RoPE: q at block t's last F positions,
+                                              k at the F positions before block t
+    context = Attn(q, [k; K_t], [v; V_t])     full attention over [F_{t-1}; block t]
+    A       = Proj(context) + F_{t-1}         (a zero residual for the very first update)
+    F_t     = FF(PreNorm(A)) + A              SwiGLU, the layer's own FFN
+Tensor parallelism: `enter` / `leave` are megatron's copy-to / reduce-from tensor-parallel
+region (identity when TP = 1), exactly what ColumnParallelLinear / RowParallelLinear do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F_
+
+from model.rope import apply_rope
+
+
+def fam_step(
+    fam, block_k, block_v, cos_q, sin_q, cos_k, sin_k, residual_scale: float,
+    norm1_w, qkv_w, proj_w, norm2_w, fc1_w, fc2_w, eps: float, groups: int, head_dim: int,
+    enter=None, leave=None,
+):
+    """fam [F, b, h]; block_k, block_v [c, b, g, d] (post-RoPE); cos/sin [F, b, 1, d].
+    Returns (F_t [F, b, h], k, v of F_{t-1} [F, b, g, d] for the block queries)."""
+    enter = enter or (lambda t: t)
+    leave = leave or (lambda t: t)
+    n_f, b, h = fam.shape
+    x = enter(F_.rms_norm(fam, (h,), norm1_w, eps))
+    mixed = F_.linear(x, qkv_w).view(n_f, b, groups, -1, head_dim)  # [F, b, g, n/g + 2, d]
+    q = apply_rope(mixed[:, :, :, :-2].reshape(n_f, b, -1, head_dim), cos_q, sin_q)
+    k = apply_rope(mixed[:, :, :, -2], cos_k, sin_k)
+    v = mixed[:, :, :, -1]
+    keys, values = torch.cat([k, block_k]), torch.cat([v, block_v])
+    context = F_.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3), keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3), enable_gqa=True
+    )  # [b, n, F, d]
+    context = context.permute(2, 0, 1, 3).reshape(n_f, b, -1)
+    a = leave(F_.linear(context, proj_w)) + residual_scale * fam
+    y = enter(F_.rms_norm(a, (h,), norm2_w, eps))
+    gate, up = F_.linear(y, fc1_w).chunk(2, dim=-1)
+    new_fam = leave(F_.linear(F_.silu(gate) * up, fc2_w)) + a
+    return new_fam, k, v
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_step():
+    return torch.compile(fam_step, dynamic=False)
+
+
+def fam_step_for(device: torch.device):
+    """The compiled step on CUDA, the eager one elsewhere: the same function."""
+    return _compiled_step() if device.type == "cuda" else fam_step
