@@ -1,0 +1,307 @@
+"""`python -m data_prep.shard`: text files -> packed token shards + manifests.
+
+    python -m data_prep.shard --input stdlib --tokenizer byte --seq-len 512 --output data/stdlib-byte-512
+    # in parallel, e.g. one Slurm array task each, then join:
+    python -m data_prep.shard ... --num-tasks 3 --task-index 0   # and 1, 2
+    python -m data_prep.shard --merge --output DIR
+
+Output:
+    DIR/train/{*.tar, manifest.json}   DIR/valid/{*.tar, manifest.json}
+    DIR/_state/settings.json           the options the folder was made with
+    DIR/_state/group-NNNNNN.json       record of a finished pack group (its shards, sources)
+    DIR/_state/group-NNNNNN.progress.jsonl   shards finished so far in an unfinished group
+    DIR/_state/task-IIIII-of-NNNNN.json      per-task partial manifest (its groups)
+
+How the work is cut (see `corpus`): input files are grouped into pack groups of at
+least `--group-bytes`; each group is packed on its own and named by its index, so shard
+names, keys and bytes do not depend on `--num-tasks`: a 3-task run plus merge gives the
+same files as a 1-task run. Re-running skips every group whose record matches the current
+input files and whose shards are intact, and inside an interrupted group does not rewrite
+shards already recorded as finished. With one task the merge runs at the end; with
+several, run `--merge` once all tasks are done. Manifests are written last and atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import itertools
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+from tqdm import tqdm
+
+from data_prep import corpus
+from data_prep.manifest import (MANIFEST_NAME, build_manifest, read_json, write_json_atomic,
+                                write_manifest)
+from data_prep.pack import Packer, ProgressLog, ShardSink, shard_intact
+from data_prep.tokenizer import Tokenizer, load_tokenizer, token_dtype
+
+STATE_DIR = "_state"
+DEFAULT_SAMPLES_PER_SHARD = 256
+DEFAULT_VALID_FRACTION = 0.02
+DEFAULT_GROUP_BYTES = 64 << 20
+ENCODE_BATCH_DOCUMENTS = 1024  # documents per encode_batch call (HF tokenizers parallelise it)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the output bytes (besides the input files themselves)."""
+
+    input: str
+    tokenizer: str
+    seq_len: int
+    text_field: str = "text"
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
+    valid_fraction: float = DEFAULT_VALID_FRACTION
+    group_bytes: int = DEFAULT_GROUP_BYTES
+
+    def validate(self) -> None:
+        if self.seq_len <= 0:
+            raise ValueError(f"--seq-len must be positive, got {self.seq_len}")
+        if self.samples_per_shard <= 0:
+            raise ValueError(f"--samples-per-shard must be positive, got {self.samples_per_shard}")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ValueError(f"--valid-fraction must be in (0, 1), got {self.valid_fraction}")
+        if self.group_bytes <= 0:
+            raise ValueError(f"--group-bytes must be positive, got {self.group_bytes}")
+
+
+def run_task(settings: Settings, output: str, num_tasks: int = 1, task_index: int = 0,
+             progress: bool | None = None) -> dict:
+    """Shard this task's pack groups; write its partial manifest; merge if it is the only task.
+
+    Returns the task manifest. `progress=None` shows tqdm bars only on a terminal.
+    """
+    settings.validate()
+    if num_tasks < 1:
+        raise ValueError(f"--num-tasks must be at least 1, got {num_tasks}")
+    tokenizer = load_tokenizer(settings.tokenizer)
+    groups = corpus.group_sources(corpus.list_sources(settings.input), settings.group_bytes)
+    mine = corpus.task_slice(len(groups), num_tasks, task_index)
+    state = _prepare_output(output, settings, tokenizer)
+
+    records = []
+    nbytes = sum(s.size for g in mine for s in groups[g])
+    with tqdm(total=nbytes, unit="B", unit_scale=True, disable=_no_bar(progress),
+              desc=f"task {task_index}/{num_tasks}") as bar:
+        for g in mine:
+            records.append(_process_group(g, groups[g], settings, tokenizer, output, state, bar))
+    task = {"settings": state, "num_groups": len(groups), "num_tasks": num_tasks,
+            "task_index": task_index, "groups": records}
+    write_json_atomic(os.path.join(output, STATE_DIR, _task_file(task_index, num_tasks)), task)
+    if num_tasks == 1:
+        merge(output)
+    return task
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress
+
+
+def _task_file(task_index: int, num_tasks: int) -> str:
+    return f"task-{task_index:05d}-of-{num_tasks:05d}.json"
+
+
+def _prepare_output(output: str, settings: Settings, tokenizer: Tokenizer) -> dict:
+    """Create the folders; refuse a folder made with other settings (it would mix datasets)."""
+    for sub in (*corpus.SPLITS, STATE_DIR):
+        os.makedirs(os.path.join(output, sub), exist_ok=True)
+    state = {"settings": asdict(settings), "tokenizer": tokenizer.describe(),
+             "dtype": token_dtype(tokenizer.vocab_size).name}
+    path = os.path.join(output, STATE_DIR, "settings.json")
+    if os.path.exists(path):
+        old = read_json(path)
+        if old != state:
+            diff = {k: (old["settings"].get(k), v) for k, v in state["settings"].items()
+                    if old["settings"].get(k) != v}
+            raise ValueError(f"output {output} was made with different settings "
+                             f"{diff or '(tokenizer file changed)'} (old, new): use a new --output or delete it")
+    else:
+        write_json_atomic(path, state)
+    return state
+
+
+def _process_group(g: int, sources: list[corpus.SourceFile], settings: Settings,
+                   tokenizer: Tokenizer, output: str, state: dict, bar: tqdm) -> dict:
+    """Pack one group into its shards, or reuse them if an earlier run finished it."""
+    record_path = os.path.join(output, STATE_DIR, f"group-{g:06d}.json")
+    header = {"group": g, "settings": state, "sources": [s.record() for s in sources]}
+    if _group_done(record_path, header, output):
+        bar.update(sum(s.size for s in sources))
+        return read_json(record_path)
+
+    log = ProgressLog(os.path.join(output, STATE_DIR, f"group-{g:06d}.progress.jsonl"), header)
+    done = log.load()
+    log.start(done)
+    sample_len = settings.seq_len + 1
+    dtype = token_dtype(tokenizer.vocab_size)
+    packers = {s: Packer(sample_len, tokenizer.eod_id, dtype) for s in corpus.SPLITS}
+    sinks = {s: ShardSink(os.path.join(output, s), s, g, settings.samples_per_shard, done, log.append)
+             for s in corpus.SPLITS}
+    documents = {s: 0 for s in corpus.SPLITS}
+    source_records = []
+    for source in sources:
+        digest = hashlib.sha256()
+        docs = corpus.iter_documents(source, settings.text_field, digest)
+        while batch := list(itertools.islice(docs, ENCODE_BATCH_DOCUMENTS)):
+            for split in corpus.SPLITS:
+                texts = [t for doc_id, t in batch if corpus.split_of(doc_id, settings.valid_fraction) == split]
+                documents[split] += len(texts)
+                for ids in tokenizer.encode_arrays(texts) if texts else []:
+                    sinks[split].add(packers[split].add(ids))
+        source_records.append({**source.record(), "sha256": digest.hexdigest()})
+        bar.update(source.size)
+    for sink in sinks.values():
+        sink.close()
+
+    record = {**header, "sources": source_records,
+              "splits": {s: {"shards": sinks[s].shards, "documents": documents[s],
+                             "dropped_tokens": packers[s].buffered} for s in corpus.SPLITS}}
+    write_json_atomic(record_path, record)
+    log.remove()
+    return record
+
+
+def _group_done(record_path: str, header: dict, output: str) -> bool:
+    """A finished record for the same settings and unchanged files, with intact shards."""
+    if not os.path.exists(record_path):
+        return False
+    record = read_json(record_path)
+    stat_only = [{k: s[k] for k in ("name", "size", "mtime_ns")} for s in record["sources"]]
+    if record["settings"] != header["settings"] or stat_only != header["sources"]:
+        return False
+    return all(shard_intact(os.path.join(output, split, shard["name"]), shard)
+               for split, part in record["splits"].items() for shard in part["shards"])
+
+
+def merge(output: str, num_tasks: int | None = None) -> dict[str, str]:
+    """Join the task manifests into DIR/train/manifest.json and DIR/valid/manifest.json."""
+    state_dir = os.path.join(output, STATE_DIR)
+    settings_path = os.path.join(state_dir, "settings.json")
+    if not os.path.exists(settings_path):
+        raise ValueError(f"{output} has no {STATE_DIR}/settings.json: run the shard tasks first")
+    state = read_json(settings_path)
+    tasks = _load_tasks(state_dir, num_tasks)
+    groups = _groups_in_order(tasks, state, output)
+    manifests = {split: _split_manifest(split, groups, state) for split in corpus.SPLITS}
+    _check_enough(manifests, state)
+    paths = {}
+    for split, manifest in manifests.items():
+        paths[split] = os.path.join(output, split, MANIFEST_NAME)
+        write_manifest(paths[split], manifest)
+    return paths
+
+
+def _load_tasks(state_dir: str, num_tasks: int | None) -> list[dict]:
+    files = sorted(glob.glob(os.path.join(state_dir, "task-*-of-*.json")))
+    counts = sorted({int(f.rsplit("-of-", 1)[1][:-5]) for f in files})
+    if num_tasks is None:
+        if len(counts) != 1:
+            raise ValueError(f"{state_dir} holds task manifests for --num-tasks {counts or 'none'}: "
+                             "pass --num-tasks to say which run to merge")
+        num_tasks = counts[0]
+    missing = [i for i in range(num_tasks)
+               if not os.path.exists(os.path.join(state_dir, _task_file(i, num_tasks)))]
+    if missing:
+        raise ValueError(f"cannot merge: tasks {missing} of {num_tasks} have not finished "
+                         f"(no {state_dir}/{_task_file(missing[0], num_tasks)})")
+    return [read_json(os.path.join(state_dir, _task_file(i, num_tasks))) for i in range(num_tasks)]
+
+
+def _groups_in_order(tasks: list[dict], state: dict, output: str) -> list[dict]:
+    """All group records, checked to be from these settings and to cover every group once."""
+    num_groups = {t["num_groups"] for t in tasks}
+    if len(num_groups) != 1 or any(t["settings"] != state for t in tasks):
+        raise ValueError(f"task manifests in {output} disagree (input files or settings changed "
+                         "between tasks): re-run the tasks")
+    groups = sorted((r for t in tasks for r in t["groups"]), key=lambda r: r["group"])
+    if [r["group"] for r in groups] != list(range(num_groups.pop())):
+        raise ValueError(f"task manifests in {output} do not cover every pack group once: re-run the tasks")
+    for record in groups:
+        for split, part in record["splits"].items():
+            for shard in part["shards"]:
+                path = os.path.join(output, split, shard["name"])
+                if not os.path.isfile(path) or os.path.getsize(path) != shard["bytes"]:
+                    raise ValueError(f"shard {path} is missing or changed since its task wrote it: "
+                                     "re-run that task")
+    return groups
+
+
+def _split_manifest(split: str, groups: list[dict], state: dict) -> dict:
+    settings = state["settings"]
+    parts = [g["splits"][split] for g in groups]
+    return build_manifest(
+        split=split, seq_len=settings["seq_len"], dtype=state["dtype"], tokenizer=state["tokenizer"],
+        shards=[s for p in parts for s in p["shards"]],
+        documents=sum(p["documents"] for p in parts),
+        dropped_tokens=sum(p["dropped_tokens"] for p in parts),
+        sources=[s for g in groups for s in g["sources"]], settings=settings)
+
+
+def _check_enough(manifests: dict[str, dict], state: dict) -> None:
+    """Both splits need at least one sample; say how short they fell and what to change."""
+    sample_len = state["settings"]["seq_len"] + 1
+    for split, m in manifests.items():
+        if m["total_samples"] == 0:
+            hint = (" raise --valid-fraction or" if split == "valid" else "") + " add input or lower --seq-len"
+            raise ValueError(f"too little data for one {split} sample: {m['documents']} documents gave "
+                             f"{m['dropped_tokens']} tokens (with EOD), fewer than seq_len+1={sample_len}"
+                             f" in each pack group;{hint}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.shard", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Layout and resume rules: see the module docstring (data_prep/shard.py).")
+    p.add_argument("--input", help="folder or glob of .txt/.jsonl files, or 'stdlib' (the running "
+                   "Python's standard library .py files)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--tokenizer", help="'byte' (256 ids, EOD = byte 0), a HF tokenizer.json, "
+                   "or a SentencePiece .model")
+    p.add_argument("--seq-len", type=int, help="tokens per training sequence; samples hold seq_len+1")
+    p.add_argument("--output", required=True, help="output folder (gets train/, valid/, _state/)")
+    p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD,
+                   help=f"samples per tar shard (default: {DEFAULT_SAMPLES_PER_SHARD})")
+    p.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION,
+                   help=f"fraction of documents, by stable hash of their id, for validation "
+                   f"(default: {DEFAULT_VALID_FRACTION})")
+    p.add_argument("--group-bytes", type=int, default=DEFAULT_GROUP_BYTES,
+                   help="pack group size in input bytes: the unit of packing and of parallel work "
+                   f"(default: {DEFAULT_GROUP_BYTES})")
+    p.add_argument("--num-tasks", type=int, default=None,
+                   help="split the work into this many tasks (default: 1)")
+    p.add_argument("--task-index", type=int, default=0, help="which task this process runs (0-based)")
+    p.add_argument("--merge", action="store_true",
+                   help="only join the task manifests in --output into the final manifests "
+                   "(needs just --output; --num-tasks if several task counts were run)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    if not args.merge:
+        missing = [f"--{n.replace('_', '-')}" for n in ("input", "tokenizer", "seq_len")
+                   if getattr(args, n) is None]
+        if missing:
+            p.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, str] | dict:
+    """Run the CLI; errors propagate as exceptions (the `__main__` block prints them)."""
+    args = parse_args(argv)
+    if args.merge:
+        return merge(args.output, args.num_tasks)
+    settings = Settings(input=args.input, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                        text_field=args.text_field, samples_per_shard=args.samples_per_shard,
+                        valid_fraction=args.valid_fraction, group_bytes=args.group_bytes)
+    return run_task(settings, args.output, args.num_tasks or 1, args.task_index,
+                    progress=False if args.no_progress else None)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

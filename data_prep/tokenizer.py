@@ -1,0 +1,153 @@
+"""Tokenizers behind one small interface, chosen by a spec string.
+
+    tok = load_tokenizer("byte")                 # 256 ids, ids are the UTF-8 bytes
+    tok = load_tokenizer("path/to/tokenizer.json")  # HF `tokenizers`
+    tok = load_tokenizer("path/to/sp.model")        # SentencePiece
+
+Every tokenizer has `encode(text) -> list[int]`, `encode_batch(texts)`, `vocab_size`,
+`eod_id` (the end-of-document id appended after each document when packing) and
+`name`. `encode_array` returns a numpy array; the sharder uses it because converting
+millions of ids to Python ints and back is the slow part for the byte tokenizer.
+
+Byte tokenizer and end-of-document: the vocabulary must stay exactly 256 so the `tiny`
+model (vocab_size=256) can consume it, so there is no spare id for EOD. Byte 0 (NUL)
+is used as EOD: it never occurs in source code or ordinary text. NUL bytes inside a
+document are removed when encoding, because they would otherwise read as a document
+boundary.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+
+from data_prep.manifest import sha256_file
+
+BYTE_SPEC = "byte"
+# Special tokens recognised as end-of-document in a HF tokenizer.json, in order of
+# preference. `train_tokenizer` writes the first one.
+HF_EOD_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|eod|>", "[EOS]")
+
+
+class Tokenizer:
+    """Common interface; subclasses implement `encode_batch` (or `encode_array`)."""
+
+    name: str
+    spec: str
+    vocab_size: int
+    eod_id: int
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return self.encode_arrays([text])[0]
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Batch encode to numpy arrays (lets HF tokenizers use all cores)."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer file ('' for byte): ties shards to the exact vocabulary."""
+        return ""
+
+    def describe(self) -> dict:
+        """What the manifest records about the tokenizer."""
+        return {"spec": self.spec, "name": self.name, "vocab_size": self.vocab_size,
+                "eod_id": self.eod_id, "sha256": self.fingerprint()}
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255; byte 0 (NUL) doubles as end-of-document."""
+
+    name = "byte"
+    spec = BYTE_SPEC
+    vocab_size = 256
+    eod_id = 0
+
+    def encode_array(self, text: str) -> np.ndarray:
+        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        return ids[ids != self.eod_id]
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode_array(t) for t in texts]
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return [self.encode_array(t).tolist() for t in texts]
+
+
+class HFTokenizer(Tokenizer):
+    """A HF `tokenizers` tokenizer.json; EOD is the first of HF_EOD_TOKENS it defines."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        self.spec = path
+        self.name = f"hf:{os.path.basename(path)}"
+        self._tok = _HFTokenizer.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        for token in HF_EOD_TOKENS:
+            token_id = self._tok.token_to_id(token)
+            if token_id is not None:
+                self.eod_id = token_id
+                break
+        else:
+            raise ValueError(f"tokenizer {path} has none of the end-of-document tokens "
+                             f"{list(HF_EOD_TOKENS)}; add one (python -m data_prep.train_tokenizer "
+                             f"adds {HF_EOD_TOKENS[0]!r})")
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        # add_special_tokens=False: the packer adds EOD itself, nothing else.
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def fingerprint(self) -> str:
+        return sha256_file(self.spec)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece .model; EOD is the model's eos id."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self.spec = path
+        self.name = f"sentencepiece:{os.path.basename(path)}"
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod_id = self._sp.eos_id()
+        if self.eod_id < 0:
+            raise ValueError(f"SentencePiece model {path} has no eos piece (eos_id=-1); "
+                             "train it with eos_id set to use it for pretraining")
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts), out_type=int)
+
+    def fingerprint(self) -> str:
+        return sha256_file(self.spec)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """'byte', a HF tokenizer.json path, or a SentencePiece .model path."""
+    if spec == BYTE_SPEC:
+        return ByteTokenizer()
+    if not os.path.isfile(spec):
+        raise ValueError(f"tokenizer {spec!r} is neither 'byte' nor an existing file "
+                         "(a HF tokenizer.json or a SentencePiece .model)")
+    if spec.endswith(".json"):
+        return HFTokenizer(spec)
+    if spec.endswith(".model"):
+        return SentencePieceTokenizer(spec)
+    raise ValueError(f"tokenizer file {spec!r}: expected a .json (HF tokenizers) "
+                     "or .model (SentencePiece) file")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype that holds every id 0..vocab_size-1: uint16, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
