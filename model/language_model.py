@@ -72,14 +72,15 @@ class FAMLanguageModel(MegatronModule):
             new_states.append(s)
         return hidden, new_states
 
-    def head(self, hidden: torch.Tensor, labels: torch.Tensor | None):
-        """hidden [F + s, b, h] -> (loss or None, logits [b, s, V/tp])."""
-        x = self.final_norm(hidden[self.config.fam_len :])
-        logits, _ = self.output_layer(x)  # [s, b, V/tp]
-        loss = None
-        if labels is not None:
-            loss = vocab_parallel_cross_entropy(logits.float().clone(), labels.t().contiguous()).mean()
-        return loss, logits.transpose(0, 1)
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [F + s, b, h] -> logits [s, b, V/tp] of the block tokens (never the FAM rows)."""
+        logits, _ = self.output_layer(self.final_norm(hidden[self.config.fam_len :]))
+        return logits
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of vocab-parallel logits [s, b, V/tp] against labels [b, s]."""
+        return vocab_parallel_cross_entropy(logits.float().clone(), labels.t().contiguous()).mean()
 
     def forward(self, tokens, labels=None, state: FAMState | None = None, position_offset=0.0) -> ModelOutput:
         if state is not None and state.ends_mid_block:
@@ -89,6 +90,7 @@ class FAMLanguageModel(MegatronModule):
             raise ValueError(f"state.position={state.position} is not a multiple of block_size={self.config.block_size}")
         positions = self.positions(b, s, state, position_offset, tokens.device)
         hidden, layer_states = self.run_layers(self.embed(tokens), positions, state)
-        loss, logits = self.head(hidden, labels)
+        logits = self.head(hidden)
+        loss = None if labels is None else self.loss(logits, labels)
         new_state = FAMState(layer_states, (0 if state is None else state.position) + s, s % self.config.block_size != 0)
-        return ModelOutput(loss, logits, new_state)
+        return ModelOutput(loss, logits.transpose(0, 1), new_state)

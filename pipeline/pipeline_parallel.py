@@ -1,0 +1,148 @@
+"""Pipeline parallelism for the FAM model on megatron-core's pipeline group.
+
+megatron-core 0.16.1's pipeline schedules are CUDA-only, so the schedule is PyTorch's
+`torch.distributed.pipelining` (GPipe, 1F1B, interleaved 1F1B), which runs on gloo in CI and on
+NCCL on GPUs with the same code, given megatron's pipeline group.
+
+What travels between stages is the model's one tensor [F + s, b, h] (FAM rows, then block
+tokens) and the float positions [b, s] (the RPO offset is drawn once, before the first stage).
+Micro-batches are sequences: the schedule splits the batch along dim 0. Stage layout: the first
+(virtual) stage owns the embedding and the FAM prompt, the last the final norm and the output
+layer; layers are split evenly unless `layout` gives each stage's layer count. With v virtual
+stages per rank, rank r holds chunks r, r + p, r + 2p, ... (interleaved 1F1B).
+Random state passing: each stage starts its layers from `initial_state` (or the learned prompt)
+and keeps its layers' final state of the step's first micro-batch in `first_states`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from model.config import FAMConfig
+from model.language_model import FAMLanguageModel
+from model.state import FAMState, LayerState
+
+SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+
+
+def split_layers(num_layers: int, num_chunks: int, layout: list[int] | None = None) -> list[range]:
+    """Layer ranges of each pipeline chunk (stage x virtual stage), in model order."""
+    if layout is not None:
+        if len(layout) != num_chunks or sum(layout) != num_layers or min(layout) < 1:
+            raise ValueError(
+                f"parallel.pipeline_layout={layout}: needs {num_chunks} positive layer counts "
+                f"(pipeline_parallel_size x virtual_stages) summing to model.num_layers={num_layers}"
+            )
+        counts = layout
+    else:
+        if num_layers % num_chunks:
+            raise ValueError(
+                f"model.num_layers={num_layers} does not divide over {num_chunks} pipeline chunks "
+                f"(pipeline_parallel_size x virtual_stages); set parallel.pipeline_layout, e.g. "
+                f"{[num_layers // num_chunks + (i < num_layers % num_chunks) for i in range(num_chunks)]}"
+            )
+        counts = [num_layers // num_chunks] * num_chunks
+    starts = [sum(counts[:i]) for i in range(num_chunks)]
+    return [range(s, s + c) for s, c in zip(starts, counts)]
+
+
+class FAMStage(torch.nn.Module):
+    """One pipeline chunk of the FAM language model."""
+
+    def __init__(self, config: FAMConfig, layers: range, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+        self.part = FAMLanguageModel(config, layers, pre_process=first, post_process=last)
+        self.initial_state: list[LayerState] | None = None
+        self.first_states: list[LayerState] | None = None  # of the step's first micro-batch
+
+    def forward(self, x: torch.Tensor, positions_or_offsets: torch.Tensor):
+        if self.first:  # x: tokens [b, s]; offsets [b]
+            positions = self.part.positions(x.shape[0], x.shape[1], None, positions_or_offsets, x.device)
+            hidden = self.part.embed(x)
+        else:
+            hidden, positions = x, positions_or_offsets
+        state = None if self.initial_state is None else FAMState(self.initial_state)
+        hidden, states = self.part.run_layers(hidden, positions, state)
+        if self.first_states is None:
+            self.first_states = [LayerState(None if s.fam is None else s.fam.detach()) for s in states]
+        if self.last:
+            return self.part.head(hidden)  # logits [s, b, V/tp]
+        return hidden, positions
+
+
+def build_stages(config: FAMConfig, pp_rank: int, pp_size: int, virtual_stages: int = 1, layout=None, device=None):
+    """This rank's stages (one per virtual stage), as (global chunk index, FAMStage)."""
+    chunks = split_layers(config.num_layers, pp_size * virtual_stages, layout)
+    n = len(chunks)
+    own = [v * pp_size + pp_rank for v in range(virtual_stages)]
+    return [(i, FAMStage(config, chunks[i], first=i == 0, last=i == n - 1).to(device)) for i in own]
+
+
+def build_schedule(stages, pp_size: int, n_microbatches: int, schedule: str, group, device):
+    """A torch.distributed.pipelining schedule over this rank's stages on megatron's PP group."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"parallel.pipeline_schedule={schedule!r}: must be one of {SCHEDULES}")
+    n = pp_size * len(stages)
+    pipe_stages = [PipelineStage(module, index, n, device, group=group) for index, module in stages]
+    if schedule == "interleaved_1f1b":
+        if n_microbatches % pp_size:
+            raise ValueError(
+                f"interleaved 1F1B needs micro-batches per step ({n_microbatches}) divisible by "
+                f"parallel.pipeline_parallel_size={pp_size}"
+            )
+        return ScheduleInterleaved1F1B(pipe_stages, n_microbatches, loss_fn=_loss)
+    if len(stages) != 1:
+        raise ValueError(f"parallel.pipeline_schedule={schedule!r} takes one stage per rank; use interleaved_1f1b")
+    cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
+    return cls(pipe_stages[0], n_microbatches, loss_fn=_loss)
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return FAMLanguageModel.loss(logits, labels)
+
+
+def pipeline_step(schedule, stages, tokens, labels, offsets, initial_state: list[LayerState] | None = None):
+    """Forward and backward of one batch through the pipeline. Gradients are the mean over
+    micro-batches (the schedule scales by 1 / n_microbatches), like one process on the batch.
+    Returns the mean loss on ranks with the last stage, else None."""
+    for _, stage in stages:
+        stage.first_states = None
+        stage.initial_state = None if initial_state is None else [initial_state[i] for i in stage.part.layer_range]
+    has_first = any(s.first for _, s in stages)
+    has_last = any(s.last for _, s in stages)
+    losses: list[torch.Tensor] = []
+    args = (tokens, offsets) if has_first else ()
+    schedule.step(*args, target=labels if has_last else None, losses=losses if has_last else None)
+    return torch.stack(losses).mean().detach() if has_last else None
+
+
+def stage_state_dict(stages) -> dict[str, torch.Tensor]:
+    """This rank's parameters under global names (layers.<global index>...), whatever the split."""
+    out = {}
+    for _, stage in stages:
+        for name, tensor in stage.part.state_dict().items():
+            if name.endswith("_extra_state"):
+                continue
+            if name.startswith("layers."):
+                local, rest = name[len("layers.") :].split(".", 1)
+                name = f"layers.{stage.part.layer_range[int(local)]}.{rest}"
+            out[name] = tensor
+    return out
+
+
+def load_stage_state_dict(stages, full: dict[str, torch.Tensor]) -> None:
+    """Load global-named parameters (stage_state_dict's naming) into this rank's stages."""
+    for _, stage in stages:
+        own = {}
+        for name, current in stage.part.state_dict().items():
+            if name.endswith("_extra_state"):  # megatron's per-Linear placeholder, not a weight
+                own[name] = current
+                continue
+            key = name
+            if name.startswith("layers."):
+                local, rest = name[len("layers.") :].split(".", 1)
+                key = f"layers.{stage.part.layer_range[int(local)]}.{rest}"
+            own[name] = full[key]
+        stage.part.load_state_dict(own)
