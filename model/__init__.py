@@ -21,8 +21,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 
+from model.cpu_compat import apply_cpu_compat  # noqa: E402
 from model.config import FAMConfig, ModelArgs, load_model_args, to_fam_config  # noqa: E402
-from model.language_model import FAMLanguageModel, ModelOutput  # noqa: E402
+from model.language_model import FAMLanguageModel, ModelOutput, allreduce_sequence_parallel_grads  # noqa: E402
 from model.state import FAMState, LayerState  # noqa: E402
 
 
@@ -30,6 +31,7 @@ def init_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1
     """Initialise torch.distributed (env:// under torchrun, else a one-process gloo group) and
     megatron-core's parallel state. gloo on CPU; on GPU NCCL for CUDA tensors and gloo for CPU
     tensors. Idempotent."""
+    apply_cpu_compat()
     if not dist.is_initialized():
         backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         if "nccl" in backend:
@@ -53,6 +55,7 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     seed: int = 1234,
+    sequence_parallel: bool = False,
     **overrides,
 ) -> FAMLanguageModel:
     """This rank's shard of the FAM language model. `args` is ModelArgs or a config name/path.
@@ -63,7 +66,10 @@ def build_model(
         init_parallel()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = to_fam_config(args, tensor_parallel_size=tp, params_dtype=params_dtype, cpu_initialization=device.type == "cpu")
+    config = to_fam_config(
+        args, tensor_parallel_size=tp, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+        cpu_initialization=device.type == "cpu",
+    )
     if device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
@@ -78,6 +84,7 @@ __all__ = [
     "LayerState",
     "ModelArgs",
     "ModelOutput",
+    "allreduce_sequence_parallel_grads",
     "build_model",
     "init_parallel",
     "load_model_args",

@@ -60,7 +60,7 @@ class ModelArgs:
     def uses_fam(self) -> bool:
         return self.attention == "fam" and self.fam_len > 0
 
-    def validate(self, tensor_parallel_size: int = 1) -> None:
+    def validate(self, tensor_parallel_size: int = 1, sequence_parallel: bool = False) -> None:
         """Raise one ValueError naming the field and value of the first bad setting."""
 
         def bad(name: str, why: str) -> None:
@@ -104,6 +104,9 @@ class ModelArgs:
             bad("ffn_hidden_size", f"FFN size {self.ffn_size} must be divisible by tensor_parallel_size={tensor_parallel_size}")
         if self.vocab_size % tensor_parallel_size:
             bad("vocab_size", f"must be divisible by tensor_parallel_size={tensor_parallel_size}")
+        if sequence_parallel and self.uses_fam and self.fam_len % tensor_parallel_size:
+            bad("fam_len", f"must be divisible by tensor_parallel_size={tensor_parallel_size} with sequence parallelism "
+                "(the FAM rows are sharded along the token dimension)")
 
     def num_params(self, embeddings: bool = False) -> int:
         """Parameter count: layers and final norm; embeddings and output layer if asked."""
@@ -138,7 +141,7 @@ def to_fam_config(
 ) -> FAMConfig:
     """Derive megatron's config from the YAML section; validates first. Weights are
     initialised on the CPU unless CUDA is available (or as `cpu_initialization` says)."""
-    args.validate(tensor_parallel_size)
+    args.validate(tensor_parallel_size, sequence_parallel)
     if cpu_initialization is None:
         cpu_initialization = not torch.cuda.is_available()
     return FAMConfig(

@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    scatter_to_sequence_parallel_region,
+    vocab_parallel_cross_entropy,
+)
+from megatron.core.parallel_state import get_tensor_model_parallel_group
 from megatron.core.transformer.module import MegatronModule
 from torch.utils.checkpoint import checkpoint
 
@@ -18,6 +24,19 @@ from model.config import FAMConfig
 from model.layer import FAMLayer
 from model.norm import build_norm
 from model.state import FAMState
+
+
+def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Sum over TP the gradients that sequence parallelism leaves partial (the norm weights: each
+    rank normalised a slice of the rows; the embedding and FAM prompt get whole gradients from the
+    scatter's all-gather). Call after backward, before clipping."""
+    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, group=get_tensor_model_parallel_group())
+    for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(new.view_as(g))
 
 
 @dataclass
@@ -33,6 +52,7 @@ class FAMLanguageModel(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_range = layer_range or range(config.num_layers)
         h, F = config.hidden_size, config.fam_len
+        self.local_fam_rows = F // (config.tensor_model_parallel_size if config.sequence_parallel else 1)
         if pre_process:
             self.embedding = VocabParallelEmbedding(
                 config.vocab_size, h, init_method=config.init_method, config=config, tp_group=tp_group
@@ -54,11 +74,12 @@ class FAMLanguageModel(MegatronModule):
         return offset + start + torch.arange(seq, dtype=torch.float32, device=device)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [b, s] -> [F + s, b, h]."""
+        """tokens [b, s] -> [F + s, b, h] (this rank's [F/tp + s/tp, b, h] with SP)."""
         x = self.embedding(tokens).transpose(0, 1)  # [s, b, h]
-        if self.fam_prompt is None:
-            return x
-        return torch.cat([self.fam_prompt[:, None, :].expand(-1, x.shape[1], -1).to(x.dtype), x])
+        rows = [x] if self.fam_prompt is None else [self.fam_prompt[:, None, :].expand(-1, x.shape[1], -1).to(x.dtype), x]
+        if self.config.sequence_parallel:
+            rows = [scatter_to_sequence_parallel_region(r.contiguous()) for r in rows]
+        return torch.cat(rows)
 
     def run_layers(self, hidden, positions, state: FAMState | None):
         """hidden [F + s, b, h] through this module's layers; returns (hidden, their states)."""
@@ -74,7 +95,7 @@ class FAMLanguageModel(MegatronModule):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [F + s, b, h] -> logits [s, b, V/tp] of the block tokens (never the FAM rows)."""
-        logits, _ = self.output_layer(self.final_norm(hidden[self.config.fam_len :]))
+        logits, _ = self.output_layer(self.final_norm(hidden[self.local_fam_rows :]))
         return logits
 
     @staticmethod
@@ -86,6 +107,9 @@ class FAMLanguageModel(MegatronModule):
         if state is not None and state.ends_mid_block:
             raise ValueError("the state ends in a partial block and cannot be continued: feed pieces whose lengths are multiples of model.block_size, except the last")
         b, s = tokens.shape
+        tp = self.config.tensor_model_parallel_size
+        if self.config.sequence_parallel and s % tp:
+            raise ValueError(f"sequence length {s} must be divisible by tensor_parallel_size={tp} with sequence parallelism")
         if state is not None and state.position % self.config.block_size:
             raise ValueError(f"state.position={state.position} is not a multiple of block_size={self.config.block_size}")
         positions = self.positions(b, s, state, position_offset, tokens.device)

@@ -6,7 +6,10 @@ Where the reference loops block by block, this layer processes a whole sequence 
      (QKV, attention over [F_{t-1}; block t], projection, residual, norm, FFN);
   3. attention of all blocks at once over [memory blocks; F_{t-1}; causal block];
   4. projection and FFN of all block tokens, one GEMM each.
-Input and output are one tensor [F + S, b, h]: the FAM rows, then the block tokens. On the way
+Input and output are one tensor [F + S, b, h]: the FAM rows, then the block tokens (with
+sequence parallelism, this rank's [F/tp + S/tp, b, h]: both sharded along the token dimension;
+megatron's SP linears gather before QKV and FC1 and reduce-scatter after the projections, and the
+scan does the same to its F rows). On the way
 in, the F rows are this layer's initial FAM (the prompt, or the layer below's FAM after the
 first block: the soft-prompt reading of model/reference.py); on the way out they are this
 layer's FAM after the first block, which the next layer starts from. An optional LayerState
@@ -24,7 +27,9 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -43,6 +48,8 @@ class FAMLayer(MegatronModule):
         super().__init__(config)
         self.layer_number = layer_number
         self.tp_group = tp_group if tp_group is not None else get_tensor_model_parallel_group()
+        sp = config.tensor_model_parallel_size if config.sequence_parallel else 1
+        self.local_fam_rows = config.fam_len // sp  # FAM rows of the hidden tensor on this rank
         self.input_norm = build_norm(config)
         self.attention = FAMSelfAttention(config, tp_group=tp_group)
         self.pre_mlp_norm = build_norm(config)
@@ -63,14 +70,15 @@ class FAMLayer(MegatronModule):
         if cfg.attention == "dense":
             return self._dense(hidden, positions, state)
         F, C = cfg.fam_len, cfg.block_size
-        x = hidden[F:]  # [S, b, h]
-        S, b = x.shape[0], x.shape[1]
+        F_local = self.local_fam_rows
+        x = hidden[F_local:]  # [S, b, h], or this rank's [S/tp, b, h] under sequence parallelism
+        S, b = positions.shape[1], x.shape[1]
         T = math.ceil(S / C)
         q, k, v = self.attention.project_qkv(self.input_norm(x), positions, positions)  # 1: one GEMM
 
         fam_k, fam_v, first_fam, fam = [], [], None, None
         if F:  # 2: the FAM scan (model/scan.py)
-            fam = state.fam.expand(-1, b, -1) if state is not None else hidden[:F]
+            fam = state.fam.expand(-1, b, -1) if state is not None else hidden[:F_local]
             rope_q, rope_k = self._fam_rope(positions, S)
             step, weights = fam_step_for(x.device), self._scan_weights()
             for t in range(T):
@@ -117,7 +125,10 @@ class FAMLayer(MegatronModule):
         """The layer's own weights and TP mappings, in fam_step's argument order."""
         cfg, att = self.config, self.attention
         enter = leave = None
-        if cfg.tensor_model_parallel_size > 1:
+        if cfg.sequence_parallel:  # FAM rows sharded along F, like the tokens along S
+            enter = functools.partial(gather_from_sequence_parallel_region, group=self.tp_group)
+            leave = functools.partial(reduce_scatter_to_sequence_parallel_region, group=self.tp_group)
+        elif cfg.tensor_model_parallel_size > 1:
             enter = functools.partial(copy_to_tensor_model_parallel_region, group=self.tp_group)
             leave = functools.partial(reduce_from_tensor_model_parallel_region, group=self.tp_group)
         matrices = [att.linear_qkv.weight, att.linear_proj.weight, self.mlp.linear_fc1.weight, self.mlp.linear_fc2.weight]

@@ -12,5 +12,10 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 def build_norm(config) -> torch.nn.Module:
     if _ApexRMSNorm is not None and torch.cuda.is_available():
-        return _ApexRMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
-    return torch.nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        norm = _ApexRMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
+    else:
+        norm = torch.nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
+    # Under sequence parallelism each TP rank sees a slice of the tokens, so this weight's
+    # gradient is partial: megatron's convention marks it for an all-reduce over TP.
+    norm.weight.sequence_parallel = config.sequence_parallel
+    return norm

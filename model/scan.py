@@ -31,12 +31,14 @@ def fam_step(
     norm1_w, qkv_w, proj_w, norm2_w, fc1_w, fc2_w, eps: float, groups: int, head_dim: int,
     enter=None, leave=None,
 ):
-    """fam [F, b, h]; block_k, block_v [c, b, g, d] (post-RoPE); cos/sin [F, b, 1, d].
-    Returns (F_t [F, b, h], k, v of F_{t-1} [F, b, g, d] for the block queries)."""
+    """fam [F, b, h] (this rank's [F/tp, b, h] under SP); block_k, block_v [c, b, g, d]
+    (post-RoPE); cos/sin [F, b, 1, d]. Returns (F_t shaped like fam, k, v of F_{t-1} [F, b, g, d]
+    for the block queries)."""
     enter = enter or (lambda t: t)
     leave = leave or (lambda t: t)
-    n_f, b, h = fam.shape
-    x = enter(F_.rms_norm(fam, (h,), norm1_w, eps))
+    h = fam.shape[-1]
+    x = enter(F_.rms_norm(fam, (h,), norm1_w, eps))  # all F rows (gathered under SP)
+    n_f, b = x.shape[0], x.shape[1]
     mixed = F_.linear(x, qkv_w).view(n_f, b, groups, -1, head_dim)  # [F, b, g, n/g + 2, d]
     q = apply_rope(mixed[:, :, :, :-2].reshape(n_f, b, -1, head_dim), cos_q, sin_q)
     k = apply_rope(mixed[:, :, :, -2], cos_k, sin_k)

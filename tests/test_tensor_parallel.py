@@ -20,11 +20,11 @@ def _args(kind: str):
     return small_args(num_layers=2, fam_len=0)  # bswa
 
 
-def _worker(rank, world_size, kind):
+def _worker(rank, world_size, kind, sequence_parallel=False, seq=SEQ):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from model import build_model, init_parallel
+    from model import allreduce_sequence_parallel_grads, build_model, init_parallel
     from model.reference import ReferenceFAM
     from model.weights import load_reference_weights, merge_megatron_shards
 
@@ -33,13 +33,14 @@ def _worker(rank, world_size, kind):
     torch.manual_seed(0)
     reference = ReferenceFAM(args)  # the same full weights on every rank
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    model = build_model(args)
+    model = build_model(args, sequence_parallel=sequence_parallel)
     load_reference_weights(model, reference, args, tp_rank, tp_size)
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, args.vocab_size, (2, SEQ), generator=g)
-    labels = torch.randint(0, args.vocab_size, (2, SEQ), generator=g)
+    tokens = torch.randint(0, args.vocab_size, (2, seq), generator=g)
+    labels = torch.randint(0, args.vocab_size, (2, seq), generator=g)
     out = model(tokens, labels=labels, position_offset=torch.tensor([3.0, 1000.5]))
     out.loss.backward()
+    allreduce_sequence_parallel_grads(model)
 
     shards = [{} for _ in range(tp_size)]
     for name, p in model.named_parameters():
@@ -67,3 +68,22 @@ def test_tp_matches_tp1_loss_and_every_gradient(kind, tp):
         got = tpn["grads"][name]
         assert got.shape == expected.shape, name
         assert abs(got - expected).max() <= 1e-5 * abs(expected).max(), name
+
+
+@pytest.mark.parametrize("kind", ["gqa", "bswa"])
+def test_sequence_parallel_matches_tp1_loss_and_every_gradient(kind):
+    """SP shards norms, residuals and the FAM rows along the token dimension; the math must not
+    change. 36 tokens (divisible by TP=2) still end in a partial block of 4."""
+    tp1 = run_on_ranks(_worker, 1, kind, False, 36)[0]
+    sp = run_on_ranks(_worker, 2, kind, True, 36)[0]
+    assert abs(sp["loss"] - tp1["loss"]) < 1e-6
+    for name, expected in tp1["grads"].items():
+        assert abs(sp["grads"][name] - expected).max() <= 1e-5 * abs(expected).max(), name
+
+
+def test_sequence_parallel_needs_fam_rows_divisible_by_tp():
+    from model.config import to_fam_config
+    from tests.test_reference import small_args
+
+    with pytest.raises(ValueError, match="fam_len=3: must be divisible by tensor_parallel_size=2 with sequence parallelism"):
+        to_fam_config(small_args(fam_len=3), tensor_parallel_size=2, sequence_parallel=True)
