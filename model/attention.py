@@ -46,7 +46,9 @@ def _compiled_flex():
 def _flex_block_mask(layout: BlockLayout, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(layout.mask_mod(), None, None, layout.q_len, layout.kv_len, device=device)
+    # _compile: evaluate the mask block by block instead of materialising the whole
+    # q_len x kv_len grid (tens of GiB at 64k tokens).
+    return create_block_mask(layout.mask_mod(), None, None, layout.q_len, layout.kv_len, device=device, _compile=True)
 
 
 class FAMSelfAttention(MegatronModule):

@@ -13,6 +13,8 @@ import torch
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
     vocab_parallel_cross_entropy,
 )
@@ -24,6 +26,9 @@ from model.config import FAMConfig
 from model.layer import FAMLayer
 from model.norm import build_norm
 from model.state import FAMState
+
+
+LOSS_CHUNK_ELEMENTS = 2**27  # logits elements per loss chunk: ~1.3 GB of bf16 + fp32 transients
 
 
 def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
@@ -42,7 +47,7 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
 @dataclass
 class ModelOutput:
     loss: torch.Tensor | None  # mean cross-entropy over all label tokens
-    logits: torch.Tensor  # [b, s, vocab / tp]: this rank's vocabulary shard
+    logits: torch.Tensor | None  # [b, s, vocab / tp]: this rank's vocabulary shard
     state: FAMState
 
 
@@ -103,7 +108,34 @@ class FAMLanguageModel(MegatronModule):
         """Mean cross-entropy of vocab-parallel logits [s, b, V/tp] against labels [b, s]."""
         return vocab_parallel_cross_entropy(logits.float().clone(), labels.t().contiguous()).mean()
 
-    def forward(self, tokens, labels=None, state: FAMState | None = None, position_offset=0.0) -> ModelOutput:
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy straight from the last hidden state, never holding all logits:
+        the output layer and the loss run over chunks of tokens, each recomputed in backward
+        (with a 256k vocabulary the full logits are the largest activation of the model)."""
+        x = self.final_norm(hidden[self.local_fam_rows :])  # [s, b, h] (this rank's s/tp with SP)
+        if self.config.sequence_parallel:  # all tokens; backward reduce-scatters the partial grads
+            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+        elif self.config.tensor_model_parallel_size > 1:  # column-parallel input: all-reduce in backward
+            x = copy_to_tensor_model_parallel_region(x)
+        s, b = x.shape[0], x.shape[1]
+        vocab_local = self.output_layer.weight.shape[0]
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // (b * vocab_local))
+        total = x.new_zeros((), dtype=torch.float32)
+        for lo in range(0, s, chunk):
+            part = (x[lo : lo + chunk], labels[:, lo : lo + chunk])
+            if torch.is_grad_enabled() and s > chunk:
+                total = total + checkpoint(self._chunk_loss_sum, *part, use_reentrant=False)
+            else:
+                total = total + self._chunk_loss_sum(*part)
+        return total / (s * b)
+
+    def _chunk_loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(x, self.output_layer.weight)  # [c, b, V/tp]
+        return vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).sum()
+
+    def forward(self, tokens, labels=None, state: FAMState | None = None, position_offset=0.0, return_logits: bool = True) -> ModelOutput:
+        """tokens, labels [b, s]. With labels and return_logits=False (training), the loss is
+        computed chunk by chunk and no logits are kept (ModelOutput.logits is None)."""
         if state is not None and state.ends_mid_block:
             raise ValueError("the state ends in a partial block and cannot be continued: feed pieces whose lengths are multiples of model.block_size, except the last")
         b, s = tokens.shape
@@ -114,7 +146,10 @@ class FAMLanguageModel(MegatronModule):
             raise ValueError(f"state.position={state.position} is not a multiple of block_size={self.config.block_size}")
         positions = self.positions(b, s, state, position_offset, tokens.device)
         hidden, layer_states = self.run_layers(self.embed(tokens), positions, state)
-        logits = self.head(hidden)
-        loss = None if labels is None else self.loss(logits, labels)
+        logits = self.head(hidden) if return_logits or labels is None else None
+        if labels is None:
+            loss = None
+        else:
+            loss = self.loss(logits, labels) if logits is not None else self.lm_loss(hidden, labels)
         new_state = FAMState(layer_states, (0 if state is None else state.position) + s, s % self.config.block_size != 0)
-        return ModelOutput(loss, logits.transpose(0, 1), new_state)
+        return ModelOutput(loss, None if logits is None else logits.transpose(0, 1), new_state)

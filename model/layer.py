@@ -150,7 +150,8 @@ class FAMLayer(MegatronModule):
             return None, None
         all_k = k if mem_k is None else torch.cat([mem_k, k])
         all_v = v if mem_v is None else torch.cat([mem_v, v])
-        return all_k[-keep:], all_v[-keep:]
+        # Copies, not views: a view would keep the whole sequence's K/V (and QKV output) alive.
+        return all_k[-keep:].clone(), all_v[-keep:].clone()
 
     def _dense(self, hidden, positions, state):
         if state is not None:

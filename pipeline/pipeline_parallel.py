@@ -68,7 +68,7 @@ class FAMStage(torch.nn.Module):
         if self.first_states is None:
             self.first_states = [LayerState(None if s.fam is None else s.fam.detach()) for s in states]
         if self.last:
-            return self.part.head(hidden)  # logits [s, b, V/tp]
+            return hidden  # the loss is computed from it in chunks (FAMLanguageModel.lm_loss)
         return hidden, positions
 
 
@@ -86,21 +86,23 @@ def build_schedule(stages, pp_size: int, n_microbatches: int, schedule: str, gro
         raise ValueError(f"parallel.pipeline_schedule={schedule!r}: must be one of {SCHEDULES}")
     n = pp_size * len(stages)
     pipe_stages = [PipelineStage(module, index, n, device, group=group) for index, module in stages]
+    last = next((module for _, module in stages if module.last), None)
+    loss_fn = last.part.lm_loss if last is not None else _no_loss
     if schedule == "interleaved_1f1b":
         if n_microbatches % pp_size:
             raise ValueError(
                 f"interleaved 1F1B needs micro-batches per step ({n_microbatches}) divisible by "
                 f"parallel.pipeline_parallel_size={pp_size}"
             )
-        return ScheduleInterleaved1F1B(pipe_stages, n_microbatches, loss_fn=_loss)
+        return ScheduleInterleaved1F1B(pipe_stages, n_microbatches, loss_fn=loss_fn)
     if len(stages) != 1:
         raise ValueError(f"parallel.pipeline_schedule={schedule!r} takes one stage per rank; use interleaved_1f1b")
     cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-    return cls(pipe_stages[0], n_microbatches, loss_fn=_loss)
+    return cls(pipe_stages[0], n_microbatches, loss_fn=loss_fn)
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return FAMLanguageModel.loss(logits, labels)
+def _no_loss(output, target):  # ranks without the last stage never compute a loss
+    raise RuntimeError("loss requested on a rank that does not hold the last pipeline stage")
 
 
 def pipeline_step(schedule, stages, tokens, labels, offsets, initial_state: list[LayerState] | None = None):

@@ -153,3 +153,23 @@ def test_named_configs_have_the_papers_shapes():
         assert load_model_args(name.replace("fam", "dense")).attention == "dense"
     assert load_model_args("fam-24b").query_groups == 1  # multi-query attention
     assert abs(load_model_args("fam-24b").num_params() / 24e9 - 1) < 0.05
+
+
+@pytest.mark.parametrize("fam_len", [0, 4])
+def test_chunked_loss_without_logits_equals_loss_from_logits(fam_len, monkeypatch):
+    import model.language_model as lm
+
+    monkeypatch.setattr(lm, "LOSS_CHUNK_ELEMENTS", 2 * 64 * 7)  # chunks of 7 tokens
+    torch.manual_seed(0)
+    a = build_model(small_args(fam_len=fam_len))
+    b = build_model(small_args(fam_len=fam_len))
+    b.load_state_dict(a.state_dict())
+    tokens, labels = torch.randint(0, 64, (2, 37)), torch.randint(0, 64, (2, 37))
+    full = a(tokens, labels=labels)
+    chunked = b(tokens, labels=labels, return_logits=False)
+    assert chunked.logits is None
+    assert abs(full.loss.item() - chunked.loss.item()) < 1e-6
+    full.loss.backward()
+    chunked.loss.backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert close(q.grad, p.grad), name

@@ -20,7 +20,7 @@ def _args(kind: str):
     return small_args(num_layers=2, fam_len=0)  # bswa
 
 
-def _worker(rank, world_size, kind, sequence_parallel=False, seq=SEQ):
+def _worker(rank, world_size, kind, sequence_parallel=False, seq=SEQ, chunked_loss=False):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -38,7 +38,11 @@ def _worker(rank, world_size, kind, sequence_parallel=False, seq=SEQ):
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, args.vocab_size, (2, seq), generator=g)
     labels = torch.randint(0, args.vocab_size, (2, seq), generator=g)
-    out = model(tokens, labels=labels, position_offset=torch.tensor([3.0, 1000.5]))
+    if chunked_loss:  # the training path: loss from hidden states in chunks of 5 tokens, no logits
+        import model.language_model as lm
+
+        lm.LOSS_CHUNK_ELEMENTS = 2 * (args.vocab_size // tp_size) * 5
+    out = model(tokens, labels=labels, position_offset=torch.tensor([3.0, 1000.5]), return_logits=not chunked_loss)
     out.loss.backward()
     allreduce_sequence_parallel_grads(model)
 
@@ -56,10 +60,10 @@ def _worker(rank, world_size, kind, sequence_parallel=False, seq=SEQ):
     return {"loss": out.loss.item(), "grads": {k: v.numpy() for k, v in full.items()}} if rank == 0 else None
 
 
-@pytest.mark.parametrize("kind, tp", [("mha", 2), ("gqa", 2), ("gqa", 4), ("bswa", 2)])
-def test_tp_matches_tp1_loss_and_every_gradient(kind, tp):
+@pytest.mark.parametrize("kind, tp, chunked", [("mha", 2, False), ("gqa", 2, True), ("gqa", 4, False), ("bswa", 2, False)])
+def test_tp_matches_tp1_loss_and_every_gradient(kind, tp, chunked):
     tp1 = run_on_ranks(_worker, 1, kind)[0]
-    tpn = run_on_ranks(_worker, tp, kind)[0]
+    tpn = run_on_ranks(_worker, tp, kind, False, SEQ, chunked)[0]
     # fp32; TP changes only the order of reductions (row-parallel all-reduce, vocab-parallel
     # softmax), so results agree to rounding: relative 1e-5 of each tensor's largest entry.
     assert abs(tpn["loss"] - tp1["loss"]) < 1e-6
@@ -75,7 +79,7 @@ def test_sequence_parallel_matches_tp1_loss_and_every_gradient(kind):
     """SP shards norms, residuals and the FAM rows along the token dimension; the math must not
     change. 36 tokens (divisible by TP=2) still end in a partial block of 4."""
     tp1 = run_on_ranks(_worker, 1, kind, False, 36)[0]
-    sp = run_on_ranks(_worker, 2, kind, True, 36)[0]
+    sp = run_on_ranks(_worker, 2, kind, True, 36, True)[0]
     assert abs(sp["loss"] - tp1["loss"]) < 1e-6
     for name, expected in tp1["grads"].items():
         assert abs(sp["grads"][name] - expected).max() <= 1e-5 * abs(expected).max(), name
