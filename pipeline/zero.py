@@ -1,0 +1,345 @@
+"""DeepSpeed ZeRO for the FAM model on megatron-core's process groups.
+
+    validate_zero(zero_stage, pipeline_parallel_size)              # before any work
+    ds_config = to_deepspeed_config(zero_stage=2, micro_batch_size=2, grad_accum_steps=4, grad_clip=1.0,
+                                    bf16=False, offload_optimizer=False, dp_world_size=dp)
+    engine = build_zero_engine(ZeroModule(model), build_optimizer(model, cfg.optim), ds_config)
+    result = zero_train_step(engine, micro_batches, lr=lr)          # PP = 1: ZeRO-1/2/3
+    loss = zero_pipeline_step(engine, schedule, stages, tokens, labels, offsets, lr=lr)  # PP > 1: ZeRO-1
+
+Where the data-parallel optimizer lives: DeepSpeed partitions optimizer state (ZeRO-1), plus
+gradients (ZeRO-2), plus parameters (ZeRO-3) over megatron's data-parallel group; tensor and
+pipeline parallelism stay megatron's. `MegatronMPU` tells DeepSpeed those groups. Its
+"model-parallel" group is megatron's TP x PP group, so the global gradient norm sums over every
+stage and TP shard; parameters marked `tensor_model_parallel=True` count on every TP rank, the
+replicated ones (norms, the FAM prompt) on TP rank 0 only, like pipeline/optim.py's `grad_norm`.
+
+Precision: fp32 everywhere on CPU; with bf16 the module runs in bf16 and ZeRO keeps fp32 master
+weights and optimizer state (never ZeRO-0 with bf16: it has no fp32 master copy).
+DeepSpeed 0.19.8 clips at 1.0 unless told otherwise, so `gradient_clipping` is always written
+from the caller's value and a user override cannot change it.
+
+Pipeline parallelism: torch.distributed.pipelining's schedule runs forward and backward itself,
+outside the engine, so `zero_pipeline_step` does afterwards what `engine.backward` does at an
+accumulation boundary (`engine.allreduce_gradients()`: ZeRO-1's bucketed reduce into this rank's
+gradient partition) and then `engine.step()`. The schedule's micro-batches are the accumulation,
+so the engine runs with gradient_accumulation_steps=1 and every step is a boundary. ZeRO-2/3 hook
+into each backward (gradient partitioning, parameter gathering) and are refused with PP > 1.
+Checkpoints: pipeline/zero_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ZERO_STAGES = (1, 2, 3)
+
+# Keys derived from famtron's typed config: a user JSON may not change them (set the config key).
+OWNED_KEYS = {
+    "gradient_clipping": "optim.grad_clip",
+    "train_micro_batch_size_per_gpu": "data.micro_batch_size",
+    "gradient_accumulation_steps": "data.global_batch_size / (micro_batch_size x DP)",
+    "train_batch_size": "data.global_batch_size",
+    "zero_optimization.stage": "the ZeRO stage",
+    "bf16.enabled": "train.dtype",
+}
+
+
+def validate_zero(zero_stage: int, pipeline_parallel_size: int = 1, offload_optimizer: bool = False) -> None:
+    """Raise ValueError naming the numbers of an unsupported combination, before any work."""
+    if zero_stage not in ZERO_STAGES:
+        raise ValueError(
+            f"zero_stage={zero_stage!r}: must be one of {ZERO_STAGES} (without ZeRO, data parallelism is the "
+            "plain gradient all-reduce of pipeline/train.py)"
+        )
+    if pipeline_parallel_size > 1 and zero_stage != 1:
+        raise ValueError(
+            f"zero_stage={zero_stage} with pipeline_parallel_size={pipeline_parallel_size}: only ZeRO-1 works with "
+            "pipeline parallelism (ZeRO-2 partitions gradients and ZeRO-3 gathers parameters inside each backward, "
+            "which the pipeline schedule runs outside DeepSpeed); use zero_stage=1 or pipeline_parallel_size=1"
+        )
+    if offload_optimizer and pipeline_parallel_size > 1:
+        raise ValueError(
+            f"offload_optimizer with pipeline_parallel_size={pipeline_parallel_size} is not supported "
+            "(DeepSpeed's CPU-offload path reduces gradients inside backward); use pipeline_parallel_size=1"
+        )
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def to_deepspeed_config(
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    grad_clip: float,
+    bf16: bool,
+    offload_optimizer: bool,
+    dp_world_size: int,
+    user_overrides: dict | None = None,
+    pipeline_parallel_size: int = 1,
+) -> dict:
+    """The DeepSpeed JSON (pure). `user_overrides` is deep-merged on top; it may tune anything except
+    the keys in OWNED_KEYS, which must agree with the derived values (ValueError otherwise).
+    With PP > 1 the schedule's micro-batches are the accumulation: grad_accum_steps must be 1."""
+    validate_zero(zero_stage, pipeline_parallel_size, offload_optimizer)
+    if pipeline_parallel_size > 1 and grad_accum_steps != 1:
+        raise ValueError(
+            f"grad_accum_steps={grad_accum_steps} with pipeline_parallel_size={pipeline_parallel_size}: the pipeline "
+            "schedule's micro-batches are the accumulation; give the engine grad_accum_steps=1 and the schedule "
+            "micro_batch_size x accumulation samples per step"
+        )
+    zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": False}
+    if zero_stage in (1, 2):
+        # Saves each partition's optimizer state unflattened per parameter, so a checkpoint loads at
+        # another data-parallel size (pipeline/zero_checkpoint.py).
+        zero["elastic_checkpoint"] = True
+    if pipeline_parallel_size > 1:
+        zero["contiguous_gradients"] = False  # no per-parameter hooks firing inside the schedule's backward
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * dp_world_size,
+        "gradient_clipping": float(grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # famtron's torch AdamW (pipeline/optim.py)
+        "zero_force_ds_cpu_optimizer": False,  # offload may step a torch optimizer (DeepSpeedCPUAdam is faster)
+        "steps_per_print": 2**31 - 1,  # famtron logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    if not user_overrides:
+        return config
+    merged = _deep_merge(config, user_overrides)
+    for key, source in OWNED_KEYS.items():
+        if _lookup(merged, key) != _lookup(config, key):
+            raise ValueError(
+                f"DeepSpeed override {key}={_lookup(merged, key)!r} contradicts the derived {_lookup(config, key)!r}; "
+                f"set {source} instead"
+            )
+    return merged
+
+
+class MegatronMPU:
+    """The `mpu` DeepSpeed asks for, over megatron-core's groups. megatron-core's `parallel_state`
+    module itself lacks `get_model_parallel_rank/world_size`, which DeepSpeed calls.
+    Model parallel = megatron's TP x PP group: DeepSpeed sums gradient norms and checks overflow
+    over it and names checkpoint files by its rank (unique per TP x PP coordinate)."""
+
+    def __init__(self, tp_group, pp_group, dp_group, mp_group):
+        self._tp, self._pp, self._dp, self._mp = tp_group, pp_group, dp_group, mp_group
+
+    @classmethod
+    def from_parallel_state(cls) -> MegatronMPU:
+        from megatron.core import parallel_state as ps
+
+        return cls(ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                   ps.get_data_parallel_group(), ps.get_model_parallel_group())
+
+    def get_model_parallel_group(self):
+        return self._mp
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self._mp)
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._mp)
+
+    def get_tensor_model_parallel_group(self):
+        return self._tp
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return dist.get_rank(self._tp)
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._tp)
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_process_group_ranks(self._tp)[0]
+
+    def get_pipeline_model_parallel_group(self):
+        return self._pp
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return dist.get_rank(self._pp)
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._pp)
+
+    def get_data_parallel_group(self):
+        return self._dp
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self._dp)
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._dp)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self._dp)
+
+
+class ZeroModule(torch.nn.Module):
+    """What the engine wraps: the whole model (PP = 1) or this rank's pipeline stages (PP > 1).
+    forward returns (loss, ModelOutput): DeepSpeed hooks the backward through the tensors it finds
+    in tuples, lists and dicts, not in a dataclass. `plain_names` maps parameter names to the plain
+    model's (global layer indices), which consolidated checkpoints use."""
+
+    def __init__(self, model: torch.nn.Module | None = None, stages: list | None = None):
+        super().__init__()
+        if (model is None) == (stages is None):
+            raise ValueError("ZeroModule takes either model= (PP = 1) or stages= (PP > 1)")
+        self.model = model
+        self.stages = None if stages is None else torch.nn.ModuleList(stage for _, stage in stages)
+
+    def forward(self, *args, **kwargs):
+        if self.model is None:
+            raise RuntimeError("with pipeline stages the schedule runs forward: use zero_pipeline_step")
+        out = self.model(*args, **kwargs)
+        return out.loss, out
+
+    def plain_names(self) -> dict[str, str]:
+        """{name in this module's state_dict: name in the plain FAMLanguageModel's state_dict}."""
+        if self.model is not None:
+            return {name: name[len("model."):] for name in self.state_dict()}
+        out = {}
+        for i, stage in enumerate(self.stages):
+            for name in stage.part.state_dict():
+                plain = name
+                if name.startswith("layers."):
+                    local, rest = name[len("layers."):].split(".", 1)
+                    plain = f"layers.{stage.part.layer_range[int(local)]}.{rest}"
+                out[f"stages.{i}.part.{name}"] = plain
+        return out
+
+
+def build_zero_engine(module: ZeroModule, optimizer: torch.optim.Optimizer, ds_config: dict, mpu: MegatronMPU | None = None):
+    """deepspeed.initialize on megatron's groups (torch.distributed must already be initialised,
+    e.g. by model.init_parallel). The engine broadcasts parameters from DP rank 0 of each group."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if ds_config["zero_optimization"]["stage"] == 3:
+        apply_zero3_external_parameters(module)
+    if not dist.is_initialized():
+        raise RuntimeError("build_zero_engine needs torch.distributed and megatron's groups: call model.init_parallel first")
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                      mpu=mpu or MegatronMPU.from_parallel_state(), dist_init_required=False)
+    return engine
+
+
+def apply_zero3_external_parameters(module: torch.nn.Module) -> None:
+    """Tell ZeRO-3 about weights used outside their owner's forward; it gathers a parameter only
+    around its owner's forward and backward, found through the owner's output tensors.
+    * FAMLayer's block scan (model/scan.py) calls its norms' and linears' weights functionally:
+      each layer gathers all of its weights for the whole layer.
+    * FAMLanguageModel returns a ModelOutput dataclass, whose tensors ZeRO-3 cannot see, so its own
+      parameters (the FAM prompt) would not be gathered when their gradient arrives: the top
+      module (whose output is a tuple) holds them for the whole backward."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    from model.language_model import FAMLanguageModel
+    from model.layer import FAMLayer
+
+    for sub in module.modules():
+        if isinstance(sub, FAMLayer):
+            for param in sub.parameters():
+                register_external_parameter(sub, param)
+        elif isinstance(sub, FAMLanguageModel):
+            for param in sub.parameters(recurse=False):
+                register_external_parameter(module, param)
+
+
+def set_engine_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass
+class ZeroStepResult:
+    loss: torch.Tensor  # mean loss over this rank's micro-batches (detached)
+    grad_norm: float | None  # global pre-clip gradient norm (None if DeepSpeed did not compute one)
+    first_output: Any  # ModelOutput of the first micro-batch (its state feeds RSP)
+
+
+def zero_train_step(engine, micro_batches: list[dict], lr: float | None = None) -> ZeroStepResult:
+    """One optimizer step with PP = 1: engine(...) / engine.backward / engine.step per micro-batch
+    (DeepSpeed reduces and steps at the accumulation boundary it counts itself). Each item of
+    `micro_batches` holds the model's keyword arguments (tokens, labels, state, position_offset)."""
+    if len(micro_batches) != engine.gradient_accumulation_steps():
+        raise ValueError(
+            f"{len(micro_batches)} micro-batches for an engine with gradient_accumulation_steps="
+            f"{engine.gradient_accumulation_steps()}"
+        )
+    if lr is not None:
+        set_engine_lr(engine, lr)
+    total, first = 0.0, None
+    for batch in micro_batches:
+        loss, out = engine(**batch)
+        engine.backward(loss)
+        engine.step()
+        total = total + loss.detach().float()  # stays on the device: no sync per micro-batch
+        first = out if first is None else first
+    return ZeroStepResult(total / len(micro_batches), _grad_norm(engine), first)
+
+
+def zero_pipeline_step(engine, schedule, stages, tokens, labels, offsets, initial_state=None, lr: float | None = None):
+    """One optimizer step with PP > 1 and ZeRO-1: the schedule's forward/backward, then what
+    engine.backward does at the accumulation boundary, then engine.step(). Returns the mean loss on
+    ranks with the last stage, else None (as pipeline_step)."""
+    from pipeline.pipeline_parallel import pipeline_step
+
+    if engine.zero_optimization_stage() != 1 or engine.gradient_accumulation_steps() != 1:
+        raise ValueError(
+            f"zero_pipeline_step needs ZeRO-1 with gradient_accumulation_steps=1, got stage "
+            f"{engine.zero_optimization_stage()} with {engine.gradient_accumulation_steps()}"
+        )
+    if lr is not None:
+        set_engine_lr(engine, lr)
+    engine.optimizer.clear_backward_seen_flag()  # what engine.forward does before a new backward
+    loss = pipeline_step(schedule, stages, tokens, labels, offsets, initial_state)
+    engine.allreduce_gradients()  # the boundary reduce: DP-average into this rank's ZeRO-1 partition
+    engine.step()
+    return loss
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """This TP rank's (and, with PP, this stage's) parameters in full, from ZeRO's fp32 master
+    copies, under the plain model's names. Collective over the data-parallel group."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    names = engine.module.plain_names()
+    out = {}
+    for name, param in engine.module.named_parameters():
+        out[names[name]] = safe_get_full_fp32_param(param).detach().cpu().clone()
+    return out
