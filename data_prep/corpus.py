@@ -1,8 +1,11 @@
 """Where documents come from, which split they belong to, and how work is divided.
 
 Inputs (`--input`):
-- a folder: every `.txt` and `.jsonl` file below it (recursive);
-- a glob (`data/*.jsonl`, `corpus/**/*.txt`) or a single file;
+- a folder: every input file below it (recursive): `.txt`, `.jsonl`, `.jsonl.gz`,
+  `.jsonl.zst`, `.parquet`, `.arrow`. A folder written by HF `datasets`' `save_to_disk`
+  (it holds a `state.json`) contributes exactly the `.arrow` files its `state.json`
+  lists, so a `DatasetDict` folder contributes each of its splits;
+- a glob (`data/*.jsonl.zst`, `corpus/**/*.txt`) or a single file;
 - `stdlib`: the `.py` files of the running Python's standard library, found through
   `sysconfig.get_paths()["stdlib"]`, so the demo needs no network. `site-packages`,
   `__pycache__` and the test folders (`test`, `tests`, `idle_test`) are left out: the
@@ -10,12 +13,12 @@ Inputs (`--input`):
   encodings, odd bytes), which is not what a language model should learn from. What
   remains (~730 files, ~12 MB on 3.11) is all valid UTF-8.
 
-Documents: a `.txt` or `.py` file is one document; a `.jsonl` file holds one document
-per non-blank line, in field `--text-field`. Empty documents are skipped.
+Documents: see `readers` (a text file is one document; JSONL, Parquet and Arrow hold one
+per line or row, in field/column `--text-field`). Empty documents are skipped.
 
 Split: each document goes to `valid` when a stable hash (sha256) of its id falls below
 `valid_fraction`, else to `train`. The id is the file's path relative to the input root
-(plus `:<line>` for JSONL), so the split depends neither on where the corpus lives nor
+(plus `:<line>` for JSONL, `:<row>` for Parquet/Arrow), so the split depends neither on where the corpus lives nor
 on file order, and a single JSONL file still yields both splits.
 
 Work division: files (sorted by relative name) are cut into *pack groups* of at least
@@ -34,8 +37,10 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Iterator
 
+from data_prep.readers import INPUT_SUFFIXES, BadText, DocumentReader
+
 STDLIB = "stdlib"
-INPUT_SUFFIXES = (".txt", ".jsonl")
+HF_STATE_FILE = "state.json"  # written by datasets' save_to_disk beside its .arrow files
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__",
                                   "test", "tests", "idle_test"})
 SPLITS = ("train", "valid")
@@ -68,8 +73,8 @@ def list_sources(input_spec: str) -> list[SourceFile]:
                  if os.path.isfile(p) and p.endswith(INPUT_SUFFIXES)]
     if not paths:
         missing = "" if glob.has_magic(input_spec) or os.path.exists(input_spec) else " (no such file or folder)"
-        raise ValueError(f"no input files matched {input_spec!r}{missing}: give a folder of .txt/.jsonl "
-                         "files, a glob, or 'stdlib'")
+        raise ValueError(f"no input files matched {input_spec!r}{missing}: give a folder of "
+                         f"{'/'.join(INPUT_SUFFIXES)} files, a glob, or 'stdlib'")
     sources = [_source(p, root) for p in paths]
     return sorted(sources, key=lambda s: s.name)
 
@@ -78,8 +83,25 @@ def _walk(root: str, suffixes: tuple[str, ...], excluded_dirs: frozenset) -> lis
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in excluded_dirs]
-        paths.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(suffixes))
+        hf_files = _hf_data_files(dirpath) if HF_STATE_FILE in filenames else None
+        chosen = hf_files if hf_files is not None else [f for f in filenames if f.endswith(suffixes)]
+        paths.extend(os.path.join(dirpath, f) for f in chosen)
     return paths
+
+
+def _hf_data_files(folder: str) -> list[str] | None:
+    """The .arrow files a `save_to_disk` folder's state.json lists (None if it is not one).
+
+    Reading state.json rather than globbing `*.arrow` leaves out stray cache files.
+    """
+    try:
+        with open(os.path.join(folder, HF_STATE_FILE), encoding="utf-8") as f:
+            files = json.load(f).get("_data_files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(files, list):
+        return None
+    return [entry["filename"] for entry in files]
 
 
 def _glob_root(pattern: str) -> str:
@@ -99,53 +121,10 @@ def _source(path: str, root: str) -> SourceFile:
                       size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
-def iter_documents(source: SourceFile, text_field: str = "text",
-                   digest=None) -> Iterator[tuple[str, str]]:
-    """The non-empty documents of one file as (doc_id, text), streamed.
-
-    JSONL is read line by line, so a large file never sits in memory whole. `digest`,
-    if given, is fed every byte read: the manifest's source checksum is then exactly
-    of the bytes that were tokenized, at no extra read.
-    """
-    digest = digest if digest is not None else hashlib.sha256()
-    with open(source.path, "rb") as f:
-        if not source.name.endswith(".jsonl"):
-            raw = f.read()
-            digest.update(raw)
-            text = _decode(raw, source.path)
-            if text:
-                yield source.name, text
-            return
-        for lineno, line in enumerate(f, start=1):
-            digest.update(line)
-            doc = _jsonl_document(line, lineno, source, text_field)
-            if doc is not None and doc[1]:
-                yield doc
-
-
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not valid UTF-8 at byte {e.start}") from None
-
-
-def _jsonl_document(line: bytes, lineno: int, source: SourceFile, text_field: str) -> tuple[str, str] | None:
-    if not line.strip():
-        return None  # blank lines are allowed
-    where = f"{source.path}:{lineno}"
-    try:
-        record = json.loads(_decode(line, where))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or text_field not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: no {text_field!r} field (found {keys}); "
-                         "pass --text-field to name the text field")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
-    return f"{source.name}:{lineno}", text
+def iter_documents(source: SourceFile, text_field: str = "text", digest=None,
+                   on_bad_utf8: str = "fail", bad: BadText | None = None) -> Iterator[tuple[str, str]]:
+    """The non-empty documents of one file as (doc_id, text), streamed (see `readers`)."""
+    return iter(DocumentReader(source.path, source.name, text_field, digest, on_bad_utf8, bad))
 
 
 def split_of(doc_id: str, valid_fraction: float) -> str:

@@ -8,13 +8,21 @@ Each split folder (`DIR/train/`, `DIR/valid/`) holds tar shards and `manifest.js
       "tokenizer": {"spec", "name", "vocab_size", "eod_id", "sha256"},
       "shards": [{"name", "samples", "tokens", "bytes", "sha256"}, ...],
       "total_samples", "total_tokens", "documents", "dropped_tokens",
-      "sources": [{"name", "size", "mtime_ns", "sha256"}, ...],
-      "settings": {... the sharder's options ...},
-      "created": "<UTC ISO time>"
+      "skipped_documents": {"bad_utf8": n},
+      "doc_lengths": {"name": "doc_lengths.npy", "count", "bytes", "sha256"},
+      "sources": [{"name", "size", "mtime_ns", "sha256", "group"}, ...],
+      "settings": {... the sharder's options ...}
     }
 
 Shard names are relative to the manifest's folder. Every sample in a shard has a
-`__key__` and `tokens.npy` (dtype above, shape [sample_len]).
+`__key__` and `tokens.npy` (dtype above, shape [sample_len]). `doc_lengths.npy` is a
+uint32 array of every document's token count (without EOD), in corpus order: samples
+are packed, so document lengths cannot be recovered from the shards (`data_prep.stats`).
+A source's `group` is the pack group whose shards it fed (`data_prep.validate --repair`).
+
+The manifest holds no wall-clock time: it is a pure function of the input files and the
+options, so the same data gives the same manifest bytes (its sha256 names the dataset),
+and a resumed or parallel run can be compared byte for byte with a plain one.
 
 The manifest is written last and atomically (temp file in the same folder, fsync,
 `os.replace`), after every shard it lists was renamed into place, so a manifest never
@@ -26,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 
 FORMAT = "famtron-token-shards"
 FORMAT_VERSION = 1
@@ -67,13 +74,52 @@ def write_json_atomic(path: str, obj) -> None:
     fsync_dir(folder)
 
 
+def write_lengths(path: str, parts, count: int) -> dict:
+    """Write the uint32 arrays `parts` (`count` values in all) as one .npy, atomically, streamed.
+
+    Returns {"name", "count", "bytes", "sha256"}. Streaming keeps merge memory at one
+    group's lengths, not the corpus's. An identical existing file is left alone (as
+    `write_manifest` does), so a no-op re-run rewrites nothing.
+    """
+    import io
+
+    import numpy as np
+
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp.{os.getpid()}")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<u4", "fortran_order": False, "shape": (count,)})
+    digest, size = hashlib.sha256(header.getvalue()), len(header.getvalue())
+    with open(tmp, "wb") as f:
+        f.write(header.getvalue())
+        for part in parts:
+            data = np.asarray(part, dtype="<u4").tobytes()
+            f.write(data)
+            digest.update(data)
+            size += len(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if size != len(header.getvalue()) + 4 * count:
+        os.remove(tmp)
+        raise ValueError(f"{path}: the length arrays hold {(size - len(header.getvalue())) // 4} values, "
+                         f"expected {count}")
+    record = {"name": name, "count": count, "bytes": size, "sha256": digest.hexdigest()}
+    if os.path.isfile(path) and os.path.getsize(path) == size and sha256_file(path) == record["sha256"]:
+        os.remove(tmp)
+    else:
+        os.replace(tmp, path)
+        fsync_dir(folder)
+    return record
+
+
 def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 def build_manifest(split: str, seq_len: int, dtype: str, tokenizer: dict, shards: list[dict],
-                   documents: int, dropped_tokens: int, sources: list[dict], settings: dict) -> dict:
+                   documents: int, dropped_tokens: int, sources: list[dict], settings: dict,
+                   doc_lengths: dict, skipped_documents: dict) -> dict:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "split": split,
         "seq_len": seq_len, "sample_len": seq_len + 1, "dtype": dtype,
@@ -82,29 +128,25 @@ def build_manifest(split: str, seq_len: int, dtype: str, tokenizer: dict, shards
         "total_tokens": sum(s["tokens"] for s in shards),
         "documents": documents, "dropped_tokens": dropped_tokens,
         "sources": sources, "settings": settings,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "doc_lengths": doc_lengths, "skipped_documents": skipped_documents,
     }
 
 
 def write_manifest(path: str, manifest: dict) -> bool:
-    """Write atomically unless an identical manifest (ignoring `created`) is already there.
+    """Write atomically unless an identical manifest is already there.
 
-    Keeping the old file on a no-op re-run makes re-running produce identical output.
-    Returns whether the file was written.
+    Keeping the old file on a no-op re-run leaves its mtime alone. Returns whether the
+    file was written.
     """
     if os.path.exists(path):
         try:
             old = read_json(path)
         except (OSError, ValueError):
             old = None
-        if isinstance(old, dict) and _without_created(old) == _without_created(manifest):
+        if old == manifest:
             return False
     write_json_atomic(path, manifest)
     return True
-
-
-def _without_created(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k != "created"}
 
 
 def load_manifest(path: str) -> dict:

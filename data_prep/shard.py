@@ -6,9 +6,10 @@
     python -m data_prep.shard --merge --output DIR
 
 Output:
-    DIR/train/{*.tar, manifest.json}   DIR/valid/{*.tar, manifest.json}
+    DIR/train/{*.tar, doc_lengths.npy, manifest.json}   DIR/valid/{... the same}
     DIR/_state/settings.json           the options the folder was made with
     DIR/_state/group-NNNNNN.json       record of a finished pack group (its shards, sources)
+    DIR/_state/group-NNNNNN.<split>.lengths.npy          its documents' token counts
     DIR/_state/group-NNNNNN.progress.jsonl   shards finished so far in an unfinished group
     DIR/_state/task-IIIII-of-NNNNN.json      per-task partial manifest (its groups)
 
@@ -19,14 +20,17 @@ same files as a 1-task run. Re-running skips every group whose record matches th
 input files and whose shards are intact, and inside an interrupted group does not rewrite
 shards already recorded as finished. With one task the merge runs at the end; with
 several, run `--merge` once all tasks are done. Manifests are written last and atomically.
+
+Inside a task, `--workers` processes tokenize (`encode`, `groups`); results are packed in
+input order, so the files are the same bytes for any worker count. Input formats:
+`readers`. Check a finished folder with `python -m data_prep.validate DIR/train/manifest.json`,
+look at it with `python -m data_prep.stats DIR/train/manifest.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
-import itertools
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -34,16 +38,19 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from data_prep import corpus
+from data_prep.encode import Encoder, default_workers
+from data_prep.groups import GroupJob, pack_groups
 from data_prep.manifest import (MANIFEST_NAME, build_manifest, read_json, write_json_atomic,
-                                write_manifest)
-from data_prep.pack import Packer, ProgressLog, ShardSink, shard_intact
+                                write_lengths, write_manifest)
+from data_prep.pack import ProgressLog, samples_for_megabytes, shard_intact
+from data_prep.readers import BAD_UTF8_POLICIES, INPUT_SUFFIXES
 from data_prep.tokenizer import Tokenizer, load_tokenizer, token_dtype
 
 STATE_DIR = "_state"
+LENGTHS_NAME = "doc_lengths.npy"
 DEFAULT_SAMPLES_PER_SHARD = 256
 DEFAULT_VALID_FRACTION = 0.02
 DEFAULT_GROUP_BYTES = 64 << 20
-ENCODE_BATCH_DOCUMENTS = 1024  # documents per encode_batch call (HF tokenizers parallelise it)
 
 
 @dataclass(frozen=True)
@@ -70,10 +77,11 @@ class Settings:
 
 
 def run_task(settings: Settings, output: str, num_tasks: int = 1, task_index: int = 0,
-             progress: bool | None = None) -> dict:
+             progress: bool | None = None, workers: int | None = None, on_bad_utf8: str = "fail") -> dict:
     """Shard this task's pack groups; write its partial manifest; merge if it is the only task.
 
     Returns the task manifest. `progress=None` shows tqdm bars only on a terminal.
+    `workers` (default: all cores) tokenize in parallel; the output does not depend on it.
     """
     settings.validate()
     if num_tasks < 1:
@@ -83,18 +91,59 @@ def run_task(settings: Settings, output: str, num_tasks: int = 1, task_index: in
     mine = corpus.task_slice(len(groups), num_tasks, task_index)
     state = _prepare_output(output, settings, tokenizer)
 
-    records = []
+    records, jobs = {}, []
+    for g in mine:
+        header = _group_header(g, groups[g], state)
+        if _group_done(_record_path(output, g), header, output):
+            records[g] = read_json(_record_path(output, g))
+        else:
+            log = ProgressLog(os.path.join(output, STATE_DIR, f"group-{g:06d}.progress.jsonl"), header)
+            done = log.load()
+            log.start(done)
+            jobs.append((GroupJob(g, groups[g], done, log.append), log, header))
     nbytes = sum(s.size for g in mine for s in groups[g])
     with tqdm(total=nbytes, unit="B", unit_scale=True, disable=_no_bar(progress),
-              desc=f"task {task_index}/{num_tasks}") as bar:
-        for g in mine:
-            records.append(_process_group(g, groups[g], settings, tokenizer, output, state, bar))
+              desc=f"task {task_index}/{num_tasks}") as bar, \
+            Encoder(tokenizer, workers or default_workers()) as encoder:
+        bar.update(sum(s.size for g in records for s in groups[g]))
+        by_index = {job.index: (log, header) for job, log, header in jobs}
+        for job, result in pack_groups([j for j, _, _ in jobs], settings, tokenizer, encoder, output,
+                                       bar, on_bad_utf8):
+            log, header = by_index[job.index]
+            records[job.index] = _finish_group(job.index, header, result, output)
+            log.remove()
     task = {"settings": state, "num_groups": len(groups), "num_tasks": num_tasks,
-            "task_index": task_index, "groups": records}
+            "task_index": task_index, "groups": [records[g] for g in mine]}
     write_json_atomic(os.path.join(output, STATE_DIR, _task_file(task_index, num_tasks)), task)
     if num_tasks == 1:
         merge(output)
     return task
+
+
+def _record_path(output: str, g: int) -> str:
+    return os.path.join(output, STATE_DIR, f"group-{g:06d}.json")
+
+
+def _lengths_path(output: str, g: int, split: str) -> str:
+    return os.path.join(output, STATE_DIR, f"group-{g:06d}.{split}.lengths.npy")
+
+
+def _group_header(g: int, sources: list[corpus.SourceFile], state: dict) -> dict:
+    return {"group": g, "settings": state, "sources": [s.record() for s in sources]}
+
+
+def _finish_group(g: int, header: dict, result: dict, output: str) -> dict:
+    """Save the group's document lengths and its record (last, atomically)."""
+    for where in result["bad_locations"]:
+        print(f"warning: skipped {where}", file=sys.stderr)
+    splits = {}
+    for split, part in result["splits"].items():
+        lengths = write_lengths(_lengths_path(output, g, split), [part["lengths"]], len(part["lengths"]))
+        splits[split] = {**{k: v for k, v in part.items() if k != "lengths"}, "doc_lengths": lengths}
+    record = {**header, "sources": result["sources"], "splits": splits,
+              "skipped_documents": result["skipped_documents"]}
+    write_json_atomic(_record_path(output, g), record)
+    return record
 
 
 def _no_bar(progress: bool | None) -> bool | None:
@@ -124,47 +173,6 @@ def _prepare_output(output: str, settings: Settings, tokenizer: Tokenizer) -> di
     return state
 
 
-def _process_group(g: int, sources: list[corpus.SourceFile], settings: Settings,
-                   tokenizer: Tokenizer, output: str, state: dict, bar: tqdm) -> dict:
-    """Pack one group into its shards, or reuse them if an earlier run finished it."""
-    record_path = os.path.join(output, STATE_DIR, f"group-{g:06d}.json")
-    header = {"group": g, "settings": state, "sources": [s.record() for s in sources]}
-    if _group_done(record_path, header, output):
-        bar.update(sum(s.size for s in sources))
-        return read_json(record_path)
-
-    log = ProgressLog(os.path.join(output, STATE_DIR, f"group-{g:06d}.progress.jsonl"), header)
-    done = log.load()
-    log.start(done)
-    sample_len = settings.seq_len + 1
-    dtype = token_dtype(tokenizer.vocab_size)
-    packers = {s: Packer(sample_len, tokenizer.eod_id, dtype) for s in corpus.SPLITS}
-    sinks = {s: ShardSink(os.path.join(output, s), s, g, settings.samples_per_shard, done, log.append)
-             for s in corpus.SPLITS}
-    documents = {s: 0 for s in corpus.SPLITS}
-    source_records = []
-    for source in sources:
-        digest = hashlib.sha256()
-        docs = corpus.iter_documents(source, settings.text_field, digest)
-        while batch := list(itertools.islice(docs, ENCODE_BATCH_DOCUMENTS)):
-            for split in corpus.SPLITS:
-                texts = [t for doc_id, t in batch if corpus.split_of(doc_id, settings.valid_fraction) == split]
-                documents[split] += len(texts)
-                for ids in tokenizer.encode_arrays(texts) if texts else []:
-                    sinks[split].add(packers[split].add(ids))
-        source_records.append({**source.record(), "sha256": digest.hexdigest()})
-        bar.update(source.size)
-    for sink in sinks.values():
-        sink.close()
-
-    record = {**header, "sources": source_records,
-              "splits": {s: {"shards": sinks[s].shards, "documents": documents[s],
-                             "dropped_tokens": packers[s].buffered} for s in corpus.SPLITS}}
-    write_json_atomic(record_path, record)
-    log.remove()
-    return record
-
-
 def _group_done(record_path: str, header: dict, output: str) -> bool:
     """A finished record for the same settings and unchanged files, with intact shards."""
     if not os.path.exists(record_path):
@@ -173,8 +181,11 @@ def _group_done(record_path: str, header: dict, output: str) -> bool:
     stat_only = [{k: s[k] for k in ("name", "size", "mtime_ns")} for s in record["sources"]]
     if record["settings"] != header["settings"] or stat_only != header["sources"]:
         return False
-    return all(shard_intact(os.path.join(output, split, shard["name"]), shard)
-               for split, part in record["splits"].items() for shard in part["shards"])
+    if any("doc_lengths" not in part for part in record["splits"].values()):
+        return False  # recorded by an older version: rebuild (intact shards are kept)
+    return all(shard_intact(_lengths_path(output, record["group"], split), part["doc_lengths"])
+               and all(shard_intact(os.path.join(output, split, shard["name"]), shard) for shard in part["shards"])
+               for split, part in record["splits"].items())
 
 
 def merge(output: str, num_tasks: int | None = None) -> dict[str, str]:
@@ -186,7 +197,7 @@ def merge(output: str, num_tasks: int | None = None) -> dict[str, str]:
     state = read_json(settings_path)
     tasks = _load_tasks(state_dir, num_tasks)
     groups = _groups_in_order(tasks, state, output)
-    manifests = {split: _split_manifest(split, groups, state) for split in corpus.SPLITS}
+    manifests = {split: _split_manifest(split, groups, state, output) for split in corpus.SPLITS}
     _check_enough(manifests, state)
     paths = {}
     for split, manifest in manifests.items():
@@ -230,19 +241,34 @@ def _groups_in_order(tasks: list[dict], state: dict, output: str) -> list[dict]:
     return groups
 
 
-def _split_manifest(split: str, groups: list[dict], state: dict) -> dict:
+def _split_manifest(split: str, groups: list[dict], state: dict, output: str) -> dict:
     settings = state["settings"]
     parts = [g["splits"][split] for g in groups]
+    lengths = write_lengths(os.path.join(output, split, LENGTHS_NAME),
+                            (_load_lengths(output, g["group"], split) for g in groups),
+                            sum(p["doc_lengths"]["count"] for p in parts))
     return build_manifest(
         split=split, seq_len=settings["seq_len"], dtype=state["dtype"], tokenizer=state["tokenizer"],
         shards=[s for p in parts for s in p["shards"]],
         documents=sum(p["documents"] for p in parts),
         dropped_tokens=sum(p["dropped_tokens"] for p in parts),
-        sources=[s for g in groups for s in g["sources"]], settings=settings)
+        sources=[s for g in groups for s in g["sources"]], settings=settings, doc_lengths=lengths,
+        skipped_documents={"bad_utf8": sum(g["skipped_documents"]["bad_utf8"] for g in groups)})
+
+
+def _load_lengths(output: str, g: int, split: str):
+    import numpy as np
+
+    return np.load(_lengths_path(output, g, split))
 
 
 def _check_enough(manifests: dict[str, dict], state: dict) -> None:
     """Both splits need at least one sample; say how short they fell and what to change."""
+    if all(m["documents"] == 0 for m in manifests.values()):
+        m = manifests["train"]
+        raise ValueError(f"no documents in input {state['settings']['input']!r}: its {len(m['sources'])} "
+                         f"files hold only empty texts ({m['skipped_documents']['bad_utf8']} skipped "
+                         f"as bad UTF-8); check --input and --text-field")
     sample_len = state["settings"]["seq_len"] + 1
     for split, m in manifests.items():
         if m["total_samples"] == 0:
@@ -257,15 +283,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m data_prep.shard", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Layout and resume rules: see the module docstring (data_prep/shard.py).")
-    p.add_argument("--input", help="folder or glob of .txt/.jsonl files, or 'stdlib' (the running "
-                   "Python's standard library .py files)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--input", help=f"folder or glob of {'/'.join(INPUT_SUFFIXES)} files, a HF datasets "
+                   "save_to_disk folder, or 'stdlib' (the running Python's standard library .py files)")
+    p.add_argument("--text-field", default="text",
+                   help="JSONL field or Parquet/Arrow column holding the text (default: text)")
+    p.add_argument("--on-bad-utf8", choices=BAD_UTF8_POLICIES, default="fail",
+                   help="a document that is not valid UTF-8: fail naming it, or skip it, count it in "
+                   "the manifest and warn (default: fail)")
     p.add_argument("--tokenizer", help="'byte' (256 ids, EOD = byte 0), a HF tokenizer.json, "
                    "or a SentencePiece .model")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence; samples hold seq_len+1")
     p.add_argument("--output", required=True, help="output folder (gets train/, valid/, _state/)")
-    p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD,
-                   help=f"samples per tar shard (default: {DEFAULT_SAMPLES_PER_SHARD})")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, default=None,
+                      help=f"samples per tar shard (default: {DEFAULT_SAMPLES_PER_SHARD})")
+    size.add_argument("--shard-size-mb", type=float, default=None,
+                      help="target shard size in MiB instead (converted to whole samples per shard)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenization processes (default: all cores); the output does not depend on it")
     p.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION,
                    help=f"fraction of documents, by stable hash of their id, for validation "
                    f"(default: {DEFAULT_VALID_FRACTION})")
@@ -293,11 +328,17 @@ def main(argv: list[str] | None = None) -> dict[str, str] | dict:
     args = parse_args(argv)
     if args.merge:
         return merge(args.output, args.num_tasks)
+    samples_per_shard = args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
+    if args.shard_size_mb is not None:
+        tokenizer = load_tokenizer(args.tokenizer)
+        samples_per_shard = samples_for_megabytes(args.shard_size_mb, args.seq_len + 1,
+                                                  token_dtype(tokenizer.vocab_size))
     settings = Settings(input=args.input, tokenizer=args.tokenizer, seq_len=args.seq_len,
-                        text_field=args.text_field, samples_per_shard=args.samples_per_shard,
+                        text_field=args.text_field, samples_per_shard=samples_per_shard,
                         valid_fraction=args.valid_fraction, group_bytes=args.group_bytes)
     return run_task(settings, args.output, args.num_tasks or 1, args.task_index,
-                    progress=False if args.no_progress else None)
+                    progress=False if args.no_progress else None, workers=args.workers,
+                    on_bad_utf8=args.on_bad_utf8)
 
 
 if __name__ == "__main__":

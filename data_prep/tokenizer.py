@@ -6,8 +6,10 @@
 
 Every tokenizer has `encode(text) -> list[int]`, `encode_batch(texts)`, `vocab_size`,
 `eod_id` (the end-of-document id appended after each document when packing) and
-`name`. `encode_array` returns a numpy array; the sharder uses it because converting
-millions of ids to Python ints and back is the slow part for the byte tokenizer.
+`name`. `encode_stream(texts)` is what the sharder uses: one numpy array holding every
+document's ids, each followed by EOD, and the documents' lengths. Building it in numpy
+(and, for HF, with `encode_batch_fast`, which skips offsets) keeps per-token Python work
+out of the hot path; it runs in the tokenization workers (`data_prep.encode`).
 
 Byte tokenizer and end-of-document: the vocabulary must stay exactly 256 so the `tiny`
 model (vocab_size=256) can consume it, so there is no spare id for EOD. Byte 0 (NUL)
@@ -38,6 +40,8 @@ class Tokenizer:
     spec: str
     vocab_size: int
     eod_id: int
+    # Encoding costs less than sending the text to a worker process: encode inline.
+    cheap: bool = False
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         raise NotImplementedError
@@ -51,6 +55,10 @@ class Tokenizer:
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
         """Batch encode to numpy arrays (lets HF tokenizers use all cores)."""
         return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def encode_stream(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of every document each followed by EOD [n_tokens + n_docs], lengths [n_docs])."""
+        return _with_eod(self.encode_batch(texts), self.eod_id, token_dtype(self.vocab_size))
 
     def fingerprint(self) -> str:
         """sha256 of the tokenizer file ('' for byte): ties shards to the exact vocabulary."""
@@ -69,6 +77,7 @@ class ByteTokenizer(Tokenizer):
     spec = BYTE_SPEC
     vocab_size = 256
     eod_id = 0
+    cheap = True
 
     def encode_array(self, text: str) -> np.ndarray:
         ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
@@ -79,6 +88,14 @@ class ByteTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         return [self.encode_array(t).tolist() for t in texts]
+
+    def encode_stream(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        # One join and one encode for the whole batch; the NUL separators are the EODs.
+        joined = "\0".join(t.replace("\0", "") for t in texts) + "\0"
+        stream = np.frombuffer(joined.encode("utf-8"), dtype=np.uint8)
+        ends = np.flatnonzero(stream == self.eod_id)
+        lengths = np.diff(ends, prepend=-1) - 1
+        return stream.astype(np.uint16), lengths.astype(np.uint32)
 
 
 class HFTokenizer(Tokenizer):
@@ -105,6 +122,13 @@ class HFTokenizer(Tokenizer):
         # add_special_tokens=False: the packer adds EOD itself, nothing else.
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
         return [e.ids for e in encodings]
+
+    def encode_stream(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        # encode_batch_fast (tokenizers >= 0.20) does not compute character offsets,
+        # which we never use; the ids are the same.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return _with_eod([e.ids for e in encode(texts, add_special_tokens=False)], self.eod_id,
+                         token_dtype(self.vocab_size))
 
     def fingerprint(self) -> str:
         return sha256_file(self.spec)
@@ -145,6 +169,16 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return SentencePieceTokenizer(spec)
     raise ValueError(f"tokenizer file {spec!r}: expected a .json (HF tokenizers) "
                      "or .model (SentencePiece) file")
+
+
+def _with_eod(ids: list[list[int]], eod_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    ends = np.cumsum(lengths + 1)  # one past each document's EOD
+    stream = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
+    stream[ends - 1] = eod_id
+    for start, doc in zip(ends - lengths - 1, ids):
+        stream[start:start + len(doc)] = doc
+    return stream, lengths.astype(np.uint32)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True,
-                   help="folder or glob of .txt/.jsonl files, or 'stdlib' (as for data_prep.shard)")
+                   help="input files, a folder or glob of them, or 'stdlib' (as for data_prep.shard)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION,
                    help="documents held out as in data_prep.shard, not trained on "

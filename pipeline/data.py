@@ -144,6 +144,22 @@ class ShardLoader:
                                  "keys": keys}
                     step, rows, keys = step + 1, [], []
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's global order as (shard, row) pairs [N, 2] (used by `pipeline.blend`)."""
+        return np.concatenate([self._window_order(epoch, w, shards)
+                               for w, shards in enumerate(self._windows(epoch))])
+
+    def read_shard(self, shard: int) -> tuple[list[str], np.ndarray]:
+        """Every sample of one shard: (keys, tokens [n, seq_len + 1]), checked against the manifest."""
+        keys, rows = [], []
+        for sample in self._shard_samples(shard):
+            keys.append(sample["__key__"])
+            rows.append(self._check(sample, shard))
+        if len(rows) != self._counts[shard]:
+            raise ValueError(f"shard {self._shard_path(shard)} has {len(rows)} samples, "
+                             f"{self.manifest_path} says {self._counts[shard]}: re-run python -m data_prep.shard")
+        return keys, np.stack(rows)
+
     def _windows(self, epoch: int) -> list[np.ndarray]:
         order = np.arange(len(self._counts))
         if self.shuffle:
