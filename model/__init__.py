@@ -70,11 +70,16 @@ def build_model(
         args, tensor_parallel_size=tp, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
         cpu_initialization=device.type == "cpu",
     )
+    seed_init(seed, device)
+    return FAMLanguageModel(config).to(device)
+
+
+def seed_init(seed: int, device: torch.device) -> None:
+    """Seed weight initialisation: megatron's per-TP-rank CUDA RNG on GPU, torch's on CPU."""
     if device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
         torch.manual_seed(seed)
-    return FAMLanguageModel(config).to(device)
 
 
 __all__ = [
@@ -88,5 +93,6 @@ __all__ = [
     "build_model",
     "init_parallel",
     "load_model_args",
+    "seed_init",
     "to_fam_config",
 ]
