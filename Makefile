@@ -18,6 +18,7 @@ demo: install
 	$(PY) -m pipeline.train --config configs/demo.yaml
 
 test: install
+	bash slurm/install.sh
 	$(PY) -m pytest -q tests
 
 clean:

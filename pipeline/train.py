@@ -1,0 +1,335 @@
+"""`python -m pipeline.train`: pretrain TransformerFAM, on one CPU process or under torchrun.
+
+    python -m pipeline.train --config configs/demo.yaml [--section.key=value ...]
+    torchrun --nproc_per_node 2 -m pipeline.train --config configs/demo.yaml --parallel.tensor_parallel_size=2
+    python -m pipeline.train --help            # every key, its default and meaning
+
+Each step: gradient accumulation over micro-batches, each with RPO offsets and (with probability
+train.rsp_probability) the FAM saved by the previous step as the initial state (RSP, fam-paper.md
+§1.6); gradients averaged over the data-parallel group; TP-aware global-norm clipping; AdamW;
+warmup + cosine LR. Validation every train.eval_interval_steps (no RPO/RSP), checkpoints every
+checkpoint.save_interval_steps and at the end, MLflow from rank 0. SIGINT/SIGTERM finish the
+current step, write a checkpoint and exit; `checkpoint.resume=auto` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import FAMState, build_model, init_parallel
+from model.config import describe
+from pipeline import config as config_lib
+from pipeline.checkpoint import save_checkpoint
+from pipeline.console import IntervalMeter, build_progress_bar, setup_logging
+from pipeline.distributed import (Ranks, all_reduce_mean, all_reduce_sum, average_gradients, broadcast_tensors,
+                                  build_ranks, destroy_parallel, launch_world_size, select_device)
+from pipeline.fault import NonFiniteGuard, SampleKeyRecorder, StopRequest, init_distributed, write_status
+from pipeline.flops import flops_per_token, peak_flops
+from pipeline.optim import build_optimizer, clip_grads, lr_at, set_lr
+from pipeline.tracking import Tracker, build_loss_curve, build_tags
+from pipeline.trainer_state import (checkpoint_files, draw_step, micro_batch_offsets, resolve_resume, restore,
+                                    share_rsp_state)
+
+log = logging.getLogger("famtron")
+
+
+@dataclass
+class Trainer:
+    """What the loop works on; built once by `build_trainer`, advanced by `train_step`."""
+
+    cfg: config_lib.Config
+    ranks: Ranks
+    device: torch.device
+    model: Any
+    optimizer: torch.optim.Optimizer
+    loader: Any
+    valid_loader: Any
+    accum: int  # micro-batches per step on each rank
+    use_bf16: bool
+    step: int = 0
+    rsp_state: FAMState | None = None  # the FAM saved by the previous step (RSP)
+    params: list = field(default_factory=list)
+    nonfinite: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(0))
+    keys: SampleKeyRecorder = field(default_factory=lambda: SampleKeyRecorder(None, 0))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+
+def build_trainer(cfg: config_lib.Config) -> Trainer:
+    """Process groups, seeded model, optimizer and loaders; validates the config first."""
+    from pipeline.data import ShardLoader, build_valid_loader
+
+    config_lib.validate(cfg, launch_world_size())  # before any process group exists to hang on
+    check_inputs(cfg)
+    device = select_device(cfg.train.device)
+    backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
+    p = cfg.parallel
+    init_distributed(p.tensor_parallel_size, p.pipeline_parallel_size, backend, p.timeout_seconds)  # with timeouts
+    init_parallel(p.tensor_parallel_size, p.pipeline_parallel_size, backend=backend)
+    ranks = build_ranks()
+    setup_logging(ranks.is_rank0)
+    seed_everything(cfg.train.seed, device)
+    model = build_model(cfg.model, params_dtype=torch.float32, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    broadcast_tensors([p.data for p in params], ranks.dp_group)  # DP replicas start identical
+    d = cfg.data
+    loader = ShardLoader(d.train_manifest, d.micro_batch_size, d.seq_len, dp_rank=ranks.dp_rank,
+                         dp_world_size=ranks.dp_size, seed=d.seed, shuffle=d.shuffle, verify_checksums=d.verify_checksums)
+    valid_loader = None
+    if d.valid_manifest:
+        valid_loader = build_valid_loader(d.valid_manifest, d.micro_batch_size, d.seq_len, ranks.dp_rank, ranks.dp_size,
+                                          verify_checksums=d.verify_checksums)
+    return Trainer(cfg, ranks, device, model, build_optimizer(model, cfg.optim, device.type), loader, valid_loader,
+                   accum=config_lib.grad_accumulation_steps(cfg, ranks.world_size), params=params,
+                   use_bf16=cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"),
+                   nonfinite=NonFiniteGuard(cfg.train.max_nonfinite_steps),
+                   keys=SampleKeyRecorder(cfg.train.record_sample_keys, ranks.rank))
+
+
+def check_inputs(cfg: config_lib.Config) -> None:
+    """The manifests exist and their tokenizer fits the model's vocabulary."""
+    from pipeline.data import manifest_info
+
+    for key in ("train_manifest", "valid_manifest"):
+        path = getattr(cfg.data, key)
+        if not path:
+            continue
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"data.{key}={path}: no such file. Build shards first, e.g. python -m data_prep.shard "
+                f"--input stdlib --tokenizer byte --seq-len {cfg.data.seq_len} --output data/stdlib-byte-{cfg.data.seq_len}"
+            )
+        vocab = manifest_info(path)["vocab_size"]
+        if vocab > cfg.model.vocab_size:  # token ids past the embedding fail deep inside megatron otherwise
+            raise ValueError(f"data.{key}={path} holds token ids up to {vocab - 1} but model.vocab_size="
+                             f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab}")
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)  # GPU init of TP layers draws from megatron's tracker
+
+
+def train_step(tr: Trainer, data_iter) -> tuple[float, float, float, bool, bool]:
+    """One optimizer step; returns (DP-mean loss, pre-clip grad norm, lr, started from saved FAM,
+    skipped). A NaN/inf step consumes its batches but updates nothing (pipeline/fault.py)."""
+    cfg, ranks, d = tr.cfg, tr.ranks, tr.cfg.data
+    draws = draw_step(cfg.train.seed, tr.step, d.global_batch_size, cfg.model.rope_base, cfg.train.rpo,
+                      cfg.train.rsp_probability)
+    use_rsp = cfg.model.uses_fam
+    start_state = tr.rsp_state if use_rsp and draws.use_saved_fam else None
+    tr.optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=tr.device)
+    for a in range(tr.accum):
+        batch = next(data_iter)
+        tr.keys.add(batch["keys"])
+        tokens = batch["tokens"].to(tr.device, non_blocking=True)  # [b, s + 1]
+        offsets = micro_batch_offsets(draws, a, ranks, d.micro_batch_size).to(tr.device)  # [b]
+        with tr.autocast():
+            out = tr.model(tokens[:, :-1], labels=tokens[:, 1:], state=start_state, position_offset=offsets)
+        (out.loss / tr.accum).backward()
+        step_loss += out.loss.detach() / tr.accum
+        if a == 0 and use_rsp:
+            next_rsp = out.state.fam_only(0)  # the global batch's first sample, on dp_rank 0
+    average_gradients(tr.params, ranks.dp_group)
+    grad_norm = clip_grads(tr.params, cfg.optim.grad_clip, ranks.tp_group)
+    loss = float(all_reduce_mean(step_loss, ranks.dp_group))
+    lr = lr_at(tr.step, cfg.optim, cfg.train.steps)
+    tr.step += 1
+    # Loss and norm are the same on every rank, so every rank skips (or raises) together.
+    skipped = tr.nonfinite.should_skip(tr.step, loss, grad_norm)
+    if not skipped:
+        set_lr(tr.optimizer, lr)
+        tr.optimizer.step()
+        if use_rsp:
+            tr.rsp_state = share_rsp_state(next_rsp, ranks)
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.keys.step_done(tr.step)
+    return loss, grad_norm, lr, start_state is not None, skipped
+
+
+def evaluate(tr: Trainer) -> float:
+    """Mean validation loss, no RPO or RSP. eval_steps counts global batches, so each rank takes
+    eval_steps x accum micro-batches and DP=2 evaluates the same samples as DP=1."""
+    tr.model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=tr.device)  # [loss sum, micro-batches]
+    with torch.no_grad():
+        for i, batch in enumerate(tr.valid_loader):
+            if i >= tr.cfg.train.eval_steps * tr.accum:
+                break
+            tokens = batch["tokens"].to(tr.device)
+            with tr.autocast():
+                out = tr.model(tokens[:, :-1], labels=tokens[:, 1:])
+            total += torch.stack([out.loss.double(), torch.ones((), dtype=torch.float64, device=tr.device)])
+    tr.model.train()
+    total = all_reduce_sum(total, tr.ranks.dp_group)
+    return float(total[0] / total[1])
+
+
+def save(tr: Trainer, tracker: Tracker) -> Path:
+    trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id}
+    files = checkpoint_files(tr.ranks, tr.model, tr.optimizer, tr.loader, tr.rsp_state, trainer, config_lib.to_yaml(tr.cfg))
+    path = save_checkpoint(tr.cfg.checkpoint.dir, tr.step, files, tr.cfg.checkpoint.keep_last, tr.ranks.rank)
+    log.info("checkpoint %s", path)
+    return path
+
+
+def start_tracking(tr: Trainer, run_id: str | None) -> Tracker:
+    """MLflow run (rank 0), resolved config saved beside it, the run's headline on the console."""
+    tracker = Tracker(tr.cfg.tracking, active=tr.ranks.is_rank0)
+    if tr.ranks.is_rank0:
+        r, d = tr.ranks, tr.cfg.data
+        config_path = config_lib.save_config(tr.cfg, Path(tr.cfg.train.run_dir) / "config.yaml")
+        tags = build_tags({"world_size": r.world_size, "tp_size": r.tp_size, "dp_size": r.dp_size,
+                           "device": tr.device.type, "resumed_from_step": tr.step})
+        tracker.start(config_lib.to_flat_dict(tr.cfg), tags, resume_run_id=run_id)
+        tracker.log_artifact(config_path)
+        log.info("%s", tracker.describe())
+        log.info("model: %s | %.2fM params | world %d = TP %d x DP %d | micro %d x accum %d x DP = global %d | %s %s",
+                 describe(tr.cfg.model), tr.cfg.model.num_params(embeddings=True) / 1e6, r.world_size, r.tp_size,
+                 r.dp_size, d.micro_batch_size, tr.accum, d.global_batch_size, tr.device.type,
+                 "bf16" if tr.use_bf16 else "fp32")
+    return tracker
+
+
+def run(cfg: config_lib.Config) -> dict:
+    """Train as configured; returns the summary (also written to <run_dir>/summary.json).
+    Process groups this call created are destroyed on the way out, so a caller (a test, a
+    notebook) can run again with other parallel sizes."""
+    owns_groups = not torch.distributed.is_initialized()
+    try:
+        return _train(cfg)
+    finally:
+        if owns_groups:
+            destroy_parallel()
+
+
+def _train(cfg: config_lib.Config) -> dict:
+    tr = build_trainer(cfg)
+    t = cfg.train
+    resume_path, run_id = resolve_resume(cfg.checkpoint, tr.ranks), None
+    if resume_path is not None:
+        trainer_state, tr.rsp_state = restore(resume_path, tr.ranks, tr.model, tr.optimizer, tr.loader, tr.device)
+        tr.step, run_id = trainer_state["step"], trainer_state.get("mlflow_run_id")
+        log.info("resumed from %s (step %d)", resume_path, tr.step)
+        if tr.step >= t.steps:
+            log.info("the run is already at train.steps=%d: nothing to train. Raise train.steps to go on, or start "
+                     "afresh in another train.run_dir", t.steps)
+    tracker = start_tracking(tr, run_id)
+    meter = IntervalMeter(cfg.data.global_batch_size * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len),
+                          peak_flops(tr.device, t.peak_tflops), tr.ranks.world_size, t.steps)
+    last_step = min(t.steps, tr.step + t.exit_after_steps) if t.exit_after_steps else t.steps
+    history: dict[str, list] = {"losses": [], "val_losses": [], "grad_norms": []}
+    rsp_steps, last_ckpt, status, save_seconds = 0, resume_path, "FAILED", 0.0
+    bar = build_progress_bar(tr.ranks.is_rank0 and t.progress_bar, t.steps, tr.step)
+    data_iter = iter(tr.loader)
+    try:
+        with StopRequest(t.max_wall_seconds) as stop:
+            while tr.step < last_step:
+                started = time.perf_counter()
+                loss, grad_norm, lr, used_saved_fam, skipped = train_step(tr, data_iter)
+                step_seconds = time.perf_counter() - started
+                if not skipped:  # a skipped step's NaN stays out of the interval means
+                    meter.add(loss, step_seconds)
+                rsp_steps += used_saved_fam and not skipped
+                stop.check_budget(step_seconds, save_seconds)
+                stopping = stop.agreed(tr.device)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                log_due = tr.step % t.log_interval_steps == 0 or tr.step == last_step or stopping
+                if log_due and meter.steps:
+                    metrics = meter.report(tr.step, lr, grad_norm)
+                    history["losses"].append((tr.step, metrics["loss"]))
+                    history["grad_norms"].append((tr.step, grad_norm))
+                    tracker.log_metrics(tr.step, metrics)
+                if tr.valid_loader is not None and (
+                    tr.step == t.steps or (t.eval_interval_steps and tr.step % t.eval_interval_steps == 0)
+                ):
+                    val = evaluate(tr)
+                    history["val_losses"].append((tr.step, val))
+                    log.info("step %d | validation loss %.4f", tr.step, val)
+                    tracker.log_metrics(tr.step, {"val_loss": val})
+                tracker.maybe_flush(tr.step)
+                interval = cfg.checkpoint.save_interval_steps
+                if (interval and tr.step % interval == 0) or tr.step == last_step or stopping:
+                    save_started = time.perf_counter()
+                    last_ckpt = save(tr, tracker)
+                    save_seconds = max(save_seconds, time.perf_counter() - save_started)
+                if stopping:
+                    break
+        status = "FINISHED" if tr.step == t.steps else "KILLED"  # KILLED: stopped early, resumable
+    finally:
+        if bar is not None:
+            bar.close()
+        losses, vals = history["losses"], history["val_losses"]
+        summary = {
+            "status": status, "step": tr.step, "steps": t.steps, "first_loss": losses[0][1] if losses else None,
+            "final_loss": losses[-1][1] if losses else None, "final_val_loss": vals[-1][1] if vals else None,
+            **history, "rsp_steps": rsp_steps, "skipped_steps": tr.nonfinite.skipped, "last_checkpoint": str(last_ckpt),
+            "mlflow_run_id": tracker.run_id,
+            "tracking_uri": cfg.tracking.tracking_uri, "run_dir": t.run_dir,
+        }
+        if tr.ranks.is_rank0:
+            write_status(status)  # for slurm/train.sbatch: KILLED means requeue and resume
+            finish_run(tracker, summary, Path(t.run_dir))
+    return summary
+
+
+def finish_run(tracker: Tracker, summary: dict, run_dir: Path) -> None:
+    """Summary JSON and loss curve into run_dir and MLflow; the closing console lines."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    history = {"loss": summary["losses"], "val_loss": summary["val_losses"]}
+    if tracker.active:  # the whole run's curves, including the steps before a resume
+        history = {key: tracker.full_history(key) for key in ("loss", "val_loss", "lr")}
+    curve = build_loss_curve(history, run_dir / "loss_curve.png", title=f"{run_dir.name}: loss")
+    for path in (run_dir / "summary.json", curve):
+        if path is not None:
+            tracker.log_artifact(path)
+    tracker.finish(summary["status"])
+    final, val = summary["final_loss"], summary["final_val_loss"]
+    log.info("%s at step %d/%d | final loss %s | validation loss %s", summary["status"].lower(), summary["step"],
+             summary["steps"], "n/a" if final is None else f"{final:.4f}", "n/a" if val is None else f"{val:.4f}")
+    log.info("last checkpoint: %s", summary["last_checkpoint"])
+    log.info("%s", tracker.describe())
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="overrides (--section.key=value):\n" + config_lib.describe_keys(),
+    )
+    parser.add_argument("--config", help="YAML file or config name (configs/<name>.yaml); `base:` is followed")
+    args, overrides = parser.parse_known_args(argv)
+    try:  # config mistakes are usage errors: one line, no traceback
+        cfg = config_lib.load_config(args.config, overrides)
+        config_lib.validate(cfg, launch_world_size())
+        check_inputs(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    summary = run(cfg)
+    return 0 if summary["status"] in ("FINISHED", "KILLED") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

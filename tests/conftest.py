@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny token shards built with the real CLI, and a real `mlflow server` on
+loopback (stopped by PID, children first, at the end of the session)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARD_SEQ_LEN = 64
+
+
+def _write_corpus(folder: Path, docs: int = 40) -> None:
+    """Python-like text files, varied enough that a tiny model's loss falls but not to zero."""
+    rng = random.Random(0)
+    names = ["block", "memory", "fam", "state", "offset", "layer", "token", "query", "value", "step"]
+    folder.mkdir(parents=True)
+    for i in range(docs):
+        lines = [f"# document {i}"]
+        for _ in range(30):
+            a, b = rng.sample(names, 2)
+            lines.append(f"def {a}_{b}({a}, {b}={rng.randint(0, 99)}):\n    return {a} + {b} * {rng.randint(1, 9)}")
+        (folder / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """`python -m data_prep.shard` output folder (train/ and valid/) at seq_len 64, byte tokens."""
+    root = tmp_path_factory.mktemp("shards")
+    _write_corpus(root / "text")
+    out = root / "out"
+    subprocess.run(
+        [sys.executable, "-m", "data_prep.shard", "--input", str(root / "text"), "--tokenizer", "byte",
+         "--seq-len", str(SHARD_SEQ_LEN), "--output", str(out), "--samples-per-shard", "32",
+         "--valid-fraction", "0.2", "--no-progress"],
+        cwd=ROOT, check=True, timeout=120, capture_output=True,
+    )
+    return out
+
+
+def tiny_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
+    """CLI overrides for a seconds-long training run of a 2-layer FAM model on `shards`."""
+    values = {
+        "model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 2, "model.num_query_groups": None,
+        "model.block_size": 16, "model.mem_blocks": 1, "model.fam_len": 4,
+        "data.train_manifest": shards / "train" / "manifest.json", "data.valid_manifest": shards / "valid" / "manifest.json",
+        "data.seq_len": SHARD_SEQ_LEN, "data.micro_batch_size": 2, "data.global_batch_size": 4,
+        "optim.lr": 3e-3, "optim.min_lr": 3e-4, "optim.warmup_steps": 2, "optim.grad_clip": 1.0,
+        "train.steps": 6, "train.run_dir": run_dir, "train.log_interval_steps": 1, "train.eval_interval_steps": 3,
+        "train.eval_steps": 2, "train.progress_bar": False, "train.device": "cpu",
+        "checkpoint.save_interval_steps": 3, "checkpoint.keep_last": 2, "tracking.enabled": False,
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"--{k}={'null' if v is None else v}" for k, v in values.items()]
+
+
+# ---------------------------------------------------------------- mlflow server
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child PIDs, recursively, from /proc (every thread's children: a child started by a
+    thread is listed under that thread only)."""
+    out = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            pids = map(int, children.read_text().split())
+        except OSError:
+            continue
+        for child in pids:
+            out.append(child)
+            out.extend(_descendants(child))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running, i.e. neither gone nor a zombie waiting for its parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_all(pids: list[int], timeout_seconds: float = 15.0) -> None:
+    """SIGTERM to each PID at once (each shuts down in parallel), SIGKILL what is left."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + timeout_seconds
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """URI of a real `mlflow server` (sqlite backend, proxied artifacts) on 127.0.0.1."""
+    from tests.spawn import free_port
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {server.returncode}: {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"mlflow server on {uri} not healthy after 90 s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        _stop_all(list(reversed(_descendants(server.pid))) + [server.pid])
+        server.wait(timeout=15)
+        log.close()

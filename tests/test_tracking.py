@@ -1,0 +1,100 @@
+"""MLflow tracking against real stores: a local SQLite file and a real `mlflow server` on
+loopback (tests/conftest.py). Checks params, buffered metrics, tags, the config artifact, the
+summary and the loss-curve image, and that a resumed training continues the same run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.tracking import Tracker, build_loss_curve
+from pipeline.train import run
+from tests.conftest import tiny_overrides
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _assert_artifacts(client: MlflowClient, run_id: str, tmp_path: Path) -> None:
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "summary.json", "loss_curve.png"} <= names, names
+    local = Path(client.download_artifacts(run_id, "loss_curve.png", str(tmp_path)))
+    assert local.read_bytes()[:8] == PNG_MAGIC and local.stat().st_size > 5000
+    config = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "num_layers: 2" in config and "rsp_probability: 0.8" in config
+
+
+def test_metrics_are_buffered_until_flush(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, [f"--tracking.tracking_uri={uri}", "--tracking.flush_interval_steps=4", "--tracking.experiment=unit"])
+    tracker = Tracker(cfg.tracking)
+    run_id = tracker.start({"a.b": 1, "c.d": [0.9, 0.95]}, {"host": "test"})
+    client = MlflowClient(uri)
+    for step in (1, 2, 3):
+        tracker.log_metrics(step, {"loss": 5.0 - step, "mfu": None})
+        tracker.maybe_flush(step)
+    assert client.get_metric_history(run_id, "loss") == []  # nothing sent before the flush interval
+    tracker.log_metrics(4, {"loss": 1.0})
+    tracker.maybe_flush(4)
+    assert _metric_steps(client, run_id, "loss") == [1, 2, 3, 4]
+    assert client.get_metric_history(run_id, "mfu") == []  # n/a values are not logged
+    tracker.finish()
+    info = client.get_run(run_id)
+    assert info.info.status == "FINISHED" and info.data.params == {"a.b": "1", "c.d": "[0.9, 0.95]"}
+    assert run_id in tracker.describe() and f"mlflow ui --backend-store-uri {uri}" in tracker.describe()
+
+
+def test_disabled_or_non_rank0_tracker_does_nothing(tmp_path):
+    cfg = load_config(None, [f"--tracking.tracking_uri=sqlite:///{tmp_path / 'x.db'}"])
+    for tracker in (Tracker(cfg.tracking, active=False), Tracker(load_config(None, ["--tracking.enabled=false"]).tracking)):
+        assert tracker.start({"a": 1}, {}) is None
+        tracker.log_metrics(1, {"loss": 1.0})
+        tracker.flush()
+        tracker.finish()
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_loss_curve_is_a_png(tmp_path):
+    path = build_loss_curve({"loss": [(1, 5.0), (2, 4.0)], "val_loss": [(2, 4.2)], "lr": [(1, 1e-3), (2, 5e-4)]},
+                            tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert build_loss_curve({"loss": []}, tmp_path / "none.png") is None
+
+
+def test_training_logs_to_a_local_sqlite_store(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run(load_config(None, tiny_overrides(shards, tmp_path / "run", tracking__enabled=True,
+                                                   tracking__tracking_uri=uri, tracking__flush_interval_steps=2)))
+    client = MlflowClient(uri)
+    data = client.get_run(summary["mlflow_run_id"]).data
+    assert data.params["model.num_layers"] == "2" and data.params["optim.grad_clip"] == "1.0"
+    assert data.params["data.global_batch_size"] == "4" and len(data.params) > 50
+    assert data.tags["slurm.job_id"] == "4242" and data.tags["world_size"] == "1" and "host" in data.tags
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        assert _metric_steps(client, summary["mlflow_run_id"], key) == [1, 2, 3, 4, 5, 6], key
+    assert _metric_steps(client, summary["mlflow_run_id"], "val_loss") == [3, 6]
+    assert "mfu" not in data.metrics  # n/a on CPU without train.peak_tflops
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    _assert_artifacts(client, summary["mlflow_run_id"], tmp_path / "download")
+
+
+def test_resumed_training_continues_the_same_run_on_an_mlflow_server(shards, tmp_path, mlflow_server):
+    args = dict(tracking__enabled=True, tracking__tracking_uri=mlflow_server, tracking__experiment="server-test",
+                train__peak_tflops=0.001)
+    first = run(load_config(None, tiny_overrides(shards, tmp_path / "run", train__exit_after_steps=3, **args)))
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(first["mlflow_run_id"]).info.status == "KILLED"
+    second = run(load_config(None, tiny_overrides(shards, tmp_path / "run", **args)))
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    run_id = second["mlflow_run_id"]
+    assert _metric_steps(client, run_id, "loss") == [1, 2, 3, 4, 5, 6]
+    assert _metric_steps(client, run_id, "mfu") == [1, 2, 3, 4, 5, 6]  # peak given: MFU is logged
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).data.tags["resumed_from_step"] == "3"
+    _assert_artifacts(client, run_id, tmp_path / "download")
