@@ -86,7 +86,7 @@ def main() -> None:
             print(name, seq, result, flush=True)
 
     print(f"\n{torch.cuda.get_device_name()}, bf16, micro-batch 1, vocab {opts.vocab_size}")
-    print(f"| config | sequence | tokens/s | model TFLOP/s | MFU | peak memory | recompute |")
+    print("| config | sequence | tokens/s | model TFLOP/s | MFU | peak memory | recompute |")
     print("|---|---|---|---|---|---|---|")
     for name, seq, r in rows:
         if r.get("oom"):

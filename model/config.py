@@ -11,7 +11,7 @@ Named configs live in `configs/` at the repository root. A config file may start
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

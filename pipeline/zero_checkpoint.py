@@ -25,7 +25,6 @@ Resume at another data-parallel size:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,17 +37,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from data_prep.manifest import sha256_file
 from pipeline.checkpoint import MANIFEST
 
 META = "famtron_zero.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -100,7 +92,7 @@ def save_zero_checkpoint(engine, ckpt_dir: str | Path, tag: str, client_state: d
     _barrier()
     if dist.get_rank() == 0:
         (tmp / META).write_text(json.dumps(meta, indent=1))
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"tag": tag, "created_unix": time.time(), "files": files}, indent=1))
         _fsync_tree(tmp)
         if final.exists():  # the same tag saved again: swap, then delete the old one

@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep import corpus, shard
-from data_prep.readers import DocumentReader
 
 TEXTS = [f"document {i}: " + " ".join(["fam", "memory", "naïve", "日本"][j % 4] for j in range(i % 17 + 3))
          for i in range(40)]
