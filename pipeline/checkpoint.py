@@ -29,7 +29,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -86,6 +86,16 @@ def _write(path: Path, obj: Any) -> str:
     return out.digest.hexdigest()
 
 
+def _hash_file(path: Path) -> str:
+    """sha256 of a file another library wrote, made durable first (its torch.save does not fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return sha256_file(path)
+
+
 def _gather_hashes(hashes: dict[str, str]) -> dict[str, str]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return hashes
@@ -100,9 +110,12 @@ def _gather_hashes(hashes: dict[str, str]) -> dict[str, str]:
     return merged
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, files: dict[str, Any], keep_last: int, rank: int = 0) -> Path:
+def save_checkpoint(ckpt_dir: str | Path, step: int, files: dict[str, Any], keep_last: int, rank: int = 0,
+                    write_extra: Callable[[Path], Any] | None = None) -> Path:
     """Collective: every rank calls it with the files it owns ({name: object}; str is written
-    as text, anything else with torch.save). Returns the final folder."""
+    as text, anything else with torch.save). `write_extra(folder)`, also collective, writes
+    further files into the unfinished folder (DeepSpeed's ZeRO files); the manifest covers
+    them too. Returns the final folder."""
     root = Path(ckpt_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{final.name}"
@@ -113,6 +126,14 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, files: dict[str, Any], keep
         tmp.mkdir()
     barrier()
     hashes = _gather_hashes({name: _write(tmp / name, obj) for name, obj in files.items()})
+    if write_extra is not None:
+        write_extra(tmp)
+        barrier()
+        if rank == 0:
+            for path in sorted(tmp.rglob("*")):
+                name = str(path.relative_to(tmp))
+                if path.is_file() and name not in hashes:
+                    hashes[name] = _hash_file(path)
     if rank == 0:
         manifest = {"step": step, "created_unix": time.time(), "files": dict(sorted(hashes.items()))}
         _write(tmp / MANIFEST, json.dumps(manifest, indent=1))

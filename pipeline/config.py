@@ -80,7 +80,15 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = _f(1, "TP degree (megatron-core); data parallel = world / (TP x PP)")
-    pipeline_parallel_size: int = _f(1, "PP degree; only 1 is supported by the training loop for now")
+    pipeline_parallel_size: int = _f(1, "PP degree (torch.distributed.pipelining on megatron's PP group)")
+    virtual_stages: int = _f(1, "pipeline chunks per rank; > 1 needs pipeline_schedule=interleaved_1f1b")
+    pipeline_layout: list[int] | None = _f(None, "layers per pipeline chunk, e.g. [3, 2]; null: an even split")
+    pipeline_schedule: str = _f("1f1b", "1f1b | interleaved_1f1b | gpipe")
+    sequence_parallel: bool = _f(False, "megatron sequence parallelism inside the TP group (needs TP > 1)")
+    zero_stage: int = _f(0, "0: plain data-parallel all-reduce; 1/2/3: DeepSpeed ZeRO (only 1 with PP > 1)")
+    zero_offload_optimizer: bool = _f(False, "ZeRO-Offload: optimizer state and step on the CPU (zero_stage >= 1)")
+    deepspeed_overrides: dict | None = _f(None, "extra DeepSpeed JSON keys, deep-merged (batch, clip, stage and "
+                                                "dtype keys are derived from this config)")
     backend: str = _f("auto", "auto (nccl on GPU, gloo on CPU) | gloo | nccl")
     timeout_seconds: float = _f(600.0, "collective timeout under torchrun: a hung or dead peer raises instead of blocking")
 
@@ -160,6 +168,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+    elif hint is dict:
+        if isinstance(value, dict):
+            return value
     elif hint is Any:
         return value
     raise ValueError(f"{where}={value!r}: expected {_type_name(hint)}")
@@ -282,12 +293,62 @@ def grad_accumulation_steps(cfg: Config, world_size: int) -> int:
     return cfg.data.global_batch_size // (cfg.data.micro_batch_size * data_parallel_size(cfg, world_size))
 
 
+def validate_parallel_keys(cfg: Config, world_size: int) -> None:
+    """The parallel combination (TP x PP x DP, SP, ZeRO), with pipeline/memory.py's rules."""
+    from pipeline.memory import validate_parallel
+
+    p, d = cfg.parallel, cfg.data
+    dp = data_parallel_size(cfg, world_size)
+    if p.zero_stage in (2, 3) and p.pipeline_parallel_size > 1:
+        raise ValueError(
+            f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel_size={p.pipeline_parallel_size}: "
+            "ZeRO-2/3 act inside each backward, which the pipeline schedule runs outside DeepSpeed; use zero_stage=1"
+        )
+    if p.zero_offload_optimizer and p.zero_stage == 0:
+        raise ValueError("parallel.zero_offload_optimizer=true needs parallel.zero_stage >= 1")
+    if p.zero_offload_optimizer and p.pipeline_parallel_size > 1:
+        raise ValueError(f"parallel.zero_offload_optimizer=true with parallel.pipeline_parallel_size="
+                         f"{p.pipeline_parallel_size}: DeepSpeed's offload path reduces inside backward; use PP=1")
+    accum = grad_accumulation_steps(cfg, world_size)
+    if p.pipeline_schedule == "interleaved_1f1b" and accum % p.pipeline_parallel_size:
+        raise ValueError(
+            f"parallel.pipeline_schedule=interleaved_1f1b needs micro-batches per step ({accum} = data.global_batch_size="
+            f"{d.global_batch_size} / (data.micro_batch_size={d.micro_batch_size} x DP {dp})) divisible by "
+            f"parallel.pipeline_parallel_size={p.pipeline_parallel_size}"
+        )
+    if p.sequence_parallel and p.zero_stage:
+        raise ValueError(
+            f"parallel.sequence_parallel=true with parallel.zero_stage={p.zero_stage}: the sequence-parallel "
+            "gradient all-reduce is not wired into DeepSpeed's backward; use zero_stage=0"
+        )
+    if p.pipeline_layout is None and cfg.model.num_layers % (p.pipeline_parallel_size * p.virtual_stages):
+        n = p.pipeline_parallel_size * p.virtual_stages
+        raise ValueError(
+            f"model.num_layers={cfg.model.num_layers} does not divide over {n} pipeline chunks (parallel."
+            f"pipeline_parallel_size={p.pipeline_parallel_size} x parallel.virtual_stages={p.virtual_stages}); "
+            "set parallel.pipeline_layout"
+        )
+    if p.sequence_parallel and d.seq_len % p.tensor_parallel_size:
+        raise ValueError(f"data.seq_len={d.seq_len} must be divisible by parallel.tensor_parallel_size="
+                         f"{p.tensor_parallel_size} with parallel.sequence_parallel=true")
+    if p.sequence_parallel and p.pipeline_parallel_size > 1:
+        raise ValueError(
+            f"parallel.sequence_parallel=true with parallel.pipeline_parallel_size={p.pipeline_parallel_size}: the "
+            "stages would pass sequence-sharded activations, which the training loop does not wire yet"
+        )
+    if p.deepspeed_overrides and p.zero_stage == 0:
+        raise ValueError("parallel.deepspeed_overrides is set but parallel.zero_stage=0 (DeepSpeed is not used)")
+    validate_parallel(cfg.model, p.tensor_parallel_size, p.pipeline_parallel_size, max(dp, 1), p.zero_stage,
+                      p.sequence_parallel, p.zero_offload_optimizer, p.virtual_stages, p.pipeline_schedule, d.seq_len,
+                      max(d.micro_batch_size, 1), p.pipeline_layout)
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Raise ValueError naming the key(s) of the first rule the config breaks. One clause per rule."""
     d, o, t, p, c = cfg.data, cfg.optim, cfg.train, cfg.parallel, cfg.checkpoint
     cfg.model.validate(p.tensor_parallel_size)
-    if p.pipeline_parallel_size != 1:
-        raise ValueError(f"parallel.pipeline_parallel_size={p.pipeline_parallel_size}: only 1 is supported for now")
+    if p.pipeline_parallel_size < 1:
+        raise ValueError(f"parallel.pipeline_parallel_size={p.pipeline_parallel_size}: must be >= 1")
     if world_size % (p.tensor_parallel_size * p.pipeline_parallel_size):
         raise ValueError(
             f"world size {world_size} is not a multiple of parallel.tensor_parallel_size={p.tensor_parallel_size}"
@@ -312,6 +373,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"data.global_batch_size={d.global_batch_size} must be a positive multiple of data.micro_batch_size="
             f"{d.micro_batch_size} x data-parallel size {dp} (world {world_size} / TP x PP)"
         )
+    validate_parallel_keys(cfg, world_size)
     if o.lr <= 0:
         raise ValueError(f"optim.lr={o.lr}: must be > 0")
     if not 0 <= o.min_lr <= o.lr:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 @dataclass
 class Ranks:
-    """This process's coordinates. `dp_*`: data parallel, `tp_*`: tensor parallel."""
+    """This process's coordinates. `dp_*`: data parallel, `tp_*`: tensor, `pp_*`: pipeline parallel."""
 
     rank: int = 0
     world_size: int = 1
@@ -25,8 +25,11 @@ class Ranks:
     dp_size: int = 1
     tp_rank: int = 0
     tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
     dp_group: Any = None
     tp_group: Any = None
+    pp_group: Any = None
 
     @property
     def is_rank0(self) -> bool:
@@ -46,8 +49,11 @@ def build_ranks() -> Ranks:
         dp_size=ps.get_data_parallel_world_size(),
         tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
         dp_group=ps.get_data_parallel_group(),
         tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
     )
 
 

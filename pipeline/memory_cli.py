@@ -60,7 +60,7 @@ def settings_from_config(tree: dict) -> dict:
         tp=par.get("tensor_parallel_size", 1), pp=par.get("pipeline_parallel_size", 1), zero=zero,
         virtual_stages=par.get("virtual_stages", 1), layout=par.get("pipeline_layout"),
         schedule=par.get("pipeline_schedule"), sequence_parallel=par.get("sequence_parallel", False),
-        offload_optimizer=par.get("offload_optimizer", False), micro_batch=data.get("micro_batch_size", 1),
+        offload_optimizer=par.get("zero_offload_optimizer", False), micro_batch=data.get("micro_batch_size", 1),
         seq_len=data.get("seq_len", 8192), precision="bf16-zero" if zero else "autocast",
     )
     out["global_batch"] = data.get("global_batch_size")

@@ -4,6 +4,8 @@ The schedule is a pure function of the step (`lr_at`), so the checkpointed step 
 it. Gradient norms follow megatron's rule: parameters sharded over tensor parallelism
 (`tensor_model_parallel=True`) contribute their squared norms summed over the TP group;
 replicated ones (norms, the FAM prompt) have identical grads on every TP rank and count once.
+With pipeline parallelism each stage holds distinct parameters, so the per-stage totals are
+summed over the PP group.
 """
 
 from __future__ import annotations
@@ -54,12 +56,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str =
     )
 
 
-def grad_norm(params: list[torch.nn.Parameter], tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Global L2 norm of the gradients of the full (unsharded) model, identical on all TP ranks."""
+def grad_norm(params: list[torch.nn.Parameter], tp_group: dist.ProcessGroup | None = None,
+              pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Global L2 norm of the gradients of the full (unsharded) model, identical on all TP and PP ranks."""
     grads = [(p.grad, getattr(p, "tensor_model_parallel", False)) for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    device = grads[0][0].device
+    device = grads[0][0].device if grads else (params[0].device if params else torch.device("cpu"))
     sharded = torch.zeros((), dtype=torch.float32, device=device)
     replicated = torch.zeros((), dtype=torch.float32, device=device)
     for g, is_sharded in grads:
@@ -70,13 +71,17 @@ def grad_norm(params: list[torch.nn.Parameter], tp_group: dist.ProcessGroup | No
             replicated += sq
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(sharded, group=tp_group)
-    return (sharded + replicated).sqrt()
+    total = sharded + replicated
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:  # stages own distinct parameters
+        dist.all_reduce(total, group=pp_group)
+    return total.sqrt()
 
 
-def clip_grads(params: list[torch.nn.Parameter], max_norm: float, tp_group: dist.ProcessGroup | None = None) -> float:
+def clip_grads(params: list[torch.nn.Parameter], max_norm: float, tp_group: dist.ProcessGroup | None = None,
+               pp_group: dist.ProcessGroup | None = None) -> float:
     """Scale gradients so the global norm is at most `max_norm` (0: no clipping). Returns the
     norm before clipping."""
-    norm = grad_norm(params, tp_group)
+    norm = grad_norm(params, tp_group, pp_group)
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in params:

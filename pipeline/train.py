@@ -7,13 +7,18 @@
 Each step: gradient accumulation over micro-batches, each with RPO offsets and (with probability
 train.rsp_probability) the FAM saved by the previous step as the initial state (RSP, fam-paper.md
 §1.6); gradients averaged over the data-parallel group; TP-aware global-norm clipping; AdamW;
-warmup + cosine LR. Validation every train.eval_interval_steps (no RPO/RSP), checkpoints every
-checkpoint.save_interval_steps and at the end, MLflow from rank 0. SIGINT/SIGTERM finish the
-current step, write a checkpoint and exit; `checkpoint.resume=auto` continues from it.
+warmup + cosine LR. Parallelism: TP (optionally with sequence parallelism) x PP x DP. With
+PP > 1 the step's micro-batches run through a torch.distributed.pipelining schedule over this
+rank's stages (pipeline/pipeline_parallel.py); with parallel.zero_stage >= 1 DeepSpeed's ZeRO
+engine (pipeline/zero.py) reduces, clips and steps instead of the plain loop. Validation every
+train.eval_interval_steps (no RPO/RSP), checkpoints every checkpoint.save_interval_steps and at
+the end, MLflow from rank 0. SIGINT/SIGTERM finish the current step, write a checkpoint and exit;
+`checkpoint.resume=auto` continues from it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -26,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import FAMState, build_model, init_parallel
-from model.config import describe
+from model import FAMState, LayerState, allreduce_sequence_parallel_grads, build_model, init_parallel
+from model.config import describe, to_fam_config
 from pipeline import config as config_lib
 from pipeline.checkpoint import save_checkpoint
 from pipeline.console import IntervalMeter, build_progress_bar, setup_logging
@@ -36,6 +41,7 @@ from pipeline.distributed import (Ranks, all_reduce_mean, all_reduce_sum, averag
 from pipeline.fault import NonFiniteGuard, SampleKeyRecorder, StopRequest, init_distributed, write_status
 from pipeline.flops import flops_per_token, peak_flops
 from pipeline.optim import build_optimizer, clip_grads, lr_at, set_lr
+from pipeline.pipeline_parallel import build_schedule, build_stages, load_stage_state_dict, pipeline_step
 from pipeline.tracking import Tracker, build_loss_curve, build_tags
 from pipeline.trainer_state import (checkpoint_files, draw_step, micro_batch_offsets, resolve_resume, restore,
                                     share_rsp_state)
@@ -61,6 +67,9 @@ class Trainer:
     params: list = field(default_factory=list)
     nonfinite: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(0))
     keys: SampleKeyRecorder = field(default_factory=lambda: SampleKeyRecorder(None, 0))
+    stages: list | None = None  # PP > 1: this rank's (chunk index, FAMStage); `model` is their ModuleList
+    schedule: Any = None  # PP > 1: the pipelining schedule over `stages`
+    engine: Any = None  # zero_stage >= 1: the DeepSpeed engine, which owns reduce, clip and step
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -80,9 +89,17 @@ def build_trainer(cfg: config_lib.Config) -> Trainer:
     ranks = build_ranks()
     setup_logging(ranks.is_rank0)
     seed_everything(cfg.train.seed, device)
-    model = build_model(cfg.model, params_dtype=torch.float32, device=device)
+    accum = config_lib.grad_accumulation_steps(cfg, ranks.world_size)
+    model = build_model(cfg.model, params_dtype=torch.float32, device=device, sequence_parallel=p.sequence_parallel)
+    stages = schedule = None
+    if p.pipeline_parallel_size > 1:
+        stages, schedule = build_pipeline(cfg, ranks, model, accum, device)
+        model = torch.nn.ModuleList(stage for _, stage in stages)
     params = [p for p in model.parameters() if p.requires_grad]
     broadcast_tensors([p.data for p in params], ranks.dp_group)  # DP replicas start identical
+    optimizer = build_optimizer(model, cfg.optim, device.type)
+    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    engine = build_engine(cfg, ranks, model, stages, optimizer, accum, use_bf16) if p.zero_stage else None
     d = cfg.data
     loader = ShardLoader(d.train_manifest, d.micro_batch_size, d.seq_len, dp_rank=ranks.dp_rank,
                          dp_world_size=ranks.dp_size, seed=d.seed, shuffle=d.shuffle, verify_checksums=d.verify_checksums)
@@ -90,11 +107,54 @@ def build_trainer(cfg: config_lib.Config) -> Trainer:
     if d.valid_manifest:
         valid_loader = build_valid_loader(d.valid_manifest, d.micro_batch_size, d.seq_len, ranks.dp_rank, ranks.dp_size,
                                           verify_checksums=d.verify_checksums)
-    return Trainer(cfg, ranks, device, model, build_optimizer(model, cfg.optim, device.type), loader, valid_loader,
-                   accum=config_lib.grad_accumulation_steps(cfg, ranks.world_size), params=params,
-                   use_bf16=cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"),
-                   nonfinite=NonFiniteGuard(cfg.train.max_nonfinite_steps),
-                   keys=SampleKeyRecorder(cfg.train.record_sample_keys, ranks.rank))
+    return Trainer(cfg, ranks, device, model, optimizer, loader, valid_loader, accum=accum, params=params,
+                   use_bf16=use_bf16, nonfinite=NonFiniteGuard(cfg.train.max_nonfinite_steps),
+                   keys=SampleKeyRecorder(cfg.train.record_sample_keys, ranks.rank), stages=stages, schedule=schedule,
+                   engine=engine)
+
+
+def build_pipeline(cfg: config_lib.Config, ranks: Ranks, model, accum: int, device: torch.device):
+    """This rank's stages, initialised from the whole model `model` (built from the same seed on
+    every rank, so PP = 2 starts from PP = 1's weights), and the schedule over them; the step's
+    accum x micro_batch_size sequences are the schedule's accum micro-batches."""
+    p = cfg.parallel
+    config = to_fam_config(cfg.model, p.tensor_parallel_size, p.pipeline_parallel_size, torch.float32,
+                           p.sequence_parallel, cpu_initialization=device.type == "cpu")
+    stages = build_stages(config, ranks.pp_rank, ranks.pp_size, p.virtual_stages, p.pipeline_layout, device)
+    load_stage_state_dict(stages, model.state_dict())
+    for _, stage in stages:
+        stage.forward_states = []
+        stage.register_forward_hook(_keep_forward_state)
+    return stages, build_schedule(stages, ranks.pp_size, accum, p.pipeline_schedule, ranks.pp_group, device)
+
+
+def _keep_forward_state(stage, args, output) -> None:
+    """Every forward's final FAM, in call order. torch.distributed.pipelining infers shapes with
+    an extra forward on uninitialised tensors (before the first step, and again after a switch
+    to `eval`), which FAMStage would keep as `first_states`; the step's real micro-batches are
+    the last accum calls, so `stage_rsp_state` takes the first of those."""
+    stage.forward_states.append(stage.first_states)
+    stage.first_states = None
+
+
+def build_engine(cfg: config_lib.Config, ranks: Ranks, model, stages, optimizer, accum: int, use_bf16: bool):
+    """DeepSpeed ZeRO over megatron's groups. With PP the schedule's micro-batches are the
+    accumulation, so the engine sees one batch of accum x micro_batch_size per step."""
+    from pipeline.zero import ZeroModule, build_zero_engine, to_deepspeed_config
+
+    p, d = cfg.parallel, cfg.data
+    pp = p.pipeline_parallel_size > 1
+    ds_config = to_deepspeed_config(
+        p.zero_stage, d.micro_batch_size * (accum if pp else 1), 1 if pp else accum, cfg.optim.grad_clip, use_bf16,
+        p.zero_offload_optimizer, ranks.dp_size, p.deepspeed_overrides, p.pipeline_parallel_size)
+    module = ZeroModule(stages=stages) if pp else ZeroModule(model=model)
+    if p.zero_stage == 3:  # the chunked loss (return_logits=False) uses the output weight outside its layer's forward
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for sub in module.modules():
+            if isinstance(getattr(sub, "output_layer", None), torch.nn.Module):
+                register_external_parameter(module, sub.output_layer.weight)
+    return build_zero_engine(module, optimizer, ds_config)
 
 
 def check_inputs(cfg: config_lib.Config) -> None:
@@ -128,40 +188,112 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 def train_step(tr: Trainer, data_iter) -> tuple[float, float, float, bool, bool]:
     """One optimizer step; returns (DP-mean loss, pre-clip grad norm, lr, started from saved FAM,
-    skipped). A NaN/inf step consumes its batches but updates nothing (pipeline/fault.py)."""
+    skipped). A NaN/inf step consumes its batches but updates nothing (pipeline/fault.py); under
+    ZeRO the engine has already stepped, so the guard only counts it (and stops the run)."""
     cfg, ranks, d = tr.cfg, tr.ranks, tr.cfg.data
     draws = draw_step(cfg.train.seed, tr.step, d.global_batch_size, cfg.model.rope_base, cfg.train.rpo,
                       cfg.train.rsp_probability)
     use_rsp = cfg.model.uses_fam
     start_state = tr.rsp_state if use_rsp and draws.use_saved_fam else None
-    tr.optimizer.zero_grad(set_to_none=True)
-    step_loss = torch.zeros((), device=tr.device)
+    tokens, offsets = [], []
     for a in range(tr.accum):
         batch = next(data_iter)
         tr.keys.add(batch["keys"])
-        tokens = batch["tokens"].to(tr.device, non_blocking=True)  # [b, s + 1]
-        offsets = micro_batch_offsets(draws, a, ranks, d.micro_batch_size).to(tr.device)  # [b]
-        with tr.autocast():
-            out = tr.model(tokens[:, :-1], labels=tokens[:, 1:], state=start_state, position_offset=offsets)
-        (out.loss / tr.accum).backward()
-        step_loss += out.loss.detach() / tr.accum
-        if a == 0 and use_rsp:
-            next_rsp = out.state.fam_only(0)  # the global batch's first sample, on dp_rank 0
-    average_gradients(tr.params, ranks.dp_group)
-    grad_norm = clip_grads(tr.params, cfg.optim.grad_clip, ranks.tp_group)
-    loss = float(all_reduce_mean(step_loss, ranks.dp_group))
+        tokens.append(batch["tokens"].to(tr.device, non_blocking=True))  # [b, s + 1]
+        offsets.append(micro_batch_offsets(draws, a, ranks, d.micro_batch_size).to(tr.device))  # [b]
     lr = lr_at(tr.step, cfg.optim, cfg.train.steps)
+    if tr.engine is not None:
+        step_loss, grad_norm, next_rsp = zero_forward_backward_step(tr, tokens, offsets, start_state, lr)
+    else:
+        tr.optimizer.zero_grad(set_to_none=True)
+        run_micro_batches = pipeline_forward_backward if tr.stages else forward_backward
+        step_loss, next_rsp = run_micro_batches(tr, tokens, offsets, start_state)
+        if cfg.parallel.sequence_parallel:  # before the DP average and the norm
+            allreduce_sequence_parallel_grads(tr.model)
+        average_gradients(tr.params, ranks.dp_group)
+        grad_norm = clip_grads(tr.params, cfg.optim.grad_clip, ranks.tp_group, ranks.pp_group)
+    loss = float(all_reduce_mean(step_loss, ranks.dp_group))
     tr.step += 1
     # Loss and norm are the same on every rank, so every rank skips (or raises) together.
     skipped = tr.nonfinite.should_skip(tr.step, loss, grad_norm)
     if not skipped:
-        set_lr(tr.optimizer, lr)
-        tr.optimizer.step()
+        if tr.engine is None:
+            set_lr(tr.optimizer, lr)
+            tr.optimizer.step()
         if use_rsp:
             tr.rsp_state = share_rsp_state(next_rsp, ranks)
-    tr.optimizer.zero_grad(set_to_none=True)
+    if tr.engine is None:
+        tr.optimizer.zero_grad(set_to_none=True)
     tr.keys.step_done(tr.step)
     return loss, grad_norm, lr, start_state is not None, skipped
+
+
+def forward_backward(tr: Trainer, tokens: list, offsets: list, start_state) -> tuple[torch.Tensor, FAMState | None]:
+    """Gradient accumulation over the micro-batches; returns (mean loss, RSP state to save: the FAM
+    of the first sample of the first micro-batch)."""
+    step_loss, next_rsp = torch.zeros((), device=tr.device), None
+    for a, (batch, offset) in enumerate(zip(tokens, offsets)):
+        with tr.autocast():
+            out = tr.model(batch[:, :-1], labels=batch[:, 1:], state=start_state, position_offset=offset,
+                           return_logits=False)
+        (out.loss / tr.accum).backward()
+        step_loss += out.loss.detach() / tr.accum
+        if a == 0 and tr.cfg.model.uses_fam:
+            next_rsp = out.state.fam_only(0)
+    return step_loss, next_rsp
+
+
+def pipeline_forward_backward(tr: Trainer, tokens: list, offsets: list,
+                              start_state) -> tuple[torch.Tensor, FAMState | None]:
+    """The micro-batches through the pipeline schedule (it scales gradients by 1 / accum)."""
+    batch = torch.cat(tokens)  # [accum x b, s + 1]: the schedule splits it back into the micro-batches
+    clear_forward_states(tr)
+    with tr.autocast():
+        loss = pipeline_step(tr.schedule, tr.stages, batch[:, :-1], batch[:, 1:], torch.cat(offsets),
+                             None if start_state is None else start_state.layers)
+    return last_stage_value(tr, loss), stage_rsp_state(tr)
+
+
+def zero_forward_backward_step(tr: Trainer, tokens: list, offsets: list, start_state, lr: float):
+    """One ZeRO step (DeepSpeed reduces, clips at optim.grad_clip and steps); returns (loss, grad norm, RSP state)."""
+    from pipeline.zero import _grad_norm, zero_pipeline_step, zero_train_step
+
+    if tr.stages:
+        batch = torch.cat(tokens)
+        clear_forward_states(tr)
+        with tr.autocast():
+            loss = zero_pipeline_step(tr.engine, tr.schedule, tr.stages, batch[:, :-1], batch[:, 1:],
+                                      torch.cat(offsets), None if start_state is None else start_state.layers, lr=lr)
+        return last_stage_value(tr, loss), _grad_norm(tr.engine), stage_rsp_state(tr)
+    micro_batches = [{"tokens": b[:, :-1], "labels": b[:, 1:], "state": start_state, "position_offset": o,
+                      "return_logits": False} for b, o in zip(tokens, offsets)]
+    with tr.autocast():
+        result = zero_train_step(tr.engine, micro_batches, lr=lr)
+    next_rsp = result.first_output.state.fam_only(0) if tr.cfg.model.uses_fam else None
+    return result.loss, result.grad_norm, next_rsp
+
+
+def last_stage_value(tr: Trainer, value: torch.Tensor | None) -> torch.Tensor:
+    """A loss known on the last pipeline stage only, on every rank of the PP group."""
+    out = torch.zeros((), device=tr.device) if value is None else value.detach().float().reshape(())
+    return all_reduce_sum(out, tr.ranks.pp_group)
+
+
+def stage_rsp_state(tr: Trainer) -> FAMState | None:
+    """The RSP state of this rank's layers (global layer index; other stages' layers None): the
+    FAM of element 0 of the step's first micro-batch, as one process saves."""
+    if not tr.cfg.model.uses_fam:
+        return None
+    layers = [LayerState(None) for _ in range(tr.cfg.model.num_layers)]
+    for _, stage in tr.stages:
+        for index, state in zip(stage.part.layer_range, stage.forward_states[-tr.accum]):
+            layers[index] = state
+    return FAMState(layers).fam_only(0)
+
+
+def clear_forward_states(tr: Trainer) -> None:
+    for _, stage in tr.stages:
+        stage.forward_states.clear()
 
 
 def evaluate(tr: Trainer) -> float:
@@ -169,23 +301,54 @@ def evaluate(tr: Trainer) -> float:
     eval_steps x accum micro-batches and DP=2 evaluates the same samples as DP=1."""
     tr.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=tr.device)  # [loss sum, micro-batches]
+    batches = iter(tr.valid_loader)
     with torch.no_grad():
-        for i, batch in enumerate(tr.valid_loader):
-            if i >= tr.cfg.train.eval_steps * tr.accum:
+        for _ in range(tr.cfg.train.eval_steps):
+            tokens = [b["tokens"].to(tr.device) for b in itertools.islice(batches, tr.accum)]
+            if len(tokens) < tr.accum:
                 break
-            tokens = batch["tokens"].to(tr.device)
             with tr.autocast():
-                out = tr.model(tokens[:, :-1], labels=tokens[:, 1:])
-            total += torch.stack([out.loss.double(), torch.ones((), dtype=torch.float64, device=tr.device)])
+                losses = pipeline_eval(tr, torch.cat(tokens)) if tr.stages else [
+                    tr.model(t[:, :-1], labels=t[:, 1:], return_logits=False).loss for t in tokens]
+            total += torch.tensor([sum(float(x) for x in losses), len(losses)], dtype=torch.float64, device=tr.device)
     tr.model.train()
-    total = all_reduce_sum(total, tr.ranks.dp_group)
+    total = all_reduce_sum(all_reduce_sum(total, tr.ranks.pp_group), tr.ranks.dp_group)
     return float(total[0] / total[1])
 
 
+def pipeline_eval(tr: Trainer, tokens: torch.Tensor) -> list:
+    """Forward-only pass of accum micro-batches; the micro-batch losses on the last stage, else []."""
+    for _, stage in tr.stages:
+        stage.initial_state = None  # no RSP in validation
+    has_first = any(s.first for _, s in tr.stages)
+    has_last = any(s.last for _, s in tr.stages)
+    losses: list = []
+    offsets = torch.zeros(tokens.shape[0], device=tr.device)
+    tr.schedule.eval(*((tokens[:, :-1], offsets) if has_first else ()), target=tokens[:, 1:] if has_last else None,
+                     losses=losses if has_last else None)
+    clear_forward_states(tr)
+    return losses
+
+
 def save(tr: Trainer, tracker: Tracker) -> Path:
+    """Shards (global layer names under PP), loaders, RNG, trainer state; with ZeRO, DeepSpeed's
+    files go into the same step folder (`zero/`, pipeline/zero_checkpoint.py), under one manifest."""
     trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id}
-    files = checkpoint_files(tr.ranks, tr.model, tr.optimizer, tr.loader, tr.rsp_state, trainer, config_lib.to_yaml(tr.cfg))
-    path = save_checkpoint(tr.cfg.checkpoint.dir, tr.step, files, tr.cfg.checkpoint.keep_last, tr.ranks.rank)
+    files = checkpoint_files(tr.ranks, tr.model, tr.optimizer, tr.loader, tr.rsp_state, trainer,
+                             config_lib.to_yaml(tr.cfg), stages=tr.stages, zero_stage=tr.cfg.parallel.zero_stage)
+    write_extra = None
+    if tr.engine is not None:
+        from pipeline.zero_checkpoint import save_zero_checkpoint
+
+        def write_extra(folder: Path) -> None:
+            # DeepSpeed 0.19.8's elastic ZeRO-1/2 load asserts a "step" in the optimizer's param
+            # groups, which torch's AdamW keeps per parameter instead: record it where it looks.
+            for group in tr.optimizer.param_groups:
+                group["step"] = tr.step
+            save_zero_checkpoint(tr.engine, folder, "zero")
+
+    path = save_checkpoint(tr.cfg.checkpoint.dir, tr.step, files, tr.cfg.checkpoint.keep_last, tr.ranks.rank,
+                           write_extra=write_extra)
     log.info("checkpoint %s", path)
     return path
 
@@ -196,14 +359,15 @@ def start_tracking(tr: Trainer, run_id: str | None) -> Tracker:
     if tr.ranks.is_rank0:
         r, d = tr.ranks, tr.cfg.data
         config_path = config_lib.save_config(tr.cfg, Path(tr.cfg.train.run_dir) / "config.yaml")
-        tags = build_tags({"world_size": r.world_size, "tp_size": r.tp_size, "dp_size": r.dp_size,
+        tags = build_tags({"world_size": r.world_size, "tp_size": r.tp_size, "pp_size": r.pp_size, "dp_size": r.dp_size,
                            "device": tr.device.type, "resumed_from_step": tr.step})
         tracker.start(config_lib.to_flat_dict(tr.cfg), tags, resume_run_id=run_id)
         tracker.log_artifact(config_path)
         log.info("%s", tracker.describe())
-        log.info("model: %s | %.2fM params | world %d = TP %d x DP %d | micro %d x accum %d x DP = global %d | %s %s",
+        log.info("model: %s | %.2fM params | world %d = TP %d x PP %d x DP %d | micro %d x accum %d x DP = global %d"
+                 " | %s %s",
                  describe(tr.cfg.model), tr.cfg.model.num_params(embeddings=True) / 1e6, r.world_size, r.tp_size,
-                 r.dp_size, d.micro_batch_size, tr.accum, d.global_batch_size, tr.device.type,
+                 r.pp_size, r.dp_size, d.micro_batch_size, tr.accum, d.global_batch_size, tr.device.type,
                  "bf16" if tr.use_bf16 else "fp32")
     return tracker
 
@@ -225,7 +389,8 @@ def _train(cfg: config_lib.Config) -> dict:
     t = cfg.train
     resume_path, run_id = resolve_resume(cfg.checkpoint, tr.ranks), None
     if resume_path is not None:
-        trainer_state, tr.rsp_state = restore(resume_path, tr.ranks, tr.model, tr.optimizer, tr.loader, tr.device)
+        trainer_state, tr.rsp_state = restore(resume_path, tr.ranks, tr.model, tr.optimizer, tr.loader, tr.device,
+                                              stages=tr.stages, engine=tr.engine)
         tr.step, run_id = trainer_state["step"], trainer_state.get("mlflow_run_id")
         log.info("resumed from %s (step %d)", resume_path, tr.step)
         if tr.step >= t.steps:

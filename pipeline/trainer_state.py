@@ -60,38 +60,115 @@ def share_rsp_state(state: FAMState, ranks: Ranks) -> FAMState:
 # ---------------------------------------------------------------- checkpoint files
 
 
-def checkpoint_files(ranks: Ranks, model, optimizer, loader, rsp_state: FAMState | None, trainer: dict, config_yaml: str) -> dict[str, Any]:
-    """The files this rank writes: shards once per TP rank, loader once per DP rank."""
+def shard_name(ranks: Ranks) -> str:
+    """`tp00` (PP = 1, the layout before pipeline parallelism) or `tp00_pp01`."""
+    return f"tp{ranks.tp_rank:02d}" + (f"_pp{ranks.pp_rank:02d}" if ranks.pp_size > 1 else "")
+
+
+def model_state(model, stages) -> dict[str, Any]:
+    """The plain model's state dict, or this rank's pipeline stages' under global layer names
+    (pipeline_parallel.stage_state_dict), so a checkpoint maps onto another pipeline split."""
+    if stages is None:
+        return model.state_dict()
+    from pipeline.pipeline_parallel import stage_state_dict
+
+    return stage_state_dict(stages)
+
+
+def load_model_state(model, stages, state: dict[str, Any]) -> None:
+    if stages is None:
+        model.load_state_dict(state)
+    else:
+        from pipeline.pipeline_parallel import load_stage_state_dict
+
+        load_stage_state_dict(stages, state)
+
+
+def checkpoint_files(ranks: Ranks, model, optimizer, loader, rsp_state: FAMState | None, trainer: dict, config_yaml: str,
+                     stages=None, zero_stage: int = 0) -> dict[str, Any]:
+    """The files this rank writes: shards once per TP x PP rank, loader once per DP rank. With
+    ZeRO the engine writes weights and optimizer state (a `zero/` folder, what resume loads); the
+    shard file keeps the RSP state and, for ZeRO-1/2 (whose weights are whole on every rank), the
+    weights for consolidation-free resharding."""
     files: dict[str, Any] = {f"rng_r{ranks.rank:05d}.pt": rng_state()}
     if ranks.dp_rank == 0:
         rsp = None if rsp_state is None else rsp_state.to_dict()
-        files[f"model_tp{ranks.tp_rank:02d}.pt"] = {"model": model.state_dict(), "rsp_state": rsp}
-        files[f"optim_tp{ranks.tp_rank:02d}.pt"] = optimizer.state_dict()
-    if ranks.tp_rank == 0:
+        weights = None if zero_stage == 3 else model_state(model, stages)
+        files[f"model_{shard_name(ranks)}.pt"] = {"model": weights, "rsp_state": rsp}
+        if not zero_stage:
+            files[f"optim_{shard_name(ranks)}.pt"] = optimizer.state_dict()
+    if ranks.tp_rank == 0 and ranks.pp_rank == 0:
         files[f"loader_dp{ranks.dp_rank:03d}.pt"] = loader.state_dict()
     if ranks.rank == 0:
-        files["trainer.pt"] = {**trainer, "world_size": ranks.world_size, "tp_size": ranks.tp_size, "dp_size": ranks.dp_size}
+        files["trainer.pt"] = {**trainer, "world_size": ranks.world_size, "tp_size": ranks.tp_size,
+                               "pp_size": ranks.pp_size, "dp_size": ranks.dp_size}
         files["config.yaml"] = config_yaml
     return files
 
 
-def restore(path: Path, ranks: Ranks, model, optimizer, loader, device: torch.device) -> tuple[dict, FAMState | None]:
-    """Load this rank's part of a checkpoint; returns (trainer dict, RSP state)."""
+def restore(path: Path, ranks: Ranks, model, optimizer, loader, device: torch.device, stages=None,
+            engine=None) -> tuple[dict, FAMState | None]:
+    """Load this rank's part of a checkpoint; returns (trainer dict, RSP state). A checkpoint of
+    other TP/PP sizes (same DP, no ZeRO here) resumes weights-only: see `restore_resharded`."""
     trainer = load_file(path, "trainer.pt")
-    saved = (trainer["world_size"], trainer["tp_size"], trainer["dp_size"])
-    if saved != (ranks.world_size, ranks.tp_size, ranks.dp_size):
+    saved = (trainer["world_size"], trainer["tp_size"], trainer.get("pp_size", 1), trainer["dp_size"])
+    if saved != (ranks.world_size, ranks.tp_size, ranks.pp_size, ranks.dp_size):
+        if saved[3] == ranks.dp_size and engine is None:
+            return restore_resharded(path, trainer, ranks, model, loader, device, stages)
         raise ValueError(
-            f"checkpoint {path} was written by world={saved[0]} TP={saved[1]} DP={saved[2]}; this run has "
-            f"world={ranks.world_size} TP={ranks.tp_size} DP={ranks.dp_size}. Resume with the same sizes "
-            "(resharding is not supported), or set checkpoint.resume=none with a new checkpoint.dir"
+            f"checkpoint {path} was written by world={saved[0]} TP={saved[1]} PP={saved[2]} DP={saved[3]}; this run "
+            f"has world={ranks.world_size} TP={ranks.tp_size} PP={ranks.pp_size} DP={ranks.dp_size}. Resume with the "
+            "same DP size (TP/PP may change, without ZeRO), or set checkpoint.resume=none with a new checkpoint.dir"
         )
-    shard = load_file(path, f"model_tp{ranks.tp_rank:02d}.pt", map_location=device)
-    model.load_state_dict(shard["model"])
-    optimizer.load_state_dict(load_file(path, f"optim_tp{ranks.tp_rank:02d}.pt", map_location=device))
+    shard = load_file(path, f"model_{shard_name(ranks)}.pt", map_location=device)
+    if engine is not None:
+        from pipeline.zero_checkpoint import load_zero_checkpoint
+
+        load_zero_checkpoint(engine, path, "zero")
+    else:
+        load_model_state(model, stages, shard["model"])
+        optimizer.load_state_dict(load_file(path, f"optim_{shard_name(ranks)}.pt", map_location=device))
     loader.load_state_dict(load_file(path, f"loader_dp{ranks.dp_rank:03d}.pt"))
     set_rng_state(load_file(path, f"rng_r{ranks.rank:05d}.pt"))
     rsp = None if shard["rsp_state"] is None else FAMState.from_dict(shard["rsp_state"])
     return trainer, rsp
+
+
+def restore_resharded(path: Path, trainer: dict, ranks: Ranks, model, loader, device: torch.device,
+                      stages=None) -> tuple[dict, FAMState | None]:
+    """Weights, loader position and RSP state from a checkpoint of other TP/PP sizes: the stage
+    files carry global layer names, so their union per TP rank is that rank's whole shard;
+    model.weights merges the TP shards and cuts this run's. AdamW moments restart (their layout
+    follows the old split), so the next step's loss matches and later ones drift slightly."""
+    from model.weights import merge_megatron_shards, shard_megatron_state
+
+    tp_saved, pp_saved = trainer["tp_size"], trainer.get("pp_size", 1)
+    by_tp, rsp_layers = [], None
+    for tp_rank in range(tp_saved):
+        state = {}
+        for pp_rank in range(pp_saved):
+            shard = load_file(path, f"model_{shard_name(Ranks(tp_rank=tp_rank, pp_rank=pp_rank, pp_size=pp_saved))}.pt")
+            if shard["model"] is None:
+                raise ValueError(f"checkpoint {path} holds no plain weights (ZeRO-3): consolidate it first "
+                                 "(pipeline/zero_checkpoint.py consolidate_zero_checkpoint)")
+            state.update(shard["model"])
+            if tp_rank == 0 and shard["rsp_state"] is not None:  # without SP the FAM is whole on every TP rank
+                layers = shard["rsp_state"]["layers"]
+                rsp_layers = rsp_layers or [dict(layer) for layer in layers]
+                for merged, layer in zip(rsp_layers, layers):
+                    merged.update({k: v for k, v in layer.items() if v is not None})
+        by_tp.append({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    full = merge_megatron_shards(by_tp) if tp_saved > 1 else by_tp[0]
+    mine = {k: v.to(device) for k, v in shard_megatron_state(full, ranks.tp_rank, ranks.tp_size).items()}
+    if stages is None:
+        model.load_state_dict({k: v if k.endswith("_extra_state") else mine[k] for k, v in model.state_dict().items()})
+    else:
+        load_model_state(model, stages, mine)
+    loader.load_state_dict(load_file(path, f"loader_dp{ranks.dp_rank:03d}.pt"))
+    if rsp_layers is None:
+        return trainer, None
+    moved = [{k: None if v is None else v.to(device) for k, v in layer.items()} for layer in rsp_layers]
+    return trainer, FAMState.from_dict({"position": 0, "ends_mid_block": False, "layers": moved})
 
 
 def resolve_resume(cfg: CheckpointConfig, ranks: Ranks) -> Path | None:

@@ -104,13 +104,48 @@ def _valid(**changes) -> Config:
 def test_defaults_with_a_manifest_validate():
     validate(_valid(), world_size=1)
     validate(_valid(**{"parallel__tensor_parallel_size": 2, "data__global_batch_size": 8}), world_size=4)
+    validate(_valid(**{"parallel__tensor_parallel_size": 2, "parallel__pipeline_parallel_size": 2,
+                       "parallel__zero_stage": 1, "data__global_batch_size": 8}), world_size=8)
+    validate(_valid(**{"parallel__pipeline_parallel_size": 2, "parallel__pipeline_layout": "[3,1]"}), world_size=2)
 
 
 @pytest.mark.parametrize(
     "changes, world_size, message",
     [
         ({"model__num_attention_heads": 3}, 1, "model.hidden_size"),  # ModelArgs.validate runs
-        ({"parallel__pipeline_parallel_size": 2}, 2, "parallel.pipeline_parallel_size=2"),
+        ({"parallel__pipeline_parallel_size": 0}, 1, "parallel.pipeline_parallel_size=0"),
+        ({"parallel__pipeline_parallel_size": 2, "parallel__zero_stage": 2, "data__global_batch_size": 8}, 4,
+         "parallel.zero_stage=2 with parallel.pipeline_parallel_size=2"),
+        ({"parallel__pipeline_parallel_size": 2, "parallel__zero_stage": 3, "data__global_batch_size": 8}, 4,
+         "parallel.zero_stage=3 with parallel.pipeline_parallel_size=2"),
+        ({"parallel__tensor_parallel_size": 2, "parallel__pipeline_parallel_size": 2}, 6,
+         "world size 6 is not a multiple of parallel.tensor_parallel_size=2 x parallel.pipeline_parallel_size=2"),
+        ({"parallel__pipeline_parallel_size": 3}, 3, "model.num_layers=4 does not divide over 3 pipeline chunks"),
+        ({"parallel__pipeline_parallel_size": 2, "parallel__virtual_stages": 3, "parallel__pipeline_schedule":
+          "interleaved_1f1b"}, 2, "model.num_layers=4 does not divide over 6 pipeline chunks"),
+        ({"parallel__pipeline_parallel_size": 2, "parallel__pipeline_layout": "[1,2]"}, 2,
+         "parallel.pipeline_layout=[1, 2]: needs 2 positive layer counts"),
+        ({"parallel__tensor_parallel_size": 2, "parallel__sequence_parallel": "true", "model__fam_len": 3}, 2,
+         "model.fam_len=3: must be divisible by tensor_parallel_size=2 with sequence parallelism"),
+        ({"parallel__tensor_parallel_size": 2, "parallel__sequence_parallel": "true", "data__seq_len": 129}, 2,
+         "data.seq_len=129 must be divisible by parallel.tensor_parallel_size=2"),
+        ({"parallel__sequence_parallel": "true"}, 1, "sequence_parallel=true needs parallel.tensor_parallel_size > 1"),
+        ({"parallel__tensor_parallel_size": 2, "parallel__sequence_parallel": "true", "parallel__zero_stage": 1}, 2,
+         "parallel.sequence_parallel=true with parallel.zero_stage=1"),
+        ({"parallel__tensor_parallel_size": 2, "parallel__pipeline_parallel_size": 2,
+          "parallel__sequence_parallel": "true"}, 4,
+         "parallel.sequence_parallel=true with parallel.pipeline_parallel_size=2"),
+        ({"parallel__zero_stage": 4}, 1, "parallel.zero_stage=4: must be 0, 1, 2 or 3"),
+        ({"parallel__zero_offload_optimizer": "true"}, 1, "parallel.zero_offload_optimizer=true needs"),
+        ({"parallel__deepspeed_overrides": "{a: 1}"}, 1, "parallel.deepspeed_overrides is set but"),
+        ({"parallel__pipeline_parallel_size": 2, "parallel__virtual_stages": 2}, 2,
+         "parallel.virtual_stages=2 needs parallel.pipeline_schedule='interleaved_1f1b'"),
+        ({"parallel__pipeline_schedule": "zb"}, 1, "parallel.pipeline_schedule='zb'"),
+        ({"parallel__pipeline_parallel_size": 2, "parallel__zero_stage": 1, "parallel__zero_offload_optimizer": "true"},
+         2, "parallel.zero_offload_optimizer=true with parallel.pipeline_parallel_size=2"),
+        ({"parallel__pipeline_parallel_size": 2, "parallel__pipeline_schedule": "interleaved_1f1b",
+          "parallel__virtual_stages": 2, "data__global_batch_size": 4, "data__micro_batch_size": 1}, 8,
+         "needs micro-batches per step (1 = data.global_batch_size=4 / (data.micro_batch_size=1 x DP 4))"),
         ({"parallel__tensor_parallel_size": 2}, 3, "world size 3 is not a multiple"),
         ({"parallel__backend": "mpi"}, 1, "parallel.backend='mpi'"),
         ({"data__train_manifest": ""}, 1, "data.train_manifest is not set"),

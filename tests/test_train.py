@@ -92,7 +92,7 @@ def test_dp2_matches_one_process_with_the_same_global_batch(shards, tmp_path):
     assert {"loader_dp000.pt", "loader_dp001.pt", "rng_r00000.pt", "rng_r00001.pt", "model_tp00.pt"} <= names
 
     # A checkpoint of 2 processes does not silently load into 1.
-    with pytest.raises(ValueError, match="written by world=2 TP=1 DP=2"):
+    with pytest.raises(ValueError, match="written by world=2 TP=1 PP=1 DP=2"):
         _run(shards, tmp_path / "two", train__steps=8, optim__warmup_steps=2)
 
 
