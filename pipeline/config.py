@@ -36,6 +36,8 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class DataConfig:
     train_manifest: str = _f("", "manifest.json of the training shards (python -m data_prep.shard)")
+    train_blend: list[str] | None = _f(None, "several training manifests mixed by train_blend_weights (replaces train_manifest)")
+    train_blend_weights: list[float] | None = _f(None, "one weight per train_blend manifest; normalised, e.g. [0.7, 0.3]")
     valid_manifest: str | None = _f(None, "manifest.json of the validation shards; null: no validation")
     seq_len: int = _f(512, "tokens per sample fed to the model (the shards hold seq_len + 1)")
     micro_batch_size: int = _f(4, "samples per forward/backward on one data-parallel rank")
@@ -356,8 +358,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if p.backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"parallel.backend={p.backend!r}: must be one of auto, gloo, nccl")
-    if not d.train_manifest:
-        raise ValueError("data.train_manifest is not set: give the manifest.json written by python -m data_prep.shard")
+    if d.train_blend:
+        if not d.train_blend_weights or len(d.train_blend_weights) != len(d.train_blend):
+            raise ValueError(f"data.train_blend has {len(d.train_blend)} manifests but data.train_blend_weights="
+                             f"{d.train_blend_weights}: give one positive weight per manifest")
+        if min(d.train_blend_weights) <= 0:
+            raise ValueError(f"data.train_blend_weights={d.train_blend_weights}: weights must be positive")
+    elif not d.train_manifest:
+        raise ValueError("data.train_manifest is not set: give the manifest.json written by python -m data_prep.shard "
+                         "(or data.train_blend with data.train_blend_weights)")
     if d.seq_len < 1:
         raise ValueError(f"data.seq_len={d.seq_len}: must be >= 1")
     if cfg.model.attention == "fam" and cfg.model.block_size > d.seq_len:

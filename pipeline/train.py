@@ -101,8 +101,16 @@ def build_trainer(cfg: config_lib.Config) -> Trainer:
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     engine = build_engine(cfg, ranks, model, stages, optimizer, accum, use_bf16) if p.zero_stage else None
     d = cfg.data
-    loader = ShardLoader(d.train_manifest, d.micro_batch_size, d.seq_len, dp_rank=ranks.dp_rank,
-                         dp_world_size=ranks.dp_size, seed=d.seed, shuffle=d.shuffle, verify_checksums=d.verify_checksums)
+    if d.train_blend:  # several manifests mixed in proportion (pipeline/blend.py)
+        from pipeline.blend import BlendLoader
+
+        loader = BlendLoader(d.train_blend, d.train_blend_weights, d.micro_batch_size, d.seq_len, dp_rank=ranks.dp_rank,
+                             dp_world_size=ranks.dp_size, seed=d.seed, shuffle=d.shuffle,
+                             verify_checksums=d.verify_checksums)
+    else:
+        loader = ShardLoader(d.train_manifest, d.micro_batch_size, d.seq_len, dp_rank=ranks.dp_rank,
+                             dp_world_size=ranks.dp_size, seed=d.seed, shuffle=d.shuffle,
+                             verify_checksums=d.verify_checksums)
     valid_loader = None
     if d.valid_manifest:
         valid_loader = build_valid_loader(d.valid_manifest, d.micro_batch_size, d.seq_len, ranks.dp_rank, ranks.dp_size,
@@ -161,8 +169,10 @@ def check_inputs(cfg: config_lib.Config) -> None:
     """The manifests exist and their tokenizer fits the model's vocabulary."""
     from pipeline.data import manifest_info
 
-    for key in ("train_manifest", "valid_manifest"):
-        path = getattr(cfg.data, key)
+    named = [("train_manifest", cfg.data.train_manifest), ("valid_manifest", cfg.data.valid_manifest)]
+    if cfg.data.train_blend:
+        named = [(f"train_blend[{i}]", path) for i, path in enumerate(cfg.data.train_blend)] + named[1:]
+    for key, path in named:
         if not path:
             continue
         if not Path(path).is_file():
@@ -421,6 +431,10 @@ def _train(cfg: config_lib.Config) -> dict:
                 log_due = tr.step % t.log_interval_steps == 0 or tr.step == last_step or stopping
                 if log_due and meter.steps:
                     metrics = meter.report(tr.step, lr, grad_norm)
+                    if hasattr(tr.loader, "realised_proportions"):  # a blend: the mix actually drawn
+                        mix = tr.loader.realised_proportions()
+                        metrics.update({f"blend_{i}": share for i, share in enumerate(mix.values())})
+                        log.info("blend so far: %s", ", ".join(f"{p} {share:.3f}" for p, share in mix.items()))
                     history["losses"].append((tr.step, metrics["loss"]))
                     history["grad_norms"].append((tr.step, grad_norm))
                     tracker.log_metrics(tr.step, metrics)
