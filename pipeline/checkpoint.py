@@ -86,13 +86,18 @@ def _write(path: Path, obj: Any) -> str:
     return out.digest.hexdigest()
 
 
-def _hash_file(path: Path) -> str:
-    """sha256 of a file another library wrote, made durable first (its torch.save does not fsync)."""
+def fsync_path(path: Path) -> None:
+    """Make a file (or a folder's entries) that another library wrote durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _hash_file(path: Path) -> str:
+    """sha256 of a file another library wrote, made durable first (its torch.save does not fsync)."""
+    fsync_path(path)
     return sha256_file(path)
 
 

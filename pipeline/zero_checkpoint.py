@@ -38,23 +38,15 @@ import torch
 import torch.distributed as dist
 
 from data_prep.manifest import sha256_file
-from pipeline.checkpoint import MANIFEST
+from pipeline.checkpoint import MANIFEST, fsync_path
 
 META = "famtron_zero.json"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
     """DeepSpeed's torch.save does not fsync: make every file and the folder durable."""
     for path in sorted(root.rglob("*")) + [root]:
-        _fsync(path)
+        fsync_path(path)
 
 
 def _barrier() -> None:
@@ -102,7 +94,7 @@ def save_zero_checkpoint(engine, ckpt_dir: str | Path, tag: str, client_state: d
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     _barrier()
     return final
 
