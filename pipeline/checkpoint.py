@@ -143,18 +143,24 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, files: dict[str, Any], keep
         manifest = {"step": step, "created_unix": time.time(), "files": dict(sorted(hashes.items()))}
         _write(tmp / MANIFEST, json.dumps(manifest, indent=1))
         fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a rerun after a fallback): swap, then delete
-            old = root / f".tmp_old_{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+        publish_folder(tmp, final)
         for _, stale in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(stale)
     barrier()
     return final
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Rename a finished temp folder into place atomically. If `final` exists (the same step
+    saved again, e.g. a rerun after a fallback), swap it out first, then delete it."""
+    if final.exists():
+        old = final.parent / f".tmp_old_{final.name}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def verify_checkpoint(path: str | Path) -> str | None:

@@ -26,7 +26,6 @@ Resume at another data-parallel size:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -38,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from data_prep.manifest import sha256_file
-from pipeline.checkpoint import MANIFEST, fsync_path
+from pipeline.checkpoint import MANIFEST, fsync_path, publish_folder
+from pipeline.distributed import barrier
 
 META = "famtron_zero.json"
 
@@ -47,11 +47,6 @@ def _fsync_tree(root: Path) -> None:
     """DeepSpeed's torch.save does not fsync: make every file and the folder durable."""
     for path in sorted(root.rglob("*")) + [root]:
         fsync_path(path)
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _meta(engine) -> dict:
@@ -79,23 +74,16 @@ def save_zero_checkpoint(engine, ckpt_dir: str | Path, tag: str, client_state: d
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state or {}, save_latest=False)
-    _barrier()
+    barrier()
     if dist.get_rank() == 0:
         (tmp / META).write_text(json.dumps(meta, indent=1))
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"tag": tag, "created_unix": time.time(), "files": files}, indent=1))
         _fsync_tree(tmp)
-        if final.exists():  # the same tag saved again: swap, then delete the old one
-            old = root / f".tmp_old_{tag}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        fsync_path(root)
-    _barrier()
+        publish_folder(tmp, final)
+    barrier()
     return final
 
 
