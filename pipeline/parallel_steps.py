@@ -31,19 +31,7 @@ def build_pipeline(cfg: config_lib.Config, ranks: Ranks, model, accum: int, devi
                            p.sequence_parallel, cpu_initialization=device.type == "cpu")
     stages = build_stages(config, ranks.pp_rank, ranks.pp_size, p.virtual_stages, p.pipeline_layout, device)
     load_stage_state_dict(stages, model.state_dict())
-    for _, stage in stages:
-        stage.forward_states = []
-        stage.register_forward_hook(_keep_forward_state)
     return stages, build_schedule(stages, ranks.pp_size, accum, p.pipeline_schedule, ranks.pp_group, device)
-
-
-def _keep_forward_state(stage, args, output) -> None:
-    """Every forward's final FAM, in call order. torch.distributed.pipelining infers shapes with
-    an extra forward on uninitialised tensors (before the first step, and again after a switch
-    to `eval`), which FAMStage would keep as `first_states`; the step's real micro-batches are
-    the last accum calls, so `stage_rsp_state` takes the first of those."""
-    stage.forward_states.append(stage.first_states)
-    stage.first_states = None
 
 
 def build_engine(cfg: config_lib.Config, ranks: Ranks, model, stages, optimizer, accum: int, use_bf16: bool):
@@ -70,7 +58,6 @@ def pipeline_forward_backward(tr: Trainer, tokens: list, offsets: list,
                               start_state) -> tuple[torch.Tensor, FAMState | None]:
     """The micro-batches through the pipeline schedule (it scales gradients by 1 / accum)."""
     batch = torch.cat(tokens)  # [accum x b, s + 1]: the schedule splits it back into the micro-batches
-    clear_forward_states(tr)
     with tr.autocast():
         loss = pipeline_step(tr.schedule, tr.stages, batch[:, :-1], batch[:, 1:], torch.cat(offsets),
                              None if start_state is None else start_state.layers)
@@ -83,7 +70,6 @@ def zero_forward_backward_step(tr: Trainer, tokens: list, offsets: list, start_s
 
     if tr.stages:
         batch = torch.cat(tokens)
-        clear_forward_states(tr)
         with tr.autocast():
             loss = zero_pipeline_step(tr.engine, tr.schedule, tr.stages, batch[:, :-1], batch[:, 1:],
                                       torch.cat(offsets), None if start_state is None else start_state.layers, lr=lr)

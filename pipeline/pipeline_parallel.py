@@ -11,7 +11,9 @@ Micro-batches are sequences: the schedule splits the batch along dim 0. Stage la
 layer; layers are split evenly unless `layout` gives each stage's layer count. With v virtual
 stages per rank, rank r holds chunks r, r + p, r + 2p, ... (interleaved 1F1B).
 Random state passing: each stage starts its layers from `initial_state` (or the learned prompt)
-and keeps its layers' final state of the step's first micro-batch in `first_states`.
+and appends its layers' final FAM to `forward_states` on every forward. The schedule may run an
+extra shape-inference forward (on uninitialised tensors) before the real micro-batches, so the
+step's first micro-batch is `forward_states[-n_microbatches]`, not `[0]`.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class FAMStage(torch.nn.Module):
         self.first, self.last = first, last
         self.part = FAMLanguageModel(config, layers, pre_process=first, post_process=last)
         self.initial_state: list[LayerState] | None = None
-        self.first_states: list[LayerState] | None = None  # of the step's first micro-batch
+        self.forward_states: list[list[LayerState]] = []  # every forward since the step began
 
     def forward(self, x: torch.Tensor, positions_or_offsets: torch.Tensor):
         if self.first:  # x: tokens [b, s]; offsets [b]
@@ -65,8 +67,7 @@ class FAMStage(torch.nn.Module):
             hidden, positions = x, positions_or_offsets
         state = None if self.initial_state is None else FAMState(self.initial_state)
         hidden, states = self.part.run_layers(hidden, positions, state)
-        if self.first_states is None:
-            self.first_states = [LayerState(None if s.fam is None else s.fam.detach()) for s in states]
+        self.forward_states.append([LayerState(None if s.fam is None else s.fam.detach()) for s in states])
         if self.last:
             return hidden  # the loss is computed from it in chunks (FAMLanguageModel.lm_loss)
         return hidden, positions
@@ -110,7 +111,7 @@ def pipeline_step(schedule, stages, tokens, labels, offsets, initial_state: list
     micro-batches (the schedule scales by 1 / n_microbatches), like one process on the batch.
     Returns the mean loss on ranks with the last stage, else None."""
     for _, stage in stages:
-        stage.first_states = None
+        stage.forward_states.clear()
         stage.initial_state = None if initial_state is None else [initial_state[i] for i in stage.part.layer_range]
     has_first = any(s.first for _, s in stages)
     has_last = any(s.last for _, s in stages)
