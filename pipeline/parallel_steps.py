@@ -45,12 +45,6 @@ def build_engine(cfg: config_lib.Config, ranks: Ranks, model, stages, optimizer,
         p.zero_stage, d.micro_batch_size * (accum if pp else 1), 1 if pp else accum, cfg.optim.grad_clip, use_bf16,
         p.zero_offload_optimizer, ranks.dp_size, p.deepspeed_overrides, p.pipeline_parallel_size)
     module = ZeroModule(stages=stages) if pp else ZeroModule(model=model)
-    if p.zero_stage == 3:  # the chunked loss (return_logits=False) uses the output weight outside its layer's forward
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-        for sub in module.modules():
-            if isinstance(getattr(sub, "output_layer", None), torch.nn.Module):
-                register_external_parameter(module, sub.output_layer.weight)
     return build_zero_engine(module, optimizer, ds_config)
 
 

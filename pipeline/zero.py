@@ -260,7 +260,9 @@ def apply_zero3_external_parameters(module: torch.nn.Module) -> None:
       each layer gathers all of its weights for the whole layer.
     * FAMLanguageModel returns a ModelOutput dataclass, whose tensors ZeRO-3 cannot see, so its own
       parameters (the FAM prompt) would not be gathered when their gradient arrives: the top
-      module (whose output is a tuple) holds them for the whole backward."""
+      module (whose output is a tuple) holds them for the whole backward.
+    * The chunked loss (FAMLanguageModel.lm_loss, return_logits=False) uses the output layer's
+      weight outside that layer's forward: the top module holds it too."""
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
     from model.language_model import FAMLanguageModel
@@ -273,6 +275,8 @@ def apply_zero3_external_parameters(module: torch.nn.Module) -> None:
         elif isinstance(sub, FAMLanguageModel):
             for param in sub.parameters(recurse=False):
                 register_external_parameter(module, param)
+            if sub.post_process:
+                register_external_parameter(module, sub.output_layer.weight)
 
 
 def set_engine_lr(engine, lr: float) -> None:
