@@ -3,7 +3,9 @@
     torchrun --nproc_per_node 2 -m benchmarks.parallel_parity --tp 2 --out tp2.json
     torchrun --nproc_per_node 4 -m benchmarks.parallel_parity --tp 2 --pp 2 --out tp2pp2.json
     torchrun --nproc_per_node 2 -m benchmarks.parallel_parity --zero 2 --out zero2.json
-    python -m benchmarks.parallel_parity --table *.json          # the comparison table
+
+One cell per command; `benchmarks/parity_suite.py` runs every layout on one machine and prints
+the comparison table.
 
 Every layout starts from the same weights (drawn once at TP=1 from a seed, then sharded) and
 reads the same batches: consecutive windows of the running Python's standard library source as
@@ -76,7 +78,11 @@ def run(opts) -> dict:
     if opts.zero:
         from pipeline.zero import ZeroModule, build_zero_engine, to_deepspeed_config, zero_train_step
 
-        ds = to_deepspeed_config(opts.zero, 1, per_rank, 0.0, False, False, dp)
+        # DeepSpeed turns an outer autocast off inside its engine; its own `torch_autocast` keeps
+        # the model under bf16 autocast like the other cells (fp32 gradients reduced: no modules
+        # named for lower-precision communication).
+        autocast = {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
+        ds = to_deepspeed_config(opts.zero, 1, per_rank, 0.0, False, False, dp, autocast if cuda else None)
         engine = build_zero_engine(ZeroModule(model), optimizer, ds)
 
     losses, times = [], []
@@ -130,20 +136,6 @@ def estimate_gib(args, opts, dp: int, per_rank: int) -> float:
     return max(r.peak for r in est.ranks) / 2**30
 
 
-def table(paths: list[str]) -> None:
-    rows = [json.load(open(p)) for p in paths]
-    base = next((r for r in rows if r["gpus"] == 1), rows[0])
-    precision = "fp32" if base["device"] == "cpu" else "bf16 autocast"
-    print(f"{base['device']}, {base['config']} (vocab {base['vocab_size']}), seq {base['seq_len']}, global batch "
-          f"{base['global_batch']}, {len(base['losses'])} steps, {precision}")
-    print("| layout | GPUs | loss step 1 -> last | max abs loss diff vs 1 GPU | tokens/s | peak GiB (max rank) | estimate GiB |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        diff = max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))
-        print(f"| {r['layout']} | {r['gpus']} | {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} | {diff:.4f} "
-              f"| {r['tokens_per_s'] / 1e3:.1f}k | {r['peak_gib']:.1f} | {r['estimate_gib']:.1f} |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="fam-1b")
@@ -158,10 +150,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--recompute", action="store_true")
     parser.add_argument("--out")
-    parser.add_argument("--table", nargs="+")
     opts = parser.parse_args()
-    if opts.table:
-        return table(opts.table)
     result = run(opts)
     if dist.get_rank() == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)

@@ -2,7 +2,7 @@
 step, the validation loss and the final weights, with a 4-layer tiny model on the real shards
 (tests/conftest.py). Cases: PP=2 1F1B, PP=2 interleaved 1F1B, TP=2 x PP=2, TP=2 with sequence
 parallelism, DP=2 ZeRO-1/2/3, PP=2 x DP=2 ZeRO-1; then resume of a PP=2 ZeRO-1 run and of a
-TP=2 x PP=2 checkpoint at TP=1 x PP=1."""
+TP=2 x PP=2 checkpoint at TP=1 x PP=1 and the other way round."""
 
 from __future__ import annotations
 
@@ -123,3 +123,14 @@ def test_tp2_pp2_checkpoint_resumes_at_tp1_pp1_with_the_same_next_step_loss(shar
     resumed = _run(shards, tmp_path / "run", train__exit_after_steps=1)
     assert [s for s, _ in resumed["losses"]] == [3]
     np.testing.assert_allclose(resumed["losses"][0][1], reference["losses"][2][1], rtol=1e-5)
+
+
+def test_tp1_pp1_checkpoint_resumes_at_tp2_pp2_with_the_same_next_step_loss(shards, reference, tmp_path):
+    """The other direction: one process's files are cut into TP shards (model.weights) and stage
+    files by each of the four ranks; the next step's loss equals the uninterrupted run's."""
+    _run(shards, tmp_path / "run", train__exit_after_steps=2)
+    extra = dict(parallel__tensor_parallel_size=2, parallel__pipeline_parallel_size=2, train__exit_after_steps=1)
+    resumed = run_on_ranks(_worker, 4, str(shards), str(tmp_path / "run"), extra, timeout_seconds=300)
+    assert all(r["losses"] == resumed[0]["losses"] for r in resumed)
+    assert [s for s, _ in resumed[0]["losses"]] == [3]
+    np.testing.assert_allclose(resumed[0]["losses"][0][1], reference["losses"][2][1], rtol=1e-5)

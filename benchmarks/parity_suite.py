@@ -1,0 +1,146 @@
+"""Every parallel layout against one GPU on one machine, then the comparison table.
+
+    python -m benchmarks.parity_suite --out runs/parity                 # all GPUs of this machine
+    python -m benchmarks.parity_suite --out runs/parity --serial        # one cell at a time
+    python -m benchmarks.parity_suite --cells 1gpu tp2 --steps 2        # compile once, fill the cache
+    python -m benchmarks.parity_suite --table runs/parity/*.json        # the table again
+
+Each cell is one `torchrun … -m benchmarks.parallel_parity` (same weights, same batches, bf16
+autocast) on its own GPUs (CUDA_VISIBLE_DEVICES). Cells that fit side by side run together:
+with 4 GPUs the one-GPU baseline runs beside TP=2, then PP=2 beside ZeRO-2 DP=2, then the
+4-GPU cells. The cold torch.compile of FlexAttention and the FAM scan takes minutes, so all
+cells share one inductor cache: the first cell of each shape compiles, the others load.
+Running side by side shares the host's CPUs; the GPUs, where the time goes, are not shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# bf16 keeps 8 mantissa bits (2^-8 ~ 0.4% per rounding). Layouts change the order of bf16
+# reductions (TP all-reduce, DP averaging, pipeline accumulation), and 20 AdamW steps carry the
+# difference forward; a wrong layout (lost micro-batch, unreduced gradient) moves the loss by
+# far more. So: every step's loss within 1% of the one-GPU loss.
+LOSS_RTOL = 0.01
+ESTIMATE_RTOL = 0.15  # the estimator's per-GPU peak against the measured one
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    gpus: int
+    args: tuple[str, ...]
+
+
+CELLS = (
+    Cell("1gpu", 1, ()),
+    Cell("tp2", 2, ("--tp", "2")),
+    Cell("pp2", 2, ("--pp", "2")),
+    Cell("zero2_dp2", 2, ("--zero", "2")),
+    Cell("tp2_pp2", 4, ("--tp", "2", "--pp", "2")),
+    Cell("zero2_dp4", 4, ("--zero", "2")),
+)
+
+
+def plan(gpus: int, serial: bool, names: list[str] | None = None) -> list[list[tuple[Cell, list[int]]]]:
+    """Cells in order (all, or those named), packed into phases that fit the machine's GPUs."""
+    unknown = set(names or ()) - {c.name for c in CELLS}
+    if unknown:
+        raise SystemExit(f"--cells {' '.join(sorted(unknown))}: unknown; cells are {' '.join(c.name for c in CELLS)}")
+    phases, current, free = [], [], list(range(gpus))
+    for cell in (c for c in CELLS if c.gpus <= gpus and (not names or c.name in names)):
+        if serial or len(free) < cell.gpus:
+            phases.append(current)
+            current, free = [], list(range(gpus))
+        current.append((cell, free[: cell.gpus]))
+        free = free[cell.gpus :]
+    return [p for p in phases + [current] if p]
+
+
+def run_suite(out: Path, gpus: int, serial: bool, timeout: float, cell_args: list[str],
+              names: list[str] | None = None) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path("runs/inductor-cache").resolve()))
+    results = []
+    # No GPU: a CPU smoke run of the same cells on gloo, one at a time, as if there were 4.
+    for number, phase in enumerate(plan(gpus or 4, serial or not gpus, names), 1):
+        print(f"phase {number}: " + ", ".join(f"{c.name} on GPUs {d}" for c, d in phase), flush=True)
+        started, procs = time.time(), []
+        for index, (cell, devices) in enumerate(phase):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cell.gpus),
+                   "--master_port", str(29600 + index), "-m", "benchmarks.parallel_parity", *cell.args,
+                   *cell_args, "--out", str(out / f"{cell.name}.json")]
+            cell_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))} if gpus else env
+            log = open(out / f"{cell.name}.log", "w")
+            procs.append((cell, subprocess.Popen(cmd, env=cell_env, stdout=log, stderr=subprocess.STDOUT), log))
+        for cell, proc, log in procs:
+            try:
+                code = proc.wait(timeout=max(1.0, timeout - (time.time() - started)))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = "timeout"
+            log.close()
+            print(f"  {cell.name}: exit {code} after {time.time() - started:.0f} s (log {out / cell.name}.log)", flush=True)
+            if (out / f"{cell.name}.json").is_file():
+                results.append(out / f"{cell.name}.json")
+    return results
+
+
+def compare(paths: list[Path]) -> list[dict]:
+    """One row per layout: losses against the one-GPU cell, estimate against the peak."""
+    cells = [json.loads(Path(p).read_text()) for p in paths]
+    base = next((c for c in cells if c["gpus"] == 1), None)
+    if base is None:
+        raise SystemExit("no one-GPU cell among " + ", ".join(map(str, paths)))
+    rows = []
+    for c in cells:
+        rel = max(abs(a - b) / abs(b) for a, b in zip(c["losses"], base["losses"]))
+        ratio = c["estimate_gib"] / c["peak_gib"] if c["peak_gib"] else float("nan")
+        rows.append({**c, "loss_rel_diff": rel, "estimate_ratio": ratio,
+                     "loss_ok": len(c["losses"]) == len(base["losses"]) and rel <= LOSS_RTOL,
+                     "estimate_ok": abs(ratio - 1) <= ESTIMATE_RTOL})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    base = next(r for r in rows if r["gpus"] == 1)
+    precision = "fp32" if base["device"] == "cpu" else "bf16 autocast"
+    print(f"{base['device']}, {base['config']} (vocab {base['vocab_size']}), seq {base['seq_len']}, global batch "
+          f"{base['global_batch']}, {len(base['losses'])} steps, {precision}")
+    print("| layout | GPUs | loss step 1 -> last | max rel. loss diff vs 1 GPU | tokens/s | peak GiB (max rank) "
+          "| estimate GiB | estimate / peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layout']} | {r['gpus']} | {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} | {r['loss_rel_diff']:.2e}"
+              f"{'' if r['loss_ok'] else ' FAIL'} | {r['tokens_per_s'] / 1e3:.1f}k | {r['peak_gib']:.1f} "
+              f"| {r['estimate_gib']:.1f} | {r['estimate_ratio']:.2f}{'' if r['estimate_ok'] else ' FAIL'} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/parity"))
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible; 0 = CPU smoke run)")
+    parser.add_argument("--serial", action="store_true", help="one cell at a time (no side-by-side cells)")
+    parser.add_argument("--timeout", type=float, default=420.0, help="seconds per phase")
+    parser.add_argument("--cells", nargs="+", help="run only these cells: " + " ".join(c.name for c in CELLS))
+    parser.add_argument("--table", nargs="+", type=Path, help="only print the table of these cell results")
+    opts, cell_args = parser.parse_known_args()
+    if opts.table:
+        return print_table(compare(opts.table))
+    import torch
+
+    gpus = torch.cuda.device_count() if opts.gpus is None else opts.gpus
+    paths = run_suite(opts.out, gpus, opts.serial, opts.timeout, cell_args, opts.cells)
+    print_table(compare(paths))
+
+
+if __name__ == "__main__":
+    main()
