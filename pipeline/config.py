@@ -97,8 +97,9 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = _f(True, "write checkpoints; false: none at all, not even at the end (speed or memory probes)")
     dir: str | None = _f(None, "checkpoint folder; null: <train.run_dir>/checkpoints")
-    save_interval_steps: int = _f(100, "steps between checkpoints (one is always written at the end); 0: only at the end")
+    save_interval_steps: int = _f(100, "steps between checkpoints (one more at the end); 0: only at the end")
     keep_last: int = _f(3, "complete checkpoints to keep; older ones are deleted after a successful save")
     resume: str = _f("auto", "auto (newest complete checkpoint in dir, if any) | none | <path to a step_XXXXXXXX folder>")
 

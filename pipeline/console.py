@@ -1,5 +1,6 @@
-"""Rank-0 console output: one logger that does not break the tqdm bar, and the interval meter
-that turns step timings into the `step | loss | lr | grad norm | tok/s | MFU | ETA` line."""
+"""Rank-0 console output: one logger that does not break the tqdm bar, the interval meter
+that turns step timings into the `step | loss | lr | grad norm | tok/s | MFU | ETA` line, and the
+end-of-run peak-memory line."""
 
 from __future__ import annotations
 
@@ -36,6 +37,14 @@ def build_progress_bar(enabled: bool, total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def log_peak_memory(memory: dict) -> None:
+    """The end-of-run line of pipeline/distributed.py peak_memory's figures."""
+    gpu = memory["peak_gpu_gib"]
+    log.info("peak memory: GPU %s allocated (max over ranks) | host RSS %.1f GiB (max over ranks), %.1f GiB (summed "
+             "over one host's ranks)", "n/a" if gpu is None else f"{gpu:.2f} GiB", memory["peak_host_gib"],
+             memory["peak_host_node_gib"])
 
 
 def format_duration(seconds: float) -> str:

@@ -8,6 +8,9 @@ the functions take them as arguments rather than reaching for globals.
 from __future__ import annotations
 
 import os
+import resource
+import socket
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,3 +154,24 @@ def all_reduce_sum(values: torch.Tensor, group: Any) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, group=group)
     return values
+
+
+def peak_memory(device: torch.device) -> dict[str, float | None]:
+    """Collective over all ranks. In GiB: `peak_gpu_gib`, the largest torch.cuda.max_memory_allocated
+    of any rank (None on CPU); `peak_host_gib`, the largest peak RSS of any rank process;
+    `peak_host_node_gib`, the peak RSS summed over the ranks of a host, the largest host's sum.
+    That sum bounds the host's need from above (the ranks need not peak at the same moment); it
+    is the number to hold against a node's RAM when the optimizer is offloaded (ZeRO-Offload)."""
+    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    mine = (socket.gethostname(), gpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    per_host: Counter = Counter()
+    for host, _, rss in everyone:
+        per_host[host] += rss
+    gpus = [g for _, g, _ in everyone if g is not None]
+    gib = 2**30
+    return {"peak_gpu_gib": max(gpus) / gib if gpus else None, "peak_host_gib": max(r for *_, r in everyone) / gib,
+            "peak_host_node_gib": max(per_host.values()) / gib}

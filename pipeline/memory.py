@@ -10,9 +10,11 @@ path: `model(tokens, labels=..., return_logits=False)`, and the pipeline's last 
   bf16 autocast): 4Ψ, 4Ψ, Adam 8Ψ. "bf16-zero" (DeepSpeed bf16): 2Ψ, 2Ψ, 12Ψ (fp32 master, m, v),
   plus an fp32 gradient partition 4Ψ/DP at the step. ZeRO-1/2/3 divide the optimizer / also the
   gradients / also the weights by DP; `offload_optimizer` moves the optimizer and that partition
-  to the host. ZeRO ≥ 1 adds DeepSpeed's buckets (defaults: 5e8-element reduce, 1e9 live ZeRO-3
-  params). Gradients exist in the forward only when they accumulate (micro-batches, a pipeline)
-  or DeepSpeed keeps them.
+  to the host, and with ZeRO-3 also the gradient partition (DeepSpeed 0.19.8's stage 3 reduces
+  it straight into a host buffer, `grad_partitions_flat_buffer`); torch rounds pinned host
+  buffers up to a power of two (not counted). ZeRO ≥ 1 adds DeepSpeed's buckets (defaults:
+  5e8-element reduce, 1e9 live ZeRO-3 params). Gradients exist in the forward only when they
+  accumulate (micro-batches, a pipeline) or DeepSpeed keeps them.
 - activations: what autograd saves per layer per micro-batch (layer_activation_terms): the layer
   input [F+S, b, h]; both RMSNorms (rstd, outputs saved by megatron's linears in the input dtype,
   fp32 under autocast; the CPU's composite norm also x·rstd); RoPE cos/sin, fp32; block
@@ -360,6 +362,8 @@ def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, 
     step_grad = params * 4 // dp if opts["precision"] == "bf16-zero" and zero else 0
     offload = opts["offload_optimizer"]
     host, optimizer, step_grad = (optimizer + step_grad, 0, 0) if offload else (0, optimizer, step_grad)
+    if offload and zero == 3:
+        host, gradients = host + gradients, 0
     buffers = int(min(ZERO_REDUCE_BUCKET_ELEMENTS, params) * e.grad) if zero else 0
     buffers += int(min(ZERO3_LIVE_PARAMETERS, params) * e.param) if zero == 3 else 0
     flight = in_flight(opts["schedule"], pp, rank, v, opts["microbatches"])

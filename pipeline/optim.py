@@ -34,8 +34,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Norm weights and biases (1-D) and the learned FAM prompt are not decayed: shrinking
-    them towards zero changes what the layer computes, not just the weight scale."""
-    return param.ndim < 2 or name.rsplit(".", 1)[-1] == "fam_prompt"
+    them towards zero changes what the layer computes, not just the weight scale. A ZeRO-3
+    parameter built under zero.Init has an empty 1-D `.data`; its real shape is `ds_shape`."""
+    return len(getattr(param, "ds_shape", param.shape)) < 2 or name.rsplit(".", 1)[-1] == "fam_prompt"
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.AdamW:

@@ -8,6 +8,7 @@ DeepSpeed reduces, clips and steps. `tr` is pipeline.train.Trainer.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,18 +35,34 @@ def build_pipeline(cfg: config_lib.Config, ranks: Ranks, model, accum: int, devi
     return stages, build_schedule(stages, ranks.pp_size, accum, p.pipeline_schedule, ranks.pp_group, device)
 
 
-def build_engine(cfg: config_lib.Config, ranks: Ranks, model, stages, optimizer, accum: int, use_bf16: bool):
-    """DeepSpeed ZeRO over megatron's groups. With PP the schedule's micro-batches are the
-    accumulation, so the engine sees one batch of accum x micro_batch_size per step."""
-    from pipeline.zero import ZeroModule, build_zero_engine, to_deepspeed_config
+def engine_config(cfg: config_lib.Config, ranks: Ranks, accum: int, use_bf16: bool) -> dict:
+    """The DeepSpeed JSON of this run. With PP the schedule's micro-batches are the accumulation,
+    so the engine sees one batch of accum x micro_batch_size per step."""
+    from pipeline.zero import to_deepspeed_config
 
     p, d = cfg.parallel, cfg.data
     pp = p.pipeline_parallel_size > 1
-    ds_config = to_deepspeed_config(
+    return to_deepspeed_config(
         p.zero_stage, d.micro_batch_size * (accum if pp else 1), 1 if pp else accum, cfg.optim.grad_clip, use_bf16,
         p.zero_offload_optimizer, ranks.dp_size, p.deepspeed_overrides, p.pipeline_parallel_size)
-    module = ZeroModule(stages=stages) if pp else ZeroModule(model=model)
-    return build_zero_engine(module, optimizer, ds_config)
+
+
+def model_init_context(cfg: config_lib.Config, ranks: Ranks, accum: int, use_bf16: bool):
+    """Where build_model runs: under ZeRO-3, DeepSpeed's zero.Init (parameters partitioned as
+    they are made, pipeline/zero.py build_zero3_init); otherwise nothing special."""
+    if cfg.parallel.zero_stage != 3:
+        return contextlib.nullcontext()
+    from pipeline.zero import build_zero3_init
+
+    return build_zero3_init(engine_config(cfg, ranks, accum, use_bf16))
+
+
+def build_engine(cfg: config_lib.Config, ranks: Ranks, model, stages, optimizer, accum: int, use_bf16: bool):
+    """DeepSpeed ZeRO over megatron's groups, wrapping the whole model (PP = 1) or this rank's stages."""
+    from pipeline.zero import ZeroModule, build_zero_engine
+
+    module = ZeroModule(stages=stages) if stages else ZeroModule(model=model)
+    return build_zero_engine(module, optimizer, engine_config(cfg, ranks, accum, use_bf16))
 
 
 def pipeline_forward_backward(tr: Trainer, tokens: list, offsets: list,

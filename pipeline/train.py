@@ -12,8 +12,9 @@ PP > 1 the step's micro-batches run through a torch.distributed.pipelining sched
 rank's stages (pipeline/pipeline_parallel.py); with parallel.zero_stage >= 1 DeepSpeed's ZeRO
 engine (pipeline/zero.py) reduces, clips and steps instead of the plain loop. Validation every
 train.eval_interval_steps (no RPO/RSP), checkpoints every checkpoint.save_interval_steps and at
-the end, MLflow from rank 0. SIGINT/SIGTERM finish the current step, write a checkpoint and exit;
-`checkpoint.resume=auto` continues from it.
+the end (none with checkpoint.enabled=false), MLflow from rank 0. SIGINT/SIGTERM finish the current
+step, write a checkpoint and exit; `checkpoint.resume=auto` continues from it. The summary ends with
+the peak GPU and host memory over all ranks (pipeline/distributed.py peak_memory).
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ from model import FAMState, allreduce_sequence_parallel_grads, build_model, init
 from model.config import describe
 from pipeline import config as config_lib
 from pipeline.checkpoint import save_checkpoint
-from pipeline.console import IntervalMeter, build_progress_bar, setup_logging
+from pipeline.console import IntervalMeter, build_progress_bar, log_peak_memory, setup_logging
 from pipeline.distributed import (Ranks, all_reduce_mean, all_reduce_sum, average_gradients, broadcast_tensors,
-                                  build_ranks, destroy_parallel, launch_world_size, select_device)
+                                  build_ranks, destroy_parallel, launch_world_size, peak_memory, select_device)
 from pipeline.fault import NonFiniteGuard, SampleKeyRecorder, StopRequest, init_distributed, write_status
 from pipeline.flops import flops_per_token, peak_flops
 from pipeline.optim import build_optimizer, clip_grads, lr_at, set_lr
-from pipeline.parallel_steps import (build_engine, build_pipeline, pipeline_eval, pipeline_forward_backward,
-                                     zero_forward_backward_step)
+from pipeline.parallel_steps import (build_engine, build_pipeline, model_init_context, pipeline_eval,
+                                     pipeline_forward_backward, zero_forward_backward_step)
 from pipeline.tracking import Tracker, build_loss_curve, build_tags
 from pipeline.trainer_state import (checkpoint_files, draw_step, micro_batch_offsets, resolve_resume, restore,
                                     share_rsp_state)
@@ -91,15 +92,17 @@ def build_trainer(cfg: config_lib.Config) -> Trainer:
     setup_logging(ranks.is_rank0)
     seed_everything(cfg.train.seed, device)
     accum = config_lib.grad_accumulation_steps(cfg, ranks.world_size)
-    model = build_model(cfg.model, params_dtype=torch.float32, device=device, sequence_parallel=p.sequence_parallel)
+    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    with model_init_context(cfg, ranks, accum, use_bf16):  # ZeRO-3: partitioned as it is built
+        model = build_model(cfg.model, params_dtype=torch.float32, device=device, sequence_parallel=p.sequence_parallel)
     stages = schedule = None
     if p.pipeline_parallel_size > 1:
         stages, schedule = build_pipeline(cfg, ranks, model, accum, device)
         model = torch.nn.ModuleList(stage for _, stage in stages)
     params = [p for p in model.parameters() if p.requires_grad]
-    broadcast_tensors([p.data for p in params], ranks.dp_group)  # DP replicas start identical
+    if p.zero_stage != 3:  # ZeRO-3's partitions came from DP rank 0's values already
+        broadcast_tensors([p.data for p in params], ranks.dp_group)  # DP replicas start identical
     optimizer = build_optimizer(model, cfg.optim, device.type)
-    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     engine = build_engine(cfg, ranks, model, stages, optimizer, accum, use_bf16) if p.zero_stage else None
     d = cfg.data
     if d.train_blend:  # several manifests mixed in proportion (pipeline/blend.py)
@@ -302,6 +305,7 @@ def _train(cfg: config_lib.Config) -> dict:
     last_step = min(t.steps, tr.step + t.exit_after_steps) if t.exit_after_steps else t.steps
     history: dict[str, list] = {"losses": [], "val_losses": [], "grad_norms": []}
     rsp_steps, last_ckpt, status, save_seconds = 0, resume_path, "FAILED", 0.0
+    memory = dict.fromkeys(("peak_gpu_gib", "peak_host_gib", "peak_host_node_gib"))  # unknown if the run fails
     bar = build_progress_bar(tr.ranks.is_rank0 and t.progress_bar, t.steps, tr.step)
     data_iter = iter(tr.loader)
     try:
@@ -337,13 +341,16 @@ def _train(cfg: config_lib.Config) -> dict:
                     tracker.log_metrics(tr.step, {"val_loss": val})
                 tracker.maybe_flush(tr.step)
                 interval = cfg.checkpoint.save_interval_steps
-                if (interval and tr.step % interval == 0) or tr.step == last_step or stopping:
+                due = (interval and tr.step % interval == 0) or tr.step == last_step or stopping
+                if due and cfg.checkpoint.enabled:
                     save_started = time.perf_counter()
                     last_ckpt = save(tr, tracker)
                     save_seconds = max(save_seconds, time.perf_counter() - save_started)
                 if stopping:
                     break
         status = "FINISHED" if tr.step == t.steps else "KILLED"  # KILLED: stopped early, resumable
+        memory = peak_memory(tr.device)
+        log_peak_memory(memory)
     finally:
         if bar is not None:
             bar.close()
@@ -352,6 +359,7 @@ def _train(cfg: config_lib.Config) -> dict:
             "status": status, "step": tr.step, "steps": t.steps, "first_loss": losses[0][1] if losses else None,
             "final_loss": losses[-1][1] if losses else None, "final_val_loss": vals[-1][1] if vals else None,
             **history, "rsp_steps": rsp_steps, "skipped_steps": tr.nonfinite.skipped, "last_checkpoint": str(last_ckpt),
+            **memory,
             "mlflow_run_id": tracker.run_id,
             "tracking_uri": cfg.tracking.tracking_uri, "run_dir": t.run_dir,
         }

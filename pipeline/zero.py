@@ -3,6 +3,8 @@
     validate_zero(zero_stage, pipeline_parallel_size)              # before any work
     ds_config = to_deepspeed_config(zero_stage=2, micro_batch_size=2, grad_accum_steps=4, grad_clip=1.0,
                                     bf16=False, offload_optimizer=False, dp_world_size=dp)
+    with build_zero3_init(ds_config):                               # only with zero_stage=3: built
+        model = build_model(...)                                     # already partitioned
     engine = build_zero_engine(ZeroModule(model), build_optimizer(model, cfg.optim), ds_config)
     result = zero_train_step(engine, micro_batches, lr=lr)          # PP = 1: ZeRO-1/2/3
     loss = zero_pipeline_step(engine, schedule, stages, tokens, labels, offsets, lr=lr)  # PP > 1: ZeRO-1
@@ -240,8 +242,7 @@ class ZeroModule(torch.nn.Module):
 def build_zero_engine(module: ZeroModule, optimizer: torch.optim.Optimizer, ds_config: dict, mpu: MegatronMPU | None = None):
     """deepspeed.initialize on megatron's groups (torch.distributed must already be initialised,
     e.g. by model.init_parallel). The engine broadcasts parameters from DP rank 0 of each group."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _use_cpu_accelerator_without_cuda()
     import deepspeed
 
     if ds_config["zero_optimization"]["stage"] == 3:
@@ -251,6 +252,34 @@ def build_zero_engine(module: ZeroModule, optimizer: torch.optim.Optimizer, ds_c
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                       mpu=mpu or MegatronMPU.from_parallel_state(), dist_init_required=False)
     return engine
+
+
+def build_zero3_init(ds_config: dict, mpu: MegatronMPU | None = None):
+    """The context to construct a model in under ZeRO-3: each module's parameters are
+    partitioned over the data-parallel group as soon as its __init__ returns, so no rank ever
+    holds the whole fp32 model (fam-24b: ~100 GB) on its GPU or in host memory; at most one
+    module's full weight exists at a time (the 256k x 4096 embedding). Inside it, new floating
+    tensors take the engine's dtype (bf16 with bf16, else fp32) and, when no device is named,
+    DeepSpeed's device. Initialisation runs in a plain build's order from the same seed, and DP
+    rank 0's values are broadcast before partitioning: fp32 weights are the plain build's bit for
+    bit (tests/test_zero_offload.py); bf16 ones are drawn in bf16 (and the FAM prompt, made
+    without a device, on the GPU), so they need not equal a plain fp32 build cast to bf16.
+    `ds_config` must be the dict the engine gets (to_deepspeed_config)."""
+    _use_cpu_accelerator_without_cuda()
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # As deepspeed.initialize does; before it, DeepSpeed's config sees no ranks and checks the
+    # batch sizes against a data-parallel size of 1.
+    deepspeed.init_distributed(get_accelerator().communication_backend_name(), dist_init_required=False)
+    mpu = mpu or MegatronMPU.from_parallel_state()
+    return deepspeed.zero.Init(data_parallel_group=mpu.get_data_parallel_group(), config_dict_or_path=ds_config,
+                               mpu=mpu)
+
+
+def _use_cpu_accelerator_without_cuda() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def apply_zero3_external_parameters(module: torch.nn.Module) -> None:
