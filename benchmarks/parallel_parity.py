@@ -7,7 +7,7 @@
 One cell per command; `benchmarks/parity_suite.py` runs every layout on one machine and prints
 the comparison table.
 
-Every layout starts from the same weights (drawn once at TP=1 from a seed, then sharded) and
+Every layout starts from the same weights (drawn per parameter name, model/init.py) and
 reads the same batches: consecutive windows of the running Python's standard library source as
 bytes, so the loss falls. Global batch `--global-batch` sequences per step: accumulated micro-
 batches of one sequence on one GPU, pipeline micro-batches under PP, split over DP ranks under
@@ -44,8 +44,7 @@ def run(opts) -> dict:
 
     from model import build_model, init_parallel, load_model_args, seed_init
     from model.config import to_fam_config
-    from model.weights import full_random_state, shard_megatron_state
-    from pipeline.pipeline_parallel import build_schedule, build_stages, load_stage_state_dict, pipeline_step
+    from pipeline.pipeline_parallel import build_schedule, build_stages, init_stages_, pipeline_step
 
     init_parallel(opts.tp, opts.pp)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -56,23 +55,20 @@ def run(opts) -> dict:
     if dp > 1 and not opts.zero:
         raise SystemExit(f"data parallel (DP={dp}) is measured with ZeRO here: pass --zero 1|2|3")
     args = load_model_args(opts.config, vocab_size=opts.vocab_size, recompute=opts.recompute)
-    weights = shard_megatron_state(full_random_state(args, opts.seed, device), tp_rank, opts.tp)
-    weights = {k: v.contiguous() for k, v in weights.items()}
     data = stdlib_windows(opts.seq_len, opts.steps * opts.global_batch).to(device)
     per_rank = opts.global_batch // dp
 
+    # The same initial weights in every layout: drawn per parameter name (model/init.py).
     if opts.pp > 1:
         config = to_fam_config(args, opts.tp, opts.pp, cpu_initialization=not cuda)
         seed_init(opts.seed, device)
         stages = build_stages(config, pp_rank, opts.pp, device=device)
-        load_stage_state_dict(stages, weights)
+        init_stages_(stages, args, opts.seed, tp_rank, opts.tp)
         params = [p for _, s in stages for p in s.parameters()]
         schedule = build_schedule(stages, opts.pp, per_rank, "1f1b", ps.get_pipeline_model_parallel_group(), device)
     else:
-        model = build_model(args, device=device)
-        model.load_state_dict({**model.state_dict(), **weights})
+        model = build_model(args, device=device, seed=opts.seed)
         params = list(model.parameters())
-    del weights
     optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda)
     engine = None
     if opts.zero:

@@ -23,6 +23,7 @@ from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 
 from model.cpu_compat import apply_cpu_compat  # noqa: E402
 from model.config import FAMConfig, ModelArgs, load_model_args, to_fam_config  # noqa: E402
+from model.init import init_parameters_  # noqa: E402
 from model.language_model import FAMLanguageModel, ModelOutput, allreduce_sequence_parallel_grads  # noqa: E402
 from model.state import FAMState, LayerState  # noqa: E402
 
@@ -59,7 +60,8 @@ def build_model(
     **overrides,
 ) -> FAMLanguageModel:
     """This rank's shard of the FAM language model. `args` is ModelArgs or a config name/path.
-    Weights are initialised on `device` from `seed` (megatron's per-TP-rank RNG on GPU)."""
+    Weights are drawn on `device` from `seed` and each parameter's name (model/init.py), so every
+    TP size (and pipeline split) starts from the same model."""
     if not isinstance(args, ModelArgs):
         args = load_model_args(args, **overrides)
     if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
@@ -71,7 +73,9 @@ def build_model(
         cpu_initialization=device.type == "cpu",
     )
     seed_init(seed, device)
-    return FAMLanguageModel(config).to(device)
+    model = FAMLanguageModel(config).to(device)
+    init_parameters_(model, args, seed, parallel_state.get_tensor_model_parallel_rank(), tp)
+    return model
 
 
 def seed_init(seed: int, device: torch.device) -> None:

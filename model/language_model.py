@@ -72,6 +72,13 @@ class FAMLanguageModel(MegatronModule):
                 h, config.vocab_size, config=config, init_method=config.init_method, bias=False, gather_output=False, tp_group=tp_group
             )
 
+    def global_name(self, name: str) -> str:
+        """A parameter's name in the whole model: a pipeline part numbers its layers from 0."""
+        if not name.startswith("layers."):
+            return name
+        local, rest = name[len("layers.") :].split(".", 1)
+        return f"layers.{self.layer_range[int(local)]}.{rest}"
+
     def positions(self, batch: int, seq: int, state: FAMState | None, position_offset, device) -> torch.Tensor:
         """Float positions [b, s]: offset (RPO) + tokens consumed before + arange."""
         start = 0 if state is None else state.position

@@ -130,33 +130,3 @@ def reference_grads_as_megatron(reference, args: ModelArgs, tp_rank: int = 0, tp
             setattr(lg, name, getattr(layer, name).grad)
         g.layers.append(lg)
     return megatron_state_from_reference(g, args, tp_rank, tp_size)
-
-
-def full_random_state(args: ModelArgs, seed: int, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """A whole (TP=1) megatron state dict drawn from one seeded generator, parameter by parameter
-    in a fixed order, so every process of every parallel layout gets the same weights and can
-    take its own shard with shard_megatron_state. Matrices ~ N(0, init_method_std), norms = 1."""
-    h, d, n, g, ff, V = (args.hidden_size, args.head_dim, args.num_attention_heads, args.query_groups,
-                         args.ffn_size, args.vocab_size)
-    shapes = {"embedding.weight": (V, h)}
-    if args.uses_fam:
-        shapes["fam_prompt"] = (args.fam_len, h)
-    for i in range(args.num_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "input_norm.weight": (h,),
-            p + "attention.linear_qkv.weight": ((n + 2 * g) * d, h),
-            p + "attention.linear_proj.weight": (h, n * d),
-            p + "pre_mlp_norm.weight": (h,),
-            p + "mlp.linear_fc1.weight": (2 * ff, h),
-            p + "mlp.linear_fc2.weight": (h, ff),
-        })
-    shapes.update({"final_norm.weight": (h,), "output_layer.weight": (V, h)})
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = {}
-    for name, shape in shapes.items():
-        if len(shape) == 1:
-            out[name] = torch.ones(shape, device=device, dtype=dtype)
-        else:
-            out[name] = torch.empty(shape, device=device, dtype=dtype).normal_(0.0, args.init_method_std, generator=gen)
-    return out

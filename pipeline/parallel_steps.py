@@ -13,25 +13,26 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model import FAMState, LayerState
+from model import FAMState, LayerState, seed_init
 from model.config import to_fam_config
 from pipeline import config as config_lib
 from pipeline.distributed import Ranks, all_reduce_sum
-from pipeline.pipeline_parallel import build_schedule, build_stages, load_stage_state_dict, pipeline_step
+from pipeline.pipeline_parallel import build_schedule, build_stages, init_stages_, pipeline_step
 
 if TYPE_CHECKING:
     from pipeline.train import Trainer
 
 
-def build_pipeline(cfg: config_lib.Config, ranks: Ranks, model, accum: int, device: torch.device):
-    """This rank's stages, initialised from the whole model `model` (built from the same seed on
-    every rank, so PP = 2 starts from PP = 1's weights), and the schedule over them; the step's
-    accum x micro_batch_size sequences are the schedule's accum micro-batches."""
+def build_pipeline(cfg: config_lib.Config, ranks: Ranks, accum: int, device: torch.device):
+    """This rank's stages, built and initialised alone (model/init.py: the whole model's values,
+    so PP = 2 starts from PP = 1's weights without any rank holding more than its layers), and the
+    schedule over them; the step's accum x micro_batch_size sequences are its accum micro-batches."""
     p = cfg.parallel
     config = to_fam_config(cfg.model, p.tensor_parallel_size, p.pipeline_parallel_size, torch.float32,
                            p.sequence_parallel, cpu_initialization=device.type == "cpu")
+    seed_init(cfg.train.seed, device)  # megatron's construction needs its RNG (CUDA: the TP tracker)
     stages = build_stages(config, ranks.pp_rank, ranks.pp_size, p.virtual_stages, p.pipeline_layout, device)
-    load_stage_state_dict(stages, model.state_dict())
+    init_stages_(stages, cfg.model, cfg.train.seed, ranks.tp_rank, ranks.tp_size)
     return stages, build_schedule(stages, ranks.pp_size, accum, p.pipeline_schedule, ranks.pp_group, device)
 
 

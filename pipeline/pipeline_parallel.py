@@ -121,31 +121,25 @@ def pipeline_step(schedule, stages, tokens, labels, offsets, initial_state: list
     return torch.stack(losses).mean().detach() if has_last else None
 
 
+def init_stages_(stages, args, seed: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+    """Each stage's parameters get the whole model's initial values (model/init.py): a rank
+    builds and draws only its own layers, yet PP = 2 starts from PP = 1's weights."""
+    from model.init import init_parameters_
+
+    for _, stage in stages:
+        init_parameters_(stage.part, args, seed, tp_rank, tp_size, global_name=stage.part.global_name)
+
+
 def stage_state_dict(stages) -> dict[str, torch.Tensor]:
     """This rank's parameters under global names (layers.<global index>...), whatever the split."""
-    out = {}
-    for _, stage in stages:
-        for name, tensor in stage.part.state_dict().items():
-            if name.endswith("_extra_state"):
-                continue
-            if name.startswith("layers."):
-                local, rest = name[len("layers.") :].split(".", 1)
-                name = f"layers.{stage.part.layer_range[int(local)]}.{rest}"
-            out[name] = tensor
-    return out
+    return {stage.part.global_name(name): tensor for _, stage in stages
+            for name, tensor in stage.part.state_dict().items() if not name.endswith("_extra_state")}
 
 
 def load_stage_state_dict(stages, full: dict[str, torch.Tensor]) -> None:
-    """Load global-named parameters (stage_state_dict's naming) into this rank's stages."""
+    """Load global-named parameters (stage_state_dict's naming) into this rank's stages;
+    megatron's per-Linear `_extra_state` placeholders stay as they are."""
     for _, stage in stages:
-        own = {}
-        for name, current in stage.part.state_dict().items():
-            if name.endswith("_extra_state"):  # megatron's per-Linear placeholder, not a weight
-                own[name] = current
-                continue
-            key = name
-            if name.startswith("layers."):
-                local, rest = name[len("layers.") :].split(".", 1)
-                key = f"layers.{stage.part.layer_range[int(local)]}.{rest}"
-            own[name] = full[key]
-        stage.part.load_state_dict(own)
+        current = stage.part.state_dict()
+        stage.part.load_state_dict({name: value if name.endswith("_extra_state") else full[stage.part.global_name(name)]
+                                    for name, value in current.items()})

@@ -93,12 +93,14 @@ def build_trainer(cfg: config_lib.Config) -> Trainer:
     seed_everything(cfg.train.seed, device)
     accum = config_lib.grad_accumulation_steps(cfg, ranks.world_size)
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-    with model_init_context(cfg, ranks, accum, use_bf16):  # ZeRO-3: partitioned as it is built
-        model = build_model(cfg.model, params_dtype=torch.float32, device=device, sequence_parallel=p.sequence_parallel)
     stages = schedule = None
-    if p.pipeline_parallel_size > 1:
-        stages, schedule = build_pipeline(cfg, ranks, model, accum, device)
+    if p.pipeline_parallel_size > 1:  # only this rank's layers are ever built
+        stages, schedule = build_pipeline(cfg, ranks, accum, device)
         model = torch.nn.ModuleList(stage for _, stage in stages)
+    else:
+        with model_init_context(cfg, ranks, accum, use_bf16):  # ZeRO-3: partitioned as it is built
+            model = build_model(cfg.model, params_dtype=torch.float32, device=device, seed=cfg.train.seed,
+                                sequence_parallel=p.sequence_parallel)
     params = [p for p in model.parameters() if p.requires_grad]
     if p.zero_stage != 3:  # ZeRO-3's partitions came from DP rank 0's values already
         broadcast_tensors([p.data for p in params], ranks.dp_group)  # DP replicas start identical

@@ -260,11 +260,10 @@ def build_zero3_init(ds_config: dict, mpu: MegatronMPU | None = None):
     holds the whole fp32 model (fam-24b: ~100 GB) on its GPU or in host memory; at most one
     module's full weight exists at a time (the 256k x 4096 embedding). Inside it, new floating
     tensors take the engine's dtype (bf16 with bf16, else fp32) and, when no device is named,
-    DeepSpeed's device. Initialisation runs in a plain build's order from the same seed, and DP
-    rank 0's values are broadcast before partitioning: fp32 weights are the plain build's bit for
-    bit (tests/test_zero_offload.py); bf16 ones are drawn in bf16 (and the FAM prompt, made
-    without a device, on the GPU), so they need not equal a plain fp32 build cast to bf16.
-    `ds_config` must be the dict the engine gets (to_deepspeed_config)."""
+    DeepSpeed's device. build_model then draws each parameter by name (model/init.py), gathered
+    one at a time and written from DP rank 0: fp32 weights are the plain build's bit for bit
+    (tests/test_zero_offload.py); under bf16 the draw may be rounded to bf16 first, so they need
+    not equal a plain fp32 build cast to bf16. `ds_config` must be the dict the engine gets."""
     _use_cpu_accelerator_without_cuda()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
