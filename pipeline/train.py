@@ -246,11 +246,7 @@ def save(tr: Trainer, tracker: Tracker) -> Path:
         from pipeline.zero_checkpoint import save_zero_checkpoint
 
         def write_extra(folder: Path) -> None:
-            # DeepSpeed 0.19.8's elastic ZeRO-1/2 load asserts a "step" in the optimizer's param
-            # groups, which torch's AdamW keeps per parameter instead: record it where it looks.
-            for group in tr.optimizer.param_groups:
-                group["step"] = tr.step
-            save_zero_checkpoint(tr.engine, folder, "zero")
+            save_zero_checkpoint(tr.engine, folder, "zero", step=tr.step)
 
     path = save_checkpoint(tr.cfg.checkpoint.dir, tr.step, files, tr.cfg.checkpoint.keep_last, tr.ranks.rank,
                            write_extra=write_extra)

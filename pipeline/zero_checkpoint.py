@@ -65,9 +65,15 @@ def _meta(engine) -> dict:
     }
 
 
-def save_zero_checkpoint(engine, ckpt_dir: str | Path, tag: str, client_state: dict[str, Any] | None = None) -> Path:
+def save_zero_checkpoint(engine, ckpt_dir: str | Path, tag: str, client_state: dict[str, Any] | None = None,
+                         step: int | None = None) -> Path:
     """Collective. Writes `<ckpt_dir>/<tag>` atomically; `client_state` (trainer step, loader,
-    ...) is stored by DeepSpeed with the module and returned by load_zero_checkpoint."""
+    ...) is stored by DeepSpeed with the module and returned by load_zero_checkpoint. `step`:
+    DeepSpeed 0.19.8's elastic ZeRO-1/2 load asserts a "step" in the optimizer's param groups,
+    which torch's AdamW keeps per parameter instead, so it is recorded where DeepSpeed looks."""
+    if step is not None:
+        for group in getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups:
+            group["step"] = step
     root = Path(ckpt_dir)
     final, tmp = root / tag, root / f".tmp_{tag}"
     meta = _meta(engine)
