@@ -15,27 +15,8 @@ path: `model(tokens, labels=..., return_logits=False)`, and the pipeline's last 
   buffers up to a power of two (not counted). ZeRO ≥ 1 adds DeepSpeed's buckets (defaults:
   5e8-element reduce, 1e9 live ZeRO-3 params). Gradients exist in the forward only when they
   accumulate (micro-batches, a pipeline) or DeepSpeed keeps them.
-- activations: what autograd saves per layer per micro-batch (layer_activation_terms): the layer
-  input [F+S, b, h]; both RMSNorms (rstd, outputs saved by megatron's linears in the input dtype,
-  fp32 under autocast; the CPU's composite norm also x·rstd); RoPE cos/sin, fp32; block
-  attention's q, K and V [T·(F+C), b, g, d], output and fp32 lse (CPU: SDPA's float mask); SwiGLU's
-  intermediates; the FAM scan's per-block tensors and (autocast, GPU) the bf16 copies of the
-  layer's four matrices. With recompute only each layer's input (and positions) is saved, and
-  backward re-creates one layer's full set.
-- sequence parallelism shards by TP along the tokens what lies between the TP regions: layer
-  input, norms, residuals (SP linears save their un-gathered input), and the FAM rows' (F/tp).
-  QKV/attention/FFN tensors stay whole in S. A linear's backward re-gathers its input.
-- fam_state: each layer's LayerState, the last FAM [F(/tp), b, h] and `.clone()`d K/V of the last
-  m blocks [m·C, b, g, d]. Not saved by autograd but alive with the ModelOutput (through the
-  backward in the training loop), so counted in every activation phase.
-- head (last stage, lm_loss): the final norm's rstd and output (SP: also its gathered [S, b, h],
-  the checkpointed chunks' input). The output layer and cross-entropy run over chunks of
-  LOSS_CHUNK_ELEMENTS logits under checkpoint: one chunk's logits and fp32 copy exist at a time,
-  in the forward and again in the backward beside the output layer's weight gradient (autocast:
-  also the weight's cached bf16 copy). A one-chunk sequence is not checkpointed: its fp32
-  softmax is saved. `return_logits=True` (API users) keeps all logits and their fp32 softmax.
-- block_mask: the cached BlockMask, built block by block (`create_block_mask(_compile=True)`):
-  int32 indices per 128×128 block pair, megabytes. First stage: int64 token ids.
+- activations, sequence parallelism, fam_state, the head and the block mask: per micro-batch, in
+  pipeline/memory_terms.py.
 - in flight: all micro-batches under GPipe, P - rank under 1F1B, 2(P - rank - 1) + (v - 1)P + 1
   chunk-forwards of L/(Pv) layers under interleaved 1F1B.
 The peak is the largest of the forward's end, the loss backward, the backward (all gradients, one
@@ -51,170 +32,18 @@ on one H200 (training path, vocab 32000 unless said) within -3%..+11%: fam-1b 8k
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from model import language_model
 from model.config import ModelArgs
+from pipeline.memory_terms import (Bytes, HeadBytes, block_mask_bytes, element_bytes, embedding_saved_bytes,
+                                   head_bytes, layer_activation_terms, layer_held_bytes, stage_params)
 from pipeline.pipeline_parallel import SCHEDULES, split_layers
 
 GIB = 2**30
-FLEX_BLOCK = 128  # FlexAttention's default BlockMask block size
-BLOCK_MASK_BYTES_PER_BLOCK = 32  # 4 int32 index grids kept (kv/q, partial/full) + as much while built
 ZERO_REDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size
 ZERO3_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters
 DEFAULT_ALLOWANCE_GIB = 4.0  # CUDA context + NCCL buffers + allocator fragmentation
-PRECISIONS = ("autocast", "bf16-zero")
 KERNELS = ("cuda", "cpu")
-
-
-@dataclass(frozen=True)
-class Bytes:
-    """Bytes per element of each kind of tensor, from (precision, dtype)."""
-
-    param: int  # model weights
-    grad: int
-    optimizer: int  # per parameter, before ZeRO division
-    act: int  # matmul/attention outputs (the compute dtype)
-    resid: int  # residual stream, norm inputs/outputs (fp32 under autocast: bf16 + fp32 -> fp32)
-    autocast: bool
-
-
-def element_bytes(precision: str, dtype: str) -> Bytes:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: must be one of {PRECISIONS}")
-    if dtype not in ("bf16", "fp32"):
-        raise ValueError(f"dtype={dtype!r}: must be bf16 or fp32")
-    if precision == "bf16-zero":
-        if dtype != "bf16":
-            raise ValueError("precision='bf16-zero' computes in bf16; dtype must be bf16")
-        return Bytes(param=2, grad=2, optimizer=12, act=2, resid=2, autocast=False)
-    act = 2 if dtype == "bf16" else 4
-    return Bytes(param=4, grad=4, optimizer=8, act=act, resid=4, autocast=act == 2)
-
-
-# ---------------------------------------------------------------- parameters per rank
-
-
-def layer_params(m: ModelArgs, tp: int = 1) -> tuple[int, int]:
-    """(parameters of one layer on a TP rank, of which in the four matrices the scan uses)."""
-    h, d, n, g = m.hidden_size, m.head_dim, m.num_attention_heads, m.query_groups
-    matrices = (h * (n + 2 * g) * d + n * d * h + 3 * h * m.ffn_size) // tp
-    return matrices + 2 * h, matrices
-
-
-def stage_params(m: ModelArgs, layers: int, first: bool, last: bool, tp: int = 1) -> int:
-    """Parameters of a pipeline rank: its layers, the embedding and FAM prompt on the first
-    stage, the final norm and output layer on the last (ModelArgs.num_params, split)."""
-    h = m.hidden_size
-    total = layers * layer_params(m, tp)[0]
-    if first:
-        total += m.vocab_size * h // tp + (m.fam_len * h if m.uses_fam else 0)
-    if last:
-        total += h + m.vocab_size * h // tp
-    return total
-
-
-# ---------------------------------------------------------------- activations
-
-
-def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
-                           bytes_: Bytes | None = None, kernels: str = "cuda") -> dict[str, int]:
-    """Bytes autograd saves for one layer and one micro-batch, by part (no recompute)."""
-    e = bytes_ or element_bytes("autocast", "bf16")
-    S, b, h, d, f = seq_len, micro_batch, m.hidden_size, m.head_dim, m.ffn_size
-    n, g = m.num_attention_heads // tp, m.query_groups // tp
-    F = m.fam_len if m.uses_fam else 0
-    shard = tp if sequence_parallel else 1
-    normed = h * e.resid if kernels == "cpu" else 0  # composite RMSNorm also saves x * rstd
-    rows = S * b
-    terms = {
-        "input": (F + S) * b * h * e.resid // shard,
-        "norms": rows * (2 * 4 + 2 * normed + 3 * h * e.resid) // shard,  # rstd x2, outputs x2, residual
-        "rope": 4 * rows * d * 4,  # cos, sin of q and k positions, fp32
-        "mlp": 5 * rows * (f // tp) * e.act,
-    }
-    if m.attention == "dense":
-        terms["attention"] = rows * ((n + 2 * g) + n + g + n) * d * e.act + b * n * S * 4
-        return terms
-    C = m.block_size
-    T = math.ceil(S / C)
-    q_len, kv_len = T * C, T * (F + C)
-    terms["attention"] = b * (2 * q_len * n + 2 * kv_len * g) * d * e.act + b * n * q_len * 4
-    if kernels == "cpu":
-        terms["attention"] += q_len * kv_len * e.act  # SDPA's float copy of the dense mask
-    if F:
-        lin = e.act if e.autocast else e.resid  # F.linear under autocast saves its bf16 input
-        local = 2 * h * e.resid + 8 + 2 * normed  # norm inputs and rstd: this rank's F/tp rows under SP
-        whole = 2 * h * lin + 2 * n * d * e.act + 4 * n + 4 * (f // tp) * e.act + 4 * d * 4  # gathered F rows
-        terms["fam_scan"] = T * b * (F // shard * local + F * whole) + 2 * T * b * (F + C) * g * d * e.act
-        if e.autocast and kernels == "cuda":  # the compiled step saves the layer's bf16 matrices
-            terms["fam_scan"] += 2 * layer_params(m, tp)[1]
-    return terms
-
-
-def layer_held_bytes(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
-                     bytes_: Bytes | None = None) -> int:
-    """Bytes of a layer's LayerState (not saved by autograd): the last FAM, and the copied K/V of
-    the last m blocks that the next call attends to (model/layer.py `_memory`)."""
-    e = bytes_ or element_bytes("autocast", "bf16")
-    if m.attention == "dense":
-        return 0
-    b, g = micro_batch, m.query_groups // tp
-    held = m.fam_len // (tp if sequence_parallel else 1) * b * m.hidden_size * e.resid if m.uses_fam else 0
-    keep = min(m.mem_blocks * m.block_size, seq_len)
-    return held + 2 * keep * b * g * m.head_dim * e.act
-
-
-@dataclass(frozen=True)
-class HeadBytes:
-    """The last stage's final norm, output layer and loss, one micro-batch."""
-
-    saved: int  # kept from the forward to the loss backward
-    forward: int  # transient at the loss in the forward
-    backward: int  # transient in the loss backward
-
-
-def head_bytes(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
-               bytes_: Bytes | None = None, kernels: str = "cuda", return_logits: bool = False) -> HeadBytes:
-    """lm_loss over chunks (the training path), or the whole logits with `return_logits`."""
-    e = bytes_ or element_bytes("autocast", "bf16")
-    S, b, h = seq_len, micro_batch, m.hidden_size
-    rows, vocab = S * b, m.vocab_size // tp
-    shard = tp if sequence_parallel else 1
-    normed = h * e.resid if kernels == "cpu" else 0
-    saved = rows * (4 + normed + h * e.resid) // shard  # final norm: rstd, output
-    weight = vocab * h
-    # the output layer's weight gradient (bf16, then fp32 under autocast) and the bf16 weight copy
-    weight_temps = weight * (2 + 2 + 4) if e.autocast else weight * e.grad
-    softmax_kept = rows * vocab * 4 + rows * (1 + 8)  # fp32 softmax, target mask, target index
-    if return_logits:
-        logits = rows * vocab
-        return HeadBytes(saved + softmax_kept, logits * e.act + (logits * 4 if e.act != 4 else 0),
-                         logits * e.act + weight_temps)
-    if sequence_parallel:  # the gathered [S, b, h], kept as the checkpointed chunks' input
-        saved += rows * h * e.resid
-    chunk = min(S, max(1, language_model.LOSS_CHUNK_ELEMENTS // (b * vocab)))
-    chunk_logits = chunk * b * vocab
-    if chunk == S:  # one chunk, not checkpointed: autograd saves what the loss needs
-        saved += softmax_kept + (rows * h * e.act if e.autocast else 0)  # + the linear's bf16 input
-    per_logit = e.act + (4 if e.act != 4 else 0)  # the logits and their fp32 copy
-    return HeadBytes(saved, chunk_logits * per_logit + (weight * 2 if e.autocast else 0),
-                     chunk_logits * per_logit + weight_temps)
-
-
-def embedding_saved_bytes(seq_len: int, micro_batch: int) -> int:
-    return seq_len * micro_batch * 8  # int64 token ids for the embedding's backward
-
-
-def block_mask_bytes(m: ModelArgs, seq_len: int, kernels: str = "cuda") -> int:
-    """FlexAttention's cached BlockMask (GPU only): index tensors per 128 x 128 block pair."""
-    if m.attention == "dense" or kernels != "cuda":
-        return 0
-    C, F = m.block_size, (m.fam_len if m.uses_fam else 0)
-    T = math.ceil(seq_len / C)
-    pairs = math.ceil(T * C / FLEX_BLOCK) * math.ceil(T * (F + C) / FLEX_BLOCK)
-    return BLOCK_MASK_BYTES_PER_BLOCK * pairs
 
 
 # ---------------------------------------------------------------- pipeline

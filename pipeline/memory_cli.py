@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from model.config import model_args_from_dict, read_config_tree
-from pipeline.memory import DEFAULT_ALLOWANCE_GIB, GIB, KERNELS, PRECISIONS, MemoryEstimate, estimate
+from pipeline.memory import DEFAULT_ALLOWANCE_GIB, GIB, KERNELS, MemoryEstimate, estimate
+from pipeline.memory_terms import PRECISIONS
 from pipeline.pipeline_parallel import SCHEDULES
 
 _ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer states", "optimizer"),

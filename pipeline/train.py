@@ -14,13 +14,13 @@ engine (pipeline/zero.py) reduces, clips and steps instead of the plain loop. Va
 train.eval_interval_steps (no RPO/RSP), checkpoints every checkpoint.save_interval_steps and at
 the end (none with checkpoint.enabled=false), MLflow from rank 0. SIGINT/SIGTERM finish the current
 step, write a checkpoint and exit; `checkpoint.resume=auto` continues from it. The summary ends with
-the peak GPU and host memory over all ranks (pipeline/distributed.py peak_memory).
+the peak GPU and host memory over all ranks (pipeline/distributed.py peak_memory). Input checks,
+checkpoint saving, MLflow start and the closing summary are in pipeline/train_io.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import random
 import sys
@@ -33,9 +33,8 @@ import numpy as np
 import torch
 
 from model import FAMState, allreduce_sequence_parallel_grads, build_model, init_parallel
-from model.config import describe
 from pipeline import config as config_lib
-from pipeline.checkpoint import save_checkpoint
+from pipeline import config_checks
 from pipeline.console import IntervalMeter, build_progress_bar, log_peak_memory, setup_logging
 from pipeline.distributed import (Ranks, all_reduce_mean, all_reduce_sum, average_gradients, broadcast_tensors,
                                   build_ranks, destroy_parallel, launch_world_size, peak_memory, select_device)
@@ -44,9 +43,8 @@ from pipeline.flops import flops_per_token, peak_flops
 from pipeline.optim import build_optimizer, clip_grads, lr_at, set_lr
 from pipeline.parallel_steps import (build_engine, build_pipeline, model_init_context, pipeline_eval,
                                      pipeline_forward_backward, zero_forward_backward_step)
-from pipeline.tracking import Tracker, build_loss_curve, build_tags
-from pipeline.trainer_state import (checkpoint_files, draw_step, micro_batch_offsets, resolve_resume, restore,
-                                    share_rsp_state)
+from pipeline.train_io import check_inputs, finish_run, save, start_tracking
+from pipeline.trainer_state import draw_step, micro_batch_offsets, resolve_resume, restore, share_rsp_state
 
 log = logging.getLogger("famtron")
 
@@ -81,7 +79,7 @@ def build_trainer(cfg: config_lib.Config) -> Trainer:
     """Process groups, seeded model, optimizer and loaders; validates the config first."""
     from pipeline.data import ShardLoader, build_valid_loader
 
-    config_lib.validate(cfg, launch_world_size())  # before any process group exists to hang on
+    config_checks.validate(cfg, launch_world_size())  # before any process group exists to hang on
     check_inputs(cfg)
     device = select_device(cfg.train.device)
     backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
@@ -91,7 +89,7 @@ def build_trainer(cfg: config_lib.Config) -> Trainer:
     ranks = build_ranks()
     setup_logging(ranks.is_rank0)
     seed_everything(cfg.train.seed, device)
-    accum = config_lib.grad_accumulation_steps(cfg, ranks.world_size)
+    accum = config_checks.grad_accumulation_steps(cfg, ranks.world_size)
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     stages = schedule = None
     if p.pipeline_parallel_size > 1:  # only this rank's layers are ever built
@@ -125,27 +123,6 @@ def build_trainer(cfg: config_lib.Config) -> Trainer:
                    use_bf16=use_bf16, nonfinite=NonFiniteGuard(cfg.train.max_nonfinite_steps),
                    keys=SampleKeyRecorder(cfg.train.record_sample_keys, ranks.rank), stages=stages, schedule=schedule,
                    engine=engine)
-
-
-def check_inputs(cfg: config_lib.Config) -> None:
-    """The manifests exist and their tokenizer fits the model's vocabulary."""
-    from pipeline.data import manifest_info
-
-    named = [("train_manifest", cfg.data.train_manifest), ("valid_manifest", cfg.data.valid_manifest)]
-    if cfg.data.train_blend:
-        named = [(f"train_blend[{i}]", path) for i, path in enumerate(cfg.data.train_blend)] + named[1:]
-    for key, path in named:
-        if not path:
-            continue
-        if not Path(path).is_file():
-            raise FileNotFoundError(
-                f"data.{key}={path}: no such file. Build shards first, e.g. python -m data_prep.shard "
-                f"--input stdlib --tokenizer byte --seq-len {cfg.data.seq_len} --output data/stdlib-byte-{cfg.data.seq_len}"
-            )
-        vocab = manifest_info(path)["vocab_size"]
-        if vocab > cfg.model.vocab_size:  # token ids past the embedding fail deep inside megatron otherwise
-            raise ValueError(f"data.{key}={path} holds token ids up to {vocab - 1} but model.vocab_size="
-                             f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab}")
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -233,44 +210,6 @@ def evaluate(tr: Trainer) -> float:
     tr.model.train()
     total = all_reduce_sum(all_reduce_sum(total, tr.ranks.pp_group), tr.ranks.dp_group)
     return float(total[0] / total[1])
-
-
-def save(tr: Trainer, tracker: Tracker) -> Path:
-    """Shards (global layer names under PP), loaders, RNG, trainer state; with ZeRO, DeepSpeed's
-    files go into the same step folder (`zero/`, pipeline/zero_checkpoint.py), under one manifest."""
-    trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id}
-    files = checkpoint_files(tr.ranks, tr.model, tr.optimizer, tr.loader, tr.rsp_state, trainer,
-                             config_lib.to_yaml(tr.cfg), stages=tr.stages, zero_stage=tr.cfg.parallel.zero_stage)
-    write_extra = None
-    if tr.engine is not None:
-        from pipeline.zero_checkpoint import save_zero_checkpoint
-
-        def write_extra(folder: Path) -> None:
-            save_zero_checkpoint(tr.engine, folder, "zero", step=tr.step)
-
-    path = save_checkpoint(tr.cfg.checkpoint.dir, tr.step, files, tr.cfg.checkpoint.keep_last, tr.ranks.rank,
-                           write_extra=write_extra)
-    log.info("checkpoint %s", path)
-    return path
-
-
-def start_tracking(tr: Trainer, run_id: str | None) -> Tracker:
-    """MLflow run (rank 0), resolved config saved beside it, the run's headline on the console."""
-    tracker = Tracker(tr.cfg.tracking, active=tr.ranks.is_rank0)
-    if tr.ranks.is_rank0:
-        r, d = tr.ranks, tr.cfg.data
-        config_path = config_lib.save_config(tr.cfg, Path(tr.cfg.train.run_dir) / "config.yaml")
-        tags = build_tags({"world_size": r.world_size, "tp_size": r.tp_size, "pp_size": r.pp_size, "dp_size": r.dp_size,
-                           "device": tr.device.type, "resumed_from_step": tr.step})
-        tracker.start(config_lib.to_flat_dict(tr.cfg), tags, resume_run_id=run_id)
-        tracker.log_artifact(config_path)
-        log.info("%s", tracker.describe())
-        log.info("model: %s | %.2fM params | world %d = TP %d x PP %d x DP %d | micro %d x accum %d x DP = global %d"
-                 " | %s %s",
-                 describe(tr.cfg.model), tr.cfg.model.num_params(embeddings=True) / 1e6, r.world_size, r.tp_size,
-                 r.pp_size, r.dp_size, d.micro_batch_size, tr.accum, d.global_batch_size, tr.device.type,
-                 "bf16" if tr.use_bf16 else "fp32")
-    return tracker
 
 
 def run(cfg: config_lib.Config) -> dict:
@@ -367,25 +306,6 @@ def _train(cfg: config_lib.Config) -> dict:
     return summary
 
 
-def finish_run(tracker: Tracker, summary: dict, run_dir: Path) -> None:
-    """Summary JSON and loss curve into run_dir and MLflow; the closing console lines."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    history = {"loss": summary["losses"], "val_loss": summary["val_losses"]}
-    if tracker.active:  # the whole run's curves, including the steps before a resume
-        history = {key: tracker.full_history(key) for key in ("loss", "val_loss", "lr")}
-    curve = build_loss_curve(history, run_dir / "loss_curve.png", title=f"{run_dir.name}: loss")
-    for path in (run_dir / "summary.json", curve):
-        if path is not None:
-            tracker.log_artifact(path)
-    tracker.finish(summary["status"])
-    final, val = summary["final_loss"], summary["final_val_loss"]
-    log.info("%s at step %d/%d | final loss %s | validation loss %s", summary["status"].lower(), summary["step"],
-             summary["steps"], "n/a" if final is None else f"{final:.4f}", "n/a" if val is None else f"{val:.4f}")
-    log.info("last checkpoint: %s", summary["last_checkpoint"])
-    log.info("%s", tracker.describe())
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -398,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:  # config mistakes are usage errors: one line, no traceback
         cfg = config_lib.load_config(args.config, overrides)
-        config_lib.validate(cfg, launch_world_size())
+        config_checks.validate(cfg, launch_world_size())
         check_inputs(cfg)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))

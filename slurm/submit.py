@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import config as config_lib
+from pipeline import config_checks
 
 TEMPLATE = Path(__file__).with_name("train.sbatch")
 REPO = TEMPLATE.parent.parent
@@ -81,7 +82,7 @@ def check_shape(cfg: config_lib.Config, shape: JobShape) -> None:
         raise ValueError(f"parallel.tensor_parallel_size={tp} spans more than one node ({shape.gpus_per_node} GPUs "
                          "per node): keep TP inside a node, where NVLink is")
     try:
-        config_lib.validate(cfg, world)
+        config_checks.validate(cfg, world)
     except ValueError as err:
         raise ValueError(f"{how} (TP {tp} x PP {pp} x DP {world // (tp * pp)}): {err}") from None
     if shape.time:

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from model.config import ModelArgs
-from pipeline.config import Config, load_config, parse_overrides, to_flat_dict, to_yaml, validate
+from pipeline.config import Config, load_config, parse_overrides, to_flat_dict, to_yaml
+from pipeline.config_checks import validate
 from pipeline.flops import attention_keys, flops_per_token, layer_matmul_params, mfu, peak_flops
 from pipeline.optim import build_optimizer, is_no_decay, lr_at
 

@@ -183,7 +183,8 @@ def test_wall_budget_saves_and_stops_in_time(shards, tmp_path):
     ("--parallel.timeout_seconds=0", r"parallel.timeout_seconds=0.0: must be > 0"),
 ])
 def test_fault_settings_are_validated(override, message):
-    from pipeline.config import load_config, validate
+    from pipeline.config import load_config
+    from pipeline.config_checks import validate
 
     validate(load_config(None, ["--data.train_manifest=x.json"]))  # the defaults pass
     with pytest.raises(ValueError, match=message):

@@ -18,17 +18,16 @@ import torch
 
 from model import build_model, language_model, load_model_args
 from model.config import ModelArgs, read_config_tree, to_fam_config
-from pipeline.memory import (
-    GIB,
+from pipeline.memory import GIB, estimate
+from pipeline.memory_cli import estimate_config
+from pipeline.memory_terms import (
     element_bytes,
     embedding_saved_bytes,
-    estimate,
     head_bytes,
     layer_activation_terms,
     layer_held_bytes,
     stage_params,
 )
-from pipeline.memory_cli import estimate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "configs" / "recipes"

@@ -222,7 +222,7 @@ def test_training_on_a_blend_mixes_manifests_in_proportion_and_resumes_exactly(s
 
 
 def test_blend_needs_one_weight_per_manifest(shards, tmp_path):
-    from pipeline.config import validate
+    from pipeline.config_checks import validate
 
     cfg = load_config(None, tiny_overrides(shards, tmp_path, data__train_blend="[a.json, b.json]",
                                            data__train_blend_weights="[1.0]"))
