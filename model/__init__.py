@@ -24,7 +24,7 @@ from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 from model.cpu_compat import apply_cpu_compat  # noqa: E402
 from model.config import FAMConfig, ModelArgs, load_model_args, to_fam_config  # noqa: E402
 from model.init import init_parameters_  # noqa: E402
-from model.language_model import FAMLanguageModel, ModelOutput, allreduce_sequence_parallel_grads  # noqa: E402
+from model.language_model import FAMLanguageModel, ModelOutput  # noqa: E402
 from model.state import FAMState, LayerState  # noqa: E402
 
 
@@ -93,7 +93,6 @@ __all__ = [
     "LayerState",
     "ModelArgs",
     "ModelOutput",
-    "allreduce_sequence_parallel_grads",
     "build_model",
     "init_parallel",
     "load_model_args",

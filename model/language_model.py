@@ -18,7 +18,6 @@ from megatron.core.tensor_parallel import (
     scatter_to_sequence_parallel_region,
     vocab_parallel_cross_entropy,
 )
-from megatron.core.parallel_state import get_tensor_model_parallel_group
 from megatron.core.transformer.module import MegatronModule
 from torch.utils.checkpoint import checkpoint
 
@@ -29,19 +28,6 @@ from model.state import FAMState
 
 
 LOSS_CHUNK_ELEMENTS = 2**27  # logits elements per loss chunk: ~1.3 GB of bf16 + fp32 transients
-
-
-def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
-    """Sum over TP the gradients that sequence parallelism leaves partial (the norm weights: each
-    rank normalised a slice of the rows; the embedding and FAM prompt get whole gradients from the
-    scatter's all-gather). Call after backward, before clipping."""
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat, group=get_tensor_model_parallel_group())
-    for g, new in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(new.view_as(g))
 
 
 @dataclass

@@ -15,7 +15,18 @@ def build_norm(config) -> torch.nn.Module:
         norm = _ApexRMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
     else:
         norm = torch.nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
-    # Under sequence parallelism each TP rank sees a slice of the tokens, so this weight's
-    # gradient is partial: megatron's convention marks it for an all-reduce over TP.
+    # Under sequence parallelism each TP rank sees a slice of the tokens (and FAM rows), so this
+    # weight's gradient is partial: summed over TP in backward, whatever runs the step (plain
+    # loop, pipeline schedule, DeepSpeed). Megatron's mark is kept for tools that look for it.
     norm.weight.sequence_parallel = config.sequence_parallel
+    if config.sequence_parallel:
+        norm.weight.register_hook(_sum_over_tensor_parallel_ranks)
     return norm
+
+
+def _sum_over_tensor_parallel_ranks(grad: torch.Tensor) -> torch.Tensor:
+    from megatron.core.parallel_state import get_tensor_model_parallel_group
+
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad, group=get_tensor_model_parallel_group())
+    return grad

@@ -43,11 +43,6 @@ def validate_parallel_keys(cfg: Config, world_size: int) -> None:
             f"{d.global_batch_size} / (data.micro_batch_size={d.micro_batch_size} x DP {dp})) divisible by "
             f"parallel.pipeline_parallel_size={p.pipeline_parallel_size}"
         )
-    if p.sequence_parallel and p.zero_stage:
-        raise ValueError(
-            f"parallel.sequence_parallel=true with parallel.zero_stage={p.zero_stage}: the sequence-parallel "
-            "gradient all-reduce is not wired into DeepSpeed's backward; use zero_stage=0"
-        )
     if p.pipeline_layout is None and cfg.model.num_layers % (p.pipeline_parallel_size * p.virtual_stages):
         n = p.pipeline_parallel_size * p.virtual_stages
         raise ValueError(
@@ -58,11 +53,6 @@ def validate_parallel_keys(cfg: Config, world_size: int) -> None:
     if p.sequence_parallel and d.seq_len % p.tensor_parallel_size:
         raise ValueError(f"data.seq_len={d.seq_len} must be divisible by parallel.tensor_parallel_size="
                          f"{p.tensor_parallel_size} with parallel.sequence_parallel=true")
-    if p.sequence_parallel and p.pipeline_parallel_size > 1:
-        raise ValueError(
-            f"parallel.sequence_parallel=true with parallel.pipeline_parallel_size={p.pipeline_parallel_size}: the "
-            "stages would pass sequence-sharded activations, which the training loop does not wire yet"
-        )
     if p.deepspeed_overrides and p.zero_stage == 0:
         raise ValueError("parallel.deepspeed_overrides is set but parallel.zero_stage=0 (DeepSpeed is not used)")
     validate_parallel(cfg.model, p.tensor_parallel_size, p.pipeline_parallel_size, max(dp, 1), p.zero_stage,

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import FAMState, allreduce_sequence_parallel_grads, build_model, init_parallel
+from model import FAMState, build_model, init_parallel
 from pipeline import config as config_lib
 from pipeline import config_checks
 from pipeline.console import IntervalMeter, build_progress_bar, log_peak_memory, setup_logging
@@ -157,8 +157,6 @@ def train_step(tr: Trainer, data_iter) -> tuple[float, float, float, bool, bool]
         tr.optimizer.zero_grad(set_to_none=True)
         run_micro_batches = pipeline_forward_backward if tr.stages else forward_backward
         step_loss, next_rsp = run_micro_batches(tr, tokens, offsets, start_state)
-        if cfg.parallel.sequence_parallel:  # before the DP average and the norm
-            allreduce_sequence_parallel_grads(tr.model)
         average_gradients(tr.params, ranks.dp_group)
         grad_norm = clip_grads(tr.params, cfg.optim.grad_clip, ranks.tp_group, ranks.pp_group)
     loss = float(all_reduce_mean(step_loss, ranks.dp_group))

@@ -24,7 +24,7 @@ def _worker(rank, world_size, kind, sequence_parallel=False, seq=SEQ, chunked_lo
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from model import allreduce_sequence_parallel_grads, build_model, init_parallel
+    from model import build_model, init_parallel
     from model.reference import ReferenceFAM
     from model.weights import load_reference_weights, merge_megatron_shards
 
@@ -43,8 +43,7 @@ def _worker(rank, world_size, kind, sequence_parallel=False, seq=SEQ, chunked_lo
 
         lm.LOSS_CHUNK_ELEMENTS = 2 * (args.vocab_size // tp_size) * 5
     out = model(tokens, labels=labels, position_offset=torch.tensor([3.0, 1000.5]), return_logits=not chunked_loss)
-    out.loss.backward()
-    allreduce_sequence_parallel_grads(model)
+    out.loss.backward()  # SP: the norm weights' partial gradients are summed over TP in backward
 
     shards = [{} for _ in range(tp_size)]
     for name, p in model.named_parameters():

@@ -1,8 +1,9 @@
 """`pipeline.train.run` under pipeline parallelism and ZeRO equals one process: the loss of every
 step, the validation loss and the final weights, with a 4-layer tiny model on the real shards
 (tests/conftest.py). Cases: PP=2 1F1B, PP=2 interleaved 1F1B, TP=2 x PP=2, TP=2 with sequence
-parallelism, DP=2 ZeRO-1/2/3, PP=2 x DP=2 ZeRO-1; then resume of a PP=2 ZeRO-1 run and of a
-TP=2 x PP=2 checkpoint at TP=1 x PP=1 and the other way round."""
+parallelism (alone, with PP=2, and with DP=2 under ZeRO-1/2/3), DP=2 ZeRO-1/2/3, PP=2 x DP=2
+ZeRO-1; then resume of a PP=2 ZeRO-1 run and of a TP=2 x PP=2 checkpoint at TP=1 x PP=1 and the
+other way round."""
 
 from __future__ import annotations
 
@@ -60,9 +61,17 @@ CASES = {  # name: (world size, TP, PP, overrides)
                                       parallel__pipeline_schedule="interleaved_1f1b")),
     "tp2_pp2": (4, 2, 2, dict(parallel__tensor_parallel_size=2, parallel__pipeline_parallel_size=2)),
     "tp2_sp": (2, 2, 1, dict(parallel__tensor_parallel_size=2, parallel__sequence_parallel=True)),
+    "tp2_pp2_sp": (4, 2, 2, dict(parallel__tensor_parallel_size=2, parallel__pipeline_parallel_size=2,
+                                 parallel__sequence_parallel=True)),
+    "tp2_sp_dp2_zero1": (4, 2, 1, dict(parallel__tensor_parallel_size=2, parallel__sequence_parallel=True,
+                                       parallel__zero_stage=1)),
+    "tp2_sp_dp2_zero2": (4, 2, 1, dict(parallel__tensor_parallel_size=2, parallel__sequence_parallel=True,
+                                       parallel__zero_stage=2)),
+    "tp2_sp_dp2_zero3": (4, 2, 1, dict(parallel__tensor_parallel_size=2, parallel__sequence_parallel=True,
+                                       parallel__zero_stage=3)),  # ZeRO-3: weights not compared (partitioned)
     "dp2_zero1": (2, 1, 1, dict(parallel__zero_stage=1)),
     "dp2_zero2": (2, 1, 1, dict(parallel__zero_stage=2)),
-    "dp2_zero3": (2, 1, 1, dict(parallel__zero_stage=3)),  # weights only in DeepSpeed's partitions: not compared
+    "dp2_zero3": (2, 1, 1, dict(parallel__zero_stage=3)),
     "pp2_dp2_zero1": (4, 1, 2, dict(parallel__pipeline_parallel_size=2, parallel__zero_stage=1)),
 }
 
@@ -87,7 +96,7 @@ def test_parallel_training_matches_one_process_losses_and_weights(case, shards, 
     for key in ("losses", "val_losses", "grad_norms"):
         np.testing.assert_allclose([v for _, v in got[key]], [v for _, v in reference[key]], rtol=1e-5, err_msg=key)
     assert all(v > 0.5 for _, v in reference["grad_norms"])  # clipping was active
-    if case == "dp2_zero3":
+    if extra.get("parallel__zero_stage") == 3:  # weights only in DeepSpeed's partitions
         assert (Path(got["last_checkpoint"]) / "zero" / "famtron_zero.json").is_file()
         return
     params = _final_params(got["last_checkpoint"], tp, pp)
