@@ -79,7 +79,7 @@ def run_suite(out: Path, gpus: int, serial: bool, timeout: float, cell_args: lis
                    "--master_port", str(29600 + index), "-m", "benchmarks.parallel_parity", *cell.args,
                    *cell_args, "--out", str(out / f"{cell.name}.json")]
             cell_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))} if gpus else env
-            log = open(out / f"{cell.name}.log", "w")
+            log = open(out / f"{cell.name}.log", "w")  # folded into suite.log when the cell ends
             procs.append((cell, subprocess.Popen(cmd, env=cell_env, stdout=log, stderr=subprocess.STDOUT), log))
         for cell, proc, log in procs:
             try:
@@ -88,10 +88,22 @@ def run_suite(out: Path, gpus: int, serial: bool, timeout: float, cell_args: lis
                 proc.kill()
                 code = "timeout"
             log.close()
-            print(f"  {cell.name}: exit {code} after {time.time() - started:.0f} s (log {out / cell.name}.log)", flush=True)
+            print(f"  {cell.name}: exit {code} after {time.time() - started:.0f} s (log in {out / 'suite.log'})",
+                  flush=True)
+            fold_log(out, cell.name, code)
             if (out / f"{cell.name}.json").is_file():
                 results.append(out / f"{cell.name}.json")
     return results
+
+
+def fold_log(out: Path, name: str, code, keep_chars: int = 4000) -> None:
+    """Append the end of a cell's log to `suite.log` and drop the cell's own file: one log file
+    beside the cells' JSONs, as few files as tools that copy results back allow."""
+    path = out / f"{name}.log"
+    text = path.read_text(errors="replace")
+    with open(out / "suite.log", "a") as suite:
+        suite.write(f"===== {name}: exit {code} (last {keep_chars} of {len(text)} characters)\n{text[-keep_chars:]}\n")
+    path.unlink()
 
 
 def compare(paths: list[Path]) -> list[dict]:
