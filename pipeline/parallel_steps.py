@@ -88,8 +88,9 @@ def zero_forward_backward_step(tr: Trainer, tokens: list, offsets: list, start_s
         return last_stage_value(tr, loss), _grad_norm(tr.engine), stage_rsp_state(tr)
     micro_batches = [{"tokens": b[:, :-1], "labels": b[:, 1:], "state": start_state, "position_offset": o,
                       "return_logits": False} for b, o in zip(tokens, offsets)]
-    with tr.autocast():
-        result = zero_train_step(tr.engine, micro_batches, lr=lr)
+    # No outer autocast: DeepSpeed's bf16 runs the module in bf16 itself, and its engine turns an
+    # outer autocast off inside its forward anyway (with a warning).
+    result = zero_train_step(tr.engine, micro_batches, lr=lr)
     next_rsp = result.first_output.state.fam_only(0) if tr.cfg.model.uses_fam else None
     return result.loss, result.grad_norm, next_rsp
 
