@@ -11,6 +11,7 @@ Named configs live in `configs/` at the repository root. A config file may start
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,15 +109,30 @@ class ModelArgs:
             bad("fam_len", f"must be divisible by tensor_parallel_size={tensor_parallel_size} with sequence parallelism "
                 "(the FAM rows are sharded along the token dimension)")
 
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter of the whole (TP=1) megatron model: name -> shape."""
+        h, d, n, g, ff, vocab = (self.hidden_size, self.head_dim, self.num_attention_heads, self.query_groups,
+                                 self.ffn_size, self.vocab_size)
+        shapes = {"embedding.weight": (vocab, h)}
+        if self.uses_fam:
+            shapes["fam_prompt"] = (self.fam_len, h)
+        for i in range(self.num_layers):
+            p = f"layers.{i}."
+            shapes.update({
+                p + "input_norm.weight": (h,),
+                p + "attention.linear_qkv.weight": ((n + 2 * g) * d, h),
+                p + "attention.linear_proj.weight": (h, n * d),
+                p + "pre_mlp_norm.weight": (h,),
+                p + "mlp.linear_fc1.weight": (2 * ff, h),
+                p + "mlp.linear_fc2.weight": (h, ff),
+            })
+        shapes.update({"final_norm.weight": (h,), "output_layer.weight": (vocab, h)})
+        return shapes
+
     def num_params(self, embeddings: bool = False) -> int:
-        """Parameter count: layers and final norm; embeddings and output layer if asked."""
-        h, d, n, g = self.hidden_size, self.head_dim, self.num_attention_heads, self.query_groups
-        attention = h * (n + 2 * g) * d + n * d * h
-        ffn = 3 * h * self.ffn_size
-        total = self.num_layers * (attention + ffn + 2 * h) + h
-        if embeddings:
-            total += 2 * self.vocab_size * h + (self.fam_len * h if self.uses_fam else 0)
-        return total
+        """Parameter count: layers and final norm; embeddings, FAM prompt and output layer if asked."""
+        outside = () if embeddings else ("embedding.weight", "fam_prompt", "output_layer.weight")
+        return sum(math.prod(shape) for name, shape in self.parameter_shapes().items() if name not in outside)
 
 
 @dataclass

@@ -29,27 +29,6 @@ def name_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
-def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the whole (TP=1) model: global name -> shape."""
-    h, d, n, g, ff, vocab = (args.hidden_size, args.head_dim, args.num_attention_heads, args.query_groups,
-                             args.ffn_size, args.vocab_size)
-    shapes = {"embedding.weight": (vocab, h)}
-    if args.uses_fam:
-        shapes["fam_prompt"] = (args.fam_len, h)
-    for i in range(args.num_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "input_norm.weight": (h,),
-            p + "attention.linear_qkv.weight": ((n + 2 * g) * d, h),
-            p + "attention.linear_proj.weight": (h, n * d),
-            p + "pre_mlp_norm.weight": (h,),
-            p + "mlp.linear_fc1.weight": (2 * ff, h),
-            p + "mlp.linear_fc2.weight": (h, ff),
-        })
-    shapes.update({"final_norm.weight": (h,), "output_layer.weight": (vocab, h)})
-    return shapes
-
-
 def draw(name: str, shape: tuple[int, ...], std: float, num_layers: int, seed: int, device="cpu",
          dtype=torch.float32) -> torch.Tensor:
     """The whole initial value of parameter `name`."""
@@ -67,7 +46,7 @@ def init_parameters_(module: torch.nn.Module, args: ModelArgs, seed: int, tp_ran
     its layout-independent initial value. `global_name` maps the module's parameter names to the
     whole model's (a pipeline part numbers its layers from 0). ZeRO-3 parameters (built under
     deepspeed.zero.Init, partitioned) are gathered one at a time and written from DP rank 0."""
-    shapes = full_shapes(args)
+    shapes = args.parameter_shapes()
     for name, param in module.named_parameters():
         full_name = global_name(name)
         if full_name not in shapes:
