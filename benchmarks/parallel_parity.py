@@ -42,9 +42,8 @@ def stdlib_windows(seq_len: int, count: int) -> torch.Tensor:
 def run(opts) -> dict:
     from megatron.core import parallel_state as ps
 
-    from model import build_model, init_parallel, load_model_args, seed_init
-    from model.config import to_fam_config
-    from pipeline.pipeline_parallel import build_schedule, build_stages, init_stages_, pipeline_step
+    from model import build_model, init_parallel, load_model_args
+    from pipeline.pipeline_parallel import build_initialised_stages, build_schedule, pipeline_step
 
     init_parallel(opts.tp, opts.pp)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -60,10 +59,7 @@ def run(opts) -> dict:
 
     # The same initial weights in every layout: drawn per parameter name (model/init.py).
     if opts.pp > 1:
-        config = to_fam_config(args, opts.tp, opts.pp, cpu_initialization=not cuda)
-        seed_init(opts.seed, device)
-        stages = build_stages(config, pp_rank, opts.pp, device=device)
-        init_stages_(stages, args, opts.seed, tp_rank, opts.tp)
+        stages = build_initialised_stages(args, pp_rank, opts.pp, opts.seed, device, tp_rank, opts.tp)
         params = [p for _, s in stages for p in s.parameters()]
         schedule = build_schedule(stages, opts.pp, per_rank, "1f1b", ps.get_pipeline_model_parallel_group(), device)
     else:

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model import FAMState, LayerState, seed_init
-from model.config import to_fam_config
+from model import FAMState, LayerState
 from pipeline import config as config_lib
 from pipeline.distributed import Ranks, all_reduce_sum
-from pipeline.pipeline_parallel import build_schedule, build_stages, init_stages_, pipeline_step
+from pipeline.pipeline_parallel import build_initialised_stages, build_schedule, pipeline_step
 
 if TYPE_CHECKING:
     from pipeline.train import Trainer
@@ -28,11 +27,8 @@ def build_pipeline(cfg: config_lib.Config, ranks: Ranks, accum: int, device: tor
     so PP = 2 starts from PP = 1's weights without any rank holding more than its layers), and the
     schedule over them; the step's accum x micro_batch_size sequences are its accum micro-batches."""
     p = cfg.parallel
-    config = to_fam_config(cfg.model, p.tensor_parallel_size, p.pipeline_parallel_size, torch.float32,
-                           p.sequence_parallel, cpu_initialization=device.type == "cpu")
-    seed_init(cfg.train.seed, device)  # megatron's construction needs its RNG (CUDA: the TP tracker)
-    stages = build_stages(config, ranks.pp_rank, ranks.pp_size, p.virtual_stages, p.pipeline_layout, device)
-    init_stages_(stages, cfg.model, cfg.train.seed, ranks.tp_rank, ranks.tp_size)
+    stages = build_initialised_stages(cfg.model, ranks.pp_rank, ranks.pp_size, cfg.train.seed, device, ranks.tp_rank,
+                                      ranks.tp_size, p.virtual_stages, p.pipeline_layout, p.sequence_parallel)
     return stages, build_schedule(stages, ranks.pp_size, accum, p.pipeline_schedule, ranks.pp_group, device)
 
 

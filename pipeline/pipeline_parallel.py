@@ -121,13 +121,21 @@ def pipeline_step(schedule, stages, tokens, labels, offsets, initial_state: list
     return torch.stack(losses).mean().detach() if has_last else None
 
 
-def init_stages_(stages, args, seed: int, tp_rank: int = 0, tp_size: int = 1) -> None:
-    """Each stage's parameters get the whole model's initial values (model/init.py): a rank
-    builds and draws only its own layers, yet PP = 2 starts from PP = 1's weights."""
+def build_initialised_stages(args, pp_rank: int, pp_size: int, seed: int, device, tp_rank: int = 0, tp_size: int = 1,
+                             virtual_stages: int = 1, layout=None, sequence_parallel: bool = False):
+    """This rank's stages with the whole model's initial values (model/init.py): a rank builds
+    and draws only its own layers, yet PP = 2 starts from PP = 1's weights."""
+    from model import seed_init
+    from model.config import to_fam_config
     from model.init import init_parameters_
 
+    config = to_fam_config(args, tp_size, pp_size, torch.float32, sequence_parallel,
+                           cpu_initialization=device.type == "cpu")
+    seed_init(seed, device)  # megatron's construction needs its RNG (CUDA: the TP tracker)
+    stages = build_stages(config, pp_rank, pp_size, virtual_stages, layout, device)
     for _, stage in stages:
         init_parameters_(stage.part, args, seed, tp_rank, tp_size, global_name=stage.part.global_name)
+    return stages
 
 
 def stage_state_dict(stages) -> dict[str, torch.Tensor]:

@@ -60,15 +60,12 @@ def test_tp2_shards_merge_into_the_tp1_model():
 
 def test_a_pipeline_stage_built_alone_holds_the_whole_models_values_for_its_layers():
     from model import init_parallel
-    from model.config import to_fam_config
-    from pipeline.pipeline_parallel import build_stages, init_stages_, stage_state_dict
+    from pipeline.pipeline_parallel import build_initialised_stages, stage_state_dict
 
     init_parallel()
     args = small_args(**ARGS)
     whole = _whole_model()
-    stages = build_stages(to_fam_config(args, 1, 2, cpu_initialization=True), pp_rank=1, pp_size=2,
-                          device=torch.device("cpu"))
-    init_stages_(stages, args, seed=7)
+    stages = build_initialised_stages(args, pp_rank=1, pp_size=2, seed=7, device=torch.device("cpu"))
     own = stage_state_dict(stages)
     expected = {k for k in whole if k.startswith(("layers.2.", "layers.3.")) or k in ("final_norm.weight", "output_layer.weight")}
     assert set(own) == expected  # no embedding, no FAM prompt, no layers 0-1 on the last stage
