@@ -9,11 +9,11 @@ Where the reference loops block by block, this layer processes a whole sequence 
 Input and output are one tensor [F + S, b, h]: the FAM rows, then the block tokens (with
 sequence parallelism, this rank's [F/tp + S/tp, b, h]: both sharded along the token dimension;
 megatron's SP linears gather before QKV and FC1 and reduce-scatter after the projections, and the
-scan does the same to its F rows). On the way
-in, the F rows are this layer's initial FAM (the prompt, or the layer below's FAM after the
-first block: the soft-prompt reading of model/reference.py); on the way out they are this
-layer's FAM after the first block, which the next layer starts from. An optional LayerState
-(streaming, random state passing) replaces the rows as the initial FAM.
+scan does the same to its F rows). The F rows are the soft-prompt stream of model/reference.py:
+on the way in, this layer's initial FAM (the prompt at layer 0); on the way out, the same rows
+after attending only among themselves and the FFN, the next layer's initial FAM. An optional
+LayerState (streaming, random state passing) replaces the rows as the initial FAM; the rows
+then pass through unchanged, since no layer reads them.
 """
 
 from __future__ import annotations
@@ -76,11 +76,15 @@ class FAMLayer(MegatronModule):
         T = math.ceil(S / C)
         q, k, v = self.attention.project_qkv(self.input_norm(x), positions, positions)  # 1: one GEMM
 
-        fam_k, fam_v, first_fam, fam = [], [], None, None
+        fam_k, fam_v, fam, prompt_out = [], [], None, None
         if F:  # 2: the FAM scan (model/scan.py)
-            fam = state.fam.expand(-1, b, -1) if state is not None else hidden[:F_local]
+            prompt = hidden[:F_local]
+            fam = state.fam.expand(-1, b, -1) if state is not None else prompt
             rope_q, rope_k = self._fam_rope(positions, S)
             step, weights = fam_step_for(x.device), self._scan_weights()
+            # The soft-prompt stream: the prompt rows attend only among themselves, at the F
+            # positions before the first block (a step over an empty block).
+            prompt_out = prompt if state is not None else step(prompt, k[:0], v[:0], *rope_k[0], *rope_k[0], 1.0, *weights)[0]
             for t in range(T):
                 lo, hi = t * C, min((t + 1) * C, S)
                 zero_residual = t == 0 and state is None  # paper B.1: the first update has none
@@ -90,7 +94,6 @@ class FAMLayer(MegatronModule):
                 )
                 fam_k.append(fk)
                 fam_v.append(fv)
-                first_fam = fam if t == 0 else first_fam
 
         # 3: all blocks at once. Pad to whole blocks; padded keys sit after every real query.
         pad = T * C - S
@@ -102,7 +105,7 @@ class FAMLayer(MegatronModule):
         x = self.ffn(self.attention.project_out(context) + x)  # 4
 
         new_state = LayerState(fam, *self._memory(mem_k, mem_v, k, v))
-        out = torch.cat([first_fam, x]) if F else x
+        out = torch.cat([prompt_out, x]) if F else x
         return out, new_state
 
     def _fam_rope(self, positions: torch.Tensor, S: int):

@@ -13,17 +13,21 @@ Per layer l and block t (Algorithm 2, fam-paper.md §1.3, §6):
     O, F_t      = FF(PreNorm(A)) + A         the FAM goes through the same FFN
 F_t of layer l feeds layer l at block t+1 (same-layer feedback, §6.3).
 
-Initial FAM (fam-paper.md §1.4 is ambiguous; this is famtron's reading, "soft prompt"):
-    a learned F x d prompt is prepended at the embedding level. At the first block, layer 0's
-    previous FAM is the prompt, and layer l's previous FAM is layer l-1's FAM output at that
-    block, as if the prompt rows were tokens flowing up the stack. The first FAM update uses a
-    zero residual (paper B.1), since the initial FAM carries no context.
+Initial FAM (fam-paper.md §1.4 is ambiguous; this is famtron's reading (i), "soft prompt"):
+    a learned F x d prompt is prepended at the embedding level and flows up the stack as its own
+    stream: at layer l the prompt rows attend only among themselves (full attention, "full
+    attention is applied between the FAM prompt activations") and go through the layer's FFN;
+    the result is layer l+1's initial FAM. So layer l's initial FAM depends on the weights alone,
+    never on a token. (Reading (ii), layer l-1's FAM after it compressed block 1, would let every
+    token of block 1 at layer l see later tokens of block 1 through that FAM: not causal.)
+    The first FAM update uses a zero residual (paper B.1), since the initial FAM carries no context.
     A caller may instead pass an initial state (streaming, or random state passing, §1.6): then
     every layer starts from its own given FAM and the residual is that FAM.
 
 Positions (RoPE, §1.5): block tokens use absolute positions (+ an optional offset, RPO).
     The FAM F_t as keys takes the last F positions of block t: the F positions just before
-    block t+1 starts (for the initial FAM: the F positions before the first block).
+    block t+1 starts (for the initial FAM: the F positions before the first block, where the
+    prompt stream's queries and keys both sit).
     The FAM queries that compress block t take the last F positions of block t, so block
     queries never see a key with a larger position. The price of that choice: a FAM query
     reading one of the last F-1 tokens of its own block sees a relative offset down to -(F-1).
@@ -84,6 +88,19 @@ class ReferenceLayer(nn.Module):
     def ffn(self, a: torch.Tensor) -> torch.Tensor:
         x = rms_norm(a, self.mlp_norm, self.args.norm_epsilon)
         return (F_.silu(x @ self.w_gate.t()) * (x @ self.w_up.t())) @ self.w_down.t() + a
+
+    def prompt_forward(self, prompt: torch.Tensor, first_pos: torch.Tensor) -> torch.Tensor:
+        """The soft-prompt stream through this layer: prompt [b, F, h] attends to itself only
+        (full attention) at the F positions before the first block (first_pos [b, 1]), then the
+        FFN. The output is the next layer's initial FAM."""
+        a, nF = self.args, prompt.shape[1]
+        x = rms_norm(prompt, self.attn_norm, a.norm_epsilon)
+        q, k, v = self.heads(x, self.wq), self.heads(x, self.wk), self.heads(x, self.wv)
+        pos = first_pos - nF + torch.arange(nF, dtype=first_pos.dtype, device=first_pos.device)  # [b, F]
+        cos, sin = rope_angles(pos, a.head_dim, a.rope_base)
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        out = F_.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.ffn(out.transpose(1, 2).reshape(prompt.shape[0], nF, -1) @ self.wo.t() + prompt)
 
     def forward(self, block, fam, mem, block_pos, zero_fam_residual):
         """One block through one layer: block [b, c, h], fam [b, F, h] (or None when F=0),
@@ -153,11 +170,13 @@ class ReferenceFAM(nn.Module):
         for t0 in range(0, s, a.block_size):
             x = self.embed[tokens[:, t0 : t0 + a.block_size]]
             first = state is None and t0 == 0
-            fam_below = None if self.fam_prompt is None else self.fam_prompt.expand(b, -1, -1)
+            prompt = None if self.fam_prompt is None or not first else self.fam_prompt.expand(b, -1, -1)
             for l, layer in enumerate(self.layers):
-                fam_in = fam_below if first else fam[l]  # soft-prompt reading at the first block
-                x, fam[l], kv = layer(x, fam_in, mem[l][-a.mem_blocks :] if a.mem_blocks else [], positions[:, t0 : t0 + x.shape[1]], first)
+                block_pos = positions[:, t0 : t0 + x.shape[1]]
+                fam_in = prompt if first else fam[l]  # the soft-prompt stream gives the first block's FAM
+                if prompt is not None:
+                    prompt = layer.prompt_forward(prompt, block_pos[:, :1])
+                x, fam[l], kv = layer(x, fam_in, mem[l][-a.mem_blocks :] if a.mem_blocks else [], block_pos, first)
                 mem[l] = (mem[l] + [kv])[-a.mem_blocks :] if a.mem_blocks else []
-                fam_below = fam[l]
             logits.append(rms_norm(x, self.final_norm, a.norm_epsilon) @ self.lm_head.t())
         return torch.cat(logits, dim=1), ReferenceState(fam=fam, mem=mem, position=start + s)

@@ -72,11 +72,11 @@ def fam_states_per_block(model, tokens):
     return states
 
 
+@pytest.mark.parametrize("t", [0, 5, 21])  # inside block 0 (the soft-prompt block) and block 2, of 8 tokens
 @pytest.mark.parametrize("fam_len", [0, 4])
-def test_causality_of_outputs_and_fam_states(fam_len):
-    model = make(small_args(fam_len=fam_len))
+def test_causality_of_outputs_and_fam_states(fam_len, t):
+    model = make(small_args(fam_len=fam_len, num_layers=3))
     tokens = torch.randint(0, 64, (1, 40))
-    t = 21  # inside block 2 (of 8 tokens)
     changed = tokens.clone()
     changed[0, t] = (changed[0, t] + 1) % 64
     before, _ = model(tokens)
