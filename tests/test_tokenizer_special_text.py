@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -18,8 +22,10 @@ import numpy as np
 import pytest
 
 from data_prep import corpus, shard
+from data_prep.encode import Encoder
 from data_prep.tokenizer import load_tokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
 FORGERIES = ["<|endoftext|>", "</s>", "<s>", "<unk>", "<|endoftext|><|endoftext|>"]
 
 
@@ -127,3 +133,34 @@ def test_sharded_stream_splits_at_eod_into_exactly_the_documents(tmp_path, bpe, 
         pieces = np.split(stream, np.flatnonzero(stream == 0) + 1)[:-1]  # the last one is cut off
         decoded = [hf.decode(p[:-1].tolist(), skip_special_tokens=False) for p in pieces]
         assert len(decoded) > 3 and decoded == expected[: len(decoded)]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])  # inline, and in worker processes
+def test_a_document_that_still_encodes_to_eod_stops_the_run_naming_its_line(tmp_path, workers):
+    """A tokenizer that passes the load check (its normalizer blanks the literal `</s>`) but turns
+    another spelling into EOD: the stream check in the worker stops the run at that line."""
+    sneaky = word_level(tmp_path / "sneaky.json", normalize_eos_from="@@EOS@@")
+    (tmp_path / "in").mkdir()
+    lines = ["hello world " * 4 + ("@@EOS@@" if i == 250 else "") for i in range(1, 301)]
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    result = subprocess.run([sys.executable, "-m", "data_prep.shard", "--input", str(tmp_path / "in"),
+                             "--tokenizer", sneaky, "--seq-len", "16", "--output", str(tmp_path / "out"),
+                             "--workers", workers, "--no-progress"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{tmp_path / 'in' / 'a.jsonl'}:250: tokenizer {sneaky} encoded text of this document to its " \
+           "end-of-document id 0" in result.stderr
+    assert not (tmp_path / "out" / "train" / "manifest.json").exists()
+
+
+def test_a_worker_whose_tokenizer_fails_to_load_raises_instead_of_restarting_forever(tmp_path, bpe):
+    shutil.copy(bpe, tmp_path / "tok.json")
+    tok = load_tokenizer(str(tmp_path / "tok.json"))
+    os.remove(tmp_path / "tok.json")  # the workers, started next, cannot load it
+    with Encoder(tok, workers=2) as encoder:
+        handle = encoder.submit(["hello"])
+        # A spawned worker starts in ~1 s; 60 s is the bound even on a busy 2-core machine.
+        # Before the fix the Pool restarted the failing worker forever and this timed out.
+        with pytest.raises(ValueError, match=r"tok\.json' is neither 'byte' nor an existing file"):
+            handle.get(timeout=60)
