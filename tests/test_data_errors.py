@@ -141,6 +141,9 @@ def test_train_tokenizer_accepts_the_skip_flags_it_suggests(tmp_path):
 @pytest.mark.parametrize("argv", [
     ["data_prep.shard", "--input", "{tmp}/missing", "--tokenizer", "byte", "--seq-len", "8", "--output", "{tmp}/o"],
     ["data_prep.train_tokenizer", "--input", "{tmp}/missing", "--vocab-size", "300", "--output", "{tmp}/t.json"],
+    ["data_prep.validate", "{tmp}/missing/manifest.json"],
+    ["data_prep.stats", "{tmp}/missing/manifest.json"],
+    ["slurm.prep", "validate", "{tmp}/missing"],
 ])
 def test_every_data_command_ends_a_user_error_as_one_named_line_with_status_2(tmp_path, argv):
     result = run(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
