@@ -1,6 +1,6 @@
 """How every famtron command ends on bad input: one line that names what is wrong, no traceback.
 
-    def main(argv: list[str] | None = None) -> int: ...
+    def main(argv: list[str] | None = None) -> int | None: ...   # or returns its results: exit 0
 
     if __name__ == "__main__":
         sys.exit(run_main(main))
@@ -34,7 +34,10 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     try:
-        return main([a for a in argv if a != "--debug"]) or 0
+        result = main([a for a in argv if a != "--debug"])
+        # An int is the exit status; anything else (a main that returns its results, for
+        # tests and callers) is success.
+        return result if isinstance(result, int) else 0
     except (UserError, *USER_ERRORS) as err:
         if debug:
             raise

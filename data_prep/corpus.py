@@ -37,7 +37,7 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Iterator
 
-from data_prep.readers import INPUT_SUFFIXES, BadText, DocumentReader
+from data_prep.readers import INPUT_SUFFIXES, BadDocuments, DocumentReader
 
 STDLIB = "stdlib"
 HF_STATE_FILE = "state.json"  # written by datasets' save_to_disk beside its .arrow files
@@ -122,9 +122,9 @@ def _source(path: str, root: str) -> SourceFile:
 
 
 def iter_documents(source: SourceFile, text_field: str = "text", digest=None,
-                   on_bad_utf8: str = "fail", bad: BadText | None = None) -> Iterator[tuple[str, str]]:
+                   bad: BadDocuments | None = None) -> Iterator[tuple[str, str]]:
     """The non-empty documents of one file as (doc_id, text), streamed (see `readers`)."""
-    return iter(DocumentReader(source.path, source.name, text_field, digest, on_bad_utf8, bad))
+    return iter(DocumentReader(source.path, source.name, text_field, digest, bad))
 
 
 def split_of(doc_id: str, valid_fraction: float) -> str:

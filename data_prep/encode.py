@@ -22,6 +22,10 @@ Why these choices:
   a `cheap` tokenizer (byte): its encoding is a copy, cheaper than shipping the text.
 - Backpressure is the caller's: it keeps a bounded window of handles (`window`), so memory
   stays bounded whatever the input size (`Pool.imap` would read the whole input ahead).
+- Errors surface at `handle.get()`, inline or in a worker alike, where the caller knows
+  which documents the chunk held and can name their file. A worker whose tokenizer fails
+  to load keeps the error and raises it for its first chunk: an exception escaping a Pool
+  initializer would make the Pool restart the worker forever, printing a traceback each time.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 from data_prep.tokenizer import Tokenizer, load_tokenizer
 
 _worker_tokenizer: Tokenizer | None = None
+_worker_error: Exception | None = None
 
 
 def default_workers() -> int:
@@ -42,12 +47,17 @@ def default_workers() -> int:
 
 
 class _Done:
-    """The handle of a chunk encoded inline."""
+    """The handle of a chunk encoded inline: its result, or its error raised at `get`."""
 
-    def __init__(self, value):
-        self._value = value
+    def __init__(self, encode, texts: list[str]):
+        try:
+            self._value, self._error = encode(texts), None
+        except Exception as e:
+            self._value, self._error = None, e
 
     def get(self, timeout: float | None = None):
+        if self._error is not None:
+            raise self._error
         return self._value
 
 
@@ -70,7 +80,7 @@ class Encoder:
 
     def submit(self, texts: list[str]):
         if self._pool is None:
-            return _Done(self.tokenizer.encode_stream(texts))
+            return _Done(self.tokenizer.encode_stream, texts)
         return self._pool.apply_async(_encode_in_worker, (texts,))
 
     def close(self, ok: bool = True) -> None:
@@ -90,11 +100,16 @@ class Encoder:
 
 
 def _init_worker(spec: str) -> None:
-    global _worker_tokenizer
+    global _worker_tokenizer, _worker_error
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
-    _worker_tokenizer = load_tokenizer(spec)
+    try:
+        _worker_tokenizer = load_tokenizer(spec)
+    except Exception as e:  # raised for the first chunk (see the module docstring)
+        _worker_error = e
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    if _worker_error is not None:
+        raise _worker_error
     return _worker_tokenizer.encode_stream(texts)

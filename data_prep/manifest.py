@@ -8,7 +8,7 @@ Each split folder (`DIR/train/`, `DIR/valid/`) holds tar shards and `manifest.js
       "tokenizer": {"spec", "name", "vocab_size", "eod_id", "sha256"},
       "shards": [{"name", "samples", "tokens", "bytes", "sha256"}, ...],
       "total_samples", "total_tokens", "documents", "dropped_tokens",
-      "skipped_documents": {"bad_utf8": n},
+      "skipped_documents": {"bad_utf8": n, "bad_json": m},   # this split's skips only
       "doc_lengths": {"name": "doc_lengths.npy", "count", "bytes", "sha256"},
       "sources": [{"name", "size", "mtime_ns", "sha256", "group"}, ...],
       "settings": {... the sharder's options ...}

@@ -38,12 +38,13 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from data_prep import corpus
+from data_prep.cli import run_main
 from data_prep.encode import Encoder, default_workers
 from data_prep.groups import GroupJob, pack_groups
 from data_prep.manifest import (MANIFEST_NAME, build_manifest, read_json, write_json_atomic,
                                 write_lengths, write_manifest)
 from data_prep.pack import ProgressLog, samples_for_megabytes, shard_intact
-from data_prep.readers import BAD_UTF8_POLICIES, INPUT_SUFFIXES
+from data_prep.readers import BAD_INPUT_POLICIES, INPUT_SUFFIXES, SKIP_KINDS
 from data_prep.tokenizer import Tokenizer, load_tokenizer, token_dtype
 
 STATE_DIR = "_state"
@@ -77,11 +78,13 @@ class Settings:
 
 
 def run_task(settings: Settings, output: str, num_tasks: int = 1, task_index: int = 0,
-             progress: bool | None = None, workers: int | None = None, on_bad_utf8: str = "fail") -> dict:
+             progress: bool | None = None, workers: int | None = None, on_bad_utf8: str = "error",
+             on_bad_json: str = "error") -> dict:
     """Shard this task's pack groups; write its partial manifest; merge if it is the only task.
 
     Returns the task manifest. `progress=None` shows tqdm bars only on a terminal.
     `workers` (default: all cores) tokenize in parallel; the output does not depend on it.
+    `on_bad_utf8` / `on_bad_json`: 'error' or 'skip' a bad document (see `readers`).
     """
     settings.validate()
     if num_tasks < 1:
@@ -107,8 +110,9 @@ def run_task(settings: Settings, output: str, num_tasks: int = 1, task_index: in
             Encoder(tokenizer, workers or default_workers()) as encoder:
         bar.update(sum(s.size for g in records for s in groups[g]))
         by_index = {job.index: (log, header) for job, log, header in jobs}
+        on_bad = {"on_bad_utf8": on_bad_utf8, "on_bad_json": on_bad_json}
         for job, result in pack_groups([j for j, _, _ in jobs], settings, tokenizer, encoder, output,
-                                       bar, on_bad_utf8):
+                                       bar, on_bad):
             log, header = by_index[job.index]
             records[job.index] = _finish_group(job.index, header, result, output)
             log.remove()
@@ -140,8 +144,7 @@ def _finish_group(g: int, header: dict, result: dict, output: str) -> dict:
     for split, part in result["splits"].items():
         lengths = write_lengths(_lengths_path(output, g, split), [part["lengths"]], len(part["lengths"]))
         splits[split] = {**{k: v for k, v in part.items() if k != "lengths"}, "doc_lengths": lengths}
-    record = {**header, "sources": result["sources"], "splits": splits,
-              "skipped_documents": result["skipped_documents"]}
+    record = {**header, "sources": result["sources"], "splits": splits}
     write_json_atomic(_record_path(output, g), record)
     return record
 
@@ -181,7 +184,7 @@ def _group_done(record_path: str, header: dict, output: str) -> bool:
     stat_only = [{k: s[k] for k in ("name", "size", "mtime_ns")} for s in record["sources"]]
     if record["settings"] != header["settings"] or stat_only != header["sources"]:
         return False
-    if any("doc_lengths" not in part for part in record["splits"].values()):
+    if any("doc_lengths" not in part or "skipped_documents" not in part for part in record["splits"].values()):
         return False  # recorded by an older version: rebuild (intact shards are kept)
     return all(shard_intact(_lengths_path(output, record["group"], split), part["doc_lengths"])
                and all(shard_intact(os.path.join(output, split, shard["name"]), shard) for shard in part["shards"])
@@ -253,7 +256,7 @@ def _split_manifest(split: str, groups: list[dict], state: dict, output: str) ->
         documents=sum(p["documents"] for p in parts),
         dropped_tokens=sum(p["dropped_tokens"] for p in parts),
         sources=[s for g in groups for s in g["sources"]], settings=settings, doc_lengths=lengths,
-        skipped_documents={"bad_utf8": sum(g["skipped_documents"]["bad_utf8"] for g in groups)})
+        skipped_documents={kind: sum(p["skipped_documents"][kind] for p in parts) for kind in SKIP_KINDS})
 
 
 def _load_lengths(output: str, g: int, split: str):
@@ -265,10 +268,10 @@ def _load_lengths(output: str, g: int, split: str):
 def _check_enough(manifests: dict[str, dict], state: dict) -> None:
     """Both splits need at least one sample; say how short they fell and what to change."""
     if all(m["documents"] == 0 for m in manifests.values()):
-        m = manifests["train"]
-        raise ValueError(f"no documents in input {state['settings']['input']!r}: its {len(m['sources'])} "
-                         f"files hold only empty texts ({m['skipped_documents']['bad_utf8']} skipped "
-                         f"as bad UTF-8); check --input and --text-field")
+        skipped = {kind: sum(m["skipped_documents"][kind] for m in manifests.values()) for kind in SKIP_KINDS}
+        raise ValueError(f"no documents in input {state['settings']['input']!r}: its "
+                         f"{len(manifests['train']['sources'])} files hold only empty texts ({skipped['bad_utf8']} "
+                         f"skipped as bad UTF-8, {skipped['bad_json']} as bad JSON); check --input and --text-field")
     sample_len = state["settings"]["seq_len"] + 1
     for split, m in manifests.items():
         if m["total_samples"] == 0:
@@ -287,9 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "save_to_disk folder, or 'stdlib' (the running Python's standard library .py files)")
     p.add_argument("--text-field", default="text",
                    help="JSONL field or Parquet/Arrow column holding the text (default: text)")
-    p.add_argument("--on-bad-utf8", choices=BAD_UTF8_POLICIES, default="fail",
-                   help="a document that is not valid UTF-8: fail naming it, or skip it, count it in "
-                   "the manifest and warn (default: fail)")
+    add_bad_input_options(p)
     p.add_argument("--tokenizer", help="'byte' (256 ids, EOD = byte 0), a HF tokenizer.json, "
                    "or a SentencePiece .model")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence; samples hold seq_len+1")
@@ -324,10 +325,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, str] | dict:
-    """Run the CLI; errors propagate as exceptions (the `__main__` block prints them)."""
+    """Run the CLI: the merged manifests' paths (--merge) or the task manifest."""
     args = parse_args(argv)
     if args.merge:
-        return merge(args.output, args.num_tasks)
+        paths = merge(args.output, args.num_tasks)
+        report_skipped({split: read_json(path)["skipped_documents"] for split, path in paths.items()})
+        return paths
     samples_per_shard = args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
     if args.shard_size_mb is not None:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -336,13 +339,30 @@ def main(argv: list[str] | None = None) -> dict[str, str] | dict:
     settings = Settings(input=args.input, tokenizer=args.tokenizer, seq_len=args.seq_len,
                         text_field=args.text_field, samples_per_shard=samples_per_shard,
                         valid_fraction=args.valid_fraction, group_bytes=args.group_bytes)
-    return run_task(settings, args.output, args.num_tasks or 1, args.task_index,
+    task = run_task(settings, args.output, args.num_tasks or 1, args.task_index,
                     progress=False if args.no_progress else None, workers=args.workers,
-                    on_bad_utf8=args.on_bad_utf8)
+                    on_bad_utf8=args.on_bad_utf8, on_bad_json=args.on_bad_json)
+    report_skipped({split: {kind: sum(g["splits"][split]["skipped_documents"][kind] for g in task["groups"])
+                            for kind in SKIP_KINDS} for split in corpus.SPLITS})
+    return task
+
+
+def add_bad_input_options(p: argparse.ArgumentParser) -> None:
+    """--on-bad-utf8 and --on-bad-json, shared with data_prep.train_tokenizer."""
+    for flag, what in (("--on-bad-utf8", "a document that is not valid UTF-8"),
+                       ("--on-bad-json", "a JSONL line that is not a JSON object")):
+        p.add_argument(flag, choices=BAD_INPUT_POLICIES, default="error",
+                       help=f"{what}: stop with an error naming its file and line, or skip it, warn and "
+                       "count it per split (in the split's manifest.json when sharding) (default: error)")
+
+
+def report_skipped(counts: dict[str, dict[str, int]]) -> None:
+    """Say on stderr how many documents were skipped, per split and kind (if any were)."""
+    if any(n for per in counts.values() for n in per.values()):
+        parts = ", ".join(f"{split}: {per['bad_utf8']} bad UTF-8, {per['bad_json']} bad JSON"
+                          for split, per in counts.items())
+        print(f"skipped documents ({parts})", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(run_main(main, prog="python -m data_prep.shard"))

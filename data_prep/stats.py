@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from data_prep.cli import run_main
 from data_prep.manifest import load_manifest, sha256_file, shard_path
 
 PERCENTILES = (50, 90, 99, 99.9)
@@ -112,7 +113,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(run_main(main, prog="python -m data_prep.stats"))

@@ -16,6 +16,19 @@ model (vocab_size=256) can consume it, so there is no spare id for EOD. Byte 0 (
 is used as EOD: it never occurs in source code or ordinary text. NUL bytes inside a
 document are removed when encoding, because they would otherwise read as a document
 boundary.
+
+Special tokens in text are text: the EOD id must only ever come from the packer's
+separator, or any web page containing `<|endoftext|>` would forge document boundaries.
+- HF: the tokenizer is loaded with `encode_special_tokens = True`, so added special
+  tokens written in a document are split like any other text (both encode paths). At
+  load, the EOD token's own text is encoded once; a tokenizer that still maps it to the
+  EOD id (say a WordLevel vocabulary that holds it as a plain word) is refused.
+- SentencePiece: control symbols (`</s>`, `<s>`, ...) are never matched in input text,
+  only user-defined symbols are, and a model whose eos piece is not a control symbol
+  reports eos_id -1, which is refused. So the eos id cannot come from text.
+- `encode_stream` checks its output anyway (one vectorised count): a document whose ids
+  contain EOD raises `EODInTextError` with its index in the batch, which the sharder turns
+  into an error naming the document's file and line.
 """
 
 from __future__ import annotations
@@ -31,6 +44,17 @@ BYTE_SPEC = "byte"
 # Special tokens recognised as end-of-document in a HF tokenizer.json, in order of
 # preference. `train_tokenizer` writes the first one.
 HF_EOD_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|eod|>", "[EOS]")
+
+
+class EODInTextError(ValueError):
+    """The `index`-th text of a batch encoded to the EOD id (pickles through a worker pool)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(index, message)
+        self.index, self.message = index, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class Tokenizer:
@@ -58,7 +82,16 @@ class Tokenizer:
 
     def encode_stream(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids of every document each followed by EOD [n_tokens + n_docs], lengths [n_docs])."""
-        return _with_eod(self.encode_batch(texts), self.eod_id, token_dtype(self.vocab_size))
+        return self._with_eod(self.encode_batch(texts))
+
+    def _with_eod(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        stream, lengths = _with_eod(ids, self.eod_id, token_dtype(self.vocab_size))
+        if np.count_nonzero(stream == self.eod_id) != len(ids):
+            index = next(i for i, doc in enumerate(ids) if self.eod_id in doc)
+            raise EODInTextError(index, f"tokenizer {self.spec} encoded text of this document to its "
+                                 f"end-of-document id {self.eod_id}: it would forge a document boundary; "
+                                 "use a tokenizer whose end-of-document token is only a special token")
+        return stream, lengths
 
     def fingerprint(self) -> str:
         """sha256 of the tokenizer file ('' for byte): ties shards to the exact vocabulary."""
@@ -111,15 +144,22 @@ class HFTokenizer(Tokenizer):
         for token in HF_EOD_TOKENS:
             token_id = self._tok.token_to_id(token)
             if token_id is not None:
-                self.eod_id = token_id
+                self.eod_id, self.eod_token = token_id, token
                 break
         else:
             raise ValueError(f"tokenizer {path} has none of the end-of-document tokens "
                              f"{list(HF_EOD_TOKENS)}; add one (python -m data_prep.train_tokenizer "
                              f"adds {HF_EOD_TOKENS[0]!r})")
+        # Special tokens written in a document are split as text (see the module docstring).
+        self._tok.encode_special_tokens = True
+        if self.eod_id in self.encode(self.eod_token):
+            raise ValueError(f"tokenizer {path} encodes the text {self.eod_token!r} to its end-of-document id "
+                             f"{self.eod_id} even with special-token parsing off (it is a plain vocabulary "
+                             "entry or a non-special added token): documents containing it would forge "
+                             "boundaries; make it a special token only")
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        # add_special_tokens=False: the packer adds EOD itself, nothing else.
+        # add_special_tokens=False: the packer adds EOD itself, nothing else (no BOS template).
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
         return [e.ids for e in encodings]
 
@@ -127,8 +167,7 @@ class HFTokenizer(Tokenizer):
         # encode_batch_fast (tokenizers >= 0.20) does not compute character offsets,
         # which we never use; the ids are the same.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return _with_eod([e.ids for e in encode(texts, add_special_tokens=False)], self.eod_id,
-                         token_dtype(self.vocab_size))
+        return self._with_eod([e.ids for e in encode(texts, add_special_tokens=False)])
 
     def fingerprint(self) -> str:
         return sha256_file(self.spec)

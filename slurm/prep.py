@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data_prep.cli import UserError, run_main
 from data_prep.manifest import MANIFEST_NAME, load_manifest, verify_shards
 
 SCRIPT = Path(__file__).with_name("prep.sbatch")
@@ -83,7 +84,7 @@ def _sbatch(argv: list[str]) -> str:
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{path}" if path else str(REPO))
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"sbatch rejected the job (exit {result.returncode}): {result.stderr.strip()}")
+        raise UserError(f"sbatch rejected the job (exit {result.returncode}): {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]
 
 
@@ -112,25 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="check a merged output folder")
     v.add_argument("output")
     args, rest = p.parse_known_args(argv)
-    try:
-        if args.command == "submit":
-            if args.tasks < 1:
-                raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
-            array_id, merge_id = submit(args, [a for a in rest if a != "--"])
-            if array_id:
-                print(f"array job {array_id} (tasks 0-{args.tasks - 1}); merge job {merge_id} after it")
-            return 0
-        if rest:
-            p.error(f"unexpected arguments {rest}")
-        summary = (merge_and_validate(args.output, args.num_tasks) if args.command == "merge"
-                   else validate(args.output))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"slurm.prep: error: {err}", file=sys.stderr)
-        return 1
+    if args.command == "submit":
+        if args.tasks < 1:
+            raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
+        array_id, merge_id = submit(args, [a for a in rest if a != "--"])
+        if array_id:
+            print(f"array job {array_id} (tasks 0-{args.tasks - 1}); merge job {merge_id} after it")
+        return 0
+    if rest:
+        p.error(f"unexpected arguments {rest}")
+    summary = (merge_and_validate(args.output, args.num_tasks) if args.command == "merge"
+               else validate(args.output))
     for split, numbers in summary.items():
         print(f"{split}: {numbers['samples']} samples, {numbers['tokens']} tokens in {numbers['shards']} shards: ok")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="python -m slurm.prep"))

@@ -142,7 +142,8 @@ def test_bad_utf8_fails_with_location_or_is_skipped_and_counted(tmp_path, capsys
 
     manifests = run_shard(tmp_path / "in", tmp_path / "skip", "--on-bad-utf8", "skip")
     train = json.load(open(manifests["train"]))
-    assert train["skipped_documents"] == {"bad_utf8": 3}
+    assert train["skipped_documents"] == {"bad_utf8": 3, "bad_json": 0}
+    assert json.load(open(manifests["valid"]))["skipped_documents"] == {"bad_utf8": 0, "bad_json": 0}
     assert sum(json.load(open(manifests[s]))["documents"] for s in ("train", "valid")) == len(TEXTS) + 1
     err = capsys.readouterr().err
     assert "a.jsonl.gz:41" in err and "a.jsonl.gz:42" in err and "lone surrogate" in err
@@ -155,6 +156,23 @@ def test_empty_input_fails_clearly(tmp_path):
     (tmp_path / "in" / "b.txt").write_text("")
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "in" / "c.parquet")
     with pytest.raises(ValueError, match=r"no documents in input '.*in': its 3 files hold only empty texts "
-                                         r"\(0 skipped as bad UTF-8\); check --input and --text-field"):
+                                         r"\(0 skipped as bad UTF-8, 0 as bad JSON\); check --input and --text-field"):
         run_shard(tmp_path / "in", tmp_path / "out")
     assert not os.path.exists(tmp_path / "out" / "train" / "manifest.json")
+
+
+def test_skipped_documents_are_counted_in_the_split_they_belong_to(tmp_path):
+    """Each skip is counted once, in the manifest of the split its document id hashes to."""
+    by_split = {split: [] for split in corpus.SPLITS}
+    for line in range(1, len(TEXTS) + 1):
+        by_split[corpus.split_of(f"a.jsonl:{line}", 0.2)].append(line)
+    bad = {by_split["train"][0], by_split["train"][5], by_split["valid"][0]}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b"".join(
+        b'{"text": "bad \xff"}\n' if line in bad else jsonl_bytes([text])
+        for line, text in enumerate(TEXTS, start=1)))
+    manifests = run_shard(tmp_path / "in", tmp_path / "out", "--on-bad-utf8", "skip")
+    for split, count in (("train", 2), ("valid", 1)):
+        manifest = json.load(open(manifests[split]))
+        assert manifest["skipped_documents"]["bad_utf8"] == count
+        assert manifest["documents"] == len(by_split[split]) - count

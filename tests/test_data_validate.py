@@ -6,12 +6,14 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data_prep import shard, stats, validate
 
+ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["fam", "memory", "block", "attention", "feedback", "loop", "naïve"]
 
 
@@ -85,8 +87,50 @@ def test_repair_refuses_when_a_source_changed(data, tmp_path, capsys):
         f.write(json.dumps({"text": "appended later"}) + "\n")
     assert validate.main([str(path), "--repair", "--input", str(tmp_path / "d" / "in")]) == 1
     out = capsys.readouterr().out
-    assert f"cannot repair {name}: source " in out and "docs0.jsonl of pack group 0 changed" in out
-    assert f"STILL BROKEN {name}" in out
+    assert f"STILL BROKEN {name}: cannot repair: source " in out and "docs0.jsonl of pack group 0 changed" in out
+    assert "repair incomplete, 1 of 1 problems remain" in out and "REPAIRED" not in out
+
+
+def validate_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "data_prep.validate", *map(str, argv)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_repair_rebuilds_a_missing_doc_lengths_from_the_sources(data, tmp_path):
+    path = copy_of(data, tmp_path)
+    lengths = path.parent / "doc_lengths.npy"
+    original = lengths.read_bytes()
+    shards = {p.name: p.stat().st_mtime_ns for p in path.parent.glob("*.tar")}
+    lengths.unlink()
+    result = validate_cli(path, "--repair", "--workers", "1", "--input", tmp_path / "d" / "in")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MISSING doc_lengths.npy" in result.stdout and "REPAIRED doc_lengths.npy" in result.stdout
+    assert result.stdout.strip().endswith("all 1 problems repaired; it validates clean")
+    assert lengths.read_bytes() == original
+    assert {p.name: p.stat().st_mtime_ns for p in path.parent.glob("*.tar")} == shards  # none rewritten
+
+
+def test_repair_names_exactly_what_it_could_not_repair(data, tmp_path):
+    path = copy_of(data, tmp_path)
+    manifest = json.loads(path.read_text())
+    shard_g1 = next(s["name"] for s in manifest["shards"] if _group(s["name"]) == "g000001")
+    original = (path.parent / shard_g1).read_bytes()
+    (path.parent / shard_g1).write_bytes(original[:-512])
+    (path.parent / "doc_lengths.npy").unlink()
+    (tmp_path / "d" / "in" / "docs0.jsonl").unlink()  # group 0's source: the lengths need every group
+    result = validate_cli(path, "--repair", "--workers", "1", "--input", tmp_path / "d" / "in")
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert f"REPAIRED {shard_g1}" in out and (path.parent / shard_g1).read_bytes() == original
+    assert "STILL BROKEN doc_lengths.npy: cannot repair: source docs0.jsonl of pack group 0 is gone" in out
+    assert out.strip().splitlines()[-1].endswith("repair incomplete, 1 of 2 problems remain (doc_lengths.npy)")
+    assert "validates clean" not in out and not (path.parent / "doc_lengths.npy").exists()
+
+    manifest["total_samples"] += 1  # the manifest itself is wrong: nothing to rebuild it from
+    path.write_text(json.dumps(manifest))
+    result = validate_cli(path, "--repair", "--workers", "1", "--input", tmp_path / "d" / "in")
+    assert result.returncode == 1
+    assert "STILL BROKEN manifest.json (totals): cannot repair: a problem of the manifest itself" in result.stdout
 
 
 def test_validate_cli_exits_nonzero_and_names_the_shard(data, tmp_path):
