@@ -98,7 +98,8 @@ class LayerCache:
             setattr(self, name, new)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.k, self.v, self.fam) if t is not None]
+        """Every tensor this cache holds (any attribute, so nothing escapes a size check)."""
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
 
 
 @dataclass
