@@ -155,6 +155,7 @@ def test_greedy_generation_equals_argmax_of_the_full_forward_step_by_step(arch):
         tokens = torch.cat([tokens, one_forward(model, tokens)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out.tokens, tokens[:, 11:])
     assert out.lengths.tolist() == [20, 20]
+    assert generate(model, prompt, max_new_tokens=0).tokens.shape == (2, 0)
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():
