@@ -66,8 +66,8 @@ class FAMGenerator:
         if self.state is None:
             raise RuntimeError("FAMGenerator.step: call prefill(prompt) first")
         tokens = self._check_tokens(tokens, "tokens", dims=1)
-        if tokens.shape[0] != self.state.layers[0].k.shape[1]:
-            batch = self.state.layers[0].k.shape[1]
+        batch = self.state.layers[0].k.shape[1]
+        if tokens.shape[0] != batch:
             raise ValueError(f"tokens: batch {tokens.shape[0]} differs from the prompt's {batch}")
         return self._feed(tokens[:, None])
 
