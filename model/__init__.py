@@ -23,6 +23,7 @@ from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 
 from model.cpu_compat import apply_cpu_compat  # noqa: E402
 from model.config import FAMConfig, ModelArgs, load_model_args, to_fam_config  # noqa: E402
+from model.generation import FAMGenerator, Generation, Sampling, generate  # noqa: E402
 from model.init import init_parameters_  # noqa: E402
 from model.language_model import FAMLanguageModel, ModelOutput  # noqa: E402
 from model.state import FAMState, LayerState  # noqa: E402
@@ -88,12 +89,16 @@ def seed_init(seed: int, device: torch.device) -> None:
 
 __all__ = [
     "FAMConfig",
+    "FAMGenerator",
     "FAMLanguageModel",
     "FAMState",
+    "Generation",
     "LayerState",
     "ModelArgs",
     "ModelOutput",
+    "Sampling",
     "build_model",
+    "generate",
     "init_parallel",
     "load_model_args",
     "seed_init",
