@@ -5,6 +5,7 @@
     out = model(tokens, labels=labels)                # tokens [b, s]
     out.loss, out.logits, out.state                   # state: per-layer FAM + memory blocks
     out2 = model(next_tokens, state=out.state)        # streaming: carry the state on
+    micro_chunked_forward_backward(model, tokens, labels, chunk_len)  # long sequences (issue 14)
 
 See model/reference.py for the algorithm, written next to the paper.
 """
@@ -26,6 +27,7 @@ from model.config import FAMConfig, ModelArgs, load_model_args, to_fam_config  #
 from model.generation import FAMGenerator, Generation, Sampling, generate  # noqa: E402
 from model.init import init_parameters_  # noqa: E402
 from model.language_model import FAMLanguageModel, ModelOutput  # noqa: E402
+from model.micro_chunks import micro_chunked_forward_backward  # noqa: E402
 from model.state import FAMState, LayerState  # noqa: E402
 
 
@@ -101,6 +103,7 @@ __all__ = [
     "generate",
     "init_parallel",
     "load_model_args",
+    "micro_chunked_forward_backward",
     "seed_init",
     "to_fam_config",
 ]
