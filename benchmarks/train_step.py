@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--recompute", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--profile", action="store_true", help="also profile one step: GPU-busy fraction, kernels per step")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step: GPU-busy fraction, kernels per step, the costliest kernels")
     opts = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")

@@ -125,5 +125,6 @@ def test_flex_attention_fails_loudly_past_its_shape_budget_instead_of_running_ea
             for seq in (384, 640):  # two shapes no other test uses: the second is past a budget of 1
                 layout = BlockLayout(0, seq, ARGS.block_size, ARGS.fam_len, ARGS.mem_blocks)
                 q = torch.randn(seq, 1, attention.heads, attention.head_dim, device="cuda")
-                k, v = (torch.randn(layout.kv_len, 1, attention.groups, attention.head_dim, device="cuda") for _ in "kv")
+                kv_shape = (layout.kv_len, 1, attention.groups, attention.head_dim)
+                k, v = torch.randn(kv_shape, device="cuda"), torch.randn(kv_shape, device="cuda")
                 attention.attend_blocks(q, k, v, layout)

@@ -65,7 +65,7 @@ def _run(args, fast: bool, seq: int, with_state: bool = False):
     grads = {name: p.grad for name, p in model.named_parameters()}
     if with_state:
         for i, s in enumerate(state.layers):
-            grads.update({f"state.{i}.fam": s.fam.grad, f"state.{i}.mem_k": s.mem_k.grad, f"state.{i}.mem_v": s.mem_v.grad})
+            grads.update({f"state.{i}.{key}": getattr(s, key).grad for key in ("fam", "mem_k", "mem_v")})
     return {"logits": torch.cat([first.logits, second.logits], 1), "state": second.state, "grads": grads}
 
 
@@ -123,7 +123,8 @@ def test_a_broken_fast_scan_goes_red(name, monkeypatch):
         monkeypatch.setattr(scan_step, *BREAKS[name])
     else:
         full = fast_scan_module._weight_gradients
-        monkeypatch.setattr(fast_scan_module, "_weight_gradients", lambda pairs, norms, w: full(pairs[:1], norms[:1], w))
+        monkeypatch.setattr(fast_scan_module, "_weight_gradients",
+                            lambda pairs, norms, weights: full(pairs[:1], norms[:1], weights))
     diffs = _differences(small_args(num_layers=2), 37)
     assert max(diffs.values()) > 50 * RTOL, diffs
 
@@ -147,7 +148,8 @@ def _tp_worker(rank, world_size, sequence_parallel):
         results.append((out.logits, out.state, grads))
     (logits, state, grads), (fast_logits, fast_state, fast_grads) = results
     diffs = {"logits": rel_diff(fast_logits, logits)}
-    diffs.update({f"state.{i}.fam": rel_diff(a.fam, b.fam) for i, (a, b) in enumerate(zip(fast_state.layers, state.layers))})
+    for i, (a, b) in enumerate(zip(fast_state.layers, state.layers)):
+        diffs[f"state.{i}.fam"] = rel_diff(a.fam, b.fam)
     diffs.update({name: rel_diff(fast_grads[name], g) for name, g in grads.items()})
     ps.destroy_model_parallel()
     dist.destroy_process_group()
