@@ -8,6 +8,8 @@ tokens/s, model TFLOP/s (FLOPs counted for windowed attention + FAM tokens, pipe
 and peak memory. The vocabulary defaults to 32k (the paper's 256k logits do not fit a 65k
 sequence on one GPU without a chunked loss); say so when quoting the numbers.
 `--recompute auto` recomputes activations at 64k and beyond, and wherever a cell would not fit without it.
+`--profile` adds one profiled step per cell (torch.profiler, CUDA activity only): kernels launched
+per step and the GPU-busy fraction, the time some kernel ran over the unprofiled step's wall time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,32 @@ from model import build_model, init_parallel, load_model_args
 from pipeline.flops import flops_per_token, peak_flops
 
 
-def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int) -> dict:
+def profile_step(step) -> tuple[int, float, list]:
+    """(kernels launched, seconds during which a kernel ran, the 8 kernels that took longest in
+    total as (name, launches, milliseconds)) in one step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.profiler.kineto_results.events()
+               if e.device_type() == DeviceType.CUDA and not e.name().startswith(("Memcpy", "Memset"))]
+    busy_ns, covered_to = 0, 0
+    for start, end in sorted((e.start_ns(), e.end_ns()) for e in kernels):  # their union (streams may overlap)
+        busy_ns += max(0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name()[:60], [0, 0])
+        entry[0] += 1
+        entry[1] += e.duration_ns()
+    top = sorted(((name, n, ns / 1e6) for name, (n, ns) in by_name.items()), key=lambda row: -row[2])[:8]
+    return len(kernels), busy_ns / 1e9, top
+
+
+def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False) -> dict:
     args = load_model_args(name, vocab_size=vocab, recompute=recompute)
     model = build_model(args, device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -46,7 +73,13 @@ def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, step
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     flops = flops_per_token(args, seq)
+    profiled = {}
+    if profile:
+        kernels, busy_seconds, top = profile_step(step)
+        profiled = {"kernels_per_step": kernels, "kernel_ms": busy_seconds * 1e3, "gpu_busy": busy_seconds / seconds,
+                    "top_kernels": top}
     return {
+        **profiled,
         "tokens_per_s": seq / seconds,
         "tflops": seq * flops / seconds / 1e12,
         "mfu": seq * flops / seconds / (peak_flops(torch.device("cuda")) or float("nan")),
@@ -64,6 +97,8 @@ def main() -> None:
     parser.add_argument("--recompute", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step: GPU-busy fraction, kernels per step, the costliest kernels")
     opts = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
@@ -75,7 +110,7 @@ def main() -> None:
             tries = {"auto": auto, "on": [True], "off": [False]}[opts.recompute]
             for recompute in tries:
                 try:
-                    result = run_cell(name, seq, opts.vocab_size, recompute, opts.warmup, opts.steps)
+                    result = run_cell(name, seq, opts.vocab_size, recompute, opts.warmup, opts.steps, opts.profile)
                     break
                 except torch.OutOfMemoryError:
                     result = {"oom": True, "recompute": recompute}
@@ -83,19 +118,23 @@ def main() -> None:
                     gc.collect()
                     torch.cuda.empty_cache()
             rows.append((name, seq, result))
-            print(name, seq, result, flush=True)
+            print(name, seq, {k: v for k, v in result.items() if k != "top_kernels"}, flush=True)
+            for kernel, launches, ms in result.get("top_kernels", []):
+                print(f"    {ms:8.1f} ms {launches:6d} x  {kernel}")
 
     print(f"\n{torch.cuda.get_device_name()}, bf16, micro-batch 1, vocab {opts.vocab_size}")
-    print("| config | sequence | tokens/s | model TFLOP/s | MFU | peak memory | recompute |")
-    print("|---|---|---|---|---|---|---|")
+    extra = " GPU busy | kernels/step |" if opts.profile else ""
+    print("| config | sequence | tokens/s | model TFLOP/s | MFU | peak memory | recompute |" + extra)
+    print("|---|---|---|---|---|---|---|" + "---|---|" * opts.profile)
     for name, seq, r in rows:
         if r.get("oom"):
-            print(f"| {name} | {seq:,} | out of memory | | | | {r['recompute']} |")
-        else:
-            print(
-                f"| {name} | {seq:,} | {r['tokens_per_s'] / 1e3:.1f}k | {r['tflops']:.0f} | {r['mfu']:.0%} "
-                f"| {r['peak_gib']:.1f} GiB | {r['recompute']} |"
-            )
+            print(f"| {name} | {seq:,} | out of memory | | | | {r['recompute']} |" + " | |" * opts.profile)
+            continue
+        line = (f"| {name} | {seq:,} | {r['tokens_per_s'] / 1e3:.1f}k | {r['tflops']:.0f} | {r['mfu']:.0%} "
+                f"| {r['peak_gib']:.1f} GiB | {r['recompute']} |")
+        if opts.profile:
+            line += f" {r['gpu_busy']:.0%} | {r['kernels_per_step']:,} |"
+        print(line)
 
 
 if __name__ == "__main__":

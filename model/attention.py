@@ -4,7 +4,8 @@
 for the output projection) and the attention kernels the layer composes (the FAM rows' own
 attention is in model/scan.py):
   - `attend_blocks`: every block's queries at once over [memory; FAM keys; blocks] with the
-    mask of model/masks.py (SDPA with a dense mask on CPU, FlexAttention with a block mask on GPU);
+    mask of model/masks.py (SDPA with a dense mask on CPU, FlexAttention with a block mask on GPU,
+    compiled per shape and never run eagerly: model/compile_limits.py);
   - `attend_causal`: full causal attention, the `dense` baseline (flash attention on GPU).
 Tensor parallelism: heads (and query groups) are split across TP ranks; the QKV weight uses
 megatron's grouped layout [g x (n/g q heads, k, v) x d] so a contiguous row split keeps whole
@@ -21,6 +22,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
+from model.compile_limits import bounded_compiles
 from model.config import FAMConfig
 from model.masks import BlockLayout
 from model.rope import rope_sbnd
@@ -35,20 +37,32 @@ def _from_bnsd(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 0, 1, 3).reshape(s, b, n * d)  # -> [s, b, n*d]
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
+def _flex(q, k, v, block_mask):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    # Static shapes (one graph per sequence length: the fastest kernels); fullgraph, so that
+    # past model.compile_limits.SHAPE_LIMIT shapes it raises instead of running eagerly.
+    return torch.compile(_flex, dynamic=False, fullgraph=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # Compiled, the mask is evaluated block by block instead of materialising the whole
+    # q_len x kv_len grid (tens of GiB at 64k tokens); bounded like the attention itself.
+    return torch.compile(create_block_mask)
 
 
 @functools.lru_cache(maxsize=32)
 def _flex_block_mask(layout: BlockLayout, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    # _compile: evaluate the mask block by block instead of materialising the whole
-    # q_len x kv_len grid (tens of GiB at 64k tokens).
-    return create_block_mask(layout.mask_mod(), None, None, layout.q_len, layout.kv_len, device=device, _compile=True)
+    with bounded_compiles("create_block_mask (model/attention.py)"):
+        return _compiled_create_block_mask()(layout.mask_mod(), None, None, layout.q_len, layout.kv_len, device=device)
 
 
 class FAMSelfAttention(MegatronModule):
@@ -94,11 +108,12 @@ class FAMSelfAttention(MegatronModule):
         return out
 
     def attend_blocks(self, q, k, v, layout: BlockLayout) -> torch.Tensor:
-        """Block queries [T*C, b, n, d] over keys [M + T*F + T*C, b, g, d] with the FAM mask."""
+        """Block queries [S, b, n, d] over keys [M + R + S, b, g, d] with the FAM mask (model/masks.py)."""
         q, k, v = _to_bnsd(q), _to_bnsd(k), _to_bnsd(v)
         if q.is_cuda:
             block_mask = _flex_block_mask(layout, str(q.device))
-            out = _compiled_flex()(q, k.to(q.dtype), v.to(q.dtype), block_mask=block_mask, enable_gqa=True)
+            with bounded_compiles("FlexAttention (model/attention.py)"):
+                out = _compiled_flex()(q, k.to(q.dtype), v.to(q.dtype), block_mask)
         else:
             out = F_.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(q.device), enable_gqa=True)
         return _from_bnsd(out)

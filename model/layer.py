@@ -3,7 +3,9 @@
 Where the reference loops block by block, this layer processes a whole sequence at once:
   1. QKV of all block tokens in one GEMM;
   2. the sequential FAM scan: only the F FAM rows per block go through the recurrence
-     (QKV, attention over [F_{t-1}; block t], projection, residual, norm, FFN);
+     (QKV, attention over [F_{t-1}; block t], projection, residual, norm, FFN): on GPU one
+     autograd node for the whole scan (model/fast_scan.py), on CPU the per-step autograd scan
+     (model/scan.py) that is its oracle;
   3. attention of all blocks at once over [memory blocks; F_{t-1}; causal block];
   4. projection and FFN of all block tokens, one GEMM each.
 Input and output are one tensor [F + S, b, h]: the FAM rows, then the block tokens (with
@@ -19,7 +21,6 @@ then pass through unchanged, since no layer reads them.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from megatron.core.parallel_state import get_tensor_model_parallel_group
@@ -36,10 +37,11 @@ from megatron.core.transformer.module import MegatronModule
 
 from model.attention import FAMSelfAttention
 from model.config import FAMConfig
+from model.fast_scan import ScanSpec, fast_scan
 from model.masks import BlockLayout
 from model.norm import build_norm
 from model.rope import rope_angles
-from model.scan import fam_step_for
+from model.scan import eager_scan
 from model.state import LayerState
 
 
@@ -50,6 +52,7 @@ class FAMLayer(MegatronModule):
         self.tp_group = tp_group if tp_group is not None else get_tensor_model_parallel_group()
         sp = config.tensor_model_parallel_size if config.sequence_parallel else 1
         self.local_fam_rows = config.fam_len // sp  # FAM rows of the hidden tensor on this rank
+        self.use_fast_scan: bool | None = None  # None: the fast scan on GPU, the eager one on CPU
         self.input_norm = build_norm(config)
         self.attention = FAMSelfAttention(config, tp_group=tp_group)
         self.pre_mlp_norm = build_norm(config)
@@ -69,46 +72,39 @@ class FAMLayer(MegatronModule):
         cfg = self.config
         if cfg.attention == "dense":
             return self._dense(hidden, positions, state)
-        F, C = cfg.fam_len, cfg.block_size
-        F_local = self.local_fam_rows
-        x = hidden[F_local:]  # [S, b, h], or this rank's [S/tp, b, h] under sequence parallelism
-        S, b = positions.shape[1], x.shape[1]
-        T = math.ceil(S / C)
+        F = cfg.fam_len
+        x = hidden[self.local_fam_rows :]  # [S, b, h], or this rank's [S/tp, b, h] under sequence parallelism
+        S = positions.shape[1]
         q, k, v = self.attention.project_qkv(self.input_norm(x), positions, positions)  # 1: one GEMM
-
-        fam_k, fam_v, fam, prompt_out = [], [], None, None
-        if F:  # 2: the FAM scan (model/scan.py)
-            prompt = hidden[:F_local]
-            fam = state.fam.expand(-1, b, -1) if state is not None else prompt
-            rope_q, rope_k = self._fam_rope(positions, S)
-            step, weights = fam_step_for(x.device), self._scan_weights()
-            # The soft-prompt stream: the prompt rows attend only among themselves, at the F
-            # positions before the first block (a step over an empty block).
-            prompt_out = prompt if state is not None else step(prompt, k[:0], v[:0], *rope_k[0], *rope_k[0], 1.0, *weights)[0]
-            for t in range(T):
-                lo, hi = t * C, min((t + 1) * C, S)
-                zero_residual = t == 0 and state is None  # paper B.1: the first update has none
-                fam, fk, fv = step(
-                    fam, k[lo:hi], v[lo:hi], *rope_q[t], *rope_k[t], 0.0 if zero_residual else 1.0,
-                    *weights,
-                )
-                fam_k.append(fk)
-                fam_v.append(fv)
-
-        # 3: all blocks at once. Pad to whole blocks; padded keys sit after every real query.
-        pad = T * C - S
         mem_k, mem_v = (state.mem_k, state.mem_v) if state is not None and state.mem_len else (None, None)
-        keys = [t for t in (mem_k, *fam_k, _pad(k, pad)) if t is not None]
-        values = [t for t in (mem_v, *fam_v, _pad(v, pad)) if t is not None]
-        layout = BlockLayout(0 if mem_k is None else mem_k.shape[0], T, C, F, cfg.mem_blocks)
-        context = self.attention.attend_blocks(_pad(q, pad), torch.cat(keys), torch.cat(values), layout)[:S]
+        layout = BlockLayout(0 if mem_k is None else mem_k.shape[0], S, cfg.block_size, F, cfg.mem_blocks)
+
+        fam, fam_k, fam_v, prompt_out = None, None, None, None
+        if F:  # 2: the FAM scan (model/scan.py, model/fast_scan.py)
+            prompt = hidden[: self.local_fam_rows]
+            fam0 = prompt if state is None else state.fam.expand(-1, x.shape[1], -1)
+            scan = fast_scan if self.uses_fast_scan(x.device) else eager_scan
+            fam, fam_k, fam_v, prompt_out = scan(self._scan_spec(state is None, layout.fam_rows), fam0, k, v,
+                                                 self._fam_rope(positions), self._scan_weights())
+            if prompt_out is None:  # a passed-in state replaces the prompt; no layer reads its rows
+                prompt_out = prompt
+
+        # 3: all blocks at once over [memory; FAM keys; tokens] (model/masks.py)
+        keys = torch.cat([t for t in (mem_k, fam_k, k) if t is not None])
+        values = torch.cat([t for t in (mem_v, fam_v, v) if t is not None])
+        context = self.attention.attend_blocks(q, keys, values, layout)
         x = self.ffn(self.attention.project_out(context) + x)  # 4
 
         new_state = LayerState(fam, *self._memory(mem_k, mem_v, k, v))
         out = torch.cat([prompt_out, x]) if F else x
         return out, new_state
 
-    def _fam_rope(self, positions: torch.Tensor, S: int):
+    def uses_fast_scan(self, device: torch.device) -> bool:
+        """The fast scan on GPU, the eager per-step scan (its oracle) on CPU, unless
+        `use_fast_scan` says otherwise (tests run the fast path on CPU)."""
+        return device.type == "cuda" if self.use_fast_scan is None else self.use_fast_scan
+
+    def _fam_rope(self, positions: torch.Tensor):
         """cos/sin [T, F, b, 1, d] for every block's FAM queries (the block's last F positions)
         and FAM keys (the F positions before the block), computed once for the whole scan."""
         F, C = self.config.fam_len, self.config.block_size
@@ -120,31 +116,23 @@ class FAMLayer(MegatronModule):
         tables = []
         for anchor in (ends, starts):  # queries end at the block's end, keys before its start
             cos, sin = rope_angles(anchor[:, :, None] + offsets, self.config.kv_channels, self.config.rope_base)
-            cos, sin = cos.permute(1, 2, 0, 3)[:, :, :, None], sin.permute(1, 2, 0, 3)[:, :, :, None]
-            tables.append(list(zip(cos.unbind(0), sin.unbind(0))))  # per block: ([F, b, 1, d], same)
-        return tables
+            tables += [t.permute(1, 2, 0, 3)[:, :, :, None].contiguous() for t in (cos, sin)]
+        return tables  # cos_q, sin_q, cos_k, sin_k
+
+    def _scan_spec(self, from_prompt: bool, fam_rows: int) -> ScanSpec:
+        cfg, att = self.config, self.attention
+        dtype = self.attention.linear_qkv.weight.dtype
+        if torch.is_autocast_enabled("cuda") and self.attention.linear_qkv.weight.is_cuda:
+            dtype = torch.get_autocast_dtype("cuda")
+        enter, leave = _scan_mappings(cfg.sequence_parallel, cfg.tensor_model_parallel_size, self.tp_group)
+        return ScanSpec(cfg.block_size, from_prompt, fam_rows, cfg.layernorm_epsilon, att.groups, att.head_dim, dtype,
+                        enter, leave)
 
     def _scan_weights(self):
-        """The layer's own weights and TP mappings, in fam_step's argument order."""
-        cfg, att = self.config, self.attention
-        enter = leave = None
-        if cfg.sequence_parallel:  # FAM rows sharded along F, like the tokens along S
-            enter = functools.partial(gather_from_sequence_parallel_region, group=self.tp_group)
-            leave = functools.partial(reduce_scatter_to_sequence_parallel_region, group=self.tp_group)
-        elif cfg.tensor_model_parallel_size > 1:
-            enter = functools.partial(copy_to_tensor_model_parallel_region, group=self.tp_group)
-            leave = functools.partial(reduce_from_tensor_model_parallel_region, group=self.tp_group)
-        matrices = [att.linear_qkv.weight, att.linear_proj.weight, self.mlp.linear_fc1.weight, self.mlp.linear_fc2.weight]
-        if torch.is_autocast_enabled("cuda"):
-            # Cast once per layer, not once per block: a compiled step would otherwise save its
-            # own bf16 copy of every weight for backward, T copies per layer.
-            dtype = torch.get_autocast_dtype("cuda")
-            matrices = [w.to(dtype) for w in matrices]
-        qkv, proj, fc1, fc2 = matrices
-        return (
-            self.input_norm.weight, qkv, proj, self.pre_mlp_norm.weight, fc1, fc2,
-            cfg.layernorm_epsilon, att.groups, att.head_dim, enter, leave,
-        )
+        """The layer's own weights, in the scan's order (no new ones: Algorithm 2)."""
+        att, mlp = self.attention, self.mlp
+        return (self.input_norm.weight, att.linear_qkv.weight, att.linear_proj.weight, self.pre_mlp_norm.weight,
+                mlp.linear_fc1.weight, mlp.linear_fc2.weight)
 
     def _memory(self, mem_k, mem_v, k, v):
         """The K/V of the last m whole blocks, for the next call."""
@@ -164,5 +152,14 @@ class FAMLayer(MegatronModule):
         return x, LayerState(None)
 
 
-def _pad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    return x if pad == 0 else torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+@functools.lru_cache(maxsize=8)
+def _scan_mappings(sequence_parallel: bool, tensor_parallel_size: int, group):
+    """The scan's TP mappings (model/scan_step.py), one object per group: a compiled step guards
+    on them, so every layer must pass the same ones."""
+    if sequence_parallel:  # FAM rows sharded along F, like the tokens along S
+        return (functools.partial(gather_from_sequence_parallel_region, group=group),
+                functools.partial(reduce_scatter_to_sequence_parallel_region, group=group))
+    if tensor_parallel_size > 1:
+        return (functools.partial(copy_to_tensor_model_parallel_region, group=group),
+                functools.partial(reduce_from_tensor_model_parallel_region, group=group))
+    return None, None

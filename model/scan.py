@@ -2,9 +2,8 @@
 
 Only F rows per block go through the recurrence, so the scan is many small operations; run
 through megatron's Linear modules each costs more in Python than on the GPU. Here the step is
-one function of plain tensors (the layer's own weights, no new ones) so that on CUDA
-`torch.compile` fuses it into a few kernels, and one compiled graph serves every layer.
-On CPU the same function runs eagerly, so the CPU tests check exactly this math.
+one function of plain tensors (the layer's own weights, no new ones), differentiated by
+autograd: the readable form, kept as the oracle of the fast scan.
 
     x       = PreNorm(F_{t-1})
     q, k, v = QKV(x)                          RoPE: q at block t's last F positions,
@@ -14,11 +13,12 @@ On CPU the same function runs eagerly, so the CPU tests check exactly this math.
     F_t     = FF(PreNorm(A)) + A              SwiGLU, the layer's own FFN
 Tensor parallelism: `enter` / `leave` are megatron's copy-to / reduce-from tensor-parallel
 region (identity when TP = 1), exactly what ColumnParallelLinear / RowParallelLinear do.
+
+`eager_scan` runs the step block by block under autograd: the CPU path and the oracle of the
+fast scan (model/fast_scan.py), which the GPU runs.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F_
@@ -55,11 +55,22 @@ def fam_step(
     return new_fam, k, v
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_step():
-    return torch.compile(fam_step, dynamic=False)
-
-
-def fam_step_for(device: torch.device):
-    """The compiled step on CUDA, the eager one elsewhere: the same function."""
-    return _compiled_step() if device.type == "cuda" else fam_step
+def eager_scan(spec, fam0, k, v, rope, weights):
+    """The scan block by block under autograd, the CPU path and the oracle of model/fast_scan.py
+    (same arguments and results as `fast_scan`): FAM K/V of every block in one [R, b, g, d]
+    tensor, rows past T*F zero."""
+    cos_q, sin_q, cos_k, sin_k = rope
+    C, S, T, F = spec.block_size, k.shape[0], cos_q.shape[0], cos_q.shape[1]
+    step_args = (*weights, spec.eps, spec.groups, spec.head_dim, spec.enter, spec.leave)
+    prompt_out = None
+    if spec.from_prompt:  # the prompt rows attend only among themselves: a step over no block
+        prompt_out = fam_step(fam0, k[:0], v[:0], cos_k[0], sin_k[0], cos_k[0], sin_k[0], 1.0, *step_args)[0]
+    fam, fam_k, fam_v = fam0, [], []
+    for t in range(T):
+        first_update = t == 0 and spec.from_prompt  # paper B.1: no residual
+        fam, fk, fv = fam_step(fam, k[t * C : (t + 1) * C], v[t * C : (t + 1) * C], cos_q[t], sin_q[t], cos_k[t],
+                               sin_k[t], 0.0 if first_update else 1.0, *step_args)
+        fam_k.append(fk)
+        fam_v.append(fv)
+    pad = [k.new_zeros(spec.fam_rows - T * F, *k.shape[1:])]
+    return fam, torch.cat(fam_k + pad), torch.cat(fam_v + pad), prompt_out

@@ -1,0 +1,206 @@
+"""The fast FAM scan (model/fast_scan.py, the GPU path, run here uncompiled) against the eager
+per-step autograd scan (model/scan.py, its oracle): outputs, the returned state, every parameter
+gradient and the gradient of a passed-in state; TP=2 and SP on gloo; broken variants go red.
+Also: the block attention's key tiles (model/masks.py) and the compile budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model.fast_scan as fast_scan_module
+import model.masks as masks
+import model.scan_step as scan_step
+from model import FAMState, LayerState, build_model
+from model.compile_limits import CompileLimitError, bounded_compiles
+from tests.spawn import run_on_ranks
+from tests.test_reference import small_args
+
+# fp32. Both scans compute the same function in a different order (hand-written backward,
+# manual softmax, each weight gradient summed by one GEMM instead of per block): they differ by
+# rounding, measured <= 6e-7 of each tensor's largest entry; 2e-5 leaves a 30x margin, and every
+# broken variant below is off by more than 1e-3.
+RTOL = 2e-5
+
+
+def rel_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
+
+
+def use_fast_scan(model, fast: bool) -> None:
+    for layer in model.layers:
+        layer.use_fast_scan = fast
+
+
+def _tokens(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _leaf_state(args, batch: int) -> FAMState:
+    """A passed-in state as micro-chunked training sees it: a FAM of batch 1 (RSP) and m blocks of
+    memory K/V, all leaves with gradients."""
+    g = torch.Generator().manual_seed(2)
+    mem = args.mem_blocks * args.block_size
+    layers = []
+    for _ in range(args.num_layers):
+        fam = torch.randn(args.fam_len, 1, args.hidden_size, generator=g).requires_grad_()
+        k, v = (torch.randn(mem, batch, args.query_groups, args.head_dim, generator=g).requires_grad_() for _ in "kv")
+        layers.append(LayerState(fam, k, v))
+    return FAMState(layers, position=mem)
+
+
+def _run(args, fast: bool, seq: int, with_state: bool = False):
+    """Two chained calls (the second continues from the first's state, not detached) on the same
+    weights; returns logits, the final state, and every gradient (parameters, passed-in state)."""
+    torch.manual_seed(0)
+    model = build_model(args)
+    use_fast_scan(model, fast)
+    state = _leaf_state(args, 2) if with_state else None
+    tokens = _tokens(2, seq)
+    first = model(tokens[:, : 2 * args.block_size], labels=tokens[:, : 2 * args.block_size], state=state,
+                  position_offset=torch.tensor([0.0, 77.5]))
+    second = model(tokens[:, 2 * args.block_size :], labels=tokens[:, 2 * args.block_size :], state=first.state,
+                   position_offset=torch.tensor([0.0, 77.5]))
+    (first.loss + second.loss).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    if with_state:
+        for i, s in enumerate(state.layers):
+            grads.update({f"state.{i}.{key}": getattr(s, key).grad for key in ("fam", "mem_k", "mem_v")})
+    return {"logits": torch.cat([first.logits, second.logits], 1), "state": second.state, "grads": grads}
+
+
+def _differences(args, seq: int, with_state: bool = False) -> dict[str, float]:
+    eager, fast = _run(args, False, seq, with_state), _run(args, True, seq, with_state)
+    out = {"logits": rel_diff(fast["logits"], eager["logits"])}
+    for i, (a, b) in enumerate(zip(fast["state"].layers, eager["state"].layers)):
+        for key in ("fam", "mem_k", "mem_v"):
+            if getattr(b, key) is not None:
+                out[f"returned state.{i}.{key}"] = rel_diff(getattr(a, key), getattr(b, key))
+    out.update({name: rel_diff(fast["grads"][name], grad) for name, grad in eager["grads"].items()})
+    return out
+
+
+CASES = {
+    "whole blocks": ({}, 40),
+    "partial last block": ({}, 37),
+    "multi-query": ({"num_query_groups": 1}, 37),
+    "no memory blocks": ({"mem_blocks": 0}, 40),
+    "FAM as long as a block": ({"fam_len": 8}, 37),
+    "activation recompute": ({"recompute": True}, 37),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fast_scan_matches_eager_scan_outputs_state_and_every_gradient(case):
+    over, seq = CASES[case]
+    diffs = _differences(small_args(num_layers=3, **over), seq)
+    assert len(diffs) > 20
+    bad = {name: d for name, d in diffs.items() if not d <= RTOL}
+    assert not bad, bad
+
+
+def test_fast_scan_gives_a_passed_in_state_and_the_returned_state_their_gradients():
+    """Micro-chunked training: the first call starts from a leaf state (FAM of batch 1, memory
+    K/V), the second from the first's returned state; both losses back-propagate into both."""
+    diffs = _differences(small_args(num_layers=2), 37, with_state=True)
+    assert {f"state.{i}.{key}" for i in range(2) for key in ("fam", "mem_k", "mem_v")} <= diffs.keys()
+    bad = {name: d for name, d in diffs.items() if not d <= RTOL}
+    assert not bad, bad
+
+
+BREAKS = {
+    "RoPE backward without the rotation": ("_rope_backward", lambda dy, cos, sin: dy * cos),
+    "norm backward without its projection": ("_normalize_backward", lambda d_xh, xh, r: r * d_xh),
+    "gate backward without silu's second term": (
+        "_gate_backward", lambda d_h, gate, up: (d_h * up * torch.sigmoid(gate), d_h * gate * torch.sigmoid(gate))),
+}
+
+
+@pytest.mark.parametrize("name", [*BREAKS, "weight gradients from the last block only"])
+def test_a_broken_fast_scan_goes_red(name, monkeypatch):
+    """Each deliberately broken backward must exceed the tolerance above, by far."""
+    if name in BREAKS:
+        monkeypatch.setattr(scan_step, *BREAKS[name])
+    else:
+        full = fast_scan_module._weight_gradients
+        monkeypatch.setattr(fast_scan_module, "_weight_gradients",
+                            lambda pairs, norms, weights: full(pairs[:1], norms[:1], weights))
+    diffs = _differences(small_args(num_layers=2), 37)
+    assert max(diffs.values()) > 50 * RTOL, diffs
+
+
+def _tp_worker(rank, world_size, sequence_parallel):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from model import init_parallel
+
+    init_parallel(tensor_parallel_size=world_size)
+    args = small_args(num_layers=2, num_attention_heads=8, num_query_groups=4, hidden_size=64)
+    results = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = build_model(args, sequence_parallel=sequence_parallel)
+        use_fast_scan(model, fast)
+        out = model(_tokens(2, 36), labels=_tokens(2, 36, seed=3), position_offset=torch.tensor([3.0, 1000.5]))
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        results.append((out.logits, out.state, grads))
+    (logits, state, grads), (fast_logits, fast_state, fast_grads) = results
+    diffs = {"logits": rel_diff(fast_logits, logits)}
+    for i, (a, b) in enumerate(zip(fast_state.layers, state.layers)):
+        diffs[f"state.{i}.fam"] = rel_diff(a.fam, b.fam)
+    diffs.update({name: rel_diff(fast_grads[name], g) for name, g in grads.items()})
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    return diffs
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_fast_scan_matches_eager_scan_under_tensor_parallelism(sequence_parallel):
+    """Each rank's shard of every gradient: the fast scan's collectives (each mapping's adjoint
+    is the other mapping, model/scan_step.py) against megatron's autograd mappings. 36 tokens
+    end in a partial block; SP shards the 4 FAM rows 2 per rank."""
+    for rank, diffs in enumerate(run_on_ranks(_tp_worker, 2, sequence_parallel)):
+        assert len(diffs) > 15
+        bad = {name: d for name, d in diffs.items() if not d <= RTOL}
+        assert not bad, (rank, bad)
+
+
+def _tiles(layout: masks.BlockLayout):
+    """Per query tile: (key tiles visited, of which full) of FlexAttention's block mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask = create_block_mask(layout.mask_mod(), None, None, layout.q_len, layout.kv_len, device="cpu")
+    partial, full = mask.kv_num_blocks[0, 0], mask.full_kv_num_blocks[0, 0]
+    return (partial + full).tolist(), full.tolist()
+
+
+def test_block_attention_pays_one_key_tile_per_query_tile_for_the_fam(monkeypatch):
+    """fam-1b's blocks (C = 1024, F = 64, m = 3) at T = 3: FAM costs each query tile exactly one
+    extra key tile over BSWA, and every tile that is full in BSWA stays full. With T*F = 192 not a
+    multiple of the 128-row tile, unpadded FAM keys would shift every token tile off the grid."""
+    fam = masks.BlockLayout(mem_len=0, seq_len=3 * 1024, block_size=1024, fam_len=64, mem_blocks=3)
+    bswa = masks.BlockLayout(mem_len=0, seq_len=3 * 1024, block_size=1024, fam_len=0, mem_blocks=3)
+    (fam_visited, fam_full), (bswa_visited, bswa_full) = _tiles(fam), _tiles(bswa)
+    assert fam.fam_rows == 256
+    assert [a - b for a, b in zip(fam_visited, bswa_visited)] == [1] * len(bswa_visited)
+    assert fam_full == bswa_full
+    monkeypatch.setattr(masks, "FAM_ALIGN", 1)  # the broken variant: no alignment
+    unaligned_visited, unaligned_full = _tiles(fam)
+    assert sum(unaligned_visited) > sum(fam_visited) and sum(unaligned_full) < sum(fam_full)
+
+
+def test_compiled_calls_fail_loudly_past_the_shape_budget(monkeypatch):
+    """Past model.compile_limits.SHAPE_LIMIT graphs a function raises instead of silently running
+    eagerly (which, for FlexAttention, materialises the S x S scores)."""
+    import model.compile_limits as limits
+
+    monkeypatch.setattr(limits, "SHAPE_LIMIT", 2)
+    double = torch.compile(lambda x: x * 2, dynamic=False, backend="eager")
+    with bounded_compiles("probe"):
+        double(torch.ones(1))
+        double(torch.ones(2))
+    with pytest.raises(CompileLimitError, match="probe has been compiled for 2 different input shapes"):
+        with bounded_compiles("probe"):
+            double(torch.ones(3))
