@@ -133,7 +133,8 @@ def _make_tokenizer(kind: str, folder: Path) -> str:
         return "byte"
     text = folder / "corpus" / "doc.txt"
     text.parent.mkdir(parents=True)
-    text.write_text("\n".join(f"def alpha_{i}(beta, gamma):\n    return beta + gamma * {i}  # héllo" for i in range(60)))
+    lines = (f"def alpha_{i}(beta, gamma):\n    return beta + gamma * {i}  # héllo" for i in range(60))
+    text.write_text("\n".join(lines))
     if kind == "hf":
         from data_prep import train_tokenizer
 
@@ -172,10 +173,29 @@ def test_export_import_export_round_trips_bit_for_bit_with_its_tokenizer(tokeniz
     assert len([n for n in _files(first) if n.endswith(".safetensors")]) > 1  # sharded
 
     # transformers' tokenizer gives famtron's ids, with the end-of-document token as eos.
-    ours, theirs = load_tokenizer(spec), AutoTokenizer.from_pretrained(first)
+    ours, theirs = load_tokenizer(spec), AutoTokenizer.from_pretrained(first, trust_remote_code=True)
     text = "def alpha_7(beta, gamma):\n    return beta * 2  # héllo wörld"
     assert theirs(text)["input_ids"] == ours.encode(text)
-    assert theirs.eos_token_id == ours.eod_id == json.loads((first / "generation_config.json").read_text())["eos_token_id"]
+    generation = json.loads((first / "generation_config.json").read_text())
+    assert theirs.eos_token_id == ours.eod_id == generation["eos_token_id"] == generation["pad_token_id"]
+
+
+def test_a_folder_saved_by_transformers_imports_to_the_same_weights(tmp_path):
+    """Fine-tuned with transformers and saved with save_pretrained (no famtron manifest): the way
+    back still gives famtron's names, layouts and shapes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = small()
+    state = build_model(args, seed=3).state_dict()
+    export_hf(state, args, tmp_path / "hf")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).save_pretrained(tmp_path / "saved")
+    AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True).save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "famtron_export.json").exists()
+    back = import_hf(tmp_path / "saved")
+    assert back.args == import_hf(tmp_path / "hf").args and back.tokenizer == "byte"
+    for name, value in state.items():
+        if not name.endswith("_extra_state"):
+            assert torch.equal(back.state[name], value), name
 
 
 def _tp2_export_worker(rank, world_size, folder):
@@ -269,7 +289,7 @@ def test_export_refuses_an_existing_folder_and_a_state_that_does_not_match(tmp_p
     export_hf(state, args, folder, force=True)
     assert not list(tmp_path.glob(".tmp_*"))  # the replaced export and the temp folder are gone
     with pytest.raises(ValueError, match=r"missing \['layers.2.attention.linear_proj.weight'"):
-        export_hf({k: v for k, v in state.items() if k != "layers.2.attention.linear_proj.weight"}, args, tmp_path / "x")
+        export_hf({k: v for k, v in state.items() if "layers.2.attention.linear_proj" not in k}, args, tmp_path / "x")
     with pytest.raises(ValueError, match=r"state dict fam_prompt: shape \(3, 32\), the model config says \(4, 32\)"):
         export_hf(state, small(fam_len=4), tmp_path / "x")
 

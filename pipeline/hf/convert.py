@@ -110,7 +110,8 @@ def from_hf_state(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
             out[src + famtron_suffix] = hf[dst + hf_suffix]
         wq, wk, wv = (hf[dst + f"self_attn.{p}_proj.weight"] for p in "qkv")
         out[src + "attention.linear_qkv.weight"] = grouped_qkv(args, wq, wk, wv)
-        out[src + "mlp.linear_fc1.weight"] = torch.cat([hf[dst + "mlp.gate_proj.weight"], hf[dst + "mlp.up_proj.weight"]])
+        gate, up = hf[dst + "mlp.gate_proj.weight"], hf[dst + "mlp.up_proj.weight"]
+        out[src + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
     return {k: v.contiguous() for k, v in check_famtron_state(out, args).items()}
 
 
@@ -167,7 +168,8 @@ def args_from_hf_config(config: dict, where: str = "config.json") -> ModelArgs:
     from pipeline.hf.configuration_famtron import FAMtronConfig
 
     if config.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{where}: model_type={config.get('model_type')!r}, expected {MODEL_TYPE!r} (a famtron export)")
+        raise ValueError(f"{where}: model_type={config.get('model_type')!r}, expected {MODEL_TYPE!r} "
+                         "(a famtron export)")
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}")

@@ -182,9 +182,9 @@ class FAMtronDecoderLayer(nn.Module):
         """Make fam [b, F, h] the FAM read by the block starting at block_start: its keys sit at the
         F positions before the block, its queries (for the update) at the block's last F."""
         n_f, C = fam.shape[1], self.config.block_size
-        q, k, v = self.self_attn.project(
-            self.input_layernorm(fam), offsets(block_start + C - n_f, n_f, fam.device), offsets(block_start - n_f, n_f, fam.device)
-        )
+        q_pos = offsets(block_start + C - n_f, n_f, fam.device)
+        k_pos = offsets(block_start - n_f, n_f, fam.device)
+        q, k, v = self.self_attn.project(self.input_layernorm(fam), q_pos, k_pos)
         state.fam, state.fam_q, state.fam_k, state.fam_v = fam, q, k, v
 
     def block_forward(self, x: torch.Tensor, start: int, state: FAMtronLayerState) -> torch.Tensor:

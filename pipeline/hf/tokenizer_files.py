@@ -59,7 +59,8 @@ def tokenizer_files(spec: str, model_vocab_size: int) -> tuple[dict[str, bytes],
         name, content, cls = "tokenizer.model", Path(spec).read_bytes(), "SentencePieceBackend"
     config = {"tokenizer_class": cls, "eos_token": eod, "pad_token": eod, "clean_up_tokenization_spaces": False}
     files = {name: content, "tokenizer_config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
-    entries = {"eos_token_id": tok.eod_id, "pad_token_id": tok.eod_id, TOKENIZER_KEY: BYTE_SPEC if spec == BYTE_SPEC else name}
+    shipped = BYTE_SPEC if spec == BYTE_SPEC else name
+    entries = {"eos_token_id": tok.eod_id, "pad_token_id": tok.eod_id, TOKENIZER_KEY: shipped}
     return files, entries
 
 
