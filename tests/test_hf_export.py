@@ -127,6 +127,23 @@ def test_greedy_generate_with_cache_equals_argmax_of_famtron_full_forward(case, 
             assert state.fam is None if case == "bswa_gqa" else state.fam.shape == (1, args.fam_len, args.hidden_size)
 
 
+def test_right_padding_leaves_real_tokens_alone_and_left_padding_is_refused(tmp_path):
+    """Rows share positions, so only trailing padding is sound (a later token never changes an
+    earlier one's logits); left padding and continuing a padded cache are clear errors."""
+    args = small()
+    _, hf = export_and_load(args, tmp_path / "hf")
+    tokens = tokens_for(args, batch=2, seq=20)
+    mask = torch.ones_like(tokens)
+    mask[1, 13:] = 0  # row 1 is 13 tokens long, right-padded
+    with torch.no_grad():
+        out = hf(tokens, attention_mask=mask)
+        assert close(out.logits[1, :13], hf(tokens[1:, :13]).logits[0])  # rounding only (batch of 2 vs 1)
+        with pytest.raises(ValueError, match="saw padded rows"):
+            hf(tokens[:, :1], past_key_values=out.past_key_values)
+        with pytest.raises(ValueError, match="left or inner padding"):
+            hf(tokens, attention_mask=mask.flip(1))
+
+
 def _make_tokenizer(kind: str, folder: Path) -> str:
     """A data_prep tokenizer spec: 'byte', a trained tokenizer.json, or a SentencePiece model."""
     if kind == "byte":
