@@ -41,7 +41,7 @@ from model.fast_scan import ScanSpec, fast_scan
 from model.masks import BlockLayout
 from model.norm import build_norm
 from model.rope import rope_angles
-from model.scan import eager_scan
+from model.scan import eager_scan, fam_step
 from model.state import LayerState
 
 
@@ -133,6 +133,24 @@ class FAMLayer(MegatronModule):
         att, mlp = self.attention, self.mlp
         return (self.input_norm.weight, att.linear_qkv.weight, att.linear_proj.weight, self.pre_mlp_norm.weight,
                 mlp.linear_fc1.weight, mlp.linear_fc2.weight)
+
+    def fam_update(self, fam, block_k, block_v, positions, residual_scale: float):
+        """One FAM update outside the scan (streaming generation): F_t [F, b, h] from F_{t-1} and one
+        block's K/V [c, b, g, d] at positions [b, c]; model/scan.py's `fam_step`, eagerly."""
+        cos_q, sin_q, cos_k, sin_k = self._fam_rope(positions)
+        spec = self._scan_spec(False, self.config.fam_len)
+        return fam_step(fam, block_k, block_v, cos_q[0], sin_q[0], cos_k[0], sin_k[0], residual_scale,
+                        *self._scan_weights(), spec.eps, spec.groups, spec.head_dim, spec.enter, spec.leave)[0]
+
+    def prompt_update(self, prompt, first_position):
+        """The soft-prompt stream through this layer outside the scan: the prompt rows [F, b, h]
+        attend only among themselves at the F positions before the first block (first_position
+        [b, 1]), then the FFN; a FAM step over an empty block."""
+        _, _, cos_k, sin_k = self._fam_rope(first_position)
+        att, spec = self.attention, self._scan_spec(True, self.config.fam_len)
+        empty = prompt.new_zeros(0, prompt.shape[1], att.groups, att.head_dim)
+        return fam_step(prompt, empty, empty, cos_k[0], sin_k[0], cos_k[0], sin_k[0], 1.0, *self._scan_weights(),
+                        spec.eps, spec.groups, spec.head_dim, spec.enter, spec.leave)[0]
 
     def _memory(self, mem_k, mem_v, k, v):
         """The K/V of the last m whole blocks, for the next call."""

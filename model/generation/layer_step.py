@@ -5,9 +5,9 @@ For n new tokens of the current block (n = 1 when decoding), at layer l:
     context  = Attn(q, [memory; FAM keys; block so far + new])   causal among the new tokens
     x        = ffn(project_out(context) + x)
 exactly the block rows of Algorithm 2 (fam-paper.md §1.3). When the block completes, the FAM
-update runs on it: model/scan.py's `fam_step` with the layer's `_scan_weights()` and
-`_fam_rope()` (FAM queries at the block's last F positions over [F_{t-1} keys; the whole block]),
-the same call the layer-major forward makes. The new FAM's K/V as keys sit at the F positions
+update runs on it: the layer's `fam_update` (model/scan.py's `fam_step` with the layer's own
+weights and RoPE tables: FAM queries at the block's last F positions over [F_{t-1} keys; the
+whole block]), the same math as the layer-major forward's scan. The new FAM's K/V as keys sit at the F positions
 before the next block (§1.5), i.e. the block's last F positions.
 Shapes: hidden [n, b, h], positions [b, n] float, K/V [rows, b, g, d].
 """
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F_
 
 from model.generation.cache import LayerCache
-from model.scan import fam_step_for
 
 
 def block_rows(layer, cache: LayerCache, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -62,10 +61,7 @@ def close_block(layer, cache: LayerCache, block_start: int, zero_residual: bool)
     block_k, block_v = cache.block()
     c, b = block_k.shape[0], block_k.shape[1]
     positions = (block_start + torch.arange(c, dtype=torch.float32, device=block_k.device)).expand(b, c)
-    rope_q, rope_k = layer._fam_rope(positions, c)  # one block: tables of length 1
-    step = fam_step_for(block_k.device)
-    fam, _, _ = step(cache.fam, block_k, block_v, *rope_q[0], *rope_k[0], 0.0 if zero_residual else 1.0,
-                     *layer._scan_weights())
+    fam = layer.fam_update(cache.fam, block_k, block_v, positions, 0.0 if zero_residual else 1.0)
     cache.close_block()
     cache.set_fam(fam, *fam_keys(layer, fam, block_start + c - fam.shape[0]))
 
@@ -76,8 +72,4 @@ def prompt_stream(layer, prompt: torch.Tensor, first_position: int) -> torch.Ten
     layer-major forward's step over an empty block."""
     b = prompt.shape[1]
     anchor = torch.full((b, 1), float(first_position), device=prompt.device)
-    _, rope_k = layer._fam_rope(anchor, 1)  # keys' table: the F positions before the first block
-    att = layer.attention
-    empty = prompt.new_zeros(0, b, att.groups, att.head_dim)
-    step = fam_step_for(prompt.device)
-    return step(prompt, empty, empty, *rope_k[0], *rope_k[0], 1.0, *layer._scan_weights())[0]
+    return layer.prompt_update(prompt, anchor)
