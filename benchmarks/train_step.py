@@ -10,17 +10,19 @@ sequence on one GPU without a chunked loss); say so when quoting the numbers.
 `--recompute auto` recomputes activations at 64k and beyond, and wherever a cell would not fit without it.
 `--profile` adds one profiled step per cell (torch.profiler, CUDA activity only): kernels launched
 per step and the GPU-busy fraction, the time some kernel ran over the unprofiled step's wall time.
+`--json PATH` writes every cell's raw figures (top kernels included) as a JSON list.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 
 import torch
 
-from model import build_model, init_parallel, load_model_args
+from model import build_model, init_parallel, load_model_args, scan_graphs
 from pipeline.flops import flops_per_token, peak_flops
 
 
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step: GPU-busy fraction, kernels per step, the costliest kernels")
+    parser.add_argument("--json", help="write the raw rows to this file")
     opts = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
@@ -115,22 +118,29 @@ def main() -> None:
                 except torch.OutOfMemoryError:
                     result = {"oom": True, "recompute": recompute}
                 finally:
+                    scan_graphs.clear()  # the FAM scan's static buffers and graphs of this cell
                     gc.collect()
                     torch.cuda.empty_cache()
             rows.append((name, seq, result))
             print(name, seq, {k: v for k, v in result.items() if k != "top_kernels"}, flush=True)
             for kernel, launches, ms in result.get("top_kernels", []):
                 print(f"    {ms:8.1f} ms {launches:6d} x  {kernel}")
+            if opts.json:
+                with open(opts.json, "w") as f:
+                    json.dump([dict(config=n, seq=q, **r) for n, q, r in rows], f, indent=1)
 
     print(f"\n{torch.cuda.get_device_name()}, bf16, micro-batch 1, vocab {opts.vocab_size}")
     extra = " GPU busy | kernels/step |" if opts.profile else ""
-    print("| config | sequence | tokens/s | model TFLOP/s | MFU | peak memory | recompute |" + extra)
-    print("|---|---|---|---|---|---|---|" + "---|---|" * opts.profile)
+    print("| config | sequence | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |" + extra)
+    print("|---|---|---|---|---|---|---|---|" + "---|---|" * opts.profile)
+    speed = {(name, seq): r.get("tokens_per_s") for name, seq, r in rows}
     for name, seq, r in rows:
         if r.get("oom"):
-            print(f"| {name} | {seq:,} | out of memory | | | | {r['recompute']} |" + " | |" * opts.profile)
+            print(f"| {name} | {seq:,} | out of memory | | | | | {r['recompute']} |" + " | |" * opts.profile)
             continue
-        line = (f"| {name} | {seq:,} | {r['tokens_per_s'] / 1e3:.1f}k | {r['tflops']:.0f} | {r['mfu']:.0%} "
+        bswa = speed.get((name.replace("fam", "bswa").replace("dense", "bswa"), seq))
+        ratio = f"{r['tokens_per_s'] / bswa:.2f}" if bswa else ""
+        line = (f"| {name} | {seq:,} | {r['tokens_per_s'] / 1e3:.1f}k | {ratio} | {r['tflops']:.0f} | {r['mfu']:.0%} "
                 f"| {r['peak_gib']:.1f} GiB | {r['recompute']} |")
         if opts.profile:
             line += f" {r['gpu_busy']:.0%} | {r['kernels_per_step']:,} |"

@@ -2,39 +2,40 @@
 
 model/scan.py's eager scan calls `fam_step` once per block under autograd: T autograd nodes per
 layer, each producing a weight-sized gradient per weight (a GEMM with K = F rows) that autograd
-then adds up, T times per weight and layer. Measured on one H200 (fam-1b, 64k tokens): 6,891
-weight-sized elementwise kernels and 2,340 small-K GEMMs per step, and the GPU idle 45 % of the
-step while Python dispatched the per-block calls.
-
-`FAMScan` instead:
-  - forward: runs the T steps of model/scan_step.py without autograd, writes every block's FAM
-    K/V straight into one [R, b, g, d] buffer (the keys the block attention reads, R = T*F
-    padded to a tile, model/masks.py) and saves only each step's input FAM [T, F, b, h] (plus
-    the K/V and weights, which are alive anyway);
-  - backward: walks the blocks in reverse, recomputing each step, and back-propagates
-    activation gradients only (to the previous FAM, to the block's K/V, to the initial FAM: the
-    prompt rows or a passed-in state), collecting each weight use's (input, output gradient)
-    pair; after the loop each weight's gradient is ONE GEMM over all T*F*b rows (norm weights:
-    one sum), as cuDNN's RNNs do.
+then adds up, T times per weight and layer. `FAMScan` instead:
+  - forward: runs the T steps of model/scan_step.py without autograd over one keys/values buffer
+    per block ([F + C, b, g, d]: the step writes the FAM keys into rows :F), keeping each step's
+    activations (`Activations`, F rows per block); the block attention's FAM K/V [R, b, g, d]
+    (R = T*F padded to a tile, model/masks.py) are the buffers' first F rows;
+  - backward: walks the blocks in reverse over the kept activations (no recompute) and
+    back-propagates activation gradients only (to the previous FAM, to the block's K/V, to the
+    initial FAM: the prompt rows or a passed-in state), writing each weight use's output gradient;
+    after the loop each weight's gradient is ONE GEMM over all T*F*b rows (norm weights: one
+    sum), as cuDNN's RNNs do.
 The soft-prompt stream's step (the prompt rows attending among themselves, model/layer.py) is a
-step over no block, run inside the same node so its weight uses join the same GEMMs.
+step over no block, run inside the same node so its weight uses join the same GEMMs. A partial
+last block is padded to C with masked keys (model/scan_step.py `key_bias`), so it runs the same
+compiled step as the others, on any length.
 
-On CUDA each full-block step (forward, and recompute + backward) is one torch.compile'd graph
-(static shapes, the same graph for every block and layer), so a step costs one guard check and
-its fused kernels instead of an autograd node per op and per weight. A partial last block runs
-the same functions uncompiled: one graph per partial length would exhaust the shape budget
-(model/compile_limits.py) on evaluation across lengths. On CPU everything runs uncompiled: the
-same code path, which tests/test_scan.py checks against the eager per-step autograd scan.
+On CUDA each step is torch.compile'd (one graph for every block and layer, one for the prompt
+step), and each layer's whole loop, forward and backward, replays as one CUDA graph over static
+buffers shared by all layers (model/scan_graphs.py; not under tensor parallelism, whose
+collectives run uncaptured). On CPU the same code runs uncompiled, over fresh buffers or (tests)
+the static ones; tests/test_scan.py checks it against the eager per-step autograd scan.
 
-Measured on one H200 (benchmarks.train_step --profile, bf16, micro-batch 1, vocab 32k), against
-the per-block compiled step under autograd it replaces (issue 13's figures, same card type):
-  fam-1b 64k (recompute): 14.6k -> 23.6k tokens/s (0.44 -> 0.71 x bswa-1b), GPU busy 55 -> 92 %;
-  fam-1b 8k:              23.4k -> 19.5k tokens/s (0.57 -> 0.49 x bswa-1b), GPU busy 74 -> 63 %,
-                          12.3k kernels per step (bswa-1b: 2.4k), kernel time 266 ms (bswa 195).
-At 8k the step is bound by the CPU launching ~26 kernels per compiled call (324 calls per step):
-the recompute in backward adds a forward's kernels per block. TODO(issue 13): capture each
-layer's loop of compiled steps in a CUDA graph (static buffers), and move the step's fp32
-attention matmuls (486 launches, 14.6 ms per step at 8k; 152 ms at 64k) to bf16 operands.
+Kept vs recomputed activations: per step the backward reads 8 tensors of F rows (fam-1b: 6.3 MB
+per block and layer, bf16 and fp32; a block's 1024 tokens keep ~25x that) instead of re-running
+the step's four GEMMs, whose F-row products each read all the layer's weights (132 MB in bf16,
+~31 us on an H200), and their ~15 other kernels. fam-1b at 8k without layer recompute keeps
+~1 GB more for it (18 layers x 9 steps).
+Measured on one H200 (benchmarks.train_step --profile, bf16, micro-batch 1, vocab 32k), fam-1b
+at 8k tokens (bswa-1b: 40.2k tokens/s, 96 % busy, 2,397 kernels, 195 ms, measured with the
+first version):
+  first version (compiled steps uncaptured, recompute in backward, fp32 attention products):
+      19.5k tokens/s, GPU busy 63 %, 12,334 kernels and 266 ms of kernels per step;
+  this version: 30.9k tokens/s (0.77x bswa-1b), 92 % busy, 10,462 kernels, 243 ms, peak 42.7 GiB.
+At 64k the first version ran 23.6k tokens/s (bswa-1b 33.4k, 88,696 kernels, 2,551 ms); this
+version was not measured there. TODO(issue 13): 64k, and bswa-1b in the same run.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ from typing import Callable
 
 import torch
 
+from model import scan_graphs
 from model.compile_limits import bounded_compiles
-from model.scan_step import step_backward, step_forward
+from model.scan_step import Activations, Gradients, step_backward, step_forward
 
 
 @dataclass
@@ -63,6 +65,9 @@ class ScanSpec:
     enter: Callable | None = None  # tensor-parallel mappings (model/scan_step.py); None at TP = 1
     leave: Callable | None = None
 
+    def config(self) -> tuple:
+        return self.eps, self.groups, self.head_dim, self.dtype, self.enter, self.leave
+
 
 @functools.lru_cache(maxsize=4)
 def _compiled(fn, fullgraph: bool):
@@ -78,16 +83,181 @@ def _step_functions(device: torch.device, spec: ScanSpec):
     return _compiled(step_forward, fullgraph), _compiled(step_backward, fullgraph)
 
 
+def _slot(group, i: int):
+    return type(group)(*(t[i] for t in group))
+
+
+# ---- the two loops, over a dict of buffers (fresh, or model/scan_graphs.py's static ones) ----
+
+
+def _forward_loop(spec: ScanSpec, b: dict):
+    """All T steps and the prompt step; returns (F_T, prompt stream output or None)."""
+    step, _ = _step_functions(b["keys"].device, spec)
+    cos_q, sin_q, cos_k, sin_k = b["rope"]
+    first, rest = b["scales"][0], b["scales"][1]
+    fam = b["fam0"]
+    for t in range(b["keys"].shape[0]):
+        fam = step(fam, b["keys"][t], b["values"][t], b["bias"][t], cos_q[t], sin_q[t], cos_k[t], sin_k[t],
+                   first if t == 0 else rest, b["weights"], _slot(b["saved"], t), *spec.config())
+    if not spec.from_prompt:
+        return fam, None
+    prompt_out = step(b["fam0"], b["prompt_keys"], b["prompt_values"], None, cos_k[0], sin_k[0], cos_k[0], sin_k[0],
+                      rest, b["weights"], _slot(b["saved"], -1), *spec.config())
+    return fam, prompt_out
+
+
+def _backward_loop(spec: ScanSpec, b: dict):
+    """The steps in reverse; returns the gradient of the initial FAM."""
+    _, step = _step_functions(b["keys"].device, spec)
+    cos_q, sin_q, cos_k, sin_k = b["rope"]
+    first, rest = b["scales"][0], b["scales"][1]
+    T, F = b["keys"].shape[0], cos_q.shape[1]
+    d = b["d_fam"]
+    for t in reversed(range(T)):
+        rows = slice(t * F, (t + 1) * F)
+        d = step(d, b["d_fam_k"][rows], b["d_fam_v"][rows], b["keys"][t], b["values"][t], b["bias"][t], cos_q[t],
+                 sin_q[t], cos_k[t], sin_k[t], first if t == 0 else rest, b["weights"], _slot(b["saved"], t),
+                 _slot(b["grads"], t), b["d_keys"][t], b["d_values"][t], *spec.config())
+    if spec.from_prompt:
+        d = d + step(b["d_prompt"], None, None, b["prompt_keys"], b["prompt_values"], None, cos_k[0], sin_k[0],
+                     cos_k[0], sin_k[0], rest, b["weights"], _slot(b["saved"], -1), _slot(b["grads"], -1), None, None,
+                     *spec.config())
+    return d
+
+
+# ---- buffers ----
+
+
 def _gemm_dtype(weights, dtype):
     """Matrices in the GEMM dtype (one cast per layer and pass, not per block); norms as they are."""
     n1w, qkv, proj, n2w, fc1, fc2 = weights
     return n1w, qkv.to(dtype), proj.to(dtype), n2w, fc1.to(dtype), fc2.to(dtype)
 
 
-def _scales(fam: torch.Tensor, from_prompt: bool):
-    """The residual factor of the first update (0 from the prompt, paper B.1) and of the others."""
-    one = torch.ones((), device=fam.device)
-    return (torch.zeros((), device=fam.device) if from_prompt else one), one
+def _key_bias(T: int, F: int, C: int, S: int, device) -> torch.Tensor:
+    """[T, F + C] fp32: 0 for visible keys, -inf for the padding of a partial last block."""
+    bias = torch.zeros(T, F + C, device=device)
+    bias[-1, F + S - (T - 1) * C :] = float("-inf")
+    return bias
+
+
+def _scales(device, from_prompt: bool) -> torch.Tensor:
+    """The residual factor of the first update (0 from the prompt, paper B.1) and of the others.
+    Filled on the device: torch.tensor(list, device=...) would wait for the GPU to catch up."""
+    scales = torch.ones(2, device=device)
+    if from_prompt:
+        scales[0] = 0.0
+    return scales
+
+
+def _load_blocks(buffer: torch.Tensor, x: torch.Tensor, F: int) -> None:
+    """x [S, b, g, d] into rows F: of buffer [T, F + C, b, g, d], zero past S (never NaN garbage:
+    masked keys still meet p = 0 in p @ V)."""
+    T, C = buffer.shape[0], buffer.shape[1] - F
+    full = x.shape[0] // C
+    buffer[:full, F:].copy_(x[: full * C].view(full, C, *x.shape[1:]))
+    if full < T:
+        last = x.shape[0] - full * C
+        buffer[-1, F : F + last].copy_(x[full * C :])
+        buffer[-1, F + last :].zero_()
+
+
+def _copy_into(buffers: dict, values: dict) -> None:
+    for name, value in values.items():
+        if isinstance(value, tuple):
+            for dst, src in zip(buffers[name], value):
+                dst.copy_(src)
+        else:
+            buffers[name].copy_(value)
+
+
+def _new_group(cls, steps: int, shapes: dict, device) -> tuple:
+    return cls(**{name: torch.empty(steps, *shape, dtype=dtype, device=device) for name, (shape, dtype) in
+                  shapes.items()})
+
+
+def _input_buffers(spec: ScanSpec, fam0, k, rope, weights) -> dict:
+    """Static copies of every input the loops read (weights in the GEMM dtype, norms as they are)."""
+    T, F = rope[0].shape[0], rope[0].shape[1]
+    new = functools.partial(torch.empty, device=k.device)
+    w = tuple(new(x.shape, dtype=x.dtype if i in (0, 3) else spec.dtype) for i, x in enumerate(weights))
+    return dict(fam0=new(fam0.shape, dtype=fam0.dtype), rope=tuple(new(x.shape, dtype=x.dtype) for x in rope),
+                scales=new(2), bias=new(T, F + spec.block_size), weights=w)
+
+
+def _block_buffers(spec: ScanSpec, k, rope) -> dict:
+    """keys, values [T, F + C, b, g, d]: each block's FAM rows then its tokens (model/scan_step.py)."""
+    T, F = rope[0].shape[0], rope[0].shape[1]
+    return {name: k.new_empty(T, F + spec.block_size, *k.shape[1:]) for name in ("keys", "values")}
+
+
+def _forward_outputs(spec: ScanSpec, fam0, k, rope, weights) -> dict:
+    """New buffers the forward loop writes: the per-block keys/values and the kept activations."""
+    T, F, b, kv = rope[0].shape[0], rope[0].shape[1], k.shape[1], k.shape[1:]
+    n1w, qkv, proj, n2w, fc1, fc2 = weights
+    heads_q = qkv.shape[0] // (spec.groups * spec.head_dim) - 2  # per group
+    gemm = lambda features: ((F, b, features), spec.dtype)  # noqa: E731 - all F rows (gathered under SP)
+    shapes = dict(fam=(fam0.shape, fam0.dtype), q=((b, spec.groups, heads_q * F, spec.head_dim), k.dtype),
+                  a=(fam0.shape, torch.float32), gate_up=gemm(fc1.shape[0]), x_qkv=gemm(qkv.shape[1]),
+                  x_proj=gemm(proj.shape[1]), x_fc1=gemm(fc1.shape[1]), x_fc2=gemm(fc2.shape[1]))
+    out = dict(_block_buffers(spec, k, rope), saved=_new_group(Activations, T + spec.from_prompt, shapes, k.device))
+    if spec.from_prompt:
+        out.update(prompt_keys=k.new_empty(F, *kv), prompt_values=k.new_empty(F, *kv))
+    return out
+
+
+def _backward_outputs(spec: ScanSpec, k, rope, weights) -> dict:
+    """New buffers the backward loop writes: the weight uses' output gradients, the block K/V's."""
+    T, F, C = rope[0].shape[0], rope[0].shape[1], spec.block_size
+    b, kv = k.shape[1], k.shape[1:]
+    n1w, qkv, proj, n2w, fc1, fc2 = weights
+    gemm = lambda w: ((F, b, w.shape[0]), spec.dtype)  # noqa: E731
+    shapes = dict(d_qkv=gemm(qkv), d_proj=gemm(proj), d_fc1=gemm(fc1), d_fc2=gemm(fc2),
+                  d_norm1=(n1w.shape, torch.float32), d_norm2=(n2w.shape, torch.float32))
+    return dict(grads=_new_group(Gradients, T + spec.from_prompt, shapes, k.device),
+                d_keys=k.new_empty(T, C, *kv), d_values=k.new_empty(T, C, *kv))
+
+
+def _fam_rows(buffer: torch.Tensor, F: int, R: int) -> torch.Tensor:
+    """The block attention's FAM keys or values [R, b, g, d]: each block's rows :F, zero past T*F."""
+    T, rest = buffer.shape[0], buffer.shape[2:]
+    out = buffer.new_empty(R, *rest)
+    out[: T * F].view(T, F, *rest).copy_(buffer[:, :F])
+    out[T * F :].zero_()
+    return out
+
+
+# ---- the autograd node ----
+
+
+def _static_scan(spec: ScanSpec, fam_shape, fam_dtype, k, rope, weights):
+    """model/scan_graphs.py's StaticScan for these shapes, or None (another device, collectives)."""
+    if spec.enter is not None or not scan_graphs.uses_static_buffers(k.device):
+        return None
+    key = (spec.block_size, spec.from_prompt, spec.fam_rows, spec.eps, spec.groups, spec.head_dim, spec.dtype,
+           tuple(fam_shape), fam_dtype, tuple(k.shape[1:]), k.dtype, str(k.device), tuple(rope[0].shape),
+           rope[0].dtype, tuple((tuple(w.shape), w.dtype) for w in weights))
+    return scan_graphs.static_scan(key, k.device)
+
+
+def _buffers(spec: ScanSpec, static, inputs: dict, weights, k, rope, fam0_like, backward: bool) -> dict:
+    """The loop's buffers holding this call's inputs: fresh ones around the inputs themselves, or
+    the static ones (made on first use) with the inputs copied in."""
+    if static is None:
+        if backward:  # the forward's kept activations come in; the keys/values buffers are rebuilt
+            made = dict(_backward_outputs(spec, k, rope, weights), **_block_buffers(spec, k, rope))
+        else:
+            made = _forward_outputs(spec, fam0_like, k, rope, weights)
+        return dict(inputs, weights=_gemm_dtype(weights, spec.dtype), **made)
+    b = static.buffers
+    if not b:
+        b.update(_input_buffers(spec, fam0_like, k, rope, weights), **_forward_outputs(spec, fam0_like, k, rope,
+                                                                                       weights))
+    if backward and "grads" not in b:
+        grads_in = {name: torch.empty_like(x) for name, x in inputs.items() if name.startswith("d_")}
+        b.update(grads_in, **_backward_outputs(spec, k, rope, weights))
+    _copy_into(b, dict(inputs, weights=weights))
+    return b
 
 
 class FAMScan(torch.autograd.Function):
@@ -97,74 +267,62 @@ class FAMScan(torch.autograd.Function):
         block's last F positions, FAM keys at the F before it); weights: norm1, qkv, proj, norm2,
         fc1, fc2. Returns F_T [F, b, h], FAM K, V [R, b, g, d] and, from the prompt, the
         prompt stream's output [F, b, h]."""
-        forward_step, _ = _step_functions(k.device, spec)
-        C, S, T, F = spec.block_size, k.shape[0], cos_q.shape[0], cos_q.shape[1]
-        w = _gemm_dtype(weights, spec.dtype)
-        first, rest = _scales(fam0, spec.from_prompt)
-        fam_k = k.new_zeros(spec.fam_rows, *k.shape[1:])  # padding rows stay zero (masked keys)
-        fam_v = v.new_zeros(spec.fam_rows, *v.shape[1:])
-        fam, inputs = fam0.contiguous(), []
-        config = (spec.eps, spec.groups, spec.head_dim, spec.dtype, spec.enter, spec.leave)
+        rope = (cos_q, sin_q, cos_k, sin_k)
+        T, F, S = cos_q.shape[0], cos_q.shape[1], k.shape[0]
+        static = _static_scan(spec, fam0.shape, fam0.dtype, k, rope, weights)
+        inputs = dict(fam0=fam0, rope=rope, scales=_scales(k.device, spec.from_prompt),
+                      bias=_key_bias(T, F, spec.block_size, S, k.device))
+        b = _buffers(spec, static, inputs, weights, k, rope, fam0, backward=False)
+        _load_blocks(b["keys"], k, F)
+        _load_blocks(b["values"], v, F)
         with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
-            for t in range(T):
-                lo, hi = t * C, min(S, (t + 1) * C)
-                step = forward_step if hi - lo == C else step_forward
-                inputs.append(fam)
-                fam = step(fam, k[lo:hi], v[lo:hi], cos_q[t], sin_q[t], cos_k[t], sin_k[t], first if t == 0 else rest,
-                           w, *config, fam_k[t * F : (t + 1) * F], fam_v[t * F : (t + 1) * F])
-            prompt_out = ()
-            if spec.from_prompt:  # the prompt rows at the F positions before the first block
-                prompt_out = (forward_step(inputs[0], None, None, cos_k[0], sin_k[0], cos_k[0], sin_k[0], rest, w,
-                                           *config),)
+            if static is None:
+                fam, prompt_out = _forward_loop(spec, b)
+            else:
+                fam, prompt_out = static.loop("forward", functools.partial(_forward_loop, spec))()
+        own = torch.clone if static is not None else (lambda x: x)  # nothing static leaves
+        fam_k, fam_v = _fam_rows(b["keys"], F, spec.fam_rows), _fam_rows(b["values"], F, spec.fam_rows)
         ctx.spec = spec
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(torch.stack(inputs), k, v, cos_q, sin_q, cos_k, sin_k, *weights)
-        return (fam, fam_k, fam_v) + prompt_out
+            prompt_kv = (own(b["prompt_keys"]), own(b["prompt_values"])) if spec.from_prompt else ()
+            ctx.save_for_backward(k, v, fam_k, fam_v, *rope, *weights, *(own(x) for x in b["saved"]), *prompt_kv)
+        return (own(fam), fam_k, fam_v) + ((own(prompt_out),) if spec.from_prompt else ())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_fam, d_fam_k, d_fam_v, *d_prompt_out):
         spec = ctx.spec
-        inputs, k, v, cos_q, sin_q, cos_k, sin_k, *weights = ctx.saved_tensors
-        _, backward_step = _step_functions(k.device, spec)
-        C, S, T, F = spec.block_size, k.shape[0], cos_q.shape[0], cos_q.shape[1]
-        w = _gemm_dtype(weights, spec.dtype)
-        first, rest = _scales(inputs, spec.from_prompt)
-        d_k, d_v = torch.empty_like(k), torch.empty_like(v)
-        pairs, norms = [], []
-        config = (spec.eps, spec.groups, spec.head_dim, spec.dtype, spec.enter, spec.leave)
-        d = d_fam
+        k, v, fam_k, fam_v, *rest = ctx.saved_tensors
+        rope, weights, saved = tuple(rest[:4]), tuple(rest[4:10]), Activations(*rest[10:18])
+        T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
+        static = _static_scan(spec, saved.fam.shape[1:], saved.fam.dtype, k, rope, weights)
+        inputs = dict(rope=rope, scales=_scales(k.device, spec.from_prompt),
+                      bias=_key_bias(T, F, spec.block_size, S, k.device), saved=saved, d_fam=d_fam,
+                      d_fam_k=d_fam_k, d_fam_v=d_fam_v)
+        if spec.from_prompt:
+            inputs.update(prompt_keys=rest[18], prompt_values=rest[19], d_prompt=d_prompt_out[0])
+        b = _buffers(spec, static, inputs, weights, k, rope, saved.fam[0], backward=True)
+        for name, blocks, fam_rows in (("keys", k, fam_k), ("values", v, fam_v)):
+            _load_blocks(b[name], blocks, F)
+            b[name][:, :F].copy_(fam_rows[: T * F].view(T, F, *fam_rows.shape[1:]))
         with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
-            for t in reversed(range(T)):
-                lo, hi = t * C, min(S, (t + 1) * C)
-                step = backward_step if hi - lo == C else step_backward
-                d, step_pairs, step_norms = step(
-                    inputs[t], k[lo:hi], v[lo:hi], cos_q[t], sin_q[t], cos_k[t], sin_k[t], first if t == 0 else rest,
-                    w, *config, d, d_fam_k[t * F : (t + 1) * F], d_fam_v[t * F : (t + 1) * F], d_k[lo:hi], d_v[lo:hi])
-                pairs.append(step_pairs)
-                norms.append(step_norms)
-            if spec.from_prompt:
-                d_prompt, step_pairs, step_norms = backward_step(
-                    inputs[0], None, None, cos_k[0], sin_k[0], cos_k[0], sin_k[0], rest, w, *config, d_prompt_out[0])
-                d = d + d_prompt
-                pairs.append(step_pairs)
-                norms.append(step_norms)
-        grads = _weight_gradients(pairs, norms, weights)
-        return (None, d.to(inputs.dtype), d_k, d_v, None, None, None, None, *grads)
+            if static is None:
+                d = _backward_loop(spec, b)
+            else:
+                d = static.loop("backward", functools.partial(_backward_loop, spec))()
+        own = torch.clone if static is not None else (lambda x: x)
+        d_k, d_v = (own(b[name].flatten(0, 1)[:S]) for name in ("d_keys", "d_values"))
+        grads = _weight_gradients(b["saved"], b["grads"], weights)  # before any other replay
+        return (None, own(d).to(saved.fam.dtype), d_k, d_v, None, None, None, None, *grads)
 
 
-def _weight_gradients(pairs, norms, weights):
-    """One GEMM per weight over all steps' rows: dW = sum_t dY_t^T X_t = cat(dY)^T cat(X)."""
+def _weight_gradients(saved: Activations, grads: Gradients, weights):
+    """One GEMM per weight over all steps' rows: dW = sum_t dY_t^T X_t = dY^T X over T*F*b rows."""
     n1w, qkv, proj, n2w, fc1, fc2 = weights
-    matrices = []
-    for i, weight in enumerate((qkv, proj, fc1, fc2)):
-        x = torch.cat([p[i][0] for p in pairs]).flatten(0, -2)  # [T*F*b, in]
-        dy = torch.cat([p[i][1] for p in pairs]).flatten(0, -2)  # [T*F*b, out]
-        matrices.append((dy.t() @ x).to(weight.dtype))
-    d_n1 = torch.stack([n[0] for n in norms]).sum(0).to(n1w.dtype)
-    d_n2 = torch.stack([n[1] for n in norms]).sum(0).to(n2w.dtype)
-    d_qkv, d_proj, d_fc1, d_fc2 = matrices
-    return d_n1, d_qkv, d_proj, d_n2, d_fc1, d_fc2
+    uses = ((saved.x_qkv, grads.d_qkv, qkv), (saved.x_proj, grads.d_proj, proj), (saved.x_fc1, grads.d_fc1, fc1),
+            (saved.x_fc2, grads.d_fc2, fc2))
+    d_qkv, d_proj, d_fc1, d_fc2 = ((dy.flatten(0, -2).t() @ x.flatten(0, -2)).to(w.dtype) for x, dy, w in uses)
+    return grads.d_norm1.sum(0).to(n1w.dtype), d_qkv, d_proj, grads.d_norm2.sum(0).to(n2w.dtype), d_fc1, d_fc2
 
 
 def fast_scan(spec: ScanSpec, fam0, k, v, rope, weights):

@@ -1,18 +1,28 @@
 """One FAM scan step and its hand-written backward, as plain functions of tensors (the fast scan).
 
 The math is model/scan.py's `fam_step` (the eager oracle), written out so that
-  - the forward runs without building an autograd graph, and
-  - the backward recomputes the step and returns activation gradients only (to the previous
-    FAM, to the block's K/V, and through the FAM K/V the block queries read), plus each weight
-    use's (input, output gradient) pair; model/fast_scan.py turns the pairs of all T blocks into
-    one weight-gradient GEMM per weight instead of T GEMMs with K = F rows and T additions.
+  - the forward runs without building an autograd graph and writes what the backward needs
+    (`Activations`: F rows per block, small) into the scan's buffers, and
+  - the backward reads those instead of recomputing the step (no second pass over the four
+    GEMMs, whose F-row products are bound by reading the weights), and returns activation
+    gradients only (to the previous FAM, to the block's K/V, and through the FAM K/V the block
+    queries read), writing each weight use's output gradient (`Gradients`) beside the forward's
+    inputs: model/fast_scan.py turns them into one weight-gradient GEMM per weight.
 Both are single graphs for torch.compile (no autograd inside), and the same code runs eagerly
 on CPU, where tests/test_scan.py checks it against autograd through `fam_step`.
 
+Keys and values come as one buffer per block, [F + c, b, g, d]: the step writes F_{t-1}'s
+keys/values (post-RoPE) into rows :F, rows F: hold block t's (c = C; c = 0 for the soft-prompt
+step, whose rows attend only among themselves). So the attention reads one tensor, with no
+per-step `cat`. `key_bias` [F + c] (0, or -inf past the sequence end) masks the padding of a
+partial last block, so every block, partial or not, runs the same compiled step.
+
 Precision (what autocast does to `fam_step`, minus its per-op casts): the FAM stream, norms,
-RoPE, the attention scores and softmax and the gate are fp32; the four GEMMs take `dtype`
-(bf16 under autocast). Shapes: fam [F, b, h] (this rank's [F/tp, b, h] under SP), block K/V
-[c, b, g, d], RoPE tables [F, b, 1, d]; n heads in g groups of npg, head size d.
+RoPE, the softmax and the gate are fp32; the four GEMMs take `dtype` (bf16 under autocast);
+the attention's matrix products take the keys' dtype (bf16 under autocast, as autocast's SDPA
+does) with fp32 results (`_bmm32`), and a bf16 `p` as flash attention's. Shapes: fam [F, b, h]
+(this rank's [F/tp, b, h] under SP), RoPE tables [F, b, 1, d]; n heads in g groups of npg,
+head size d.
 
 Tensor parallelism: `enter` / `leave` are megatron's copy-to / reduce-from region (or, under SP,
 gather-from / reduce-scatter-to sequence-parallel region), used as plain collectives here. Each
@@ -22,8 +32,34 @@ the backward uses `leave` where the forward used `enter` and vice versa.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F_
+
+
+class Activations(NamedTuple):
+    """What a step's backward reads, per step: [F, b, ...] (fam, a: this rank's rows under SP)."""
+
+    fam: torch.Tensor  # the step's input FAM, fam dtype
+    q: torch.Tensor  # the FAM queries after RoPE [b, g, npg*F, d], keys' dtype
+    a: torch.Tensor  # the residual after attention, fp32
+    gate_up: torch.Tensor  # FC1's output, GEMM dtype
+    x_qkv: torch.Tensor  # the four GEMMs' inputs (GEMM dtype): the weight gradients' X
+    x_proj: torch.Tensor
+    x_fc1: torch.Tensor
+    x_fc2: torch.Tensor
+
+
+class Gradients(NamedTuple):
+    """What a step's backward writes besides the activation gradients, per step."""
+
+    d_qkv: torch.Tensor  # the four GEMMs' output gradients (GEMM dtype): the weight gradients' dY
+    d_proj: torch.Tensor
+    d_fc1: torch.Tensor
+    d_fc2: torch.Tensor
+    d_norm1: torch.Tensor  # [h] fp32
+    d_norm2: torch.Tensor
 
 
 def _same(x):
@@ -73,18 +109,31 @@ def _heads(x):
     return x.permute(1, 2, 0, 3)
 
 
-def _attend(q, keys, values, head_dim: int):
-    """q [b, g, npg*F, d] over keys/values [b, g, L, d] (full attention, fp32) -> (p, context)."""
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * head_dim**-0.5
-    p = torch.softmax(scores, dim=-1)
-    return p, torch.matmul(p, values)
+def _bmm32(a, b):
+    """a @ b over [b, g] with an fp32 result. bf16 operands stay bf16 and accumulate in fp32 on
+    the tensor cores (cuBLAS through bmm's out_dtype), as flash attention does; fp32 stays fp32."""
+    if a.dtype == torch.float32 or not a.is_cuda:
+        return torch.matmul(a.float(), b.float())
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+    return out.view(*a.shape[:-2], *out.shape[-2:])
+
+
+def _probabilities(q, keys, key_bias, head_dim: int):
+    """softmax(q k^T / sqrt(d) + bias) [b, g, npg*F, F + c], fp32."""
+    scores = _bmm32(q, keys.transpose(-1, -2)) * head_dim**-0.5
+    if key_bias is not None:
+        scores = scores + key_bias
+    return torch.softmax(scores, dim=-1)
 
 
 def _attend_backward(d_ctx, p, q, keys, values, head_dim: int):
-    """Gradients of q, keys, values of `_attend`; GQA's sum over a group's heads is the matmul's."""
-    dp = torch.matmul(d_ctx, values.transpose(-1, -2))
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * head_dim**-0.5
-    return torch.matmul(ds, keys), torch.matmul(ds.transpose(-1, -2), q), torch.matmul(p.transpose(-1, -2), d_ctx)
+    """Gradients (fp32) of q, keys, values of p @ values; GQA's sum over a group's heads is the
+    matmul's. Operands in the keys' dtype, as in the forward."""
+    low = keys.dtype
+    d_ctx_low = d_ctx.to(low)
+    dp = _bmm32(d_ctx_low, values.transpose(-1, -2))
+    ds = (p * (dp - (dp * p).sum(-1, keepdim=True)) * head_dim**-0.5).to(low)
+    return _bmm32(ds, keys), _bmm32(ds.transpose(-1, -2), q), _bmm32(p.to(low).transpose(-1, -2), d_ctx_low)
 
 
 def _rows_to_context(ctx, n_f: int):
@@ -93,76 +142,67 @@ def _rows_to_context(ctx, n_f: int):
     return ctx.view(b, g, rows // n_f, n_f, d).permute(3, 0, 1, 2, 4).reshape(n_f, b, -1)
 
 
-def _forward_parts(fam, bk, bv, cos_q, sin_q, cos_k, sin_k, scale, weights, eps, groups, head_dim, dtype, enter, leave):
-    """The step, keeping what its backward needs."""
+def step_forward(fam, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale, weights, saved: Activations,
+                 eps: float, groups: int, head_dim: int, dtype: torch.dtype, enter=None, leave=None):
+    """F_t from F_{t-1} = fam over keys/values [F + c, b, g, d] (rows F: block t's, see the module
+    docstring); scale is the residual's 0-dim factor (0 for the first update, paper B.1). Writes
+    F_{t-1}'s K/V into keys[:F], values[:F] and the step's activations into `saved`. Returns F_t
+    shaped and typed like fam."""
+    enter, leave = enter or _same, leave or _same
     n1w, wqkv, wproj, n2w, wfc1, wfc2 = weights
     f32 = fam.float()
-    xh1, r1 = _normalize(f32, eps)
-    x1 = enter((xh1 * n1w).to(dtype))  # [F, b, h]: all F rows (gathered under SP)
+    x1 = enter((_normalize(f32, eps)[0] * n1w).to(dtype))  # [F, b, h]: all F rows (gathered under SP)
     n_f, b = x1.shape[0], x1.shape[1]
     mixed = F_.linear(x1, wqkv).view(n_f, b, groups, -1, head_dim).float()  # [F, b, g, npg + 2, d]
-    q = _rope(mixed[:, :, :, :-2], cos_q.unsqueeze(3), sin_q.unsqueeze(3))  # [F, b, g, npg, d]
-    k = _rope(mixed[:, :, :, -2], cos_k, sin_k)  # [F, b, g, d]
-    v = mixed[:, :, :, -1]
-    qh = _heads(q)
-    keys = _heads(k if bk is None else torch.cat([k, bk.float()]))  # [b, g, F + c, d]
-    values = _heads(v if bv is None else torch.cat([v, bv.float()]))
-    p, ctx = _attend(qh, keys, values, head_dim)
+    q = _heads(_rope(mixed[:, :, :, :-2], cos_q.unsqueeze(3), sin_q.unsqueeze(3))).to(keys.dtype)
+    keys[:n_f] = _rope(mixed[:, :, :, -2], cos_k, sin_k)  # also the block queries' FAM keys
+    values[:n_f] = mixed[:, :, :, -1]
+    p = _probabilities(q, _heads(keys), key_bias, head_dim)
+    ctx = _bmm32(p.to(values.dtype), _heads(values))
     context = _rows_to_context(ctx, n_f).to(dtype)  # [F, b, n*d]
     a = leave(F_.linear(context, wproj)).float() + scale * f32
-    xh2, r2 = _normalize(a, eps)
-    y = enter((xh2 * n2w).to(dtype))
-    gate, up = F_.linear(y, wfc1).float().chunk(2, dim=-1)
+    y = enter((_normalize(a, eps)[0] * n2w).to(dtype))
+    gate_up = F_.linear(y, wfc1)
+    gate, up = gate_up.float().chunk(2, dim=-1)
     h_act = (F_.silu(gate) * up).to(dtype)
     new_fam = (leave(F_.linear(h_act, wfc2)).float() + a).to(fam.dtype)
-    saved = dict(xh1=xh1, r1=r1, x1=x1, qh=qh, keys=keys, values=values, p=p, context=context,
-                 xh2=xh2, r2=r2, y=y, gate=gate, up=up, h_act=h_act)
-    return new_fam, k, v, saved
-
-
-def step_forward(fam, bk, bv, cos_q, sin_q, cos_k, sin_k, scale, weights, eps: float, groups: int, head_dim: int,
-                 dtype: torch.dtype, enter=None, leave=None, out_k=None, out_v=None):
-    """F_t from F_{t-1} = fam over block K/V (bk, bv; None for the soft-prompt stream's step, whose
-    rows attend only among themselves); scale is the residual's 0-dim factor (0 for the first
-    update, paper B.1). Writes F_{t-1}'s K/V (the block queries' FAM keys, post-RoPE)
-    into out_k, out_v [F, b, g, d] when given. Returns F_t shaped and typed like fam."""
-    new_fam, k, v, _ = _forward_parts(fam, bk, bv, cos_q, sin_q, cos_k, sin_k, scale, weights, eps, groups,
-                                      head_dim, dtype, enter or _same, leave or _same)
-    if out_k is not None:
-        out_k.copy_(k)
-        out_v.copy_(v)
+    for out, value in zip(saved, (fam, q, a, gate_up, x1, context, y, h_act)):
+        out.copy_(value)
     return new_fam
 
 
-def step_backward(fam, bk, bv, cos_q, sin_q, cos_k, sin_k, scale, weights, eps: float, groups: int, head_dim: int,
-                  dtype: torch.dtype, enter=None, leave=None, d_new=None, d_k=None, d_v=None, out_dbk=None,
-                  out_dbv=None):
-    """Recompute the step and back-propagate d_new (grad of F_t) and d_k, d_v (grads of the FAM
-    K/V the block queries read, or None). Writes the block K/V gradients into out_dbk, out_dbv
-    and returns (grad of fam, weight pairs (input, output grad) for qkv, proj, fc1, fc2 [rows, b,
-    features] in `dtype`, per-block norm weight gradients n1, n2 [h] fp32)."""
+def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale, weights,
+                  saved: Activations, out: Gradients, out_dk, out_dv, eps: float, groups: int, head_dim: int,
+                  dtype: torch.dtype, enter=None, leave=None):
+    """Back-propagate d_new (grad of F_t) and d_fam_k, d_fam_v (grads of F_{t-1}'s K/V as the block
+    queries read them [F, b, g, d], or None) through the step `step_forward` ran (its `saved`
+    activations, the same keys/values). Writes block t's K/V gradients into out_dk, out_dv
+    [c, b, g, d] (when given) and the weight uses' output gradients into `out`; returns the grad
+    of the step's input FAM."""
     enter, leave = enter or _same, leave or _same
     n1w, wqkv, wproj, n2w, wfc1, wfc2 = weights
-    _, _, _, s = _forward_parts(fam, bk, bv, cos_q, sin_q, cos_k, sin_k, scale, weights, eps, groups, head_dim,
-                                dtype, enter, leave)
-    n_f, b = s["x1"].shape[0], s["x1"].shape[1]
+    n_f, b = saved.gate_up.shape[0], saved.gate_up.shape[1]
+    xh1, r1 = _normalize(saved.fam.float(), eps)
+    xh2, r2 = _normalize(saved.a, eps)
+    gate, up = saved.gate_up.float().chunk(2, dim=-1)
     d_new = d_new.float()
     dz = enter(d_new.to(dtype))  # adjoint of leave
-    d_gate, d_up = _gate_backward(F_.linear(dz, wfc2.t()).float(), s["gate"], s["up"])
+    d_gate, d_up = _gate_backward(F_.linear(dz, wfc2.t()).float(), gate, up)
     d_gu = torch.cat([d_gate, d_up], dim=-1).to(dtype)
     dy = leave(F_.linear(d_gu, wfc1.t())).float()  # adjoint of enter
-    da = d_new + _normalize_backward(dy * n2w, s["xh2"], s["r2"])
+    da = d_new + _normalize_backward(dy * n2w, xh2, r2)
     do = enter(da.to(dtype))
-    d_ctx = F_.linear(do, wproj.t()).float().view(n_f, b, groups, -1, head_dim)
-    dq, d_keys, d_values = _attend_backward(_heads(d_ctx), s["p"], s["qh"], s["keys"],
-                                            s["values"], head_dim)
+    d_ctx = _heads(F_.linear(do, wproj.t()).float().view(n_f, b, groups, -1, head_dim))
+    kh, vh = _heads(keys), _heads(values)
+    p = _probabilities(saved.q, kh, key_bias, head_dim)  # one product: cheaper than keeping p
+    dq, d_keys, d_values = _attend_backward(d_ctx, p, saved.q, kh, vh, head_dim)
     d_keys, d_values = d_keys.permute(2, 0, 1, 3), d_values.permute(2, 0, 1, 3)  # [F + c, b, g, d]
-    if out_dbk is not None:
-        out_dbk.copy_(d_keys[n_f:])
-        out_dbv.copy_(d_values[n_f:])
+    if out_dk is not None:
+        out_dk.copy_(d_keys[n_f:])
+        out_dv.copy_(d_values[n_f:])
     d_k_fam, d_v_fam = d_keys[:n_f], d_values[:n_f]
-    if d_k is not None:
-        d_k_fam, d_v_fam = d_k_fam + d_k.float(), d_v_fam + d_v.float()
+    if d_fam_k is not None:
+        d_k_fam, d_v_fam = d_k_fam + d_fam_k.float(), d_v_fam + d_fam_v.float()
     npg = dq.shape[2] // n_f
     dq = dq.view(b, groups, npg, n_f, head_dim).permute(3, 0, 1, 2, 4)  # [F, b, g, npg, d]
     d_mixed = torch.cat([
@@ -171,7 +211,7 @@ def step_backward(fam, bk, bv, cos_q, sin_q, cos_k, sin_k, scale, weights, eps: 
         d_v_fam.unsqueeze(3),
     ], dim=3).reshape(n_f, b, -1).to(dtype)
     dx1 = leave(F_.linear(d_mixed, wqkv.t())).float()
-    d_fam = scale * da + _normalize_backward(dx1 * n1w, s["xh1"], s["r1"])
-    pairs = ((s["x1"], d_mixed), (s["context"], do), (s["y"], d_gu), (s["h_act"], dz))
-    norms = ((dx1 * s["xh1"]).sum((0, 1)), (dy * s["xh2"]).sum((0, 1)))
-    return d_fam, pairs, norms
+    d_fam = scale * da + _normalize_backward(dx1 * n1w, xh1, r1)
+    for buffer, value in zip(out, (d_mixed, do, d_gu, dz, (dx1 * xh1).sum((0, 1)), (dy * xh2).sum((0, 1)))):
+        buffer.copy_(value)
+    return d_fam

@@ -1,9 +1,10 @@
 """GPU checks (marked `gpu`; run on the GPU machine with `pytest -m gpu tests/test_gpu.py`).
 
-They need CUDA: FlexAttention's block-mask kernels, the compiled fast FAM scan and bf16
-autocast run only there. Each compares the GPU path with the CPU fp32 path (SDPA with the dense
-mask, the eager per-step scan): logits and every gradient, per tensor, at tolerances that a
-wrong mask or a missing FAM term exceeds (shown by a broken variant in the same file).
+They need CUDA: FlexAttention's block-mask kernels, the compiled fast FAM scan, its CUDA graphs
+and bf16 autocast run only there. Each compares the GPU path with the CPU fp32 path (SDPA with
+the dense mask, the eager per-step scan), or the captured scan with the uncaptured one: logits
+and every gradient, per tensor, at tolerances that a wrong mask, a missing FAM term or a stale
+graph buffer exceeds (shown by a broken variant in the same file).
 Every test builds its own shapes and leaves no setting behind, so any order passes.
 """
 
@@ -15,8 +16,11 @@ import pytest
 import torch
 
 import model.compile_limits as compile_limits
+import model.fast_scan as fast_scan_module
 import model.layer as layer_module
+import model.scan_graphs as scan_graphs
 from model import build_model
+from model.fast_scan import fast_scan
 from model.compile_limits import CompileLimitError
 from model.masks import BlockLayout
 from tests.test_reference import small_args
@@ -82,12 +86,16 @@ def no_tf32(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_gpu_path_matches_cpu_fp32_logits_and_every_gradient(dtype, no_tf32):
+    """Two GPU calls: the first runs the scan's loops and captures them, the second replays."""
     cpu, gpu = _cpu_and_gpu_models()
-    errors = _errors(_logits_and_grads(gpu, "cuda", dtype), _logits_and_grads(cpu, "cpu", "fp32"))
-    _report(f"GPU {dtype} vs CPU fp32", errors)
-    assert len(errors) == 1 + len(list(cpu.parameters()))
-    bad = _too_far(errors, dtype)
-    assert not bad, bad
+    expected = _logits_and_grads(cpu, "cpu", "fp32")
+    for call in ("first call", "replay"):
+        gpu.zero_grad(set_to_none=True)
+        errors = _errors(_logits_and_grads(gpu, "cuda", dtype), expected)
+        _report(f"GPU {dtype} ({call}) vs CPU fp32", errors)
+        assert len(errors) == 1 + len(list(cpu.parameters()))
+        bad = _too_far(errors, dtype)
+        assert not bad, (call, bad)
 
 
 class _FAMKeysHidden(BlockLayout):
@@ -128,3 +136,62 @@ def test_flex_attention_fails_loudly_past_its_shape_budget_instead_of_running_ea
                 kv_shape = (layout.kv_len, 1, attention.groups, attention.head_dim)
                 k, v = torch.randn(kv_shape, device="cuda"), torch.randn(kv_shape, device="cuda")
                 attention.attend_blocks(q, k, v, layout)
+
+
+# Captured vs uncaptured scan, fp32: the same compiled steps in the same order, so they differ at
+# most by the matrix products' algorithm choice (fp32 reassociation, ~1e-7 relative). 1e-5 is
+# still 2x under the GPU-vs-CPU fp32 bound above; a stale static buffer (the broken variant
+# below) is off by order 1.
+CAPTURE_TOLERANCE = 1e-5
+
+
+def _scan_outputs_and_grads(layer, from_prompt: bool, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """One layer's fast scan on random inputs (from the prompt, or from a passed-in FAM), its
+    outputs and the gradients of a random projection of them w.r.t. FAM0, K, V and the weights."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    F, b, att = ARGS.fam_len, 2, layer.attention
+    fam0 = torch.randn(F, b, ARGS.hidden_size, device="cuda", generator=g).requires_grad_()
+    k, v = (torch.randn(seq, b, att.groups, att.head_dim, device="cuda", generator=g).requires_grad_() for _ in "kv")
+    positions = torch.arange(seq, device="cuda", dtype=torch.float32).expand(b, -1) + 100.0
+    weights = layer._scan_weights()
+    spec = layer._scan_spec(from_prompt, BlockLayout(0, seq, ARGS.block_size, F, ARGS.mem_blocks).fam_rows)
+    outputs = [x for x in fast_scan(spec, fam0, k, v, layer._fam_rope(positions), weights) if x is not None]
+    loss = sum((x * torch.randn(x.shape, device="cuda", generator=g)).sum() for x in outputs)
+    inputs = {"fam0": fam0, "k": k, "v": v, **dict(zip(("n1", "qkv", "proj", "n2", "fc1", "fc2"), weights))}
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    found = {f"output {i}": x.detach() for i, x in enumerate(outputs)}
+    found.update({f"grad {name}": grad for name, grad in zip(inputs, grads)})
+    return found
+
+
+def test_captured_scan_equals_uncaptured_and_replays_new_weights_and_inputs(monkeypatch, no_tf32):
+    """The CUDA graphs of model/scan_graphs.py against the same compiled steps run uncaptured:
+    from the prompt and from a passed-in FAM, 700 tokens (5 whole blocks and a partial one).
+    Layer A's first call captures, its second replays; layer B (other weights) with other inputs
+    replays A's graphs and must get B's results, not A's: a static buffer left with A's weights
+    goes red."""
+    model = build_model(ARGS, device="cuda")
+    layers = [model.layers[0], model.layers[2]]  # A and B: different weights
+    cases = [(layer, from_prompt, seed) for layer, seed in zip(layers, (1, 2)) for from_prompt in (True, False)]
+    monkeypatch.setattr(scan_graphs, "MODE", "off")
+    expected = [_scan_outputs_and_grads(layer, p, SEQ, seed) for layer, p, seed in cases]
+    monkeypatch.setattr(scan_graphs, "MODE", "cuda")
+    scan_graphs.clear()
+    for layer, p, seed in cases[:2]:
+        _scan_outputs_and_grads(layer, p, SEQ, seed)  # runs directly, then captures
+    assert all(s.forward.graph is not None and s.backward.graph is not None for s in scan_graphs._CACHE.values())
+    for name, (layer, p, seed), want in zip(("A from prompt", "A from state", "B from prompt", "B from state"),
+                                            cases, expected):
+        errors = _errors(_scan_outputs_and_grads(layer, p, SEQ, seed), want)
+        _report(f"captured vs uncaptured scan, {name}", {"logits": errors["output 0"], **errors})
+        bad = {n: e for n, e in errors.items() if not e <= CAPTURE_TOLERANCE}
+        assert len(errors) >= 12 and not bad, (name, bad)
+    (a_layer, _, a_seed), (b_layer, _, b_seed) = cases[0], cases[2]
+    _scan_outputs_and_grads(a_layer, True, SEQ, a_seed)  # A's weights in the buffers
+    copy_into = fast_scan_module._copy_into  # the broken variant: weights not copied in any more
+    monkeypatch.setattr(fast_scan_module, "_copy_into", lambda buffers, values: copy_into(
+        buffers, {n: x for n, x in values.items() if n != "weights"}))
+    errors = _errors(_scan_outputs_and_grads(b_layer, True, SEQ, b_seed), expected[2])
+    _report("captured scan with stale weights, B from prompt", {"logits": errors["output 0"], **errors})
+    assert errors["output 0"] > 1e4 * CAPTURE_TOLERANCE and errors["grad qkv"] > 1e4 * CAPTURE_TOLERANCE
+    scan_graphs.clear()

@@ -1,7 +1,8 @@
 """The fast FAM scan (model/fast_scan.py, the GPU path, run here uncompiled) against the eager
 per-step autograd scan (model/scan.py, its oracle): outputs, the returned state, every parameter
-gradient and the gradient of a passed-in state; TP=2 and SP on gloo; broken variants go red.
-Also: the block attention's key tiles (model/masks.py) and the compile budget."""
+gradient and the gradient of a passed-in state; TP=2 and SP on gloo; over the static buffers the
+GPU's CUDA graphs replay (model/scan_graphs.py), shared by layers, models and lengths; broken
+variants go red. Also: the block attention's key tiles (model/masks.py) and the compile budget."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 import model.fast_scan as fast_scan_module
 import model.masks as masks
+import model.scan_graphs as scan_graphs
 import model.scan_step as scan_step
 from model import FAMState, LayerState, build_model
 from model.compile_limits import CompileLimitError, bounded_compiles
@@ -49,14 +51,14 @@ def _leaf_state(args, batch: int) -> FAMState:
     return FAMState(layers, position=mem)
 
 
-def _run(args, fast: bool, seq: int, with_state: bool = False):
+def _run(args, fast: bool, seq: int, with_state: bool = False, seed: int = 0):
     """Two chained calls (the second continues from the first's state, not detached) on the same
     weights; returns logits, the final state, and every gradient (parameters, passed-in state)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(args)
     use_fast_scan(model, fast)
     state = _leaf_state(args, 2) if with_state else None
-    tokens = _tokens(2, seq)
+    tokens = _tokens(2, seq, seed=1 + seed)
     first = model(tokens[:, : 2 * args.block_size], labels=tokens[:, : 2 * args.block_size], state=state,
                   position_offset=torch.tensor([0.0, 77.5]))
     second = model(tokens[:, 2 * args.block_size :], labels=tokens[:, 2 * args.block_size :], state=first.state,
@@ -69,8 +71,8 @@ def _run(args, fast: bool, seq: int, with_state: bool = False):
     return {"logits": torch.cat([first.logits, second.logits], 1), "state": second.state, "grads": grads}
 
 
-def _differences(args, seq: int, with_state: bool = False) -> dict[str, float]:
-    eager, fast = _run(args, False, seq, with_state), _run(args, True, seq, with_state)
+def _differences(args, seq: int, with_state: bool = False, seed: int = 0) -> dict[str, float]:
+    eager, fast = _run(args, False, seq, with_state, seed), _run(args, True, seq, with_state, seed)
     out = {"logits": rel_diff(fast["logits"], eager["logits"])}
     for i, (a, b) in enumerate(zip(fast["state"].layers, eager["state"].layers)):
         for key in ("fam", "mem_k", "mem_v"):
@@ -123,10 +125,41 @@ def test_a_broken_fast_scan_goes_red(name, monkeypatch):
         monkeypatch.setattr(scan_step, *BREAKS[name])
     else:
         full = fast_scan_module._weight_gradients
+        first = lambda group: type(group)(*(x[:1] for x in group))  # noqa: E731
         monkeypatch.setattr(fast_scan_module, "_weight_gradients",
-                            lambda pairs, norms, weights: full(pairs[:1], norms[:1], weights))
+                            lambda saved, grads, weights: full(first(saved), first(grads), weights))
     diffs = _differences(small_args(num_layers=2), 37)
     assert max(diffs.values()) > 50 * RTOL, diffs
+
+
+STALE = {"weights": "weights", "partial-block mask": "bias"}
+
+
+@pytest.mark.parametrize("stale", [None, *STALE])
+def test_static_buffers_carry_each_calls_weights_inputs_and_length(stale, monkeypatch):
+    """The buffers the GPU's CUDA graphs replay over (model/scan_graphs.py), here on CPU: one set
+    per shape key, shared by both layers, by two models with different weights and tokens, and
+    by second calls of 21 and 19 tokens (3 blocks each, the last partial: the same key, another
+    mask), each from a passed-in state. Every call must see its own inputs; a buffer that keeps
+    the previous call's weights or mask goes red."""
+    monkeypatch.setattr(scan_graphs, "MODE", "always")
+    scan_graphs.clear()
+    if stale:
+        copy_into = fast_scan_module._copy_into
+        monkeypatch.setattr(fast_scan_module, "_copy_into", lambda buffers, values: copy_into(
+            buffers, {name: x for name, x in values.items() if name != STALE[stale] or "grads" not in buffers}))
+    # init std 0.1, not 0.02: attention sharp enough that the last block's mask moves the
+    # returned FAM by ~1e-2 (a stale mask at 0.02 moved it by only 5e-4)
+    args = small_args(num_layers=2, init_method_std=0.1)
+    diffs = {seq: _differences(args, seq, with_state=True, seed=seq % 2) for seq in (37, 35)}
+    assert len(scan_graphs._CACHE) == 2  # first calls (2 blocks), second calls (3), both from a state
+    scan_graphs.clear()
+    if stale:
+        assert max(diffs[35].values()) > 50 * RTOL, diffs[35]
+        return
+    for seq, d in diffs.items():
+        bad = {name: x for name, x in d.items() if not x <= RTOL}
+        assert not bad, (seq, bad)
 
 
 def _tp_worker(rank, world_size, sequence_parallel):

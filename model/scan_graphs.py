@@ -1,0 +1,116 @@
+"""The fast FAM scan's loops over static buffers, captured in CUDA graphs (issue 13).
+
+Why: a layer's scan is T sequential steps of F rows each (model/scan_step.py). Compiled step by
+step, each step still costs a Python call, dynamo's guards and ~15-30 kernel launches; measured
+on one H200 (fam-1b, 8k tokens, model/fast_scan.py's first version): 324 compiled calls and
+12.3k kernels per step, the GPU idle 37 % of the step while the CPU launched them. A CUDA graph
+replays a whole loop (all T steps of a layer, forward or backward) as one launch.
+
+How:
+  - `StaticLoop` runs `run(buffers)` over buffers that never move. Its first call runs the loop
+    directly (compiling the steps: capture must not compile) and then, on CUDA, captures it;
+    later calls replay. Capturing right after the direct run keeps dynamo's guards (grad mode,
+    strides) the same, so capture never recompiles. Off CUDA it re-runs the loop over the same
+    buffers, so tests/test_scan.py checks the buffer plumbing (what is copied in and out) on CPU.
+  - `static_scan(key, ...)` keeps one set of buffers and loops per shape key (model/fast_scan.py:
+    the spec, the number of blocks T and the tensor shapes, not the exact length: a partial last
+    block is padded), shared by every layer: a layer copies its inputs in (FAM0, block K/V, RoPE
+    tables, the weights cast to the GEMM dtype, the cast the GEMMs need anyway), replays, and
+    copies out what outlives the call. At most CACHE_SIZE keys are kept (least recently used
+    goes first), so evaluation across many lengths does not pile up buffers.
+  - The captured loops share one memory pool: they replay one after another on one stream and
+    each replay's outputs are copied out (or consumed) before the next replay, so a loop may
+    reuse memory another used for its intermediates. The pool is taken from a graph still alive
+    (`CUDAGraph.pool()`), never from a kept handle: a handle outlives its graphs, and capturing
+    into a pool whose graphs are all gone (after `clear()` or eviction) fails an internal assert
+    of the caching allocator (seen on an H200, torch 2.11).
+A capture that fails warns and leaves that loop running uncaptured over the same buffers (the
+compiled steps, never an O(S^2) path), on the stream it was called on.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from typing import Callable
+
+import torch
+
+CACHE_SIZE = 4  # shape keys with buffers and graphs (fam-1b: ~0.33 GB each at 8k, ~1.6 GB at 64k, counted)
+MODE = "cuda"  # "cuda": static buffers + graphs on CUDA; "always": static buffers on any device; "off"
+
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+
+
+def uses_static_buffers(device: torch.device) -> bool:
+    return MODE == "always" or (MODE == "cuda" and device.type == "cuda")
+
+
+class StaticLoop:
+    """A loop over fixed buffers: run directly once, then (CUDA) captured and replayed."""
+
+    def __init__(self, run: Callable, buffers: dict, device: torch.device):
+        self.run, self.buffers, self.device = run, buffers, device
+        self.graph, self.outputs, self.capturable = None, None, device.type == "cuda"
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        outputs = self.run(self.buffers)
+        if self.capturable:
+            self._capture()
+        return outputs
+
+    def _capture(self):
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(self.device)
+        try:
+            # thread_local: the backward captures on autograd's thread; another thread's
+            # allocation (a data loader's pinned memory) must not invalidate the capture.
+            with torch.cuda.graph(graph, pool=_live_pool(self.device), capture_error_mode="thread_local"):
+                outputs = self.run(self.buffers)
+        except RuntimeError as err:
+            torch.cuda.set_stream(stream)  # a capture failing in torch.cuda.graph's __enter__ leaves its side stream
+            self.capturable = False
+            warnings.warn(f"the FAM scan's loop could not be captured in a CUDA graph and runs uncaptured: {err}")
+            return
+        self.graph, self.outputs = graph, outputs
+
+
+def _live_pool(device: torch.device):
+    """The memory pool of a captured loop still alive on `device`, or None (a new pool)."""
+    for scan in _CACHE.values():
+        for loop in (scan.forward, scan.backward):
+            if loop is not None and loop.graph is not None and loop.device == device:
+                return loop.graph.pool()
+    return None
+
+
+class StaticScan:
+    """One shape key's buffers (forward's, backward's added on first use) and its two loops."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.buffers = device, {}
+        self.forward: StaticLoop | None = None
+        self.backward: StaticLoop | None = None
+
+    def loop(self, name: str, run: Callable) -> StaticLoop:
+        if getattr(self, name) is None:
+            setattr(self, name, StaticLoop(run, self.buffers, self.device))
+        return getattr(self, name)
+
+
+def static_scan(key, device: torch.device) -> StaticScan:
+    """The StaticScan of `key`, made (empty) if new; the least recently used beyond CACHE_SIZE go."""
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    _CACHE[key] = StaticScan(device)
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return _CACHE[key]
+
+
+def clear() -> None:
+    """Drop every cached buffer and graph (tests; or to give the memory back)."""
+    _CACHE.clear()
