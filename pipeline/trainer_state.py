@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from model import FAMState
-from pipeline.checkpoint import find_latest_checkpoint, list_checkpoints, load_file, rng_state, set_rng_state, verify_checkpoint
+from pipeline.checkpoint import (check_weights_only, find_latest_checkpoint, list_checkpoints, load_file, rng_state,
+                                 set_rng_state, verify_checkpoint)
 from pipeline.config import CheckpointConfig
 from pipeline.distributed import Ranks, broadcast_object, broadcast_tensors
 
@@ -173,7 +174,8 @@ def restore_resharded(path: Path, trainer: dict, ranks: Ranks, model, loader, de
 
 def resolve_resume(cfg: CheckpointConfig, ranks: Ranks) -> Path | None:
     """The checkpoint to start from, decided on rank 0 (one reader of the folder) and
-    broadcast, so every rank loads the same step; errors are raised on every rank."""
+    broadcast, so every rank loads the same step; errors are raised on every rank. Every file of
+    it must load weights-only (check_files) before any rank loads anything."""
     choice: Path | Exception | None = None
     if ranks.is_rank0:
         if cfg.resume == "auto":
@@ -188,7 +190,24 @@ def resolve_resume(cfg: CheckpointConfig, ranks: Ranks) -> Path | None:
         else:
             problem = verify_checkpoint(cfg.resume)
             choice = ValueError(f"checkpoint.resume={cfg.resume}: {problem}") if problem else Path(cfg.resume)
+        if isinstance(choice, Path):
+            try:
+                check_files(choice)
+            except ValueError as err:  # raised on every rank below, not only here
+                choice = err
     choice = broadcast_object(choice)
     if isinstance(choice, Exception):
         raise choice
     return choice
+
+
+def check_files(path: Path) -> None:
+    """Every .pt file of a step folder loads with torch.load(weights_only=True): famtron's own
+    files with nothing beyond tensors and plain values, DeepSpeed's (`zero/`) with the few classes
+    it stores. UnsafeCheckpointError names the first file that does not."""
+    own = sorted(p for p in path.rglob("*.pt") if "zero" not in p.relative_to(path).parts[:-1])
+    check_weights_only(own)
+    if (path / "zero").is_dir():
+        from pipeline.zero_checkpoint import check_zero_files
+
+        check_zero_files(path / "zero")
