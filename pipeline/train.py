@@ -2,7 +2,7 @@
 
     python -m pipeline.train --config configs/demo.yaml [--section.key=value ...]
     torchrun --nproc_per_node 2 -m pipeline.train --config configs/demo.yaml --parallel.tensor_parallel_size=2
-    python -m pipeline.train --help            # every key, its default and meaning
+    python -m pipeline.train --config configs/demo.yaml --help   # every key, its value here and meaning
 
 Each step: gradient accumulation over micro-batches, each with RPO offsets and (with probability
 train.rsp_probability) the FAM saved by the previous step as the initial state (RSP, fam-paper.md
@@ -20,6 +20,7 @@ checkpoint saving, MLflow start and the closing summary are in pipeline/train_io
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 import random
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.cli import run_main
 from model import FAMState, build_model, init_parallel
 from pipeline import config as config_lib
 from pipeline import config_checks
@@ -47,6 +49,7 @@ from pipeline.train_io import check_inputs, finish_run, save, start_tracking
 from pipeline.trainer_state import draw_step, micro_batch_offsets, resolve_resume, restore, share_rsp_state
 
 log = logging.getLogger("famtron")
+PROG = "python -m pipeline.train"
 
 
 @dataclass
@@ -304,22 +307,32 @@ def _train(cfg: config_lib.Config) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def build_parser(cfg: config_lib.Config | None = None) -> argparse.ArgumentParser:
+    """The command line; its epilog lists every key with cfg's value (the --config given) or the default."""
+    source = "the values of --config and the overrides given" if cfg is not None else "their defaults"
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.train", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="overrides (--section.key=value):\n" + config_lib.describe_keys(),
+        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"overrides (--section.key=value), with {source}:\n" + config_lib.describe_keys(cfg),
     )
     parser.add_argument("--config", help="YAML file or config name (configs/<name>.yaml); `base:` is followed")
-    args, overrides = parser.parse_known_args(argv)
-    try:  # config mistakes are usage errors: one line, no traceback
-        cfg = config_lib.load_config(args.config, overrides)
-        config_checks.validate(cfg, launch_world_size())
-        check_inputs(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (or FAMTRON_DEBUG=1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A user error (config, inputs, checkpoint) ends as one line and exit status 2, without a
+    traceback unless --debug is given (data_prep/cli.py run_main)."""
+    return run_main(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str]) -> int:
+    helping = any(arg in ("-h", "--help") for arg in argv)
+    args, overrides = build_parser().parse_known_args([arg for arg in argv if arg not in ("-h", "--help")])
+    cfg = config_lib.load_config(args.config, overrides)
+    if helping:  # after loading, so the keys show the values this command line would train with
+        build_parser(cfg).parse_args(["--help"])
+    config_checks.validate(cfg, launch_world_size())
+    check_inputs(cfg)
     summary = run(cfg)
     return 0 if summary["status"] in ("FINISHED", "KILLED") else 1
 

@@ -24,7 +24,7 @@ log = logging.getLogger("famtron")
 
 
 def check_inputs(cfg: config_lib.Config) -> None:
-    """The manifests exist and their tokenizer fits the model's vocabulary."""
+    """The manifests exist, hold samples of data.seq_len and a vocabulary that fits the model's."""
     from pipeline.data import manifest_info
 
     named = [("train_manifest", cfg.data.train_manifest), ("valid_manifest", cfg.data.valid_manifest)]
@@ -38,7 +38,12 @@ def check_inputs(cfg: config_lib.Config) -> None:
                 f"data.{key}={path}: no such file. Build shards first, e.g. python -m data_prep.shard "
                 f"--input stdlib --tokenizer byte --seq-len {cfg.data.seq_len} --output data/stdlib-byte-{cfg.data.seq_len}"
             )
-        vocab = manifest_info(path)["vocab_size"]
+        info = manifest_info(path)
+        if info["seq_len"] != cfg.data.seq_len:  # else the loader finds out after the model is built
+            raise ValueError(f"data.{key}={path} was sharded with seq_len={info['seq_len']} but data.seq_len="
+                             f"{cfg.data.seq_len}; set data.seq_len={info['seq_len']}, or re-shard with --seq-len "
+                             f"{cfg.data.seq_len}")
+        vocab = info["vocab_size"]
         if vocab > cfg.model.vocab_size:  # token ids past the embedding fail deep inside megatron otherwise
             raise ValueError(f"data.{key}={path} holds token ids up to {vocab - 1} but model.vocab_size="
                              f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab}")

@@ -4,6 +4,7 @@ the FLOPs formula (pure functions of config)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -246,3 +247,22 @@ def test_peak_and_mfu():
     assert peak_flops(torch.device("cpu"), peak_tflops=2.0) == 2e12
     assert mfu(1000.0, 1e9, None, 1) is None
     assert mfu(1000.0, 1e9, 1e12, 2) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- --help and resuming with another config
+
+
+def test_help_describes_every_model_key_and_shows_the_values_of_the_config_given(capsys):
+    from pipeline.train import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", "demo", "--train.steps=7", "--help"])
+    assert exited.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for f in dataclasses.fields(ModelArgs):
+        line = next(line for line in lines if line.startswith(f"  --model.{f.name}="))
+        assert len(line.split("  ")[-1]) > 10, line  # a description after the value
+    # demo.yaml's values (from tiny.yaml through `base:`) and the override, each with the default beside it
+    for shown in ("--model.num_layers=4 (default 2)", "--optim.lr=0.002 (default 0.0003)",
+                  "--train.steps=7 (default 1000)", "--data.seq_len=512  "):
+        assert any(line.startswith(f"  {shown}") for line in lines), shown
