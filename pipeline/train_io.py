@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 from model.config import describe
 from pipeline import config as config_lib
 from pipeline.checkpoint import save_checkpoint
+from pipeline.distributed import Ranks
+from pipeline.fault import write_status
 from pipeline.tracking import Tracker, build_loss_curve, build_tags
-from pipeline.trainer_state import checkpoint_files
+from pipeline.trainer_state import Resume, checkpoint_files, pipeline_chunks
 
 if TYPE_CHECKING:
     from pipeline.train import Trainer
@@ -52,7 +54,7 @@ def check_inputs(cfg: config_lib.Config) -> None:
 def save(tr: Trainer, tracker: Tracker) -> Path:
     """Shards (global layer names under PP), loaders, RNG, trainer state; with ZeRO, DeepSpeed's
     files go into the same step folder (`zero/`, pipeline/zero_checkpoint.py), under one manifest."""
-    trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id}
+    trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id, "pipeline_chunks": pipeline_chunks(tr.cfg)}
     files = checkpoint_files(tr.ranks, tr.model, tr.optimizer, tr.loader, tr.rsp_state, trainer,
                              config_lib.to_yaml(tr.cfg), stages=tr.stages, zero_stage=tr.cfg.parallel.zero_stage)
     write_extra = None  # ZeRO: DeepSpeed's files, written into the step folder before its manifest
@@ -83,6 +85,21 @@ def start_tracking(tr: Trainer, run_id: str | None) -> Tracker:
                  r.pp_size, r.dp_size, d.micro_batch_size, tr.accum, d.global_batch_size, tr.device.type,
                  "bf16" if tr.use_bf16 else "fp32")
     return tracker
+
+
+def report_finished(cfg: config_lib.Config, resume: Resume, ranks: Ranks) -> dict:
+    """A rerun of a run that is already at train.steps: one line, and nothing written (run_dir,
+    MLflow); returns the run's own summary. The status file tells slurm/train.sbatch not to requeue."""
+    run_dir = Path(cfg.train.run_dir)
+    if ranks.is_rank0:
+        write_status("FINISHED")
+        log.info("%s is finished (%s, step %d of train.steps=%d): nothing to train, nothing changed; raise "
+                 "train.steps to train on, or give a new train.run_dir for another run", run_dir, resume.path,
+                 resume.step, cfg.train.steps)
+    if (run_dir / "summary.json").is_file():
+        return json.loads((run_dir / "summary.json").read_text())
+    return {"status": "FINISHED", "step": resume.step, "steps": cfg.train.steps, "last_checkpoint": str(resume.path),
+            "losses": [], "val_losses": [], "grad_norms": [], "run_dir": cfg.train.run_dir}
 
 
 def finish_run(tracker: Tracker, summary: dict, run_dir: Path) -> None:

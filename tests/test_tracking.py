@@ -1,11 +1,16 @@
 """MLflow tracking against real stores: a local SQLite file and a real `mlflow server` on
 loopback (tests/conftest.py). Checks params, buffered metrics, tags, the config artifact, the
-summary and the loss-curve image, and that a resumed training continues the same run."""
+summary and the loss-curve image, that a resumed training continues the same run, and that a
+rerun of a finished run changes nothing."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
@@ -98,3 +103,57 @@ def test_resumed_training_continues_the_same_run_on_an_mlflow_server(shards, tmp
     assert client.get_run(run_id).info.status == "FINISHED"
     assert client.get_run(run_id).data.tags["resumed_from_step"] == "3"
     _assert_artifacts(client, run_id, tmp_path / "download")
+
+
+# ---------------------------------------------------------------- a finished run stays as it was
+
+
+def _record(client: MlflowClient, run_id: str, run_dir: Path, download: Path) -> dict:
+    """Everything a rerun could change: run_dir's files, the MLflow run's params, tags, status,
+    end time, metric histories and artifacts (their bytes)."""
+    mlflow_run = client.get_run(run_id)
+    download.mkdir()
+    return {
+        "files": {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()},
+        "params": mlflow_run.data.params, "tags": mlflow_run.data.tags,
+        "status": (mlflow_run.info.status, mlflow_run.info.end_time),
+        "metrics": {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+                    for key in mlflow_run.data.metrics},
+        "artifacts": {a.path: Path(client.download_artifacts(run_id, a.path, str(download))).read_bytes()
+                      for a in client.list_artifacts(run_id)},
+    }
+
+
+@contextlib.contextmanager
+def _famtron_lines():
+    """The messages of the `famtron` logger (which does not propagate to pytest's caplog)."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("famtron").addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logging.getLogger("famtron").removeHandler(handler)
+
+
+def test_a_rerun_of_a_finished_run_changes_nothing_and_a_changed_config_is_refused(shards, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    extra = dict(tracking__enabled=True, tracking__tracking_uri=uri, train__steps=4)
+    first = run(load_config(None, tiny_overrides(shards, tmp_path / "run", **extra)))
+    client = MlflowClient(uri)
+    before = _record(client, first["mlflow_run_id"], tmp_path / "run", tmp_path / "before")
+    assert json.loads(before["files"]["summary.json"])["losses"]  # what the old rerun emptied
+
+    with _famtron_lines() as lines:  # `make demo` twice: the same command again
+        again = run(load_config(None, tiny_overrides(shards, tmp_path / "run", **extra)))
+    assert len(lines) == 1 and "is finished" in lines[0] and "nothing to train, nothing changed" in lines[0], lines
+    assert again == json.loads(before["files"]["summary.json"])
+    # A safe key changed (fewer steps) also trains nothing.
+    run(load_config(None, tiny_overrides(shards, tmp_path / "run", **{**extra, "train__steps": 3})))
+    assert _record(client, first["mlflow_run_id"], tmp_path / "run", tmp_path / "after") == before
+
+    with pytest.raises(ValueError, match=r"optim.lr 0.003 -> 0.001, optim.warmup_steps 2 -> 1\. .*give a new "
+                                         r"train.run_dir \(or checkpoint.dir\)"):
+        run(load_config(None, tiny_overrides(shards, tmp_path / "run", **extra, optim__lr=1e-3, optim__warmup_steps=1)))
+    assert _record(client, first["mlflow_run_id"], tmp_path / "run", tmp_path / "refused") == before
