@@ -53,7 +53,10 @@ def check_inputs(cfg: config_lib.Config) -> None:
 
 def save(tr: Trainer, tracker: Tracker) -> Path:
     """Shards (global layer names under PP), loaders, RNG, trainer state; with ZeRO, DeepSpeed's
-    files go into the same step folder (`zero/`, pipeline/zero_checkpoint.py), under one manifest."""
+    files go into the same step folder (`zero/`, pipeline/zero_checkpoint.py), under one manifest.
+    Buffered metrics go to MLflow first: a crash after this save resumes from it, and steps up
+    to it that were still in the buffer would never be logged again."""
+    tracker.flush()
     trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id, "pipeline_chunks": pipeline_chunks(tr.cfg)}
     files = checkpoint_files(tr.ranks, tr.model, tr.optimizer, tr.loader, tr.rsp_state, trainer,
                              config_lib.to_yaml(tr.cfg), stages=tr.stages, zero_stage=tr.cfg.parallel.zero_stage)
@@ -103,7 +106,12 @@ def report_finished(cfg: config_lib.Config, resume: Resume, ranks: Ranks) -> dic
 
 
 def finish_run(tracker: Tracker, summary: dict, run_dir: Path) -> None:
-    """Summary JSON and loss curve into run_dir and MLflow; the closing console lines."""
+    """Summary JSON and loss curve into run_dir and MLflow; the closing console lines. Buffered
+    metrics are sent first, so they survive a failure of anything after (also when the run raised)."""
+    try:
+        tracker.flush()
+    except Exception as err:  # noqa: BLE001 - the summary and status must still be written
+        log.warning("could not send the buffered metrics to MLflow: %s", err)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     history = {"loss": summary["losses"], "val_loss": summary["val_losses"]}

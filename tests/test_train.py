@@ -209,10 +209,15 @@ def test_tp2_matches_tp1_loss_and_grad_norm_with_clipping(shards, tmp_path):
     assert all(v > 0.5 for _, v in reference["grad_norms"])  # so clipping was active on every step
 
 
-def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_0(shards, tmp_path):
-    """What Slurm does before a time limit: SIGTERM. The run must leave a complete checkpoint."""
+def test_sigterm_finishes_the_step_saves_a_checkpoint_sends_the_metrics_and_exits_0(shards, tmp_path):
+    """What Slurm does before a time limit: SIGTERM. The run must leave a complete checkpoint, and
+    MLflow every step's metrics although the flush interval was never reached."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = tiny_overrides(shards, tmp_path / "run", train__steps=100000, optim__warmup_steps=10,
-                          train__eval_interval_steps=0, checkpoint__save_interval_steps=0)
+                          train__eval_interval_steps=0, checkpoint__save_interval_steps=0, tracking__enabled=True,
+                          tracking__tracking_uri=uri, tracking__flush_interval_steps=100000)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -233,6 +238,8 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_0(shards, tmp_pa
     assert summary["last_checkpoint"].endswith(f"step_{summary['step']:08d}")
     assert verify_checkpoint(summary["last_checkpoint"]) is None
     assert any("signal 15: stopping after this step" in line for line in lines)
+    history = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, summary["step"] + 1))
 
 
 def test_training_on_a_blend_mixes_manifests_in_proportion_and_resumes_exactly(shards, tmp_path):
