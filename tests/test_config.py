@@ -276,7 +276,8 @@ def test_resume_config_changes_name_the_keys_that_may_not_change():
             "--parallel.tensor_parallel_size=2", "--data.verify_checksums=false", "--model.recompute=true"]
     assert resume_config_changes(saved, load_config("demo", safe)) == []
     cfg = load_config("demo", [*safe, "--optim.lr=1e-3", "--model.num_layers=3", "--data.seed=7"])
-    assert resume_config_changes(saved, cfg) == [("model.num_layers", 4, 3), ("data.seed", 1234, 7), ("optim.lr", 0.002, 0.001)]
+    assert resume_config_changes(saved, cfg) == [("model.num_layers", 4, 3), ("data.seed", 1234, 7),
+                                                 ("optim.lr", 0.002, 0.001)]
     with pytest.raises(ValueError, match=r"checkpoint ck was trained with another config: model.num_layers 4 -> 3, "
                                          r"data.seed 1234 -> 7, optim.lr 0.002 -> 0.001\. .*give a new train.run_dir"):
         check_resume_config(saved, cfg, "ck")
