@@ -159,21 +159,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 # the whole section. Not here, on purpose: every other model.* key, data.* (manifests, seq_len,
 # batch sizes, seed and shuffle fix the sample order that the loader resumes in; eval_steps and
 # valid_manifest what val_loss means), optim.* (a schedule changed midway is another run),
-# train.seed/rpo/rsp_probability/dtype, parallel.zero_stage/zero_offload_optimizer/
-# deepspeed_overrides (the optimizer state's format).
+# train.seed/rpo/rsp_probability/dtype/device (with dtype=auto a GPU trains in bf16),
+# parallel.zero_stage/zero_offload_optimizer/deepspeed_overrides (the optimizer state's format),
+# parallel.sequence_parallel (the saved RSP state holds this rank's F/TP FAM rows under SP, all F
+# without).
 RESUME_SAFE_KEYS = (
     "model.recompute",  # recompute repeats the same forward: memory for time, same numbers
     "data.verify_checksums",
     "train.steps",  # to train on (the cosine schedule stretches from the resumed step on) or stop earlier
     "train.run_dir",  # where outputs go: a run folder moved to another filesystem
     "train.log_interval_steps", "train.eval_interval_steps", "train.exit_after_steps", "train.max_wall_seconds",
-    "train.max_nonfinite_steps", "train.record_sample_keys", "train.device", "train.peak_tflops",
-    "train.progress_bar",
+    "train.max_nonfinite_steps", "train.record_sample_keys", "train.peak_tflops", "train.progress_bar",
     # TP and PP sizes and the pipeline layout: pipeline/trainer_state.py restore reshards the weights
     # (AdamW moments restart) without ZeRO and refuses, naming sizes and layout, where it cannot.
     "parallel.tensor_parallel_size", "parallel.pipeline_parallel_size", "parallel.virtual_stages",
-    "parallel.pipeline_layout", "parallel.pipeline_schedule",
-    "parallel.sequence_parallel", "parallel.backend", "parallel.timeout_seconds",
+    "parallel.pipeline_layout", "parallel.pipeline_schedule", "parallel.backend", "parallel.timeout_seconds",
     "checkpoint.",  # enabled, dir, save_interval_steps, keep_last, resume
     "tracking.",
 )
