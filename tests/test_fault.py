@@ -170,9 +170,9 @@ def test_a_run_that_raises_still_sends_its_buffered_metrics(shards, tmp_path, mo
 
     _poison_forward(monkeypatch, {5, 7})  # steps 3 (skipped, not logged) and 4 (stops the run)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FloatingPointError):  # no flush interval or checkpoint reached: only the exit sends them
         _train(shards, tmp_path / "run", train__max_nonfinite_steps=1, tracking__enabled=True,
-               tracking__tracking_uri=uri, tracking__flush_interval_steps=100)
+               tracking__tracking_uri=uri, tracking__flush_interval_steps=100, checkpoint__save_interval_steps=0)
     client = MlflowClient(uri)
     (failed,) = client.search_runs([client.get_experiment_by_name("famtron").experiment_id])
     assert failed.info.status == "FAILED"
