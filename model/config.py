@@ -25,25 +25,31 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ATTENTION_KINDS = ("fam", "dense")
 
 
+def _help(default: Any, text: str) -> Any:
+    """A field with a help line (shown by `python -m pipeline.train --help`)."""
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
 @dataclass
 class ModelArgs:
     """Shape of a TransformerFAM decoder (fam-paper.md §3). F=0 gives BSWA."""
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_query_groups: int | None = None  # None: multi-head; 1: multi-query
-    ffn_multiplier: float = 4.0  # SwiGLU hidden size = ffn_multiplier * hidden_size
-    ffn_hidden_size: int | None = None  # overrides ffn_multiplier when set
-    vocab_size: int = 256
-    attention: str = "fam"  # "fam" (FAM, or BSWA when fam_len == 0) or "dense" (full causal)
-    block_size: int = 64  # C
-    mem_blocks: int = 3  # m
-    fam_len: int = 8  # F
-    rope_base: float = 10000.0
-    norm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
-    recompute: bool = False  # activation recompute per layer
+    num_layers: int = _help(2, "transformer layers")
+    hidden_size: int = _help(64, "model width; hidden_size / num_attention_heads is the head size (even, for RoPE)")
+    num_attention_heads: int = _help(4, "query heads; divisible by the TP size")
+    num_query_groups: int | None = _help(None, "key/value heads (grouped-query attention); null: one per query head, "
+                                               "1: multi-query")
+    ffn_multiplier: float = _help(4.0, "SwiGLU hidden size = ffn_multiplier x hidden_size")
+    ffn_hidden_size: int | None = _help(None, "SwiGLU hidden size; overrides ffn_multiplier when set")
+    vocab_size: int = _help(256, "embedding rows; at least the tokenizer's vocabulary (the manifest's vocab_size)")
+    attention: str = _help("fam", "fam (FAM, or BSWA when fam_len is 0) | dense (full causal attention)")
+    block_size: int = _help(64, "C: tokens per block of block sliding-window attention")
+    mem_blocks: int = _help(3, "m: previous blocks each block attends to (their keys/values are cached)")
+    fam_len: int = _help(8, "F: feedback-memory (FAM) tokens per layer; 0 gives BSWA")
+    rope_base: float = _help(10000.0, "RoPE base; RPO offsets are drawn from [0, 2 pi x rope_base)")
+    norm_epsilon: float = _help(1e-5, "RMSNorm epsilon")
+    init_method_std: float = _help(0.02, "standard deviation of the normal weight initialisation")
+    recompute: bool = _help(False, "recompute each layer's activations in backward: less memory, one more forward")
 
     @property
     def head_dim(self) -> int:

@@ -24,12 +24,13 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -191,9 +192,42 @@ def find_latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return None
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled objects that a weights-only load refuses."""
+
+
+def _refusal(file: Path, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
+    reason = re.search(r"WeightsUnpickler error: (.*?)(?:\. |\.?\n|\.?$)", str(err))
+    return UnsafeCheckpointError(
+        f"checkpoint file {file} holds pickled Python objects that torch.load(weights_only=True) refuses "
+        f"({reason.group(1) if reason else type(err).__name__}); famtron writes only tensors and plain values, so "
+        "it was written by someone else or by a famtron older than weights-only checkpoints. Nothing from it was "
+        "run. Resume from a checkpoint you trust (checkpoint.resume=<step folder>) or start in a new checkpoint.dir"
+    )
+
+
+def torch_load(file: str | Path, map_location: Any = "cpu", allowed: Iterable[Any] = (), mmap: bool = False) -> Any:
+    """torch.load(weights_only=True): tensors, containers and plain values, plus the `allowed`
+    classes; anything else (a pickled callable) raises UnsafeCheckpointError before it runs."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise _refusal(Path(file), err) from None
+
+
+def check_weights_only(files: Iterable[Path], allowed: Iterable[Any] = ()) -> None:
+    """Refuse (UnsafeCheckpointError naming the file) any file that a weights-only load rejects.
+    mmap: only each file's pickle is read, not its tensor bytes, so a large checkpoint is cheap to
+    check before a library that loads with weights_only=False (DeepSpeed) gets to it."""
+    allowed = list(allowed)
+    for file in files:
+        torch_load(file, allowed=allowed, mmap=True)
+
+
 def load_file(path: str | Path, name: str, map_location: Any = "cpu") -> Any:
-    """One file of a checkpoint. weights_only=False: the files hold numpy/python RNG states and
-    are our own output, verified against the manifest before use."""
+    """One file of a checkpoint: text for .yaml/.json, else torch.load(weights_only=True), which
+    refuses pickled code: the sha256 manifest proves integrity, not who wrote the file."""
     file = Path(path) / name
     if not file.is_file():
         raise FileNotFoundError(
@@ -201,33 +235,39 @@ def load_file(path: str | Path, name: str, map_location: Any = "cpu") -> Any:
         )
     if name.endswith((".yaml", ".json")):
         return file.read_text()
-    return torch.load(file, map_location=map_location, weights_only=False)
+    return torch_load(file, map_location)
 
 
 # ---------------------------------------------------------------- RNG states
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG a step can draw from. RPO/RSP draws need none: their generator is re-seeded
-    from (train.seed, step) each step, so it is part of the step number."""
+    """Every RNG a step can draw from, as tensors and plain values (a weights-only load reads
+    them back). RPO/RSP draws need none: their generator is re-seeded from (train.seed, step)
+    each step, so it is part of the step number."""
+    version, mt, gauss_next = random.getstate()  # mt: 624 words + index, each < 2**32
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    try:  # megatron's tensor-parallel RNG tracker (dropout inside TP regions)
+    try:  # megatron's tensor-parallel RNG tracker (dropout inside TP regions): {name: ByteTensor}
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-        state["megatron_tracker"] = get_cuda_rng_tracker().get_states()
+        state["megatron_tracker"] = dict(get_cuda_rng_tracker().get_states())
     except Exception:  # no tracker in this setup: nothing to restore
         state["megatron_tracker"] = None
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -275,13 +275,16 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return path
 
 
-def describe_keys() -> str:
-    """Every `--section.key`, its default and help line: the body of `--help`."""
+def describe_keys(cfg: Config | None = None) -> str:
+    """Every `--section.key` with its value and help line: the body of `--help`. The value is
+    cfg's (a loaded --config) where given, with the built-in default beside it where they differ."""
     lines = []
     for name, cls in SECTIONS.items():
         lines.append(f"{name}:")
+        section = None if cfg is None else getattr(cfg, name)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  --{name}.{f.name}={default!r}  {f.metadata.get('help', '')}".rstrip())
+            value = default if section is None else getattr(section, f.name)
+            differs = "" if value == default else f" (default {default!r})"
+            lines.append(f"  --{name}.{f.name}={value!r}{differs}  {f.metadata.get('help', '')}".rstrip())
     return "\n".join(lines)
-

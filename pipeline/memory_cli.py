@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_prep.cli import run_main
 from model.config import model_args_from_dict, read_config_tree
 from pipeline.memory import DEFAULT_ALLOWANCE_GIB, GIB, KERNELS, MemoryEstimate, estimate
 from pipeline.memory_terms import PRECISIONS
@@ -115,17 +116,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A bad config or setting ends as one line and exit status 2 (data_prep/cli.py run_main)."""
+    return run_main(_main, argv, prog="python -m pipeline.memory")
+
+
+def _main(argv: list[str]) -> int:
     o = _parser().parse_args(argv)
     overrides = dict(tp=o.tp, pp=o.pp, zero=o.zero, micro_batch=o.micro_batch, seq_len=o.seq_len,
                      recompute=o.recompute, sequence_parallel=o.sequence_parallel,
                      offload_optimizer=o.offload_optimizer, virtual_stages=o.virtual_stages,
                      schedule=o.pipeline_schedule, precision=o.precision, dtype=o.dtype, kernels=o.kernels,
                      vocab_size=o.vocab_size, global_batch=o.global_batch, return_logits=o.return_logits or None)
-    try:
-        est = estimate_config(o.config, dp=o.dp, **overrides)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    est = estimate_config(o.config, dp=o.dp, **overrides)
     print(format_table(est, o.gpu_memory_gib, o.allowance_gib))
     return 0 if est.fits(o.gpu_memory_gib, o.allowance_gib) else 1
 

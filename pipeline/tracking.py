@@ -1,10 +1,15 @@
 """MLflow tracking from rank 0: params, buffered metrics, artifacts, run location.
 
 Metrics are buffered and sent with one `MlflowClient.log_batch` call every
-`tracking.flush_interval_steps` steps and at the end: a synchronous `log_metric` per value costs
-about 12 ms against a server (research/dependencies.md §5). Every other rank, and
-`tracking.enabled=false`, gets the same object with every method a no-op, so the training
-loop has no branches. A resumed run continues the same MLflow run when its id is known.
+`tracking.flush_interval_steps` steps, before every checkpoint save and at the end (also of a run
+that stopped or raised): a synchronous `log_metric` per value costs about 12 ms against a server
+(research/dependencies.md §5). Every other rank, and `tracking.enabled=false`, gets the same
+object with every method a no-op, so the training loop has no branches.
+
+A resumed run continues the same MLflow run when its id is known, and each metric keeps one point
+per step: flushing before each save means every step up to the checkpoint is in MLflow, and the
+points a flush sent after it (steps the resumed run computes again) are not sent twice: `start`
+reads each metric's last logged step and `log_metrics` drops points at or before it.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Tracker:
         self.experiment_id: str | None = None
         self._client: Any = None
         self._buffer: list[Any] = []
+        self._logged_through: dict[str, int] = {}  # a resumed run: each metric's last step already in MLflow
         self.history: dict[str, list[tuple[int, float]]] = {}
 
     # ------------------------------------------------------------ lifecycle
@@ -65,6 +71,7 @@ class Tracker:
         self.experiment_id = self._experiment_id()
         if resume_run_id and self._run_exists(resume_run_id):
             self.run_id = resume_run_id
+            self._logged_through = self._last_logged_steps()
             self._client.update_run(self.run_id, status="RUNNING")
             self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             return self.run_id
@@ -92,6 +99,11 @@ class Tracker:
                 raise
             return exp.experiment_id
 
+    def _last_logged_steps(self) -> dict[str, int]:
+        """{metric: its largest logged step} of the reopened run."""
+        keys = self._client.get_run(self.run_id).data.metrics
+        return {key: max(m.step for m in self._client.get_metric_history(self.run_id, key)) for key in keys}
+
     def _run_exists(self, run_id: str) -> bool:
         try:
             return self._client.get_run(run_id).info.lifecycle_stage == "active"
@@ -108,14 +120,15 @@ class Tracker:
     # ------------------------------------------------------------ logging
 
     def log_metrics(self, step: int, metrics: dict[str, float | None]) -> None:
-        """Buffer; n/a values (None, e.g. MFU on CPU) are skipped."""
+        """Buffer; n/a values (None, e.g. MFU on CPU) and steps already logged before a resume
+        are skipped (a resume from an older checkpoint than the newest: the first values stand)."""
         if not self.active:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         for key, value in metrics.items():
-            if value is None:
+            if value is None or step <= self._logged_through.get(key, -1):
                 continue
             self._buffer.append(Metric(key, float(value), now, step))
             self.history.setdefault(key, []).append((step, float(value)))

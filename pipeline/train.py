@@ -2,7 +2,7 @@
 
     python -m pipeline.train --config configs/demo.yaml [--section.key=value ...]
     torchrun --nproc_per_node 2 -m pipeline.train --config configs/demo.yaml --parallel.tensor_parallel_size=2
-    python -m pipeline.train --help            # every key, its default and meaning
+    python -m pipeline.train --config configs/demo.yaml --help   # every key, its value here and meaning
 
 Each step: gradient accumulation over micro-batches, each with RPO offsets and (with probability
 train.rsp_probability) the FAM saved by the previous step as the initial state (RSP, fam-paper.md
@@ -13,13 +13,16 @@ rank's stages (pipeline/pipeline_parallel.py); with parallel.zero_stage >= 1 Dee
 engine (pipeline/zero.py) reduces, clips and steps instead of the plain loop. Validation every
 train.eval_interval_steps (no RPO/RSP), checkpoints every checkpoint.save_interval_steps and at
 the end (none with checkpoint.enabled=false), MLflow from rank 0. SIGINT/SIGTERM finish the current
-step, write a checkpoint and exit; `checkpoint.resume=auto` continues from it. The summary ends with
+step, write a checkpoint and exit; `checkpoint.resume=auto` continues from it, refusing before any
+work a config that differs from the checkpoint's in keys not safe to change (pipeline/config_checks.py
+RESUME_SAFE_KEYS). A rerun of a finished run trains nothing and writes nothing. The summary ends with
 the peak GPU and host memory over all ranks (pipeline/distributed.py peak_memory). Input checks,
 checkpoint saving, MLflow start and the closing summary are in pipeline/train_io.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 import random
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.cli import run_main
 from model import FAMState, build_model, init_parallel
 from pipeline import config as config_lib
 from pipeline import config_checks
@@ -43,10 +47,12 @@ from pipeline.flops import flops_per_token, peak_flops
 from pipeline.optim import build_optimizer, clip_grads, lr_at, set_lr
 from pipeline.parallel_steps import (build_engine, build_pipeline, model_init_context, pipeline_eval,
                                      pipeline_forward_backward, zero_forward_backward_step)
-from pipeline.train_io import check_inputs, finish_run, save, start_tracking
-from pipeline.trainer_state import draw_step, micro_batch_offsets, resolve_resume, restore, share_rsp_state
+from pipeline.train_io import check_inputs, finish_run, report_finished, save, start_tracking
+from pipeline.trainer_state import (draw_step, micro_batch_offsets, pipeline_chunks, resolve_resume, restore,
+                                   share_rsp_state)
 
 log = logging.getLogger("famtron")
+PROG = "python -m pipeline.train"
 
 
 @dataclass
@@ -75,11 +81,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
 
-def build_trainer(cfg: config_lib.Config) -> Trainer:
-    """Process groups, seeded model, optimizer and loaders; validates the config first."""
-    from pipeline.data import ShardLoader, build_valid_loader
-
-    config_checks.validate(cfg, launch_world_size())  # before any process group exists to hang on
+def start_processes(cfg: config_lib.Config) -> tuple[Ranks, torch.device]:
+    """Everything before the model: config and input checks (before any process group exists to
+    hang on), process groups with timeouts, rank-0 logging, seeds."""
+    config_checks.validate(cfg, launch_world_size())
     check_inputs(cfg)
     device = select_device(cfg.train.device)
     backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
@@ -89,6 +94,16 @@ def build_trainer(cfg: config_lib.Config) -> Trainer:
     ranks = build_ranks()
     setup_logging(ranks.is_rank0)
     seed_everything(cfg.train.seed, device)
+    return ranks, device
+
+
+def build_trainer(cfg: config_lib.Config, started: tuple[Ranks, torch.device] | None = None) -> Trainer:
+    """Seeded model, optimizer and loaders on the process groups of `started` (start_processes'
+    result; started here when None)."""
+    from pipeline.data import ShardLoader, build_valid_loader
+
+    ranks, device = started or start_processes(cfg)
+    p = cfg.parallel
     accum = config_checks.grad_accumulation_steps(cfg, ranks.world_size)
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     stages = schedule = None
@@ -223,23 +238,23 @@ def run(cfg: config_lib.Config) -> dict:
 
 
 def _train(cfg: config_lib.Config) -> dict:
-    tr = build_trainer(cfg)
+    started = start_processes(cfg)
     t = cfg.train
-    resume_path, run_id = resolve_resume(cfg.checkpoint, tr.ranks), None
-    if resume_path is not None:
-        trainer_state, tr.rsp_state = restore(resume_path, tr.ranks, tr.model, tr.optimizer, tr.loader, tr.device,
-                                              stages=tr.stages, engine=tr.engine)
+    resume = resolve_resume(cfg, started[0])  # config and checkpoint checks, before the model is built
+    if resume is not None and resume.step >= t.steps:
+        return report_finished(cfg, resume, started[0])
+    tr, run_id = build_trainer(cfg, started), None
+    if resume is not None:
+        trainer_state, tr.rsp_state = restore(resume.path, tr.ranks, tr.model, tr.optimizer, tr.loader, tr.device,
+                                              stages=tr.stages, engine=tr.engine, chunks=pipeline_chunks(cfg))
         tr.step, run_id = trainer_state["step"], trainer_state.get("mlflow_run_id")
-        log.info("resumed from %s (step %d)", resume_path, tr.step)
-        if tr.step >= t.steps:
-            log.info("the run is already at train.steps=%d: nothing to train. Raise train.steps to go on, or start "
-                     "afresh in another train.run_dir", t.steps)
+        log.info("resumed from %s (step %d)", resume.path, tr.step)
     tracker = start_tracking(tr, run_id)
     meter = IntervalMeter(cfg.data.global_batch_size * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len),
                           peak_flops(tr.device, t.peak_tflops), tr.ranks.world_size, t.steps)
     last_step = min(t.steps, tr.step + t.exit_after_steps) if t.exit_after_steps else t.steps
     history: dict[str, list] = {"losses": [], "val_losses": [], "grad_norms": []}
-    rsp_steps, last_ckpt, status, save_seconds = 0, resume_path, "FAILED", 0.0
+    rsp_steps, last_ckpt, status, save_seconds = 0, resume.path if resume else None, "FAILED", 0.0
     memory = dict.fromkeys(("peak_gpu_gib", "peak_host_gib", "peak_host_node_gib"))  # unknown if the run fails
     bar = build_progress_bar(tr.ranks.is_rank0 and t.progress_bar, t.steps, tr.step)
     data_iter = iter(tr.loader)
@@ -304,22 +319,32 @@ def _train(cfg: config_lib.Config) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def build_parser(cfg: config_lib.Config | None = None) -> argparse.ArgumentParser:
+    """The command line; its epilog lists every key with cfg's value (the --config given) or the default."""
+    source = "the values of --config and the overrides given" if cfg is not None else "their defaults"
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.train", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="overrides (--section.key=value):\n" + config_lib.describe_keys(),
+        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"overrides (--section.key=value), with {source}:\n" + config_lib.describe_keys(cfg),
     )
     parser.add_argument("--config", help="YAML file or config name (configs/<name>.yaml); `base:` is followed")
-    args, overrides = parser.parse_known_args(argv)
-    try:  # config mistakes are usage errors: one line, no traceback
-        cfg = config_lib.load_config(args.config, overrides)
-        config_checks.validate(cfg, launch_world_size())
-        check_inputs(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (or FAMTRON_DEBUG=1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A user error (config, inputs, checkpoint) ends as one line and exit status 2, without a
+    traceback unless --debug is given (data_prep/cli.py run_main)."""
+    return run_main(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str]) -> int:
+    helping = any(arg in ("-h", "--help") for arg in argv)
+    args, overrides = build_parser().parse_known_args([arg for arg in argv if arg not in ("-h", "--help")])
+    cfg = config_lib.load_config(args.config, overrides)
+    if helping:  # after loading, so the keys show the values this command line would train with
+        build_parser(cfg).parse_args(["--help"])
+    config_checks.validate(cfg, launch_world_size())
+    check_inputs(cfg)
     summary = run(cfg)
     return 0 if summary["status"] in ("FINISHED", "KILLED") else 1
 

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 from model.config import describe
 from pipeline import config as config_lib
 from pipeline.checkpoint import save_checkpoint
+from pipeline.distributed import Ranks
+from pipeline.fault import write_status
 from pipeline.tracking import Tracker, build_loss_curve, build_tags
-from pipeline.trainer_state import checkpoint_files
+from pipeline.trainer_state import Resume, checkpoint_files, pipeline_chunks
 
 if TYPE_CHECKING:
     from pipeline.train import Trainer
@@ -24,7 +26,7 @@ log = logging.getLogger("famtron")
 
 
 def check_inputs(cfg: config_lib.Config) -> None:
-    """The manifests exist and their tokenizer fits the model's vocabulary."""
+    """The manifests exist, hold samples of data.seq_len and a vocabulary that fits the model's."""
     from pipeline.data import manifest_info
 
     named = [("train_manifest", cfg.data.train_manifest), ("valid_manifest", cfg.data.valid_manifest)]
@@ -38,7 +40,12 @@ def check_inputs(cfg: config_lib.Config) -> None:
                 f"data.{key}={path}: no such file. Build shards first, e.g. python -m data_prep.shard "
                 f"--input stdlib --tokenizer byte --seq-len {cfg.data.seq_len} --output data/stdlib-byte-{cfg.data.seq_len}"
             )
-        vocab = manifest_info(path)["vocab_size"]
+        info = manifest_info(path)
+        if info["seq_len"] != cfg.data.seq_len:  # else the loader finds out after the model is built
+            raise ValueError(f"data.{key}={path} was sharded with seq_len={info['seq_len']} but data.seq_len="
+                             f"{cfg.data.seq_len}; set data.seq_len={info['seq_len']}, or re-shard with --seq-len "
+                             f"{cfg.data.seq_len}")
+        vocab = info["vocab_size"]
         if vocab > cfg.model.vocab_size:  # token ids past the embedding fail deep inside megatron otherwise
             raise ValueError(f"data.{key}={path} holds token ids up to {vocab - 1} but model.vocab_size="
                              f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab}")
@@ -46,8 +53,11 @@ def check_inputs(cfg: config_lib.Config) -> None:
 
 def save(tr: Trainer, tracker: Tracker) -> Path:
     """Shards (global layer names under PP), loaders, RNG, trainer state; with ZeRO, DeepSpeed's
-    files go into the same step folder (`zero/`, pipeline/zero_checkpoint.py), under one manifest."""
-    trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id}
+    files go into the same step folder (`zero/`, pipeline/zero_checkpoint.py), under one manifest.
+    Buffered metrics go to MLflow first: a crash after this save resumes from it, and steps up
+    to it that were still in the buffer would never be logged again."""
+    tracker.flush()
+    trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id, "pipeline_chunks": pipeline_chunks(tr.cfg)}
     files = checkpoint_files(tr.ranks, tr.model, tr.optimizer, tr.loader, tr.rsp_state, trainer,
                              config_lib.to_yaml(tr.cfg), stages=tr.stages, zero_stage=tr.cfg.parallel.zero_stage)
     write_extra = None  # ZeRO: DeepSpeed's files, written into the step folder before its manifest
@@ -80,8 +90,28 @@ def start_tracking(tr: Trainer, run_id: str | None) -> Tracker:
     return tracker
 
 
+def report_finished(cfg: config_lib.Config, resume: Resume, ranks: Ranks) -> dict:
+    """A rerun of a run that is already at train.steps: one line, and nothing written (run_dir,
+    MLflow); returns the run's own summary. The status file tells slurm/train.sbatch not to requeue."""
+    run_dir = Path(cfg.train.run_dir)
+    if ranks.is_rank0:
+        write_status("FINISHED")
+        log.info("%s is finished (%s, step %d of train.steps=%d): nothing to train, nothing changed; raise "
+                 "train.steps to train on, or give a new train.run_dir for another run", run_dir, resume.path,
+                 resume.step, cfg.train.steps)
+    if (run_dir / "summary.json").is_file():
+        return json.loads((run_dir / "summary.json").read_text())
+    return {"status": "FINISHED", "step": resume.step, "steps": cfg.train.steps, "last_checkpoint": str(resume.path),
+            "losses": [], "val_losses": [], "grad_norms": [], "run_dir": cfg.train.run_dir}
+
+
 def finish_run(tracker: Tracker, summary: dict, run_dir: Path) -> None:
-    """Summary JSON and loss curve into run_dir and MLflow; the closing console lines."""
+    """Summary JSON and loss curve into run_dir and MLflow; the closing console lines. Buffered
+    metrics are sent first, so they survive a failure of anything after (also when the run raised)."""
+    try:
+        tracker.flush()
+    except Exception as err:  # noqa: BLE001 - the summary and status must still be written
+        log.warning("could not send the buffered metrics to MLflow: %s", err)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     history = {"loss": summary["losses"], "val_loss": summary["val_losses"]}

@@ -1,5 +1,6 @@
 """What a training step carries besides weights: the per-step RPO/RSP draws, the RSP state,
-and the checkpoint files each rank owns (see pipeline/checkpoint.py for the layout).
+the checkpoint files each rank owns (see pipeline/checkpoint.py for the layout), and which
+checkpoint a run resumes from, checked before the model is built (its config, its files' safety).
 
 RPO and RSP (fam-paper.md §1.6) draw from a generator seeded by (train.seed, step), so every
 TP and DP rank draws the same numbers without communication, a resumed run draws what the
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 
 from model import FAMState
-from pipeline.checkpoint import find_latest_checkpoint, list_checkpoints, load_file, rng_state, set_rng_state, verify_checkpoint
-from pipeline.config import CheckpointConfig
+from pipeline.checkpoint import (check_weights_only, find_latest_checkpoint, list_checkpoints, load_file, rng_state,
+                                 set_rng_state, verify_checkpoint)
+from pipeline.config import CheckpointConfig, Config
+from pipeline.config_checks import check_resume_config
 from pipeline.distributed import Ranks, broadcast_object, broadcast_tensors
 
 _RPO_RSP_STREAM = 0x46414D  # keeps these draws apart from any other use of (seed, step)
@@ -106,19 +109,31 @@ def checkpoint_files(ranks: Ranks, model, optimizer, loader, rsp_state: FAMState
     return files
 
 
+def pipeline_chunks(cfg: Config) -> list[int]:
+    """Layers per pipeline chunk (stage x virtual stage) in model order: [num_layers] without PP."""
+    from pipeline.pipeline_parallel import split_layers
+
+    p = cfg.parallel
+    return [len(r) for r in split_layers(cfg.model.num_layers, p.pipeline_parallel_size * p.virtual_stages,
+                                         p.pipeline_layout)]
+
+
 def restore(path: Path, ranks: Ranks, model, optimizer, loader, device: torch.device, stages=None,
-            engine=None) -> tuple[dict, FAMState | None]:
+            engine=None, chunks: list[int] | None = None) -> tuple[dict, FAMState | None]:
     """Load this rank's part of a checkpoint; returns (trainer dict, RSP state). A checkpoint of
-    other TP/PP sizes (same DP, no ZeRO here) resumes weights-only: see `restore_resharded`."""
+    other TP/PP sizes or another pipeline layout (`chunks`, pipeline_chunks; same DP, no ZeRO here)
+    resumes weights-only: see `restore_resharded`."""
     trainer = load_file(path, "trainer.pt")
-    saved = (trainer["world_size"], trainer["tp_size"], trainer.get("pp_size", 1), trainer["dp_size"])
-    if saved != (ranks.world_size, ranks.tp_size, ranks.pp_size, ranks.dp_size):
+    saved = (trainer["world_size"], trainer["tp_size"], trainer.get("pp_size", 1), trainer["dp_size"],
+             trainer.get("pipeline_chunks", chunks))  # a checkpoint from before the layout was recorded: as now
+    if saved != (ranks.world_size, ranks.tp_size, ranks.pp_size, ranks.dp_size, chunks):
         if saved[3] == ranks.dp_size and engine is None:
             return restore_resharded(path, trainer, ranks, model, loader, device, stages)
         raise ValueError(
-            f"checkpoint {path} was written by world={saved[0]} TP={saved[1]} PP={saved[2]} DP={saved[3]}; this run "
-            f"has world={ranks.world_size} TP={ranks.tp_size} PP={ranks.pp_size} DP={ranks.dp_size}. Resume with the "
-            "same DP size (TP/PP may change, without ZeRO), or set checkpoint.resume=none with a new checkpoint.dir"
+            f"checkpoint {path} was written by world={saved[0]} TP={saved[1]} PP={saved[2]} DP={saved[3]} with "
+            f"layers per pipeline chunk {saved[4]}; this run has world={ranks.world_size} TP={ranks.tp_size} "
+            f"PP={ranks.pp_size} DP={ranks.dp_size} with {chunks}. Resume with the same DP size (TP, PP and the "
+            "layout may change, without ZeRO), or set checkpoint.resume=none with a new checkpoint.dir"
         )
     shard = load_file(path, f"model_{shard_name(ranks)}.pt", map_location=device)
     if engine is not None:
@@ -171,24 +186,59 @@ def restore_resharded(path: Path, trainer: dict, ranks: Ranks, model, loader, de
     return trainer, FAMState.from_dict({"position": 0, "ends_mid_block": False, "layers": moved})
 
 
-def resolve_resume(cfg: CheckpointConfig, ranks: Ranks) -> Path | None:
+@dataclass
+class Resume:
+    path: Path  # the step folder
+    step: int  # its trainer step
+
+
+def resolve_resume(cfg: Config, ranks: Ranks) -> Resume | None:
     """The checkpoint to start from, decided on rank 0 (one reader of the folder) and
-    broadcast, so every rank loads the same step; errors are raised on every rank."""
-    choice: Path | Exception | None = None
+    broadcast, so every rank loads the same step; errors are raised on every rank. Before any
+    model is built: the checkpoint's config differs from this run's only in keys safe to change
+    (config_checks.check_resume_config), and every file loads weights-only (check_files)."""
+    choice: Resume | Exception | None = None
     if ranks.is_rank0:
-        if cfg.resume == "auto":
-            choice = find_latest_checkpoint(cfg.dir)
-        elif cfg.resume == "none":
-            existing = list_checkpoints(cfg.dir)
-            if existing:  # mixing two runs' checkpoints in one folder would make `auto` pick either
-                choice = ValueError(
-                    f"checkpoint.resume=none but checkpoint.dir={cfg.dir} already holds {existing[-1][1].name}; "
-                    "use checkpoint.resume=auto, another checkpoint.dir, or delete the old checkpoints"
-                )
-        else:
-            problem = verify_checkpoint(cfg.resume)
-            choice = ValueError(f"checkpoint.resume={cfg.resume}: {problem}") if problem else Path(cfg.resume)
+        try:
+            path = choose_checkpoint(cfg.checkpoint)
+            if path is not None:
+                check_resume_config(load_file(path, "config.yaml"), cfg, path)
+                check_files(path)
+                choice = Resume(path, int(load_file(path, "trainer.pt")["step"]))
+        except Exception as err:  # noqa: BLE001 - raised on every rank below, not only here
+            choice = err
     choice = broadcast_object(choice)
     if isinstance(choice, Exception):
         raise choice
     return choice
+
+
+def choose_checkpoint(cfg: CheckpointConfig) -> Path | None:
+    """checkpoint.resume: auto -> the newest complete checkpoint (or None); none -> None, refusing
+    a folder that already holds checkpoints; a path -> that folder, if complete."""
+    if cfg.resume == "auto":
+        return find_latest_checkpoint(cfg.dir)
+    if cfg.resume == "none":
+        existing = list_checkpoints(cfg.dir)
+        if existing:  # mixing two runs' checkpoints in one folder would make `auto` pick either
+            raise ValueError(
+                f"checkpoint.resume=none but checkpoint.dir={cfg.dir} already holds {existing[-1][1].name}; "
+                "use checkpoint.resume=auto, another checkpoint.dir, or delete the old checkpoints"
+            )
+        return None
+    problem = verify_checkpoint(cfg.resume)
+    if problem:
+        raise ValueError(f"checkpoint.resume={cfg.resume}: {problem}")
+    return Path(cfg.resume)
+
+
+def check_files(path: Path) -> None:
+    """Every .pt file of a step folder loads with torch.load(weights_only=True): famtron's own
+    files with nothing beyond tensors and plain values, DeepSpeed's (`zero/`) with the few classes
+    it stores. UnsafeCheckpointError names the first file that does not."""
+    own = sorted(p for p in path.rglob("*.pt") if "zero" not in p.relative_to(path).parts[:-1])
+    check_weights_only(own)
+    if (path / "zero").is_dir():
+        from pipeline.zero_checkpoint import check_zero_files
+
+        check_zero_files(path / "zero")

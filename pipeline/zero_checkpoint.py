@@ -21,6 +21,11 @@ Resume at another data-parallel size:
     AdamW moments kept exactly; tested DP=2 -> 1). TP and PP sizes must be unchanged.
   * ZeRO-3 (or another TP/PP): `consolidate_zero_checkpoint` -> plain fp32 state dict per TP rank,
     loaded into a new model; the AdamW moments restart (weights-only resume).
+
+Loading is weights-only: DeepSpeed 0.19.8 reads its files with torch.load(weights_only=False) (its
+TorchCheckpointEngine.load, the ZeRO-3 fp32 path and zero_to_fp32 alike), which would run any
+pickled callable. So every .pt file of the folder is first read with weights_only=True, allowing
+only the classes DeepSpeed really stores (`deepspeed_checkpoint_classes`), before DeepSpeed sees it.
 """
 
 from __future__ import annotations
@@ -37,10 +42,28 @@ import torch
 import torch.distributed as dist
 
 from data_prep.manifest import sha256_file
-from pipeline.checkpoint import MANIFEST, fsync_path, publish_folder
+from pipeline.checkpoint import MANIFEST, check_weights_only, fsync_path, publish_folder, torch_load
 from pipeline.distributed import barrier
 
 META = "famtron_zero.json"
+
+
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The non-tensor classes DeepSpeed 0.19.8 pickles into a ZeRO checkpoint, found by listing the
+    globals of every file it wrote for ZeRO-1/2/3, fp32 and bf16, with and without optimizer
+    offload: all in the optimizer-state files (the loss scaler object, the ZeRO stage enum, and
+    for ZeRO-1/2 the fragment addresses of parameters). Each is rebuilt from plain attribute
+    values (an Enum by value); none runs code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_zero_files(path: Path) -> None:
+    """Every .pt file of a ZeRO checkpoint folder loads weights-only (UnsafeCheckpointError if not)."""
+    check_weights_only(sorted(Path(path).rglob("*.pt")), deepspeed_checkpoint_classes())
 
 
 def _fsync_tree(root: Path) -> None:
@@ -98,6 +121,7 @@ def load_zero_checkpoint(engine, ckpt_dir: str | Path, tag: str, load_optimizer_
     DP size changed) and returns the client state. Refuses a ZeRO-3 or TP/PP change: consolidate."""
     path = Path(ckpt_dir) / tag
     meta = json.loads((path / META).read_text())
+    check_zero_files(path)  # before DeepSpeed's own torch.load(weights_only=False) reads any of them
     mpu = engine.mpu
     now = {"zero_stage": int(engine.zero_optimization_stage()), "tp_size": mpu.get_tensor_model_parallel_world_size(),
            "pp_size": mpu.get_pipeline_model_parallel_world_size(), "dp_size": mpu.get_data_parallel_world_size()}
@@ -146,7 +170,7 @@ def _load_resized_partitions(engine, path: Path, saved_dp: int) -> None:
     states = _EveryRank()
     for dp_rank in range(saved_dp):
         file = path / f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt"
-        states.append(torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"])
+        states.append(torch_load(file, allowed=deepspeed_checkpoint_classes())["optimizer_state_dict"])
     for state in states:  # torch's AdamW keeps `step` per parameter, DeepSpeed expects a group-level one
         state.setdefault(BASE_OPTIMIZER_STATE_STEP, None)
     engine.optimizer.load_state_dict(state_dict_list=states, load_optimizer_states=True, load_from_fp32_weights=True)
@@ -167,6 +191,7 @@ def consolidate_zero_checkpoint(ckpt_dir: str | Path, tag: str, out_dir: str | P
 
     path = Path(ckpt_dir) / tag
     meta = json.loads((path / META).read_text())
+    check_zero_files(path)  # zero_to_fp32 loads with weights_only=False
     by_tp: list[dict[str, Any]] = [{} for _ in range(meta["tp_size"])]
     for mp_rank, info in enumerate(meta["mp_ranks"]):
         with tempfile.TemporaryDirectory() as scratch:

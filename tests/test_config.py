@@ -4,6 +4,7 @@ the FLOPs formula (pure functions of config)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -246,3 +247,40 @@ def test_peak_and_mfu():
     assert peak_flops(torch.device("cpu"), peak_tflops=2.0) == 2e12
     assert mfu(1000.0, 1e9, None, 1) is None
     assert mfu(1000.0, 1e9, 1e12, 2) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- --help and resuming with another config
+
+
+def test_help_describes_every_model_key_and_shows_the_values_of_the_config_given(capsys):
+    from pipeline.train import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", "demo", "--train.steps=7", "--help"])
+    assert exited.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for f in dataclasses.fields(ModelArgs):
+        line = next(line for line in lines if line.startswith(f"  --model.{f.name}="))
+        assert len(line.split("  ")[-1]) > 10, line  # a description after the value
+    # demo.yaml's values (from tiny.yaml through `base:`) and the override, each with the default beside it
+    for shown in ("--model.num_layers=4 (default 2)", "--optim.lr=0.002 (default 0.0003)",
+                  "--train.steps=7 (default 1000)", "--data.seq_len=512  "):
+        assert any(line.startswith(f"  {shown}") for line in lines), shown
+
+
+def test_resume_config_changes_name_the_keys_that_may_not_change():
+    from pipeline.config_checks import check_resume_config, resume_config_changes
+
+    saved = to_yaml(load_config("demo"))
+    safe = ["--train.steps=500", "--train.run_dir=elsewhere", "--checkpoint.keep_last=9", "--tracking.experiment=x",
+            "--parallel.tensor_parallel_size=2", "--data.verify_checksums=false", "--model.recompute=true"]
+    assert resume_config_changes(saved, load_config("demo", safe)) == []
+    cfg = load_config("demo", [*safe, "--optim.lr=1e-3", "--model.num_layers=3", "--data.seed=7"])
+    assert resume_config_changes(saved, cfg) == [("model.num_layers", 4, 3), ("data.seed", 1234, 7),
+                                                 ("optim.lr", 0.002, 0.001)]
+    with pytest.raises(ValueError, match=r"checkpoint ck was trained with another config: model.num_layers 4 -> 3, "
+                                         r"data.seed 1234 -> 7, optim.lr 0.002 -> 0.001\. .*give a new train.run_dir"):
+        check_resume_config(saved, cfg, "ck")
+    older = yaml.safe_load(saved)
+    del older["train"]["rpo"]  # a key an older famtron did not write is not compared
+    assert resume_config_changes(yaml.safe_dump(older), load_config("demo", ["--train.rpo=false"])) == []

@@ -165,6 +165,20 @@ def test_too_many_nan_steps_in_a_row_stop_the_run_with_a_clear_error(shards, tmp
         _train(shards, tmp_path / "run", train__max_nonfinite_steps=1)
 
 
+def test_a_run_that_raises_still_sends_its_buffered_metrics(shards, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    _poison_forward(monkeypatch, {5, 7})  # steps 3 (skipped, not logged) and 4 (stops the run)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(FloatingPointError):  # no flush interval or checkpoint reached: only the exit sends them
+        _train(shards, tmp_path / "run", train__max_nonfinite_steps=1, tracking__enabled=True,
+               tracking__tracking_uri=uri, tracking__flush_interval_steps=100, checkpoint__save_interval_steps=0)
+    client = MlflowClient(uri)
+    (failed,) = client.search_runs([client.get_experiment_by_name("famtron").experiment_id])
+    assert failed.info.status == "FAILED"
+    assert sorted(m.step for m in client.get_metric_history(failed.info.run_id, "loss")) == [1, 2]
+
+
 def test_wall_budget_saves_and_stops_in_time(shards, tmp_path):
     """A 100000-step run with a 4 s budget stops with a complete, resumable checkpoint."""
     from pipeline.checkpoint import verify_checkpoint

@@ -135,20 +135,53 @@ def test_rsp_starts_from_the_saved_fam_only_when_the_coin_says_so(shards, tmp_pa
 # ---------------------------------------------------------------- command line
 
 
-def test_cli_rejects_bad_input_clearly(shards, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--config", "tiny", "--train.stepz=3"])
-    assert "unknown key(s) ['stepz'] in `train`" in capsys.readouterr().err
-    args = tiny_overrides(shards, tmp_path / "r", data__train_manifest=tmp_path / "nope.json")
-    with pytest.raises(SystemExit):
-        main(args)
-    assert "nope.json: no such file. Build shards first" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(tiny_overrides(shards, tmp_path / "r", data__global_batch_size=3))
-    assert "data.global_batch_size=3 must be a positive multiple" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(tiny_overrides(shards, tmp_path / "r", model__vocab_size=128))
-    assert "holds token ids up to 255 but model.vocab_size=128" in capsys.readouterr().err
+def _error_line(capsys) -> str:
+    """The command's error, which must be one line, the last on stderr, without a traceback
+    (third-party warnings printed earlier, e.g. megatron's at model build, are not ours)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in lines), lines
+    assert [line for line in lines if " error: " in line] == lines[-1:], lines
+    return lines[-1]
+
+
+def test_cli_rejects_bad_input_in_one_line(shards, tmp_path, capsys):
+    assert main(["--config", "tiny", "--train.stepz=3"]) == 2
+    assert "python -m pipeline.train: error: unknown key(s) ['stepz'] in `train`" in _error_line(capsys)
+    assert main(tiny_overrides(shards, tmp_path / "r", data__train_manifest=tmp_path / "nope.json")) == 2
+    assert "nope.json: no such file. Build shards first" in _error_line(capsys)
+    assert main(tiny_overrides(shards, tmp_path / "r", data__global_batch_size=3)) == 2
+    assert "data.global_batch_size=3 must be a positive multiple" in _error_line(capsys)
+    assert main(tiny_overrides(shards, tmp_path / "r", model__vocab_size=128)) == 2
+    assert "holds token ids up to 255 but model.vocab_size=128" in _error_line(capsys)
+    assert not (tmp_path / "r").exists()  # all of them before any work
+
+
+def test_shard_seq_len_mismatch_is_one_line_before_any_work_and_debug_shows_the_traceback(shards, tmp_path):
+    """Through the real command (`python -m pipeline.train`, data_prep/cli.py run_main)."""
+    args = tiny_overrides(shards, tmp_path / "r", data__seq_len=32)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    manifest = shards / "train" / "manifest.json"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"python -m pipeline.train: error: data.train_manifest={manifest} was sharded with seq_len=64 but "
+        "data.seq_len=32; set data.seq_len=64, or re-shard with --seq-len 32")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="was sharded with seq_len=64"):
+        main([*args, "--debug"])
+
+
+def test_explicit_resume_of_a_corrupt_checkpoint_is_one_line(shards, tmp_path, capsys):
+    summary = _run(shards, tmp_path / "r", train__steps=3, train__eval_interval_steps=0)
+    model_file = Path(summary["last_checkpoint"]) / "model_tp00.pt"
+    model_file.write_bytes(model_file.read_bytes()[:-10] + b"corrupted!")
+    capsys.readouterr()
+    args = tiny_overrides(shards, tmp_path / "r", checkpoint__resume=summary["last_checkpoint"])
+    assert main(args) == 2
+    assert _error_line(capsys) == (f"python -m pipeline.train: error: checkpoint.resume={summary['last_checkpoint']}: "
+                                   f"model_tp00.pt does not match its sha256 in manifest.json (corrupt)")
+    with pytest.raises(ValueError, match="model_tp00.pt does not match its sha256"):
+        main([*args, "--debug"])
 
 
 def test_resume_none_refuses_to_mix_with_existing_checkpoints(shards, tmp_path):
@@ -176,10 +209,15 @@ def test_tp2_matches_tp1_loss_and_grad_norm_with_clipping(shards, tmp_path):
     assert all(v > 0.5 for _, v in reference["grad_norms"])  # so clipping was active on every step
 
 
-def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_0(shards, tmp_path):
-    """What Slurm does before a time limit: SIGTERM. The run must leave a complete checkpoint."""
+def test_sigterm_finishes_the_step_saves_a_checkpoint_sends_the_metrics_and_exits_0(shards, tmp_path):
+    """What Slurm does before a time limit: SIGTERM. The run must leave a complete checkpoint, and
+    MLflow every step's metrics although the flush interval was never reached."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = tiny_overrides(shards, tmp_path / "run", train__steps=100000, optim__warmup_steps=10,
-                          train__eval_interval_steps=0, checkpoint__save_interval_steps=0)
+                          train__eval_interval_steps=0, checkpoint__save_interval_steps=0, tracking__enabled=True,
+                          tracking__tracking_uri=uri, tracking__flush_interval_steps=100000)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -200,6 +238,8 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_0(shards, tmp_pa
     assert summary["last_checkpoint"].endswith(f"step_{summary['step']:08d}")
     assert verify_checkpoint(summary["last_checkpoint"]) is None
     assert any("signal 15: stopping after this step" in line for line in lines)
+    history = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, summary["step"] + 1))
 
 
 def test_training_on_a_blend_mixes_manifests_in_proportion_and_resumes_exactly(shards, tmp_path):
