@@ -217,7 +217,8 @@ def record_megatron_layers(model, tokens, offsets, monkeypatch) -> list[dict]:
             continue
         (s1, tok_q), (s2, tok_k), (s3, fam_q), (s4, fam_k) = (next(rope_calls) for _ in range(4))
         assert (s1, s2, s3, s4) == ("model.rope", "model.rope", "model.layer", "model.layer")
-        layers.append({"tok_q": tok_q.T, "tok_k": tok_k.T, "fam_q": fam_q, "fam_k": fam_k, "layout": value, "scan": scan})
+        layers.append({"tok_q": tok_q.T, "tok_k": tok_k.T, "fam_q": fam_q, "fam_k": fam_k, "layout": value,
+                       "scan": scan})
         scan = []
     assert next(rope_calls, None) is None
     return layers

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoint import verify_checkpoint
 from tests.spawn import run_on_ranks
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the spawned workers
@@ -29,9 +30,10 @@ STEPS = 5
 # 2 layers (PP=2: one per stage), micro-batches of one sequence, global batch 4: one process and
 # PP=2 accumulate 4 micro-batches, DP=2 2 per rank. Every step starts from the saved FAM, so a
 # skipped step that still saved its (NaN-born) FAM would show in the next losses.
+# Checkpoints right after each skipped step (2 and 4) and at the end: saving after a skip works.
 SETTINGS = dict(data__micro_batch_size=1, data__global_batch_size=4, train__steps=STEPS, optim__warmup_steps=1,
                 train__rsp_probability=1.0, train__eval_interval_steps=0, data__valid_manifest=None,
-                checkpoint__save_interval_steps=0)
+                checkpoint__save_interval_steps=2)
 
 
 def _poison_loss(bad_steps: dict[int, str], bad_rank: int, state: dict) -> None:
@@ -106,7 +108,8 @@ def _worker(rank: int, world_size: int, shards: str, run_dir: str, extra: dict, 
     cfg = load_config(None, tiny_overrides(Path(shards), Path(run_dir), **{**SETTINGS, **extra}))
     try:
         summary = train_module.run(cfg)
-        record["summary"] = {k: summary[k] for k in ("status", "step", "losses", "grad_norms", "skipped_steps")}
+        record["summary"] = {k: summary[k] for k in ("status", "step", "losses", "grad_norms", "skipped_steps",
+                                                     "last_checkpoint")}
     except FloatingPointError as err:
         record["error"] = str(err)
     return record
@@ -158,6 +161,8 @@ def test_a_nan_step_changes_no_weight_or_optimizer_state_and_training_goes_on_as
     for rank, r in enumerate(results):
         got = r["summary"]
         assert got["status"] == "FINISHED" and got["skipped_steps"] == len(BAD_STEPS), (layout, rank, got)
+        assert got["last_checkpoint"].endswith(f"step_{STEPS:08d}")
+        assert verify_checkpoint(got["last_checkpoint"]) is None
         assert [s for s, _ in got["losses"]] == [s for s, _ in ref["losses"]], (layout, rank)
         for key in ("losses", "grad_norms"):
             np.testing.assert_allclose([v for _, v in got[key]], [v for _, v in ref[key]], rtol=1e-5,
