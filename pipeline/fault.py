@@ -111,7 +111,11 @@ class WallBudget:
 class NonFiniteGuard:
     """Skip a step whose loss or gradient norm is NaN/inf (no optimizer update; the batch is
     consumed, so the data order stays that of a clean run) and count it; more than
-    `max_consecutive` in a row means the run has diverged, not hit a bad batch: stop."""
+    `max_consecutive` in a row means the run has diverged, not hit a bad batch: stop.
+    The plain loop and PP without ZeRO ask before optimizer.step(); under ZeRO (PP or not) the
+    engine has already discarded such a step itself, since pipeline/zero.py makes a non-finite
+    loss give NaN gradients, and the guard decides on the same values: weights and AdamW state
+    are unchanged either way (tests/test_nonfinite.py)."""
 
     def __init__(self, max_consecutive: int):
         self.max_consecutive = max_consecutive

@@ -9,7 +9,9 @@ pipeline/memory.py).
   fp32 under autocast; the CPU's composite norm also x·rstd); RoPE cos/sin, fp32; block
   attention's q, K and V [T·(F+C), b, g, d], output and fp32 lse (CPU: SDPA's float mask); SwiGLU's
   intermediates; the FAM scan's per-block tensors and (autocast, GPU) the bf16 copies of the
-  layer's four matrices. With recompute only each layer's input (and positions) is saved, and
+  layer's four matrices. Not counted: the soft-prompt stream's own scan step (F rows, no block
+  keys; ~0.5 % of a layer's activations at 8k, pipeline/memory.py Calibration). With recompute
+  only each layer's input (and positions) is saved, and
   backward re-creates one layer's full set.
 - sequence parallelism shards by TP along the tokens what lies between the TP regions: layer
   input, norms, residuals (SP linears save their un-gathered input), and the FAM rows' (F/tp).

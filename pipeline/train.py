@@ -153,7 +153,7 @@ def seed_everything(seed: int, device: torch.device) -> None:
 def train_step(tr: Trainer, data_iter) -> tuple[float, float, float, bool, bool]:
     """One optimizer step; returns (DP-mean loss, pre-clip grad norm, lr, started from saved FAM,
     skipped). A NaN/inf step consumes its batches but updates nothing (pipeline/fault.py); under
-    ZeRO the engine has already stepped, so the guard only counts it (and stops the run)."""
+    ZeRO the engine has already discarded that update itself (pipeline/zero.py), and the guard counts it."""
     cfg, ranks, d = tr.cfg, tr.ranks, tr.cfg.data
     draws = draw_step(cfg.train.seed, tr.step, d.global_batch_size, cfg.model.rope_base, cfg.train.rpo,
                       cfg.train.rsp_probability)

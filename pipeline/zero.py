@@ -28,6 +28,16 @@ gradient partition) and then `engine.step()`. The schedule's micro-batches are t
 so the engine runs with gradient_accumulation_steps=1 and every step is a boundary. ZeRO-2/3 hook
 into each backward (gradient partitioning, parameter gathering) and are refused with PP > 1.
 Checkpoints: pipeline/zero_checkpoint.py.
+
+Non-finite steps (pipeline/fault.py NonFiniteGuard): the engine updates inside `engine.step()`,
+before the training loop sees the loss. DeepSpeed 0.19.8 discards an update itself when the
+global gradient norm is NaN/inf (ZeRO-1/2 `step`, fp32 and bf16 with `bf16.check_grad_overflow`;
+ZeRO-3 always): it clears the gradients and its reduce buffers, leaves weights and AdamW state
+untouched, reports the norm as inf and counts `engine.skipped_steps`. A NaN/inf loss need not
+make the gradients non-finite, so a rank whose loss is not finite turns its gradients into NaN
+before they are reduced (`_nan_unless_finite` for PP = 1; the stage gradients for PP > 1): then
+DeepSpeed skips exactly the steps the guard skips (loss or norm not finite). Overrides that would
+turn DeepSpeed's check off are refused (NONFINITE_CHECK_KEYS).
 """
 
 from __future__ import annotations
@@ -51,6 +61,10 @@ OWNED_KEYS = {
     "zero_optimization.stage": "the ZeRO stage",
     "bf16.enabled": "train.dtype",
 }
+
+
+# DeepSpeed settings its non-finite check needs (see the module docstring): must stay True.
+NONFINITE_CHECK_KEYS = ("bf16.check_grad_overflow", "zero_optimization.compute_grad_norm")
 
 
 def validate_zero(zero_stage: int, pipeline_parallel_size: int = 1, offload_optimizer: bool = False) -> None:
@@ -143,6 +157,10 @@ def to_deepspeed_config(
                 f"DeepSpeed override {key}={_lookup(merged, key)!r} contradicts the derived {_lookup(config, key)!r}; "
                 f"set {source} instead"
             )
+    for key in NONFINITE_CHECK_KEYS:
+        if _lookup(merged, key) is False:
+            raise ValueError(f"DeepSpeed override {key}=false: it would let a NaN/inf step update the weights; "
+                             "famtron skips such steps (train.max_nonfinite_steps): remove the override")
     return merged
 
 
@@ -333,7 +351,7 @@ def zero_train_step(engine, micro_batches: list[dict], lr: float | None = None) 
     total, first = 0.0, None
     for batch in micro_batches:
         loss, out = engine(**batch)
-        engine.backward(loss)
+        engine.backward(_nan_unless_finite(loss))
         engine.step()
         total = total + loss.detach().float()  # stays on the device: no sync per micro-batch
         first = out if first is None else first
@@ -355,9 +373,20 @@ def zero_pipeline_step(engine, schedule, stages, tokens, labels, offsets, initia
         set_engine_lr(engine, lr)
     engine.optimizer.clear_backward_seen_flag()  # what engine.forward does before a new backward
     loss = pipeline_step(schedule, stages, tokens, labels, offsets, initial_state)
+    if loss is not None and not bool(torch.isfinite(loss)):  # the last stage; its gradients are still p.grad
+        for param in engine.module.parameters():
+            if param.grad is not None:
+                param.grad.fill_(float("nan"))  # the global norm (over DP, TP and PP) turns NaN: DeepSpeed skips
     engine.allreduce_gradients()  # the boundary reduce: DP-average into this rank's ZeRO-1 partition
     engine.step()
     return loss
+
+
+def _nan_unless_finite(loss: torch.Tensor) -> torch.Tensor:
+    """The loss to backward: itself (times exactly 1) when finite, else times NaN, so that its
+    gradients are NaN and DeepSpeed's norm check discards the step. No device sync."""
+    scale = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+    return loss * scale
 
 
 def _grad_norm(engine) -> float | None:

@@ -61,23 +61,42 @@ def _small(**over) -> ModelArgs:
     return ModelArgs(**{**base, **over})
 
 
-def _saved_bytes(args: ModelArgs, batch: int, seq: int) -> int:
-    """Bytes of the distinct storages autograd saves in one forward (parameters excluded)."""
+def _saved_bytes(args: ModelArgs, batch: int, seq: int, monkeypatch) -> tuple[int, int]:
+    """Bytes of the distinct storages autograd saves in one forward (parameters excluded), and of
+    those, the bytes saved only by the soft-prompt stream's scan step (a step over no block keys)."""
+    import model.layer as layer_module
+
     torch.manual_seed(0)
     model = build_model(args, device="cpu")
     tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
+    in_prompt_step, prompt_storages = [False], set()
+    real_step_for = layer_module.fam_step_for
+
+    def step_for(device):
+        step = real_step_for(device)
+
+        def flagged(fam, block_k, *rest):
+            in_prompt_step[0] = block_k.shape[0] == 0
+            try:
+                return step(fam, block_k, *rest)
+            finally:
+                in_prompt_step[0] = False
+
+        return flagged
 
     def pack(t):
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
             storages[storage.data_ptr()] = storage.nbytes()
+            (prompt_storages.add if in_prompt_step[0] else prompt_storages.discard)(storage.data_ptr())
         return t
 
+    monkeypatch.setattr(layer_module, "fam_step_for", step_for)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(tokens[:, :-1], labels=tokens[:, 1:], return_logits=False)
-    return sum(storages.values())
+    return sum(storages.values()), sum(storages[p] for p in prompt_storages)
 
 
 def _predicted_saved(args: ModelArgs, batch: int, seq: int) -> int:
@@ -104,17 +123,28 @@ def _predicted_saved(args: ModelArgs, batch: int, seq: int) -> int:
     ("fam, recompute", dict(recompute=True), 2, 96),
     ("dense, recompute", dict(attention="dense", fam_len=0, recompute=True), 2, 96),
 ])
-def test_activation_terms_match_autograd_saved_tensors_within_15pct(name, over, batch, seq, monkeypatch):
-    """The CPU fp32 model's real saved tensors (measured: within 1%; the F rows of the first
-    scan block are a view of the layer input, counted twice by the estimate). Checkpointed loss
-    chunks save nothing through the hooks; the final norm's output they keep as their input is
-    what the norm saves anyway. A loss of one chunk is not checkpointed: its softmax is saved."""
+def test_activation_terms_match_autograd_saved_tensors_within_1pct_besides_the_prompt_step(name, over, batch, seq,
+                                                                                            monkeypatch):
+    """The CPU fp32 model's real saved tensors against the estimate (pipeline/memory.py,
+    Calibration). The estimate does not count the soft-prompt stream's scan step (one step over F
+    rows per layer, since commit 523c99c): measured 1.6-6.7 % of these FAM models' saved bytes, the
+    whole of its shortfall. Everything else it over-counts by 0.07-0.75 % (the first scan block's
+    F rows are a view of the layer input, counted twice; a partial last block's scan keys are
+    counted as a whole block's), and without FAM it is within 0.01 %. Checkpointed loss chunks save
+    nothing through the hooks; the final norm's output they keep as their input is what the norm
+    saves anyway. A loss of one chunk is not checkpointed: its softmax is saved. Recompute saves no
+    layer internals, the prompt step's included."""
     chunk = over.pop("loss_chunk_elements", None)
     if chunk:  # the estimate reads the same constant
         monkeypatch.setattr(language_model, "LOSS_CHUNK_ELEMENTS", chunk)
     args = _small(**over)
-    got, want = _saved_bytes(args, batch, seq), _predicted_saved(args, batch, seq)
-    assert abs(want - got) / got < 0.15, (name, got, want)
+    got, prompt_step = _saved_bytes(args, batch, seq, monkeypatch)
+    over_count = (_predicted_saved(args, batch, seq) - (got - prompt_step)) / got
+    assert (prompt_step > 0) == (args.uses_fam and not args.recompute), (name, prompt_step)
+    if args.uses_fam and not args.recompute:
+        assert 0 <= over_count < 0.01, (name, got, prompt_step, over_count)
+    else:
+        assert abs(over_count) < 1e-4, (name, got, over_count)
 
 
 def test_weight_gradient_and_adam_bytes_equal_the_tiny_models():

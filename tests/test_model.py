@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,3 +174,89 @@ def test_chunked_loss_without_logits_equals_loss_from_logits(fam_len, monkeypatc
     chunked.loss.backward()
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert close(q.grad, p.grad), name
+
+
+def record_megatron_layers(model, tokens, offsets, monkeypatch) -> list[dict]:
+    """Run the megatron model with spies on the RoPE angles it computes (tests/rope_spy.py), on
+    its block attention and on its FAM scan steps. Per layer, in call order: token query and key
+    positions [b, S] (rope_sbnd), FAM query and key tables [b, T, F] (FAMLayer._fam_rope), the
+    BlockLayout the block queries attend with, and each scan step's number of block keys."""
+    import model.layer as layer_module
+    from model.attention import FAMSelfAttention
+    from tests import rope_spy
+
+    events: list = []
+    real_attend, real_step_for = FAMSelfAttention.attend_blocks, layer_module.fam_step_for
+
+    def attend_blocks(self, q, k, v, layout):
+        events.append(("blocks", layout))
+        return real_attend(self, q, k, v, layout)
+
+    def fam_step_for(device):
+        step = real_step_for(device)
+
+        def counted(fam, block_k, *rest):
+            events.append(("scan", block_k.shape[0]))
+            return step(fam, block_k, *rest)
+
+        return counted
+
+    monkeypatch.setattr(FAMSelfAttention, "attend_blocks", attend_blocks)
+    monkeypatch.setattr(layer_module, "fam_step_for", fam_step_for)
+    records: list = []
+    undo = rope_spy.install(records)
+    try:
+        with torch.no_grad():
+            model(tokens, position_offset=offsets)
+    finally:
+        undo()
+    layers, rope_calls, scan = [], iter(records), []
+    for kind, value in events:
+        if kind == "scan":
+            scan.append(value)
+            continue
+        (s1, tok_q), (s2, tok_k), (s3, fam_q), (s4, fam_k) = (next(rope_calls) for _ in range(4))
+        assert (s1, s2, s3, s4) == ("model.rope", "model.rope", "model.layer", "model.layer")
+        layers.append({"tok_q": tok_q.T, "tok_k": tok_k.T, "fam_q": fam_q, "fam_k": fam_k, "layout": value,
+                       "scan": scan})
+        scan = []
+    assert next(rope_calls, None) is None
+    return layers
+
+
+def test_megatron_layers_use_the_references_positions_and_offsets(monkeypatch):
+    """The positions the megatron layer really computes, per example (RPO offsets 0 and 321.25)
+    and layer, are model/reference.py's (tests/test_reference.py checks the reference's own):
+    tokens at offset + index, FAM queries at each block's last F positions, FAM keys at the F
+    positions before it. With the layer's own block mask (model/masks.py), block queries never
+    see a key at a larger position and the previous FAM's keys are strictly earlier; the scan's
+    FAM queries (the prompt step, then one step per block over that block's tokens) see offsets
+    down to exactly -(F-1). Logit comparisons cannot see this: RoPE hides absolute positions."""
+    from tests.rope_spy import documented_fam_positions
+
+    args = small_args(num_layers=2, mem_blocks=2)
+    C, F = args.block_size, args.fam_len
+    _, model = pair(args)
+    S = 37
+    offsets = torch.tensor([0.0, 321.25])
+    layers = record_megatron_layers(model, torch.randint(0, 64, (2, S)), offsets, monkeypatch)
+    assert len(layers) == args.num_layers
+    T = -(-S // C)
+    token_pos = offsets[:, None].double().numpy() + np.arange(S)
+    fam_q, fam_k = documented_fam_positions(token_pos, C, F)
+    blocks = [(t * C, min((t + 1) * C, S)) for t in range(T)]
+    for i, rec in enumerate(layers):
+        assert np.array_equal(rec["tok_q"], token_pos) and np.array_equal(rec["tok_k"], token_pos), i
+        assert np.array_equal(rec["fam_q"], fam_q) and np.array_equal(rec["fam_k"], fam_k), i
+        assert rec["scan"] == [0] + [hi - lo for lo, hi in blocks], i  # the prompt step, then each block
+        layout = rec["layout"]
+        assert (layout.mem_len, layout.num_blocks, layout.block_size, layout.fam_len) == (0, T, C, F)
+        # keys in the layout's order [FAM keys of every block; tokens padded to whole blocks]
+        keys = np.concatenate([fam_k.reshape(2, T * F), token_pos, np.full((2, T * C - S), np.inf)], axis=1)
+        visible = layout.dense_mask("cpu")[:S].numpy()
+        offset = token_pos[:, :, None] - keys[:, None, :]  # [b, S, keys]
+        assert offset[:, visible].min() >= 0, i
+        assert offset[:, :, : T * F][:, visible[:, : T * F]].min() >= 1, i
+        for t, (lo, hi) in enumerate(blocks):  # the scan: FAM queries over [F_{t-1}; block t], unmasked
+            fam_keys = np.concatenate([fam_k[:, t], token_pos[:, lo:hi]], axis=1)
+            assert (fam_q[:, t, :, None] - fam_keys[:, None, :]).min() == -(F - 1), (i, t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F_
@@ -128,11 +129,89 @@ def test_streaming_in_pieces_equals_one_call(pieces, fam_len):
             torch.testing.assert_close(a, b, **TOL)
 
 
-def test_rope_relative_offsets_of_block_queries_are_never_negative():
-    """Block queries see keys at positions <= their own, including the previous FAM's keys."""
-    args = small_args()
-    C, F = args.block_size, args.fam_len
-    for t in range(3):
-        block_q = torch.arange(t * C, (t + 1) * C)
-        fam_keys = t * C - F + torch.arange(F)  # F_{t-1}: the F positions before block t
-        assert (block_q[:, None] - fam_keys[None, :]).min() >= 1
+def record_reference_attention(model, tokens, offsets, monkeypatch) -> list[dict]:
+    """Run the reference with a spy on its RoPE angles (tests/rope_spy.py) and on its attention
+    kernel: per attention, in call order, the query and key positions the code computed and the
+    mask it passed (None: full). Returns [{"q", "k" [b, L] float64, "mask", "keys"}]."""
+    from tests import rope_spy
+
+    events: list = []
+    real_sdpa = F_.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, **kw):
+        events.append(("attention", None if attn_mask is None else attn_mask.clone(), k.shape[2]))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F_, "scaled_dot_product_attention", sdpa)
+    undo = rope_spy.install(_RecordInto(events))
+    try:
+        with torch.no_grad():
+            model(tokens, position_offset=offsets)
+    finally:
+        undo()
+    calls, pending = [], []
+    for event in events:
+        if event[0] == "rope":
+            pending.append(event[1])
+        else:  # one angle table for the prompt stream's queries and keys, two otherwise
+            q, k = (pending[0], pending[0]) if len(pending) == 1 else pending
+            calls.append({"q": q, "k": k, "mask": event[1], "keys": event[2]})
+            pending = []
+    return calls
+
+
+class _RecordInto(list):
+    """rope_spy's records, tagged as ("rope", positions) in a shared event list."""
+
+    def __init__(self, events: list):
+        super().__init__()
+        self.events = events
+
+    def append(self, record) -> None:
+        self.events.append(("rope", record[1]))
+
+
+def test_rope_positions_and_relative_offsets_the_reference_really_uses(monkeypatch):
+    """From the positions the reference computes for RoPE and the mask it attends with, per
+    example (RPO offsets 0 and 321.25), per block and layer (model/reference.py, Positions):
+    tokens at offset + index; the prompt stream and the FAM keys of block t at the F positions
+    before block t, FAM queries at block t's last F positions. Block queries never see a key at
+    a larger position (the previous FAM's keys are strictly earlier); FAM queries see no memory
+    block and offsets down to exactly -(F-1), only towards the last F-1 tokens of their block."""
+    from tests.rope_spy import documented_fam_positions
+
+    args = small_args(num_layers=2, mem_blocks=2)
+    C, F, L = args.block_size, args.fam_len, args.num_layers
+    offsets = torch.tensor([0.0, 321.25], dtype=torch.float64)
+    S = 37  # five blocks, the last of 5 tokens
+    tokens = torch.randint(0, 64, (2, S))
+    calls = record_reference_attention(make(args), tokens, offsets, monkeypatch)
+    T = -(-S // C)
+    prompt_calls = [c for c in calls if c["mask"] is None]  # the soft-prompt stream, full attention
+    block_calls = [c for c in calls if c["mask"] is not None]  # block by block, layer by layer
+    assert len(prompt_calls) == L and len(block_calls) == T * L
+    token_pos = offsets[:, None].numpy() + np.arange(S)
+    fam_q, fam_k = documented_fam_positions(token_pos, C, F)
+    for call in prompt_calls:  # F rows among themselves, queries and keys before the first block
+        assert call["keys"] == F and np.array_equal(call["q"], fam_k[:, 0]) and np.array_equal(call["k"], fam_k[:, 0])
+    memory: list[list[np.ndarray]] = [[] for _ in range(L)]
+    for i, call in enumerate(block_calls):
+        t, layer = divmod(i, L)
+        lo, hi = t * C, min((t + 1) * C, S)
+        assert np.array_equal(call["q"], np.concatenate([fam_q[:, t], token_pos[:, lo:hi]], axis=1)), (t, layer)
+        assert np.array_equal(call["k"], np.concatenate([fam_k[:, t], token_pos[:, lo:hi]], axis=1)), (t, layer)
+        mem = memory[layer][-args.mem_blocks:]
+        keys = np.concatenate(mem + [call["k"]], axis=1)  # [mem; FAM; block], the reference's key order
+        assert keys.shape[1] == call["keys"]
+        offset = call["q"][:, :, None] - keys[:, None, :]  # [b, F + c, keys]: query minus key position
+        visible = call["mask"].numpy()
+        M = keys.shape[1] - F - (hi - lo)
+        block_rows = offset[:, F:][:, visible[F:]]
+        assert block_rows.min() >= 0, (t, layer)
+        assert offset[:, F:, M : M + F][:, visible[F:, M : M + F]].min() >= 1  # the previous FAM: strictly earlier
+        assert not visible[:F, :M].any()  # FAM queries never see a memory block
+        fam_rows = offset[:, :F][:, visible[:F]]
+        assert fam_rows.min() == -(F - 1), (t, layer)
+        negative_keys = np.nonzero((offset[:, :F] < 0) & visible[None, :F])[2]
+        assert negative_keys.min() >= M + F + max(0, hi - lo - (F - 1))  # only the block's last F-1 tokens
+        memory[layer].append(call["k"][:, F:])

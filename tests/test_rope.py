@@ -1,0 +1,65 @@
+"""model/rope.py against RoPE written independently as a complex rotation.
+
+RoFormer (Su et al. 2021) in the rotate-half convention (GPT-NeoX, Llama): the head vector
+x [d] is read as d/2 complex numbers z_j = x_j + i x_{j+d/2}, and position p turns z_j by the
+angle p * theta_j, theta_j = base^(-2j/d). model/rope.py computes the same with cos/sin tables
+and a rotate-half; here it is complex multiplication in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.rope import apply_rope, rope_angles, rope_sbnd
+
+# model/rope.py rounds cos/sin to fp32 (relative 6e-8) and rotates in fp32: with |x| <= ~4
+# the result is within a few 1e-7 of the float64 rotation. A wrong frequency, pairing or sign
+# moves entries by O(|x|).
+ATOL = 2e-6
+
+
+def complex_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """x [..., s, d] rotated at positions broadcastable to [..., s], in float64."""
+    half = x.shape[-1] // 2
+    theta = base ** (-2.0 * torch.arange(half, dtype=torch.float64) / x.shape[-1])  # [d/2]
+    angle = positions.to(torch.float64)[..., None] * theta  # [..., s, d/2]
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+@pytest.mark.parametrize("head_dim, base", [(16, 10000.0), (64, 10000.0), (8, 500000.0)])
+def test_apply_rope_is_the_complex_rotation_of_half_split_pairs(head_dim, base):
+    torch.manual_seed(0)
+    b, n, s = 3, 2, 11
+    x = torch.randn(b, n, s, head_dim)
+    # per example: no offset, a fractional RPO offset, one near the largest (2 pi base) of training
+    offsets = torch.tensor([0.0, 321.25, 2 * math.pi * 10000 - 20.5], dtype=torch.float64)
+    positions = offsets[:, None] + torch.arange(s, dtype=torch.float64)  # [b, s]
+    cos, sin = rope_angles(positions, head_dim, base)
+    got = apply_rope(x, cos[:, None], sin[:, None]).double()
+    want = complex_rope(x, positions[:, None, :], base)
+    assert (got - want).abs().max() < ATOL
+    assert (want - x.double()).abs().max() > 0.5  # the rotation is not the identity here
+
+
+def test_rope_sbnd_rotates_megatron_layout_at_per_example_positions():
+    torch.manual_seed(1)
+    s, b, n, d = 9, 2, 3, 16
+    x = torch.randn(s, b, n, d)
+    positions = torch.tensor([[0.0], [4000.5]], dtype=torch.float64) + torch.arange(s, dtype=torch.float64)  # [b, s]
+    got = rope_sbnd(x, positions, 10000.0).double()
+    want = complex_rope(x.permute(1, 2, 0, 3), positions[:, None, :], 10000.0).permute(2, 0, 1, 3)  # [s, b, n, d]
+    assert (got - want).abs().max() < ATOL
+
+
+def test_rope_keeps_the_dtype_and_rotates_bf16_in_fp32():
+    torch.manual_seed(2)
+    x = torch.randn(2, 1, 5, 16).to(torch.bfloat16)
+    positions = torch.arange(5, dtype=torch.float64)[None].expand(2, 5) + 100.0
+    got = apply_rope(x, *(t[:, None] for t in rope_angles(positions, 16, 10000.0)))
+    assert got.dtype == torch.bfloat16
+    want = complex_rope(x.float(), positions[:, None, :], 10000.0)
+    assert (got.double() - want).abs().max() < 2e-2  # one bf16 rounding of values up to ~4: 2^-8 x 4
