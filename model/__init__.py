@@ -35,6 +35,12 @@ for category, message, module in _THIRD_PARTY_NOTICES:
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+if not torch.cuda.is_available():  # advice for CUDA streams (slurm/train.sbatch follows it), void on CPU
+    warnings.filterwarnings("ignore", message=r"When using async grad allreduce it is recommended to set the "
+                            r"environment variable CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning,
+                            module=r"megatron\.core\.")
+
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 
 from model.cpu_compat import apply_cpu_compat  # noqa: E402
