@@ -161,8 +161,8 @@ def test_two_node_job_trains_checkpoints_and_tags_its_mlflow_run(reference, mlfl
 
 def _freeze_and_signal(cluster, job: int, run_dir: Path, log_dir: Path, step: int) -> None:
     """What Slurm does at --signal=B:USR1@<s> (signal the batch shell, which tells the trainer),
-    with both ranks frozen (SIGSTOP) from `step` until USR1 is pending in one: the signal then
-    lands at that step however slowly the two `scancel` round trips run on a loaded machine,
+    with both ranks frozen (SIGSTOP) once past `step` until USR1 is pending in one: the signal
+    then lands there however slowly the two `scancel` round trips run on a loaded machine,
     instead of racing the remaining steps."""
     pids = [_wait_for_step(cluster, job, run_dir / "keys" / f"keys_r{rank:05d}.jsonl", step, log_dir)[0]
             for rank in (0, 1)]
