@@ -28,6 +28,7 @@ from pipeline.memory_terms import (
     layer_held_bytes,
     stage_params,
 )
+from tests.time_bounds import HANG_GUARD_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "configs" / "recipes"
@@ -265,11 +266,11 @@ def test_recipe_folder_has_exactly_the_tested_recipes():
 
 def test_command_line_prints_the_table_and_exits_zero_when_it_fits():
     out = subprocess.run([sys.executable, "-m", "pipeline.memory", "--config", str(RECIPES / "fam-24b-8x80gb.yaml"),
-                          "--dp", "4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          "--dp", "4"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert out.returncode == 0, out.stderr
     assert "rank 7 (6 layers)" in out.stdout and "fits: peak" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "pipeline.memory", "--config", "fam-24b", "--tp", "2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert bad.returncode == 2 and "num_query_groups" in bad.stderr
 
 
