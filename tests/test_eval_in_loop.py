@@ -126,12 +126,14 @@ def test_bad_eval_settings_are_refused_by_validate(extra, message, shards, tmp_p
 
 
 def test_a_passkey_length_below_the_fixed_part_stops_before_the_first_step(shards, tmp_path, capsys):
+    """Checked when the evaluator is built: a step would checkpoint (save_interval_steps=1) and write
+    run outputs before the first evaluation."""
     args = eval_overrides(shards, tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                          eval__passkey_lengths="[256,100]", tracking__enabled=False)
+                          eval__passkey_lengths="[256,100]", tracking__enabled=False, checkpoint__save_interval_steps=1)
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("python -m pipeline.train: error: passkey length 100 is below the prompt's fixed part")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "summary.json").exists()
     args = eval_overrides(shards, tmp_path / "run2", "unused", eval__tokenizer="nope.model", tracking__enabled=False)
     assert main(args) == 2
     assert "tokenizer 'nope.model' is neither 'byte' nor an existing file" in capsys.readouterr().err
