@@ -4,7 +4,8 @@
     config_checks.validate(cfg, world_size=2)
 
 Sections: `model` (model.config.ModelArgs), `data`, `optim`, `train`, `parallel`,
-`checkpoint`, `tracking`. YAML files may start with `base: <file>.yaml` (read_config_tree).
+`checkpoint`, `tracking`, `eval` (evaluation during training, pipeline/evaluation/). YAML files
+may start with `base: <file>.yaml` (read_config_tree).
 CLI overrides are `--section.key=value` or `--section.key value`; values are parsed as YAML
 scalars/lists (`1e-3`, `true`, `null`, `[0.9,0.95]`) and then checked against the field's type.
 Unknown sections or keys raise ValueError listing the valid ones. Cross-field rules live in
@@ -115,6 +116,25 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = _f(False, "evaluate during training (PassKey, loss by position): pipeline/evaluation/in_loop.py")
+    interval_steps: int = _f(0, "steps between evaluations; 0: only at the end (train.steps); each one checkpoints")
+    at_stop: bool = _f(False, "also evaluate where a run stops early (max_wall_seconds, a signal)")
+    tokenizer: str | None = _f(None, "tokenizer spec of the PassKey prompts; null: the training manifest's")
+    passkey_lengths: list[int] = _f([], "PassKey prompt lengths in tokens; []: no PassKey")
+    passkey_depths: list[float] = _f([0.0, 0.5, 1.0], "key depth fractions in [0, 1]; 0: the paper's key-first prompt")
+    passkey_trials: int = _f(8, "prompts (random keys) per length and depth")
+    passkey_batch_size: int = _f(8, "prompts generated together")
+    passkey_seed: int = _f(0, "seed of the keys: every evaluation asks for the same keys")
+    position_loss_manifest: str | None = _f(None, "held-out manifest.json for loss by position; null: none")
+    position_loss_length: int = _f(4096, "tokens per loss-by-position sequence")
+    position_loss_sequences: int = _f(2, "held-out sequences averaged")
+    position_loss_buckets: int = _f(16, "log-spaced position buckets (at most)")
+    chunk_tokens: int = _f(1024, "tokens per forward call while streaming (a multiple of model.block_size)")
+    max_tokens: int = _f(4_000_000, "cost bound: tokens one evaluation streams (PassKey prompts + sequences)")
+
+
+@dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataConfig = field(default_factory=DataConfig)
@@ -123,6 +143,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Config
+from pipeline.evaluation.settings import validate_eval
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -149,6 +150,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError(f"checkpoint.resume={c.resume!r}: must be auto, none or an existing checkpoint folder")
     if cfg.tracking.flush_interval_steps < 1:
         raise ValueError(f"tracking.flush_interval_steps={cfg.tracking.flush_interval_steps}: must be >= 1")
+    validate_eval(cfg)  # the eval section's rules (pipeline/evaluation/settings.py)
 
 
 # ---------------------------------------------------------------- resuming with another config
@@ -176,6 +178,7 @@ RESUME_SAFE_KEYS = (
     "parallel.pipeline_layout", "parallel.pipeline_schedule", "parallel.backend", "parallel.timeout_seconds",
     "checkpoint.",  # enabled, dir, save_interval_steps, keep_last, resume
     "tracking.",
+    "eval.",  # what and when to evaluate: reads the model, never changes it (pipeline/evaluation/in_loop.py)
 )
 
 

@@ -11,7 +11,8 @@ warmup + cosine LR. Parallelism: TP (optionally with sequence parallelism) x PP 
 PP > 1 the step's micro-batches run through a torch.distributed.pipelining schedule over this
 rank's stages (pipeline/pipeline_parallel.py); with parallel.zero_stage >= 1 DeepSpeed's ZeRO
 engine (pipeline/zero.py) reduces, clips and steps instead of the plain loop. Validation every
-train.eval_interval_steps (no RPO/RSP), checkpoints every checkpoint.save_interval_steps and at
+train.eval_interval_steps (no RPO/RSP); PassKey and loss by position every eval.interval_steps
+(pipeline/evaluation/in_loop.py); checkpoints every checkpoint.save_interval_steps and at
 the end (none with checkpoint.enabled=false), MLflow from rank 0. SIGINT/SIGTERM finish the current
 step, write a checkpoint and exit; `checkpoint.resume=auto` continues from it, refusing before any
 work a config that differs from the checkpoint's in keys not safe to change (pipeline/config_checks.py
@@ -42,6 +43,7 @@ from pipeline import config_checks
 from pipeline.console import IntervalMeter, build_progress_bar, log_peak_memory, setup_logging
 from pipeline.distributed import (Ranks, all_reduce_mean, all_reduce_sum, average_gradients, broadcast_tensors,
                                   build_ranks, destroy_parallel, launch_world_size, peak_memory, select_device)
+from pipeline.evaluation.in_loop import InLoopEvaluator
 from pipeline.fault import NonFiniteGuard, SampleKeyRecorder, StopRequest, init_distributed, write_status
 from pipeline.flops import flops_per_token, peak_flops
 from pipeline.optim import build_optimizer, clip_grads, lr_at, set_lr
@@ -76,6 +78,7 @@ class Trainer:
     stages: list | None = None  # PP > 1: this rank's (chunk index, FAMStage); `model` is their ModuleList
     schedule: Any = None  # PP > 1: the pipelining schedule over `stages`
     engine: Any = None  # zero_stage >= 1: the DeepSpeed engine, which owns reduce, clip and step
+    evaluator: Any = None  # pipeline/evaluation/in_loop.py: PassKey / loss by position (eval section)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -243,13 +246,15 @@ def _train(cfg: config_lib.Config) -> dict:
     resume = resolve_resume(cfg, started[0])  # config and checkpoint checks, before the model is built
     if resume is not None and resume.step >= t.steps:
         return report_finished(cfg, resume, started[0])
-    tr, run_id = build_trainer(cfg, started), None
+    tr, run_id, eval_state = build_trainer(cfg, started), None, None
     if resume is not None:
         trainer_state, tr.rsp_state = restore(resume.path, tr.ranks, tr.model, tr.optimizer, tr.loader, tr.device,
                                               stages=tr.stages, engine=tr.engine, chunks=pipeline_chunks(cfg))
         tr.step, run_id = trainer_state["step"], trainer_state.get("mlflow_run_id")
+        eval_state = trainer_state.get("eval")
         log.info("resumed from %s (step %d)", resume.path, tr.step)
     tracker = start_tracking(tr, run_id)
+    tr.evaluator = InLoopEvaluator.build(tr, tracker, eval_state)
     meter = IntervalMeter(cfg.data.global_batch_size * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len),
                           peak_flops(tr.device, t.peak_tflops), tr.ranks.world_size, t.steps)
     last_step = min(t.steps, tr.step + t.exit_after_steps) if t.exit_after_steps else t.steps
@@ -259,6 +264,8 @@ def _train(cfg: config_lib.Config) -> dict:
     bar = build_progress_bar(tr.ranks.is_rank0 and t.progress_bar, t.steps, tr.step)
     data_iter = iter(tr.loader)
     try:
+        if tr.evaluator.catch_up() and cfg.checkpoint.enabled:  # an evaluation the stopped run owed, recorded
+            last_ckpt = save(tr, tracker)
         with StopRequest(t.max_wall_seconds) as stop:
             while tr.step < last_step:
                 started = time.perf_counter()
@@ -289,9 +296,10 @@ def _train(cfg: config_lib.Config) -> dict:
                     history["val_losses"].append((tr.step, val))
                     log.info("step %d | validation loss %.4f", tr.step, val)
                     tracker.log_metrics(tr.step, {"val_loss": val})
+                evaluated = tr.evaluator.maybe_run(tr.step, stopping)  # checkpointed below with its state
                 tracker.maybe_flush(tr.step)
                 interval = cfg.checkpoint.save_interval_steps
-                due = (interval and tr.step % interval == 0) or tr.step == last_step or stopping
+                due = (interval and tr.step % interval == 0) or tr.step == last_step or stopping or evaluated
                 if due and cfg.checkpoint.enabled:
                     save_started = time.perf_counter()
                     last_ckpt = save(tr, tracker)

@@ -57,7 +57,8 @@ def save(tr: Trainer, tracker: Tracker) -> Path:
     Buffered metrics go to MLflow first: a crash after this save resumes from it, and steps up
     to it that were still in the buffer would never be logged again."""
     tracker.flush()
-    trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id, "pipeline_chunks": pipeline_chunks(tr.cfg)}
+    trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id, "pipeline_chunks": pipeline_chunks(tr.cfg),
+               "eval": None if tr.evaluator is None else tr.evaluator.state_dict()}
     files = checkpoint_files(tr.ranks, tr.model, tr.optimizer, tr.loader, tr.rsp_state, trainer,
                              config_lib.to_yaml(tr.cfg), stages=tr.stages, zero_stage=tr.cfg.parallel.zero_stage)
     write_extra = None  # ZeRO: DeepSpeed's files, written into the step folder before its manifest
