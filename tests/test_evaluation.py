@@ -15,7 +15,7 @@ from model import build_model
 from pipeline.evaluate import passkey_command, position_loss_command
 from pipeline.evaluation.codec import load_codec
 from pipeline.evaluation.passkey import PassKeyText, build_prompt, draw_keys, score_answer
-from pipeline.evaluation.passkey_eval import PassKeySettings, run_passkey
+from pipeline.evaluation.passkey_eval import PassKeySettings, prompt_length, run_passkey
 from pipeline.evaluation.position_loss import bucket_edges, held_out_sequences, receptive_field, run_position_loss
 from tests.test_reference import small_args
 
@@ -89,12 +89,26 @@ def test_passkey_answers_are_the_models_greedy_continuations_scored(arch):
     assert [(c["length"], c["depth"]) for c in results["cells"]] == settings.grid()
     text = PassKeyText(codec)
     for cell in results["cells"]:
-        prompts = [build_prompt(text, cell["length"], cell["depth"], k) for k in draw_keys(7, cell["length"], 3)]
+        keys = draw_keys(7, cell["length"], 3)
+        prompts = [build_prompt(text, prompt_length(text, cell["length"], keys), cell["depth"], k) for k in keys]
         answers = [naive_greedy(model, p.ids, len(p.answer_ids) + 2) for p in prompts]
         assert [e["answer"] for e in cell["examples"]] == answers
         scores = [score_answer(a, p.key) for a, p in zip(answers, prompts)]
         assert cell["accuracy"] == sum(s.exact for s in scores) / 3
         assert cell["digit_accuracy"] == sum(s.digits for s in scores) / 15
+
+
+def test_an_evaluation_prompt_is_a_training_documents_prompt_so_the_answer_sits_where_training_put_it():
+    """At the training length, the prompt is data_prep/passkey.py's document without its answer:
+    same tokens, so the answer's first token is at the same place in its block (a prompt of a whole
+    number of blocks would start the answer in a fresh block, out of the question's sight at m = 0)."""
+    from data_prep.passkey import passkey_document
+
+    text = PassKeyText(load_codec("byte"))
+    for index in range(5):
+        ids, key, depth = passkey_document(text, 1024, 3, index, 0.0, 1.0)
+        prompt = build_prompt(text, prompt_length(text, 1024, [key]), depth, key)
+        assert list(ids) == prompt.ids + prompt.answer_ids and len(prompt.ids) == 1024 - len(prompt.answer_ids)
 
 
 def naive_greedy(model, ids: list[int], new_tokens: int) -> str:

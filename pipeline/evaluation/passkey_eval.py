@@ -76,7 +76,8 @@ def run_passkey(model, codec: Codec, settings: PassKeySettings, cells: list[tupl
 
 
 def _run_cell(model, text: PassKeyText, settings: PassKeySettings, length: int, depth: float, autocast) -> dict:
-    prompts = [build_prompt(text, length, depth, key) for key in draw_keys(settings.seed, length, settings.trials)]
+    keys = draw_keys(settings.seed, length, settings.trials)
+    prompts = [build_prompt(text, prompt_length(text, length, keys), depth, key) for key in keys]
     answers = []
     for lo in range(0, len(prompts), settings.batch_size):
         answers += _generate(model, text.codec, prompts[lo : lo + settings.batch_size], settings, autocast)
@@ -88,6 +89,15 @@ def _run_cell(model, text: PassKeyText, settings: PassKeySettings, length: int, 
         "key_distance": sum(len(p.ids) - p.key_start for p in prompts) / len(prompts),  # tokens, key to end
         "examples": [{"key": p.key, "answer": a} for p, a in zip(prompts[:EXAMPLES_PER_CELL], answers)],
     }
+
+
+def prompt_length(text: PassKeyText, length: int, keys: list[str]) -> int:
+    """Prompt tokens for a cell of `length`: a prompt and its answer make `length` tokens, like a
+    training document of data_prep/passkey.py at seq_len `length`, so the answer falls at the same
+    place in its block as in training. It matters: a prompt of exactly `length` tokens (a multiple
+    of the block size) puts the answer at the start of a fresh block, which sees only the FAM and
+    its own tokens when m = 0, not the question (seen on GPU: both models answered with filler)."""
+    return length - max(len(text.answer(key)) for key in keys)
 
 
 def _generate(model, codec: Codec, prompts, settings: PassKeySettings, autocast) -> list[str]:
