@@ -72,9 +72,9 @@ class StopRequest:
 
     def check_budget(self, step_seconds: float, save_seconds: float) -> None:
         if self.reason is None and self.budget.exhausted(step_seconds, save_seconds):
-            log.warning("train.max_wall_seconds=%s: %s left, less than a step (%.1f s) and a save (%.1f s); "
-                        "stopping with a checkpoint", self.budget.max_wall_seconds,
-                        f"{self.budget.left():.0f} s", step_seconds, save_seconds)
+            log.warning("train.max_wall_seconds=%s: %s left, less than twice the slowest step (%.1f s) and save "
+                        "(%.1f s); stopping with a checkpoint", self.budget.max_wall_seconds,
+                        f"{self.budget.left():.0f} s", *self.budget.margins())
             self.reason = "max_wall_seconds"
 
     def agreed(self, device: torch.device) -> bool:
@@ -90,19 +90,28 @@ class StopRequest:
 class WallBudget:
     """`train.max_wall_seconds`, counted from the start of the training loop (setup and imports
     are not included: leave them out of the budget you give). The margin is the slowest step seen and the
-    slowest save seen (a first save is guessed as a step), doubled for jitter."""
+    slowest save seen (a first save is guessed as a step), doubled for jitter. The first step is
+    not a guide: it compiles and warms caches (tens of seconds on a GPU, against milliseconds for
+    the next ones; counted, it stopped a 225 s PassKey run after 60 s)."""
 
     def __init__(self, max_wall_seconds: float | None, start: float | None = None):
         self.max_wall_seconds = max_wall_seconds
         self.start = time.monotonic() if start is None else start
-        self._step, self._save = 0.0, 0.0
+        self._step, self._save, self._steps_seen = 0.0, 0.0, 0
 
     def left(self) -> float:
         return math.inf if self.max_wall_seconds is None else self.max_wall_seconds - (time.monotonic() - self.start)
 
     def exhausted(self, step_seconds: float, save_seconds: float) -> bool:
-        self._step, self._save = max(self._step, step_seconds), max(self._save, save_seconds)
-        return self.left() < 2 * (self._step + (self._save or self._step))
+        self._steps_seen += 1
+        if self._steps_seen > 1:
+            self._step = max(self._step, step_seconds)
+        self._save = max(self._save, save_seconds)
+        return self.left() < 2 * sum(self.margins())
+
+    def margins(self) -> tuple[float, float]:
+        """(slowest step, slowest save or else the slowest step), in seconds."""
+        return self._step, self._save or self._step
 
 
 # ---------------------------------------------------------------- non-finite losses

@@ -37,6 +37,7 @@ def test_second_sigint_aborts():
 
 def test_wall_budget_stops_when_a_step_and_a_save_no_longer_fit():
     budget = WallBudget(100.0, start=time.monotonic() - 80.0)  # 20 s left
+    assert not budget.exhausted(step_seconds=60.0, save_seconds=0.0)  # a compiling first step is no guide
     assert not budget.exhausted(step_seconds=2.0, save_seconds=3.0)  # margin 2 x (2 + 3) = 10 s
     assert budget.exhausted(step_seconds=2.0, save_seconds=9.0)  # margin 22 s
     assert budget.exhausted(step_seconds=0.1, save_seconds=0.1)  # the slowest seen is kept
