@@ -23,14 +23,14 @@ The peak is the largest of the forward's end, the loss backward, the backward (a
 layer recomputed and its gradients), its end and the optimizer step. `fits` keeps an allowance
 (CUDA context, NCCL, fragmentation) free.
 
-Calibration (tests/test_memory.py): on CPU the activation terms match autograd's saved tensors
-of the real model (loss in one chunk or many) within 1 % (FAM: 0.07-0.75 % over; without FAM:
-within 0.01 %), except for the soft-prompt stream's scan step (one step over F rows per layer,
-model/layer.py), which they do not count: 1.6-6.7 % of the tiny test models' activations, about
-0.5 % of fam-1b's or fam-24b's per layer at 8k, 0.07 % at 64k. Against torch.cuda.max_memory_allocated
-on one H200 (training path, vocab 32000 unless said) within -3%..+11%: fam-1b 8k 42.34 (est.
-42.39), 8k vocab 256000 51.35 (52.65), dense-1b 32k 108.7 (110.2), fam-1b 65k recompute 35.62
-(39.50), the same at vocab 256000 44.59 (47.80).
+Calibration (tests/test_memory.py): on CPU the activation terms equal autograd's saved tensors
+of the real fp32 model (loss in one chunk or many; FAM, BSWA, dense; recompute) to 16 bytes, the
+eager FAM scan's (prompt step included) exactly, and the GPU scan's terms equal what
+model/fast_scan.py saves when run on CPU (fp32 and bf16) exactly. Against torch.cuda.max_memory_allocated
+on one H200 (training path, vocab 32000 unless said; measured before the scan's last changes,
+not re-measured since) within -3.3%..+11.4%: fam-1b 8k 42.34 (est. 40.92), 8k vocab 256000
+51.35 (51.18), dense-1b 32k 108.7 (110.2), fam-1b 65k recompute 35.62 (39.67), the same at vocab
+256000 44.59 (47.96).
 """
 
 from __future__ import annotations

@@ -7,12 +7,14 @@ pipeline/memory.py).
 - activations: what autograd saves per layer per micro-batch (layer_activation_terms): the layer
   input [F+S, b, h]; both RMSNorms (rstd, outputs saved by megatron's linears in the input dtype,
   fp32 under autocast; the CPU's composite norm also x·rstd); RoPE cos/sin, fp32; block
-  attention's q, K and V [T·(F+C), b, g, d], output and fp32 lse (CPU: SDPA's float mask); SwiGLU's
-  intermediates; the FAM scan's per-block tensors and (autocast, GPU) the bf16 copies of the
-  layer's four matrices. Not counted: the soft-prompt stream's own scan step (F rows, no block
-  keys; ~0.5 % of a layer's activations at 8k, pipeline/memory.py Calibration). With recompute
-  only each layer's input (and positions) is saved, and
-  backward re-creates one layer's full set.
+  attention's q [S], K and V [R + S, b, g, d] (R: the FAM keys padded to a tile, model/masks.py),
+  output and fp32 lse (CPU: SDPA's float mask); SwiGLU's intermediates; the FAM scan, T block steps
+  plus the soft-prompt stream's step (F rows, no block keys) and the FAM RoPE tables: on CPU
+  (kernels="cpu") what autograd keeps of model/scan.py's eager steps, on GPU what
+  model/fast_scan.py's one node saves (its inputs, the FAM K/V and each step's Activations). The
+  GPU scan's static buffers (model/scan_graphs.py: one set per shape for all layers, incl. the
+  bf16 weight copies) are not counted. With recompute only each layer's input (and positions) is
+  saved, and backward re-creates one layer's full set.
 - sequence parallelism shards by TP along the tokens what lies between the TP regions: layer
   input, norms, residuals (SP linears save their un-gathered input), and the FAM rows' (F/tp).
   QKV/attention/FFN tensors stay whole in S. A linear's backward re-gathers its input.
@@ -25,8 +27,8 @@ pipeline/memory.py).
   in the forward and again in the backward beside the output layer's weight gradient (autocast:
   also the weight's cached bf16 copy). A one-chunk sequence is not checkpointed: its fp32
   softmax is saved. `return_logits=True` (API users) keeps all logits and their fp32 softmax.
-- block_mask: the cached BlockMask, built block by block (`create_block_mask(_compile=True)`):
-  int32 indices per 128×128 block pair, megabytes. First stage: int64 token ids.
+- block_mask: the cached BlockMask over [S] x [R + S], built block by block
+  (`create_block_mask(_compile=True)`): int32 indices per 128×128 block pair, megabytes. First stage: int64 token ids.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 
 from model import language_model
 from model.config import ModelArgs
+from model.masks import fam_key_rows
 
 FLEX_BLOCK = 128  # FlexAttention's default BlockMask block size
 BLOCK_MASK_BYTES_PER_BLOCK = 32  # 4 int32 index grids kept (kv/q, partial/full) + as much while built
@@ -113,18 +116,49 @@ def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int
         return terms
     C = m.block_size
     T = math.ceil(S / C)
-    q_len, kv_len = T * C, T * (F + C)
-    terms["attention"] = b * (2 * q_len * n + 2 * kv_len * g) * d * e.act + b * n * q_len * 4
+    kv_len = fam_key_rows(T, F) + S  # keys [R + S]: FAM keys padded to a tile, then the tokens (model/masks.py)
+    terms["attention"] = b * (2 * S * n + 2 * kv_len * g) * d * e.act + b * n * S * 4
     if kernels == "cpu":
-        terms["attention"] += q_len * kv_len * e.act  # SDPA's float copy of the dense mask
+        terms["attention"] += S * kv_len * e.act  # SDPA's float copy of the dense mask
     if F:
-        lin = e.act if e.autocast else e.resid  # F.linear under autocast saves its bf16 input
-        local = 2 * h * e.resid + 8 + 2 * normed  # norm inputs and rstd: this rank's F/tp rows under SP
-        whole = 2 * h * lin + 2 * n * d * e.act + 4 * n + 4 * (f // tp) * e.act + 4 * d * 4  # gathered F rows
-        terms["fam_scan"] = T * b * (F // shard * local + F * whole) + 2 * T * b * (F + C) * g * d * e.act
-        if e.autocast and kernels == "cuda":  # the compiled step saves the layer's bf16 matrices
-            terms["fam_scan"] += 2 * layer_params(m, tp)[1]
+        scan = _eager_scan_bytes(m, S, b, tp, shard, e, normed) if kernels == "cpu" else _fast_scan_bytes(m, S, b, tp,
+                                                                                                           shard, e)
+        terms["fam_scan"] = scan + 4 * T * F * b * d * 4  # + the FAM RoPE tables [T, F, b, 1, d] x 4, fp32
     return terms
+
+
+def _eager_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes, normed: int) -> int:
+    """model/scan.py `eager_scan` (CPU): T block steps and the soft-prompt stream's step (one over no
+    block keys, commit 523c99c), each saving what autograd keeps of `fam_step`'s ops."""
+    h, d, f, F = m.hidden_size, m.head_dim, m.ffn_size // tp, m.fam_len
+    n, g = m.num_attention_heads // tp, m.query_groups // tp
+    T = math.ceil(S / m.block_size)
+    lin = e.act if e.autocast else e.resid  # F.linear under autocast saves its bf16 input
+    local = h * e.resid + 8 + 2 * normed  # a, both rstd (and x * rstd): this rank's F/tp rows under SP
+    whole = 2 * h * lin + 2 * n * d * e.act + 4 * n + 4 * f * e.act  # QKV/FC1 inputs, q, context, lse, SwiGLU
+    steps = T + 1
+    # a step's input FAM is the previous step's output; the first and the prompt step read the layer input's rows
+    inputs = (T - 1) * (F // shard) * b * h * e.resid
+    keys = 2 * b * ((T + 1) * F + S) * g * d * e.act  # [F_{t-1}; block t] per step, the prompt's F alone
+    return steps * b * (F // shard * local + F * whole) + inputs + keys
+
+
+def _fast_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes) -> int:
+    """model/fast_scan.py `FAMScan` (GPU): no autograd inside; it saves its inputs and each step's
+    `Activations` (model/scan_step.py), for the T blocks and the prompt step. Its weights are the
+    parameters (the GEMM-dtype copies are per call, or in the static buffers of model/scan_graphs.py,
+    one set per shape for all layers: not counted here)."""
+    h, d, f, F = m.hidden_size, m.head_dim, m.ffn_size // tp, m.fam_len
+    n, g = m.num_attention_heads // tp, m.query_groups // tp
+    T = math.ceil(S / m.block_size)
+    local = h * e.resid + h * 4  # the step's input FAM (stream dtype) and a (fp32): this rank's rows under SP
+    whole = 2 * n * d * e.act + 2 * f * e.act + 2 * h * e.act + f * e.act  # q, x_proj; gate_up; x_qkv, x_fc1; x_fc2
+    activations = (T + 1) * b * (F // shard * local + F * whole)
+    # k (after RoPE) and v, a view that keeps the whole QKV output [S, b, (n + 2g) d]; the FAM K/V [R, b, g, d];
+    # the prompt step's K/V [F, b, g, d]
+    inputs = S * b * g * d * e.act + S * b * (n + 2 * g) * d * e.act
+    fam_kv = 2 * (fam_key_rows(T, F) + F) * b * g * d * e.act
+    return activations + inputs + fam_kv
 
 
 def layer_held_bytes(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
@@ -187,5 +221,5 @@ def block_mask_bytes(m: ModelArgs, seq_len: int, kernels: str = "cuda") -> int:
         return 0
     C, F = m.block_size, (m.fam_len if m.uses_fam else 0)
     T = math.ceil(seq_len / C)
-    pairs = math.ceil(T * C / FLEX_BLOCK) * math.ceil(T * (F + C) / FLEX_BLOCK)
+    pairs = math.ceil(seq_len / FLEX_BLOCK) * math.ceil((fam_key_rows(T, F) + seq_len) / FLEX_BLOCK)  # q x [R + S]
     return BLOCK_MASK_BYTES_PER_BLOCK * pairs

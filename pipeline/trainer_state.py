@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from model import FAMState
 from pipeline.checkpoint import (check_weights_only, find_latest_checkpoint, list_checkpoints, load_file, rng_state,
@@ -158,21 +159,22 @@ def restore_resharded(path: Path, trainer: dict, ranks: Ranks, model, loader, de
     from model.weights import merge_megatron_shards, shard_megatron_state
 
     tp_saved, pp_saved = trainer["tp_size"], trainer.get("pp_size", 1)
-    by_tp, rsp_layers = [], None
+    by_tp, rsp_by_tp = [], []
     for tp_rank in range(tp_saved):
-        state = {}
+        state, rsp_layers = {}, None
         for pp_rank in range(pp_saved):
             shard = load_file(path, f"model_{shard_name(Ranks(tp_rank=tp_rank, pp_rank=pp_rank, pp_size=pp_saved))}.pt")
             if shard["model"] is None:
                 raise ValueError(f"checkpoint {path} holds no plain weights (ZeRO-3): consolidate it first "
                                  "(pipeline/zero_checkpoint.py consolidate_zero_checkpoint)")
             state.update(shard["model"])
-            if tp_rank == 0 and shard["rsp_state"] is not None:  # without SP the FAM is whole on every TP rank
+            if shard["rsp_state"] is not None:  # a stage file holds its own layers' FAM, the others None
                 layers = shard["rsp_state"]["layers"]
                 rsp_layers = rsp_layers or [dict(layer) for layer in layers]
                 for merged, layer in zip(rsp_layers, layers):
                     merged.update({k: v for k, v in layer.items() if v is not None})
         by_tp.append({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+        rsp_by_tp.append(rsp_layers)
     full = merge_megatron_shards(by_tp) if tp_saved > 1 else by_tp[0]
     mine = {k: v.to(device) for k, v in shard_megatron_state(full, ranks.tp_rank, ranks.tp_size).items()}
     if stages is None:
@@ -180,10 +182,29 @@ def restore_resharded(path: Path, trainer: dict, ranks: Ranks, model, loader, de
     else:
         load_model_state(model, stages, mine)
     loader.load_state_dict(load_file(path, f"loader_dp{ranks.dp_rank:03d}.pt"))
-    if rsp_layers is None:
+    if rsp_by_tp[0] is None:
         return trainer, None
-    moved = [{k: None if v is None else v.to(device) for k, v in layer.items()} for layer in rsp_layers]
+    saved_sp = bool(yaml.safe_load(load_file(path, "config.yaml")).get("parallel", {}).get("sequence_parallel"))
+    rows = _local_fam_rows(model)
+    layers = [{"fam": _resharded_fam([tp[i]["fam"] for tp in rsp_by_tp], saved_sp, rows, ranks.tp_rank),
+               "mem_k": None, "mem_v": None} for i in range(len(rsp_by_tp[0]))]  # RSP keeps no memory blocks
+    moved = [{k: None if v is None else v.to(device) for k, v in layer.items()} for layer in layers]
     return trainer, FAMState.from_dict({"position": 0, "ends_mid_block": False, "layers": moved})
+
+
+def _local_fam_rows(model) -> int | None:
+    """F rows of the hidden tensor on this rank (model/layer.py: F/tp under SP, else F)."""
+    return next((m.local_fam_rows for m in model.modules() if hasattr(m, "local_fam_rows")), None)
+
+
+def _resharded_fam(saved: list, saved_sp: bool, rows: int | None, tp_rank: int) -> torch.Tensor | None:
+    """One layer's RSP FAM for this rank from the saved TP ranks' [F or F/tp, 1, h]. Without SP every
+    TP rank saved all F rows (the same ones); under SP rank r saved rows [r F/tp, (r+1) F/tp), so the
+    whole FAM is their concatenation, not TP rank 0's. This rank keeps its `rows` (F/tp under SP)."""
+    if saved[0] is None:
+        return None
+    whole = torch.cat(saved) if saved_sp else saved[0]
+    return whole[tp_rank * rows : (tp_rank + 1) * rows] if rows is not None and rows < whole.shape[0] else whole
 
 
 @dataclass

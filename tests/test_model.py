@@ -246,12 +246,16 @@ def test_megatron_layers_use_the_references_positions_and_offsets(monkeypatch):
         assert rec["scan"] == [0] + [hi - lo for lo, hi in blocks], i  # the prompt step, then each block
         layout = rec["layout"]
         assert (layout.mem_len, layout.num_blocks, layout.block_size, layout.fam_len) == (0, T, C, F)
-        # keys in the layout's order [FAM keys of every block; tokens padded to whole blocks]
-        keys = np.concatenate([fam_k.reshape(2, T * F), token_pos, np.full((2, T * C - S), np.inf)], axis=1)
-        visible = layout.dense_mask("cpu")[:S].numpy()
+        # keys in the layout's order (model/masks.py): [FAM keys of every block; padding to R rows,
+        # never visible (at +inf, so a visible one fails the bounds below); the S tokens]
+        R = layout.fam_rows
+        keys = np.concatenate([fam_k.reshape(2, T * F), np.full((2, R - T * F), np.inf), token_pos], axis=1)
+        visible = layout.dense_mask("cpu").numpy()
+        assert visible.shape == (S, R + S), i
         offset = token_pos[:, :, None] - keys[:, None, :]  # [b, S, keys]
         assert offset[:, visible].min() >= 0, i
-        assert offset[:, :, : T * F][:, visible[:, : T * F]].min() >= 1, i
+        assert offset[:, :, :R][:, visible[:, :R]].min() >= 1, i
+        assert visible[:, T * F : R].sum() == 0 and visible[:, :R].sum() == S * F, i  # each query its block's F
         for t, (lo, hi) in enumerate(blocks):  # the scan: FAM queries over [F_{t-1}; block t], unmasked
             fam_keys = np.concatenate([fam_k[:, t], token_pos[:, lo:hi]], axis=1)
             assert (fam_q[:, t, :, None] - fam_keys[:, None, :]).min() == -(F - 1), (i, t)
