@@ -105,6 +105,9 @@ def write_checkpoint(cfg, state: dict, source: str) -> Path:
     from pipeline.train import build_trainer
     from pipeline.trainer_state import checkpoint_files, pipeline_chunks
 
+    import torch.distributed as dist
+
+    owns_groups = not dist.is_initialized()  # as pipeline.train.run: leave a caller's groups alone
     one = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **_SINGLE_PROCESS),
                               train=dataclasses.replace(cfg.train, device="cpu"))
     try:
@@ -116,7 +119,8 @@ def write_checkpoint(cfg, state: dict, source: str) -> Path:
         files = checkpoint_files(tr.ranks, tr.model, tr.optimizer, tr.loader, None, trainer, config_lib.to_yaml(cfg))
         path = save_checkpoint(cfg.checkpoint.dir, 0, files, cfg.checkpoint.keep_last)
     finally:
-        destroy_parallel()
+        if owns_groups:
+            destroy_parallel()
     config_lib.save_config(cfg, Path(cfg.checkpoint.dir) / "config.yaml")
     return path
 
