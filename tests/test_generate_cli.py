@@ -115,3 +115,21 @@ def test_bad_input_is_one_line_each(trained, dense, tmp_path):
 def test_dense_prompt_within_the_limit_generates(dense):
     out = generate_main(["--checkpoint", str(dense), "--prompt", "x" * 64, "--max-new-tokens", "4"])
     assert len(out["new_ids"]) <= 4 and json.dumps(out)
+
+
+def test_cli_stops_at_the_end_of_document_token(trained):
+    """Sampled hot (temperature 3), the byte model draws the end-of-document byte 0 now and then: the
+    first seed whose uncut continuation holds it (found with model.generation, no stop token) must
+    end the CLI's output right after it, and the text must not show it."""
+    model, prompt = model_from_shard_file(trained), torch.tensor([list(PROMPT.encode())])
+    for seed in range(40):
+        free = generate(model, prompt, 200, Sampling(3.0), generator=torch.Generator().manual_seed(seed)).tokens[0]
+        if (free == 0).any():
+            break
+    else:
+        pytest.fail("no seed in 40 drew the end-of-document byte: raise the temperature")
+    stop = int((free == 0).nonzero()[0])
+    out = generate_main(["--checkpoint", str(trained), "--prompt", PROMPT, "--max-new-tokens", "200",
+                         "--temperature", "3", "--seed", str(seed)])
+    assert out["new_ids"] == free[: stop + 1].tolist() and out["new_ids"][-1] == 0
+    assert out["text"] == bytes(out["new_ids"][:-1]).decode("utf-8", errors="replace")
