@@ -119,15 +119,15 @@ def test_dense_prompt_within_the_limit_generates(dense):
 
 def test_cli_stops_at_the_end_of_document_token(trained):
     """Sampled hot (temperature 3), the byte model draws the end-of-document byte 0 now and then: the
-    first seed whose uncut continuation holds it (found with model.generation, no stop token) must
+    first seed whose uncut continuation holds it within 150 tokens (found with model.generation, no stop token) must
     end the CLI's output right after it, and the text must not show it."""
     model, prompt = model_from_shard_file(trained), torch.tensor([list(PROMPT.encode())])
-    for seed in range(40):
+    for seed in range(100):  # a stop well before the end, so that a CLI ignoring it gives more tokens
         free = generate(model, prompt, 200, Sampling(3.0), generator=torch.Generator().manual_seed(seed)).tokens[0]
-        if (free == 0).any():
+        if (free[:150] == 0).any():
             break
     else:
-        pytest.fail("no seed in 40 drew the end-of-document byte: raise the temperature")
+        pytest.fail("no seed in 100 drew the end-of-document byte in 150 tokens: raise the temperature")
     stop = int((free == 0).nonzero()[0])
     out = generate_main(["--checkpoint", str(trained), "--prompt", PROMPT, "--max-new-tokens", "200",
                          "--temperature", "3", "--seed", str(seed)])
