@@ -65,12 +65,15 @@ def test_layout_reads_as_the_tp1_state_and_exports_the_same_files(layout, shards
     assert _files(tmp_path / "hf") == _files(tmp_path / "hf_tp1")
 
 
-def test_whole_model_is_a_one_process_tp1_model_with_the_checkpoints_logits(tp1):
-    model, args, tokenizer = load_whole_model(tp1.parent.parent, "cpu")  # a run folder: its newest checkpoint
-    assert model.config.tensor_model_parallel_size == 1 and len(model.layers) == args.num_layers == 4
+def test_whole_model_is_a_one_process_tp1_model_with_the_checkpoints_weights(shards, tmp_path):
+    """Trained with a real learning rate (the weights are not the seed's fresh ones, which a model
+    that skipped loading would also hold)."""
+    step = train_tiny(shards, tmp_path / "run", train__steps=2, optim__warmup_steps=1)
+    model, args, tokenizer = load_whole_model(tmp_path / "run", "cpu")  # a run folder: its newest checkpoint
+    assert model.config.tensor_model_parallel_size == 1 and len(model.layers) == args.num_layers == 2
     assert not model.training and tokenizer == "byte"
     tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
-    state = read_whole_checkpoint(tp1).state
+    state = read_whole_checkpoint(step).state
     with torch.no_grad():
         assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
         assert torch.isfinite(model(tokens).logits).all()
