@@ -102,7 +102,10 @@ def _main(argv: list[str]) -> dict:
     codec = load_codec(whole.tokenizer)
     ids = codec.encode(text)
     check_prompt_length(len(ids), prompt_limit(args, whole.args, whole.config), whole.args.attention)
-    device = select_device(args.device)
+    try:
+        device = select_device(args.device)
+    except ValueError:
+        raise ValueError(f"--device {args.device}: torch sees no CUDA device; use --device cpu or auto") from None
     model = build_whole_model(whole.state, whole.args, device)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
