@@ -27,7 +27,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a step_XXXXXXXX folder, a checkpoint folder (newest) or a run folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="a step_XXXXXXXX folder, a checkpoint folder (newest) or a run folder")
     p.add_argument("--output", required=True, help="the Hugging Face folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of the exported weights")

@@ -32,7 +32,8 @@ PROG = "python -m pipeline.generate"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a step_XXXXXXXX folder, a checkpoint folder (newest) or a run folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="a step_XXXXXXXX folder, a checkpoint folder (newest) or a run folder")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-file", help="file holding the prompt text (UTF-8)")

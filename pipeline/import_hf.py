@@ -33,7 +33,7 @@ _SINGLE_PROCESS = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "virt
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="other arguments: --section.key=value overrides, as for python -m pipeline.train")
+                                epilog="other arguments: --section.key=value overrides, as for pipeline.train")
     p.add_argument("hf_dir", help="a folder written by python -m pipeline.export_hf (or save_pretrained after it)")
     p.add_argument("--output", required=True, help="new folder: the checkpoint folder and run folder of the fine-tune")
     p.add_argument("--config", default=None, help="training config YAML or name; its model section is replaced")
@@ -73,9 +73,9 @@ def check_same_tokenizer(cfg, spec: str, hf_dir: Path) -> None:
             raise FileNotFoundError(f"data.train_manifest={manifest}: no such file")
         theirs = load_manifest(manifest)["tokenizer"]
         if any(theirs.get(k) != mine[k] for k in keys):
-            raise ValueError(f"{manifest} was tokenized with {theirs.get('spec')!r} ({', '.join(f'{k} {theirs.get(k)}' for k in keys)}), "
-                             f"but {hf_dir} ships {spec!r} ({', '.join(f'{k} {mine[k]}' for k in keys)}); shard the "
-                             f"data with --tokenizer {spec}")
+            saw, has = (", ".join(f"{k} {d.get(k)}" for k in keys) for d in (theirs, mine))
+            raise ValueError(f"{manifest} was tokenized with {theirs.get('spec')!r} ({saw}), but {hf_dir} ships "
+                             f"{spec!r} ({has}); shard the data with --tokenizer {spec}")
 
 
 def main(argv: list[str] | None = None) -> int:

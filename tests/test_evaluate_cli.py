@@ -48,8 +48,10 @@ def test_evaluate_bad_checkpoint_or_tokenizer_is_one_line(trained, tmp_path):
     common = ["--lengths", "260", "--trials", "1", "--device", "cpu", "--output", tmp_path / "out"]
     cases = [
         (["--checkpoint", other], "its weights are not the model its config.yaml describes (another architecture?)"),
-        (["--checkpoint", trained, "--tokenizer", "bpe-32k"], "tokenizer 'bpe-32k' is neither 'byte' nor an existing file"),
+        (["--checkpoint", trained, "--tokenizer", "bpe-32k"],
+         "tokenizer 'bpe-32k' is neither 'byte' nor an existing file"),
     ]
     for argv, message in cases:
-        assert message in one_line_error(run_command("pipeline.evaluate", "passkey", *argv, *common), "pipeline.evaluate")
+        result = run_command("pipeline.evaluate", "passkey", *argv, *common)
+        assert message in one_line_error(result, "pipeline.evaluate")
     assert not (tmp_path / "out").exists()

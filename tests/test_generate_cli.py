@@ -98,12 +98,15 @@ def test_bad_input_is_one_line_each(trained, dense, tmp_path):
     cases = [
         (["--checkpoint", tmp_path / "nowhere"], r"checkpoint \S*nowhere: no such file or folder"),
         (["--checkpoint", corrupt], r"model_tp00.pt does not match its sha256 in manifest.json \(corrupt\)"),
-        (["--checkpoint", other], r"its weights are not the model its config.yaml describes \(another architecture\?\): "
+        (["--checkpoint", other], r"its weights are not the model its config.yaml describes "
+                                  r"\(another architecture\?\): "
                                   r"missing \['layers.2.attention.linear_proj.weight'"),
-        (["--checkpoint", trained, "--tokenizer", "bpe-32k"], "tokenizer 'bpe-32k' is neither 'byte' nor an existing file"),
+        (["--checkpoint", trained, "--tokenizer", "bpe-32k"],
+         "tokenizer 'bpe-32k' is neither 'byte' nor an existing file"),
         (["--checkpoint", dense, "--prompt", long_prompt], r"prompt: 65 tokens, over --max-prompt-tokens=64 \(dense "
                                                             r"attention keeps every token's keys and values"),
-        (["--checkpoint", trained, "--temperature", "0", "--top-k", "5"], "top_k / top_p have no effect with temperature=0"),
+        (["--checkpoint", trained, "--temperature", "0", "--top-k", "5"],
+         "top_k / top_p have no effect with temperature=0"),
     ]
     for argv, message in cases:
         if "--prompt" not in argv:

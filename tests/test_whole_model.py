@@ -111,7 +111,7 @@ def test_bad_checkpoints_get_one_clear_error_each(tp1, tmp_path):
     import pickle
 
     rewrite_file(unsafe, "trainer.pt", pickle.dumps(print, protocol=2))  # complete, but pickled code
-    with pytest.raises(ValueError, match=r"trainer.pt holds pickled Python objects that torch.load\(weights_only=True\)"):
+    with pytest.raises(ValueError, match=r"trainer.pt holds pickled Python objects that torch.load\(weights_only"):
         read_whole_checkpoint(unsafe)
     with pytest.raises(ValueError, match="tokenizer 'bpe-32k' is neither 'byte' nor an existing file"):
         read_whole_checkpoint(tp1, tokenizer="bpe-32k")

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # A wide init (std 0.2, as tests/test_hf_export.py) gives peaked attention and logits of a few units:
 # greedy continuations vary from token to token and their top-two margins are far above rounding, so
 # a wrong FAM position or state changes the tokens. Four steps make the weights trained ones.
-TRAINED = dict(model__init_method_std=0.2, train__steps=4, checkpoint__save_interval_steps=0, train__eval_interval_steps=0)
+TRAINED = dict(model__init_method_std=0.2, train__steps=4, checkpoint__save_interval_steps=0,
+               train__eval_interval_steps=0)
 
 
 def train_tiny(shards: Path, run_dir: Path, **extra) -> Path:
