@@ -1,0 +1,68 @@
+"""Tiny checkpoints trained by pipeline.train on the real shards (tests/conftest.py), for the tests of
+the commands that read checkpoints (pipeline.generate, export_hf, import_hf, evaluate), and the way
+those tests run a command: a subprocess whose bad input must end in one stderr line and exit 2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import load_config
+from tests.conftest import tiny_overrides
+from tests.time_bounds import HANG_GUARD_SECONDS
+
+ROOT = Path(__file__).resolve().parent.parent
+# A wide init (std 0.2, as tests/test_hf_export.py) gives peaked attention and logits of a few units:
+# greedy continuations vary from token to token and their top-two margins are far above rounding, so
+# a wrong FAM position or state changes the tokens. Four steps make the weights trained ones.
+TRAINED = dict(model__init_method_std=0.2, train__steps=4, checkpoint__save_interval_steps=0,
+               train__eval_interval_steps=0)
+
+
+def train_tiny(shards: Path, run_dir: Path, **extra) -> Path:
+    """A one-process pipeline.train run; returns its last step folder."""
+    from pipeline.train import run
+
+    summary = run(load_config(None, tiny_overrides(shards, run_dir, **{**TRAINED, **extra})))
+    return Path(summary["last_checkpoint"])
+
+
+def run_command(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=HANG_GUARD_SECONDS)
+
+
+def one_line_error(result: subprocess.CompletedProcess, module: str) -> str:
+    """The single stderr line of a refused command (exit 2, no traceback); fails otherwise."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"python -m {module}: error: "), lines[0]
+    return lines[0]
+
+
+def copy_step(step: Path, dest: Path) -> Path:
+    shutil.copytree(step, dest)
+    return dest
+
+
+def rewrite_file(step: Path, name: str, content: bytes) -> None:
+    """Replace one file of a step folder and its sha256 in the manifest: a complete checkpoint again."""
+    (step / name).write_bytes(content)
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"][name] = hashlib.sha256(content).hexdigest()
+    (step / "manifest.json").write_text(json.dumps(manifest))
+
+
+def edit_model_config(step: Path, **changes) -> None:
+    config = yaml.safe_load((step / "config.yaml").read_text())
+    config["model"].update(changes)
+    rewrite_file(step, "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
