@@ -107,8 +107,7 @@ def _main(argv: list[str]) -> int:
     from pipeline.distributed import select_device
 
     device = select_device(args.device)
-    model, model_args, tokenizer_spec = _load(args.checkpoint, device)
-    spec = args.tokenizer or tokenizer_spec
+    model, model_args, spec = _load(args.checkpoint, device, args.tokenizer)
     chunk = args.chunk_tokens or 16 * model_args.block_size
     output = Path(args.output or Path("eval") / Path(args.checkpoint).name)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
@@ -131,11 +130,12 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _load(checkpoint: str, device: torch.device):
-    """(TP=1 whole model, its ModelArgs, tokenizer spec) from a checkpoint of any layout."""
+def _load(checkpoint: str, device: torch.device, tokenizer: str | None):
+    """(TP=1 whole model, its ModelArgs, tokenizer spec) from a checkpoint of any layout; `tokenizer`
+    replaces the run's (needed when its training manifest is gone)."""
     from pipeline.checkpointing.whole_model import load_whole_model
 
-    return load_whole_model(checkpoint, device)
+    return load_whole_model(checkpoint, device, tokenizer)
 
 
 if __name__ == "__main__":
