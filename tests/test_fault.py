@@ -1,4 +1,4 @@
-"""pipeline/fault.py on its own: stop requests from real signals and the wall budget, the
+"""pipeline/training/fault.py on its own: stop requests from real signals and the wall budget, the
 non-finite guard, sample-key records, and finite collective timeouts on real gloo groups.
 The same pieces under real Slurm daemons are in tests/test_slurm.py."""
 
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from pipeline.fault import (NonFiniteGuard, SampleKeyRecorder, StopRequest, WallBudget, read_sample_keys,
+from pipeline.training.fault import (NonFiniteGuard, SampleKeyRecorder, StopRequest, WallBudget, read_sample_keys,
                             write_status)
 from tests.spawn import run_on_ranks
 
@@ -84,16 +84,15 @@ def _hung_peer_worker(rank: int, world_size: int, timeout_seconds: float) -> dic
     """Rank 1 stops taking part (as if frozen); rank 0's collectives on the default group and
     on megatron's data-parallel group must fail after about `timeout_seconds`."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from pipeline.fault import init_distributed
+    from pipeline.parallel.groups import start_groups
 
-    init_distributed(1, 1, "gloo", timeout_seconds)
+    groups = start_groups(1, 1, "gloo", timeout_seconds, device="cpu")
     out = {}
     if rank == 1:
         time.sleep(2 * timeout_seconds + 4)  # longer than both of rank 0's waits
         return out
-    for name, group in (("default", None), ("data_parallel", ps.get_data_parallel_group())):
+    for name, group in (("default", None), ("data_parallel", groups.dp_group)):
         started = time.monotonic()
         try:
             dist.all_reduce(torch.ones(1), group=group)
@@ -117,7 +116,7 @@ def test_collectives_time_out_instead_of_hanging_on_a_silent_peer():
 def _poison_forward(monkeypatch, calls: set[int]) -> None:
     """Make the model's n-th training forward (counting micro-batches from 1) return a NaN loss,
     as an fp overflow would; the gradients of that micro-batch become NaN too."""
-    import pipeline.train as train_module
+    import pipeline.training.plain_step as train_module
 
     real_build = train_module.build_model
 
@@ -140,7 +139,7 @@ def _poison_forward(monkeypatch, calls: set[int]) -> None:
 
 
 def _train(shards, run_dir, **extra) -> dict:
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
     from pipeline.train import run
     from tests.conftest import tiny_overrides
 
@@ -148,7 +147,7 @@ def _train(shards, run_dir, **extra) -> dict:
 
 
 def test_a_nan_step_is_skipped_counted_and_training_goes_on(shards, tmp_path, monkeypatch):
-    from pipeline.checkpoint import load_file
+    from pipeline.checkpointing.files import load_file
 
     _poison_forward(monkeypatch, {5})  # accumulation 2: micro-batch 5 is step 3's first
     summary = _train(shards, tmp_path / "run", train__max_nonfinite_steps=1)
@@ -181,7 +180,7 @@ def test_a_run_that_raises_still_sends_its_buffered_metrics(shards, tmp_path, mo
 
 def test_wall_budget_saves_and_stops_in_time(shards, tmp_path):
     """A 100000-step run with a 4 s budget stops with a complete, resumable checkpoint."""
-    from pipeline.checkpoint import verify_checkpoint
+    from pipeline.checkpointing.files import verify_checkpoint
 
     started = time.monotonic()
     summary = _train(shards, tmp_path / "run", train__steps=100000, optim__warmup_steps=10,
@@ -197,8 +196,8 @@ def test_wall_budget_saves_and_stops_in_time(shards, tmp_path):
     ("--parallel.timeout_seconds=0", r"parallel.timeout_seconds=0.0: must be > 0"),
 ])
 def test_fault_settings_are_validated(override, message):
-    from pipeline.config import load_config
-    from pipeline.config_checks import validate
+    from pipeline.config.load import load_config
+    from pipeline.config.rules import validate
 
     validate(load_config(None, ["--data.train_manifest=x.json"]))  # the defaults pass
     with pytest.raises(ValueError, match=message):

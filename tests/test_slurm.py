@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import list_checkpoints, load_file
-from pipeline.fault import read_sample_keys
+from pipeline.checkpointing.files import list_checkpoints, load_file
+from pipeline.training.fault import read_sample_keys
 from tests.conftest import ROOT, _write_corpus, tiny_overrides
 from tests.slurm_cluster import GPU_PARTITION, slurm_cluster  # noqa: F401  (the session fixture)
 
@@ -308,7 +308,7 @@ def test_slurm_time_limits_are_read_in_all_of_slurms_formats(limit, seconds):
 
 
 def test_submit_refuses_a_requeue_warning_longer_than_the_time_limit():
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
     from slurm.submit import JobShape, check_shape
 
     cfg = load_config("tiny", ["--data.train_manifest=x", "--data.seq_len=128"])

@@ -1,8 +1,8 @@
-"""Byte terms of pipeline/memory.py's estimate, per micro-batch: parameters per rank, what autograd
+"""Byte terms of pipeline/memory/estimate.py's estimate, per micro-batch: parameters per rank, what autograd
 saves per layer, the layers' held state, the last stage's loss head and the block mask.
 
 Every term counts what *this* implementation allocates, per GPU, on the training path (see
-pipeline/memory.py).
+pipeline/memory/estimate.py).
 
 - activations: what autograd saves per layer per micro-batch (layer_activation_terms): the layer
   input [F+S, b, h]; both RMSNorms (rstd, outputs saved by megatron's linears in the input dtype,
@@ -10,7 +10,7 @@ pipeline/memory.py).
   attention's q, K and V [T·(F+C), b, g, d], output and fp32 lse (CPU: SDPA's float mask); SwiGLU's
   intermediates; the FAM scan's per-block tensors and (autocast, GPU) the bf16 copies of the
   layer's four matrices. Not counted: the soft-prompt stream's own scan step (F rows, no block
-  keys; ~0.5 % of a layer's activations at 8k, pipeline/memory.py Calibration). With recompute
+  keys; ~0.5 % of a layer's activations at 8k, pipeline/memory/estimate.py Calibration). With recompute
   only each layer's input (and positions) is saved, and
   backward re-creates one layer's full set.
 - sequence parallelism shards by TP along the tokens what lies between the TP regions: layer

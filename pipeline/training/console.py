@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from pipeline.flops import mfu
+from pipeline.training.flops import mfu
 
 log = logging.getLogger("famtron")
 
@@ -40,7 +40,7 @@ def build_progress_bar(enabled: bool, total: int, initial: int):
 
 
 def log_peak_memory(memory: dict) -> None:
-    """The end-of-run line of pipeline/distributed.py peak_memory's figures."""
+    """The end-of-run line of pipeline/parallel/collectives.py peak_memory's figures."""
     gpu = memory["peak_gpu_gib"]
     log.info("peak memory: GPU %s allocated (max over ranks) | host RSS %.1f GiB (max over ranks), %.1f GiB (summed "
              "over one host's ranks)", "n/a" if gpu is None else f"{gpu:.2f} GiB", memory["peak_host_gib"],

@@ -145,7 +145,7 @@ class ShardLoader:
                     step, rows, keys = step + 1, [], []
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The epoch's global order as (shard, row) pairs [N, 2] (used by `pipeline.blend`)."""
+        """The epoch's global order as (shard, row) pairs [N, 2] (used by `pipeline.data.blend`)."""
         return np.concatenate([self._window_order(epoch, w, shards)
                                for w, shards in enumerate(self._windows(epoch))])
 

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from pipeline.config import OptimConfig
+from pipeline.config.tree import OptimConfig
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -1,5 +1,6 @@
-"""The command line of pipeline/memory.py: a config file (name or YAML path) and a data-parallel
-size in, the per-rank table and a verdict out; exit status 0 fits, 1 does not, 2 impossible.
+"""The command line of the memory estimator (pipeline/memory/estimate.py): a config file (name or
+YAML path) and a data-parallel size in, the per-rank table and a verdict out; exit status 0
+fits, 1 does not, 2 impossible.
 
     python -m pipeline.memory --config configs/recipes/fam-24b-8x80gb.yaml --dp 4
 """
@@ -7,14 +8,13 @@ size in, the per-rank table and a verdict out; exit status 0 fits, 1 does not, 2
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from data_prep.cli import run_main
 from model.config import model_args_from_dict, read_config_tree
-from pipeline.memory import DEFAULT_ALLOWANCE_GIB, GIB, KERNELS, MemoryEstimate, estimate
-from pipeline.memory_terms import PRECISIONS
-from pipeline.pipeline_parallel import SCHEDULES
+from pipeline.config.rules import SCHEDULES, check_global_batch
+from pipeline.memory.estimate import DEFAULT_ALLOWANCE_GIB, GIB, KERNELS, MemoryEstimate, Settings, estimate
+from pipeline.memory.terms import PRECISIONS
 
 _ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer states", "optimizer"),
          ("ZeRO buffers", "zero_buffers"), ("block mask (cached)", "block_mask"),
@@ -30,11 +30,11 @@ def format_table(est: MemoryEstimate, gpu_memory_gib: float = 80.0,
         middle = max(ranks[1:-1], key=lambda r: r.peak)
         ranks = [ranks[0], middle, ranks[-1]]
     s = est.settings
-    head = (f"TP={s['tp']} PP={s['pp']} DP={s['dp']} ZeRO-{s['zero']} v={s['virtual_stages']} {s['schedule']} "
-            f"micro-batch {s['micro_batch']} x {s['microbatches']} per step, seq {s['seq_len']}, "
-            f"recompute={s['recompute']}, SP={s['sequence_parallel']}, offload={s['offload_optimizer']}, "
-            f"{s['precision']} {s['dtype']}, {s['kernels']} kernels, "
-            f"{'whole logits' if s['return_logits'] else 'chunked loss'}")
+    head = (f"TP={s.tp} PP={s.pp} DP={s.dp} ZeRO-{s.zero} v={s.virtual_stages} {s.schedule} "
+            f"micro-batch {s.micro_batch} x {s.microbatches} per step, seq {s.seq_len}, "
+            f"recompute={s.recompute}, SP={s.sequence_parallel}, offload={s.offload_optimizer}, "
+            f"{s.precision} {s.dtype}, {s.kernels} kernels, "
+            f"{'whole logits' if s.return_logits else 'chunked loss'}")
     width = 31
     lines = [head, f"{'GiB per GPU':<{width}}" + "".join(f"{f'rank {r.rank} ({r.layers} layers)':>22}" for r in ranks)]
     for label, name in _ROWS:
@@ -55,7 +55,7 @@ def format_table(est: MemoryEstimate, gpu_memory_gib: float = 80.0,
 
 
 def settings_from_config(tree: dict) -> dict:
-    """estimate() keyword defaults from a config tree's parallel, data, model and train sections."""
+    """Settings fields (and `global_batch`) from a config tree's parallel, data, model and train sections."""
     par, data = tree.get("parallel", {}) or {}, tree.get("data", {}) or {}
     zero = par.get("zero_stage", 0)
     out = dict(
@@ -71,7 +71,7 @@ def settings_from_config(tree: dict) -> dict:
 
 def estimate_config(name_or_path: str | Path, dp: int = 1, **overrides) -> MemoryEstimate:
     """estimate() for a config file (name or YAML path) and a data-parallel size; keyword
-    arguments override the file's values (None keeps them)."""
+    arguments override the file's values (None keeps them): Settings fields, global_batch, vocab_size."""
     tree = read_config_tree(name_or_path)
     args = model_args_from_dict(dict(tree.get("model", {}) or {}), f"{name_or_path}: model")
     kw = settings_from_config(tree)
@@ -81,12 +81,9 @@ def estimate_config(name_or_path: str | Path, dp: int = 1, **overrides) -> Memor
     if vocab:
         args.vocab_size = vocab
     if global_batch and not kw.get("microbatches"):
-        per_step = kw["micro_batch"] * dp
-        if global_batch % per_step:
-            raise ValueError(f"data.global_batch_size={global_batch} is not a multiple of micro-batch "
-                             f"{kw['micro_batch']} x data-parallel size {dp}")
-        kw["microbatches"] = global_batch // per_step
-    return estimate(args, dp=dp, **kw)
+        check_global_batch(global_batch, kw["micro_batch"], dp)
+        kw["microbatches"] = global_batch // (kw["micro_batch"] * dp)
+    return estimate(args, Settings(dp=dp, **kw))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,7 +127,3 @@ def _main(argv: list[str]) -> int:
     est = estimate_config(o.config, dp=o.dp, **overrides)
     print(format_table(est, o.gpu_memory_gib, o.allowance_gib))
     return 0 if est.fits(o.gpu_memory_gib, o.allowance_gib) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

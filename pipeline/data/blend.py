@@ -8,7 +8,7 @@
     loader.realised_proportions()   # {manifest path: fraction of the samples handed out}
     ckpt["data"] = loader.state_dict();  loader.load_state_dict(ckpt["data"])
 
-The same interface and data-parallel contract as `pipeline.data.ShardLoader`: a global
+The same interface and data-parallel contract as `pipeline.data.loader.ShardLoader`: a global
 sample sequence that depends on neither the micro batch nor the DP size; global step k is
 positions [k*G, (k+1)*G), G = dp_world_size * micro_batch_size, and rank r takes
 [k*G + r*b, k*G + (r+1)*b).
@@ -38,7 +38,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.data import WINDOW_SHARDS, ShardLoader
+from pipeline.data.loader import WINDOW_SHARDS, ShardLoader
 
 BLEND_PERIOD = 1000
 _STATE_VERSION = 1
@@ -63,11 +63,11 @@ def blend_schedule(weights: list[float], period: int = BLEND_PERIOD) -> tuple[np
 
 
 class BlendLoader:
-    """Infinite, resumable, data-parallel batches mixed from `manifests` by `weights`."""
+    """Infinite, resumable, data-parallel batches mixed from `manifests` by `weights`.
+    `shard_options` go to every source's ShardLoader: shuffle (default True), verify_checksums."""
 
     def __init__(self, manifests: list[str], weights: list[float], micro_batch_size: int, seq_len: int,
-                 dp_rank: int = 0, dp_world_size: int = 1, seed: int = 1234, shuffle: bool = True,
-                 verify_checksums: bool = True):
+                 dp_rank: int = 0, dp_world_size: int = 1, seed: int = 1234, **shard_options):
         if not manifests or len(manifests) != len(weights):
             raise ValueError(f"need one weight per manifest: got {len(manifests)} manifests and "
                              f"{len(weights)} weights")
@@ -78,11 +78,12 @@ class BlendLoader:
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} is outside 0..{dp_world_size - 1}")
         self.manifest_paths, self.weights = list(manifests), [float(w) for w in weights]
-        self.micro_batch_size, self.seq_len, self.seed, self.shuffle = micro_batch_size, seq_len, seed, shuffle
+        self.shuffle = shard_options.setdefault("shuffle", True)
+        self.micro_batch_size, self.seq_len, self.seed = micro_batch_size, seq_len, seed
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.global_batch_size = dp_world_size * micro_batch_size
-        self._sources = [ShardLoader(path, 1, seq_len, seed=_source_seed(seed, i), shuffle=shuffle,
-                                     verify_checksums=verify_checksums) for i, path in enumerate(manifests)]
+        self._sources = [ShardLoader(path, 1, seq_len, seed=_source_seed(seed, i), **shard_options)
+                         for i, path in enumerate(manifests)]
         self._check_same_tokenizer()
         self._period_sources, self._quota = blend_schedule(self.weights)
         if (self._quota == 0).any():

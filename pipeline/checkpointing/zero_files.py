@@ -1,4 +1,4 @@
-"""Saving, loading and consolidating DeepSpeed ZeRO checkpoints (pipeline/zero.py's engines).
+"""Saving, loading and consolidating DeepSpeed ZeRO checkpoints (pipeline/parallel/zero.py's engines).
 
 Layout of `<ckpt_dir>/<tag>/` (DeepSpeed's own files, then ours):
     mp_rank_03_model_states.pt                 module + client state of model-parallel rank 3   (ZeRO-1/2)
@@ -6,11 +6,11 @@ Layout of `<ckpt_dir>/<tag>/` (DeepSpeed's own files, then ours):
     [bf16_]zero_pp_rank_1_mp_rank_03_optim_states.pt   DP rank 1's optimizer partition
     famtron_zero.json                          stage, parallel sizes, parameter names per mp rank
     manifest.json                              sha256 of every file above, written last
-"mp rank" is the rank in megatron's TP x PP group (pipeline/zero.py's MegatronMPU): PP=1 -> TP rank.
+"mp rank" is the rank in megatron's TP x PP group (pipeline/parallel/mpu.py's MegatronMPU): PP=1 -> TP rank.
 
-Atomic like pipeline/checkpoint.py: every rank writes into `<ckpt_dir>/.tmp_<tag>/`, global rank 0
+Atomic like pipeline/checkpointing/files.py: every rank writes into `<ckpt_dir>/.tmp_<tag>/`, global rank 0
 writes the manifest last and `os.replace`s the folder to `<ckpt_dir>/<tag>`. The manifest has
-pipeline/checkpoint.py's format, so `verify_checkpoint` / `find_latest_checkpoint` accept these
+pipeline/checkpointing/files.py's format, so `verify_checkpoint` / `find_latest_checkpoint` accept these
 folders (with tags named `step_XXXXXXXX`).
 
 Resume at another data-parallel size:
@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from data_prep.manifest import sha256_file
-from pipeline.checkpoint import MANIFEST, check_weights_only, fsync_path, publish_folder, torch_load
-from pipeline.distributed import barrier
+from pipeline.checkpointing.files import MANIFEST, check_weights_only, fsync_path, publish_folder, torch_load
+from pipeline.parallel.collectives import barrier
 
 META = "famtron_zero.json"
 

@@ -1,6 +1,6 @@
 """Per-GPU memory estimate of a famtron training step: weights, gradients, optimizer, activations.
 
-    python -m pipeline.memory --config configs/recipes/fam-8b-8x80gb.yaml --dp 4   (pipeline/memory_cli.py)
+    python -m pipeline.memory --config configs/recipes/fam-8b-8x80gb.yaml --dp 4   (pipeline/memory/cli.py)
 
 Every term counts what *this* implementation allocates (model/layer.py, model/scan.py,
 model/attention.py, model/language_model.py), per GPU, for one pipeline rank, on the training
@@ -16,7 +16,7 @@ path: `model(tokens, labels=..., return_logits=False)`, and the pipeline's last 
   5e8-element reduce, 1e9 live ZeRO-3 params). Gradients exist in the forward only when they
   accumulate (micro-batches, a pipeline) or DeepSpeed keeps them.
 - activations, sequence parallelism, fam_state, the head and the block mask: per micro-batch, in
-  pipeline/memory_terms.py.
+  pipeline/memory/terms.py.
 - in flight: all micro-batches under GPipe, P - rank under 1F1B, 2(P - rank - 1) + (v - 1)P + 1
   chunk-forwards of L/(Pv) layers under interleaved 1F1B.
 The peak is the largest of the forward's end, the loss backward, the backward (all gradients, one
@@ -35,12 +35,12 @@ on one H200 (training path, vocab 32000 unless said) within -3%..+11%: fam-1b 8k
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from model.config import ModelArgs
-from pipeline.memory_terms import (Bytes, HeadBytes, block_mask_bytes, element_bytes, embedding_saved_bytes,
+from pipeline.config.rules import ParallelPlan, check_parallel, layer_counts
+from pipeline.memory.terms import (Bytes, HeadBytes, block_mask_bytes, element_bytes, embedding_saved_bytes,
                                    head_bytes, layer_activation_terms, layer_held_bytes, stage_params)
-from pipeline.pipeline_parallel import SCHEDULES, split_layers
 
 GIB = 2**30
 ZERO_REDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size
@@ -50,11 +50,6 @@ KERNELS = ("cuda", "cpu")
 
 
 # ---------------------------------------------------------------- pipeline
-
-
-def split_counts(num_layers: int, pp: int, virtual_stages: int, layout: list[int] | None) -> list[int]:
-    """Layers per pipeline chunk; the rules and messages of pipeline_parallel.split_layers."""
-    return [len(r) for r in split_layers(num_layers, pp * virtual_stages, layout)]
 
 
 def in_flight(schedule: str, pp: int, rank: int, virtual_stages: int, microbatches: int) -> float:
@@ -71,6 +66,40 @@ def in_flight(schedule: str, pp: int, rank: int, virtual_stages: int, microbatch
 
 
 # ---------------------------------------------------------------- the estimate
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What is estimated: the parallel layout, the step's shape and the kernels.
+    `microbatches`: per DP rank per step (default: P, the fewest that fill the pipeline);
+    `precision`: "autocast" (fp32 weights, bf16 autocast) or "bf16-zero" (DeepSpeed's bf16);
+    `kernels`: "cuda" (FlexAttention, fused RMSNorm, compiled scan) or "cpu" (dense-mask SDPA);
+    `return_logits`: the loss from whole logits (`model(..., return_logits=True)`), not lm_loss.
+    None (recompute, schedule, microbatches): the model's, the default for virtual_stages, P."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero: int = 0
+    micro_batch: int = 1
+    seq_len: int = 8192
+    recompute: bool | None = None
+    sequence_parallel: bool = False
+    offload_optimizer: bool = False
+    dtype: str = "bf16"
+    virtual_stages: int = 1
+    precision: str = "autocast"
+    schedule: str | None = None
+    microbatches: int | None = None
+    layout: list[int] | None = None
+    kernels: str = "cuda"
+    return_logits: bool = False
+
+    def resolved(self, model_args: ModelArgs) -> Settings:
+        """The Nones filled in."""
+        return replace(self, recompute=model_args.recompute if self.recompute is None else self.recompute,
+                       schedule=self.schedule or ("interleaved_1f1b" if self.virtual_stages > 1 else "1f1b"),
+                       microbatches=self.microbatches or self.pp)
 
 
 @dataclass
@@ -107,7 +136,7 @@ class MemoryEstimate:
     """Every pipeline rank; the byte properties are the worst rank's (the one that must fit)."""
 
     ranks: list[RankMemory]
-    settings: dict
+    settings: Settings
 
     def worst(self) -> RankMemory:
         return max(self.ranks, key=lambda r: r.peak)
@@ -126,34 +155,6 @@ class MemoryEstimate:
         return self.worst().peak + allowance_gib * GIB <= gpu_memory_gib * GIB
 
 
-def validate_parallel(m: ModelArgs, tp: int, pp: int, dp: int, zero: int, sequence_parallel: bool,
-                      offload_optimizer: bool, virtual_stages: int, schedule: str, seq_len: int, micro_batch: int,
-                      layout: list[int] | None = None) -> None:
-    """Raise ValueError naming the setting of the first impossible combination."""
-    for name, value in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp), ("data_parallel_size", dp),
-                        ("virtual_stages", virtual_stages), ("micro_batch_size", micro_batch), ("seq_len", seq_len)):
-        if value < 1:
-            raise ValueError(f"{name}={value}: must be >= 1")
-    m.validate(tp, sequence_parallel)
-    if zero not in (0, 1, 2, 3):
-        raise ValueError(f"parallel.zero_stage={zero}: must be 0, 1, 2 or 3")
-    if zero >= 2 and pp > 1:
-        raise ValueError(f"parallel.zero_stage={zero} with parallel.pipeline_parallel_size={pp}: DeepSpeed shards "
-                         "gradients (ZeRO-2/3) only without pipeline parallelism; use zero_stage 1 with PP")
-    if offload_optimizer and zero == 0:
-        raise ValueError("parallel.offload_optimizer=true needs parallel.zero_stage >= 1 (DeepSpeed ZeRO-Offload)")
-    if sequence_parallel and tp == 1:
-        raise ValueError("parallel.sequence_parallel=true needs parallel.tensor_parallel_size > 1")
-    if sequence_parallel and seq_len % tp:
-        raise ValueError(f"seq_len={seq_len} must be divisible by tensor_parallel_size={tp} with sequence parallelism")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"parallel.pipeline_schedule={schedule!r}: must be one of {SCHEDULES}")
-    if virtual_stages > 1 and schedule != "interleaved_1f1b":
-        raise ValueError(f"parallel.virtual_stages={virtual_stages} needs "
-                         "parallel.pipeline_schedule='interleaved_1f1b'")
-    split_counts(m.num_layers, pp, virtual_stages, layout)
-
-
 @dataclass(frozen=True)
 class _Shapes:
     """Per-micro-batch byte counts shared by every rank of one estimate."""
@@ -168,7 +169,8 @@ class _Shapes:
     block_mask: int
 
 
-def _shapes(m: ModelArgs, S: int, b: int, tp: int, sp: bool, e: Bytes, kernels: str, return_logits: bool) -> _Shapes:
+def _shapes(m: ModelArgs, s: Settings, e: Bytes) -> _Shapes:
+    S, b, tp, sp, kernels = s.seq_len, s.micro_batch, s.tp, s.sequence_parallel, s.kernels
     shard = tp if sp else 1
     F = m.fam_len if m.uses_fam else 0
     terms = layer_activation_terms(m, S, b, tp, sp, e, kernels)
@@ -176,30 +178,30 @@ def _shapes(m: ModelArgs, S: int, b: int, tp: int, sp: bool, e: Bytes, kernels: 
     regather = S * b * m.hidden_size * e.resid if sp else 0  # an SP linear's input, gathered again
     return _Shapes(
         full_layer=sum(terms.values()), layer_input=layer_input, held_layer=layer_held_bytes(m, S, b, tp, sp, e),
-        head=head_bytes(m, S, b, tp, sp, e, kernels, return_logits),
+        head=head_bytes(m, S, b, tp, sp, e, kernels, s.return_logits),
         workspace=4 * S * b * (m.ffn_size // tp) * e.act + 2 * layer_input + regather,
         positions=S * b * 4, embedding=embedding_saved_bytes(S, b), block_mask=block_mask_bytes(m, S, kernels),
     )
 
 
 def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, sh: _Shapes, e: Bytes,
-                 opts: dict) -> RankMemory:
+                 s: Settings) -> RankMemory:
     """One pipeline rank's terms and its peak in each phase of a step."""
-    tp, pp, dp, zero, v = opts["tp"], opts["pp"], opts["dp"], opts["zero"], opts["virtual_stages"]
+    tp, pp, dp, zero, v = s.tp, s.pp, s.dp, s.zero, s.virtual_stages
     params = stage_params(m, layers, first, last, tp)
     weights = params * e.param // (dp if zero >= 3 else 1)
     gradients = params * e.grad // (dp if zero >= 2 else 1)
     optimizer = params * e.optimizer // (dp if zero >= 1 else 1)
     # DeepSpeed's fp32 gradient partition, alive at the step
-    step_grad = params * 4 // dp if opts["precision"] == "bf16-zero" and zero else 0
-    offload = opts["offload_optimizer"]
+    step_grad = params * 4 // dp if s.precision == "bf16-zero" and zero else 0
+    offload = s.offload_optimizer
     host, optimizer, step_grad = (optimizer + step_grad, 0, 0) if offload else (0, optimizer, step_grad)
     if offload and zero == 3:
         host, gradients = host + gradients, 0
     buffers = int(min(ZERO_REDUCE_BUCKET_ELEMENTS, params) * e.grad) if zero else 0
     buffers += int(min(ZERO3_LIVE_PARAMETERS, params) * e.param) if zero == 3 else 0
-    flight = in_flight(opts["schedule"], pp, rank, v, opts["microbatches"])
-    if opts["recompute"]:
+    flight = in_flight(s.schedule, pp, rank, v, s.microbatches)
+    if s.recompute:
         per_mb = (layers + 1) * sh.layer_input + sh.positions  # checkpointed inputs, stage output
         current_end = sh.layer_input + sh.positions + sh.full_layer  # layer 0, recomputed
     else:
@@ -207,14 +209,14 @@ def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, 
         current_end = sh.full_layer
     per_mb += sh.embedding if first else 0
     activations = int(flight * per_mb)
-    losses = opts["microbatches"] if opts["schedule"] == "gpipe" and pp > 1 else 1  # 1F1B: backward follows the loss
+    losses = s.microbatches if s.schedule == "gpipe" and pp > 1 else 1  # 1F1B: backward follows the loss
     head_saved = losses * sh.head.saved if last else 0
     others = head_saved - sh.head.saved if last else 0  # after this micro-batch's loss backward
     fam_state = layers // v * sh.held_layer
-    accumulate = opts["microbatches"] > 1 or pp > 1 or opts["precision"] == "bf16-zero"
+    accumulate = s.microbatches > 1 or pp > 1 or s.precision == "bf16-zero"
     static = weights + optimizer + buffers + sh.block_mask
     live = static + (gradients if accumulate else 0) + activations + fam_state
-    recomputed = sh.full_layer if opts["recompute"] else 0
+    recomputed = sh.full_layer if s.recompute else 0
     peaks = {"forward": live + head_saved + (sh.head.forward if last else 0)}
     if last:  # one loss chunk recomputed and its gradient, the output layer's weight gradient
         peaks["loss backward"] = live + head_saved + sh.head.backward
@@ -227,41 +229,22 @@ def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, 
                       activations, fam_state, head, recomputed + sh.workspace, peaks)
 
 
-def estimate(model_args: ModelArgs, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0, micro_batch: int = 1,
-             seq_len: int = 8192, recompute: bool | None = None, sequence_parallel: bool = False,
-             offload_optimizer: bool = False, dtype: str = "bf16", virtual_stages: int = 1, *,
-             precision: str = "autocast", schedule: str | None = None, microbatches: int | None = None,
-             layout: list[int] | None = None, kernels: str = "cuda", return_logits: bool = False) -> MemoryEstimate:
-    """Per-GPU bytes of every pipeline rank (see the module docstring for each term).
-    `microbatches`: per DP rank per step (default: P, the fewest that fill the pipeline);
-    `kernels`: "cuda" (FlexAttention, fused RMSNorm, compiled scan) or "cpu" (dense-mask SDPA);
-    `return_logits`: the loss from whole logits (`model(..., return_logits=True)`), not lm_loss."""
-    m = model_args
-    opts = dict(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro_batch, seq_len=seq_len,
-                recompute=m.recompute if recompute is None else recompute, sequence_parallel=sequence_parallel,
-                offload_optimizer=offload_optimizer, dtype=dtype, precision=precision, virtual_stages=virtual_stages,
-                schedule=schedule or ("interleaved_1f1b" if virtual_stages > 1 else "1f1b"),
-                microbatches=microbatches or pp, layout=layout, kernels=kernels, return_logits=return_logits)
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels={kernels!r}: must be one of {KERNELS}")
-    if return_logits and pp > 1:
+def estimate(model_args: ModelArgs, settings: Settings = Settings()) -> MemoryEstimate:
+    """Per-GPU bytes of every pipeline rank (see the module docstring for each term)."""
+    m, s = model_args, settings.resolved(model_args)
+    if s.kernels not in KERNELS:
+        raise ValueError(f"kernels={s.kernels!r}: must be one of {KERNELS}")
+    if s.return_logits and s.pp > 1:
         raise ValueError("return_logits=true: the pipeline's last stage always computes the loss with lm_loss")
-    validate_parallel(m, tp, pp, dp, zero, sequence_parallel, offload_optimizer, virtual_stages, opts["schedule"],
-                      seq_len, micro_batch, layout)
-    e = element_bytes(precision, dtype)
-    sh = _shapes(m, seq_len, micro_batch, tp, sequence_parallel, e, kernels, return_logits)
-    counts = split_counts(m.num_layers, pp, virtual_stages, layout)
+    plan = ParallelPlan(s.tp, s.pp, s.dp, None, s.zero, s.offload_optimizer, s.sequence_parallel, s.virtual_stages,
+                        s.schedule, s.layout, s.seq_len, s.micro_batch, s.microbatches * s.micro_batch * s.dp)
+    check_parallel(m, plan)  # the training config's rules (pipeline/config/rules.py)
+    e = element_bytes(s.precision, s.dtype)
+    sh = _shapes(m, s, e)
+    counts = layer_counts(m.num_layers, s.pp * s.virtual_stages, s.layout)
     ranks = []
-    for rank in range(pp):
-        own = [v * pp + rank for v in range(virtual_stages)]
+    for rank in range(s.pp):
+        own = [v * s.pp + rank for v in range(s.virtual_stages)]
         layers = sum(counts[i] for i in own)
-        ranks.append(_rank_memory(m, rank, layers, 0 in own, len(counts) - 1 in own, sh, e, opts))
-    return MemoryEstimate(ranks, opts)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from pipeline.memory_cli import main
-
-    sys.exit(main())
+        ranks.append(_rank_memory(m, rank, layers, 0 in own, len(counts) - 1 in own, sh, e, s))
+    return MemoryEstimate(ranks, s)

@@ -1,5 +1,6 @@
-"""Fault tolerance for the training loop: stop signals and a wall-time budget, finite
-collective timeouts, non-finite loss skipping, and the records a requeued Slurm job needs.
+"""Fault tolerance for the training loop: stop signals and a wall-time budget, non-finite loss
+skipping, and the records a requeued Slurm job needs (the collective timeouts are set where the
+process groups start, pipeline/parallel/groups.py).
 
 How a time-limited Slurm job continues (slurm/train.sbatch):
   1. Slurm sends USR1 to the batch shell `--signal=B:USR1@<seconds>` before the time limit;
@@ -25,7 +26,6 @@ import math
 import os
 import signal
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -113,7 +113,7 @@ class NonFiniteGuard:
     consumed, so the data order stays that of a clean run) and count it; more than
     `max_consecutive` in a row means the run has diverged, not hit a bad batch: stop.
     The plain loop and PP without ZeRO ask before optimizer.step(); under ZeRO (PP or not) the
-    engine has already discarded such a step itself, since pipeline/zero.py makes a non-finite
+    engine has already discarded such a step itself, since pipeline/parallel/zero.py makes a non-finite
     loss give NaN gradients, and the guard decides on the same values: weights and AdamW state
     are unchanged either way (tests/test_nonfinite.py)."""
 
@@ -136,28 +136,6 @@ class NonFiniteGuard:
         log.warning("step %d: loss %s, grad norm %s: skipping the update (%d in a row, %d in total)",
                     step, loss, grad_norm, self.consecutive, self.skipped)
         return True
-
-
-# ---------------------------------------------------------------- process groups
-
-
-def init_distributed(tensor_parallel_size: int, pipeline_parallel_size: int, backend: str | None,
-                     timeout_seconds: float) -> None:
-    """torch.distributed and megatron's groups with `timeout_seconds` on every collective, so a
-    hung or dead peer raises instead of blocking for torch's 30-minute default. Under torchrun
-    only (a single process has no peer to wait for); model.init_parallel then finds both set up
-    and only adds its CPU shims."""
-    if dist.is_initialized() or "RANK" not in os.environ:
-        return
-    from megatron.core import parallel_state
-
-    backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # as model.init_parallel
-    if "nccl" in backend:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
-    # megatron builds `timedelta(minutes=...)`, which takes fractions: sub-minute timeouts work.
-    parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size,
-                                             distributed_timeout_minutes=timeout_seconds / 60)
 
 
 # ---------------------------------------------------------------- records

@@ -1,4 +1,4 @@
-"""Pipeline parallelism for the FAM model on megatron-core's pipeline group.
+"""Pipeline parallelism for the FAM model on the pipeline-parallel group (pipeline/parallel/groups.py).
 
 megatron-core 0.16.1's pipeline schedules are CUDA-only, so the schedule is PyTorch's
 `torch.distributed.pipelining` (GPipe, 1F1B, interleaved 1F1B), which runs on gloo in CI and on
@@ -21,41 +21,27 @@ from __future__ import annotations
 import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from model.config import FAMConfig
+from model import ModelArgs, ModelPart, build_model_parts
 from model.language_model import FAMLanguageModel
 from model.state import FAMState, LayerState
-
-SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+from pipeline.config.rules import check_interleaved_micro_batches, check_schedule, layer_counts
 
 
 def split_layers(num_layers: int, num_chunks: int, layout: list[int] | None = None) -> list[range]:
-    """Layer ranges of each pipeline chunk (stage x virtual stage), in model order."""
-    if layout is not None:
-        if len(layout) != num_chunks or sum(layout) != num_layers or min(layout) < 1:
-            raise ValueError(
-                f"parallel.pipeline_layout={layout}: needs {num_chunks} positive layer counts "
-                f"(pipeline_parallel_size x virtual_stages) summing to model.num_layers={num_layers}"
-            )
-        counts = layout
-    else:
-        if num_layers % num_chunks:
-            raise ValueError(
-                f"model.num_layers={num_layers} does not divide over {num_chunks} pipeline chunks "
-                f"(pipeline_parallel_size x virtual_stages); set parallel.pipeline_layout, e.g. "
-                f"{[num_layers // num_chunks + (i < num_layers % num_chunks) for i in range(num_chunks)]}"
-            )
-        counts = [num_layers // num_chunks] * num_chunks
+    """Layer ranges of each pipeline chunk (stage x virtual stage), in model order
+    (pipeline/config/rules.py layer_counts: the layout, or an even split)."""
+    counts = layer_counts(num_layers, num_chunks, layout)
     starts = [sum(counts[:i]) for i in range(num_chunks)]
     return [range(s, s + c) for s, c in zip(starts, counts)]
 
 
 class FAMStage(torch.nn.Module):
-    """One pipeline chunk of the FAM language model."""
+    """One pipeline chunk of the FAM language model: a FAMLanguageModel part (model.build_model_parts)."""
 
-    def __init__(self, config: FAMConfig, layers: range, first: bool, last: bool):
+    def __init__(self, part: FAMLanguageModel):
         super().__init__()
-        self.first, self.last = first, last
-        self.part = FAMLanguageModel(config, layers, pre_process=first, post_process=last)
+        self.first, self.last = part.pre_process, part.post_process
+        self.part = part
         self.initial_state: list[LayerState] | None = None
         self.forward_states: list[list[LayerState]] = []  # every forward since the step began
 
@@ -73,31 +59,34 @@ class FAMStage(torch.nn.Module):
         return hidden, positions
 
 
-def build_stages(config: FAMConfig, pp_rank: int, pp_size: int, virtual_stages: int = 1, layout=None, device=None):
-    """This rank's stages (one per virtual stage), as (global chunk index, FAMStage)."""
-    chunks = split_layers(config.num_layers, pp_size * virtual_stages, layout)
-    n = len(chunks)
+def stage_parts(num_layers: int, pp_rank: int, pp_size: int, virtual_stages: int = 1,
+                layout: list[int] | None = None) -> list[tuple[int, ModelPart]]:
+    """This rank's chunks (one per virtual stage) as (global chunk index, ModelPart)."""
+    chunks = split_layers(num_layers, pp_size * virtual_stages, layout)
     own = [v * pp_size + pp_rank for v in range(virtual_stages)]
-    return [(i, FAMStage(config, chunks[i], first=i == 0, last=i == n - 1).to(device)) for i in own]
+    return [(i, ModelPart(chunks[i], first=i == 0, last=i == len(chunks) - 1)) for i in own]
+
+
+def build_stages(args: ModelArgs, pp_rank: int, pp_size: int, virtual_stages: int = 1, layout=None, **build):
+    """This rank's stages as (global chunk index, FAMStage), built and initialised alone by the one
+    model builder (`build` goes to model.build_model_parts: tp_group, device, seed, ...): the whole
+    model's initial values (model/init.py), so PP = 2 starts from PP = 1's weights without any rank
+    holding more than its layers."""
+    chunks = stage_parts(args.num_layers, pp_rank, pp_size, virtual_stages, layout)
+    parts = build_model_parts(args, [part for _, part in chunks], pipeline_parallel_size=pp_size, **build)
+    return [(index, FAMStage(part)) for (index, _), part in zip(chunks, parts)]
 
 
 def build_schedule(stages, pp_size: int, n_microbatches: int, schedule: str, group, device):
-    """A torch.distributed.pipelining schedule over this rank's stages on megatron's PP group."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"parallel.pipeline_schedule={schedule!r}: must be one of {SCHEDULES}")
+    """A torch.distributed.pipelining schedule over this rank's stages on the PP group."""
+    check_schedule(schedule, len(stages))
+    check_interleaved_micro_batches(schedule, n_microbatches, pp_size)
     n = pp_size * len(stages)
     pipe_stages = [PipelineStage(module, index, n, device, group=group) for index, module in stages]
     last = next((module for _, module in stages if module.last), None)
     loss_fn = last.part.lm_loss if last is not None else _no_loss
     if schedule == "interleaved_1f1b":
-        if n_microbatches % pp_size:
-            raise ValueError(
-                f"interleaved 1F1B needs micro-batches per step ({n_microbatches}) divisible by "
-                f"parallel.pipeline_parallel_size={pp_size}"
-            )
         return ScheduleInterleaved1F1B(pipe_stages, n_microbatches, loss_fn=loss_fn)
-    if len(stages) != 1:
-        raise ValueError(f"parallel.pipeline_schedule={schedule!r} takes one stage per rank; use interleaved_1f1b")
     cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
     return cls(pipe_stages[0], n_microbatches, loss_fn=loss_fn)
 
@@ -119,23 +108,6 @@ def pipeline_step(schedule, stages, tokens, labels, offsets, initial_state: list
     args = (tokens, offsets) if has_first else ()
     schedule.step(*args, target=labels if has_last else None, losses=losses if has_last else None)
     return torch.stack(losses).mean().detach() if has_last else None
-
-
-def build_initialised_stages(args, pp_rank: int, pp_size: int, seed: int, device, tp_rank: int = 0, tp_size: int = 1,
-                             virtual_stages: int = 1, layout=None, sequence_parallel: bool = False):
-    """This rank's stages with the whole model's initial values (model/init.py): a rank builds
-    and draws only its own layers, yet PP = 2 starts from PP = 1's weights."""
-    from model import seed_init
-    from model.config import to_fam_config
-    from model.init import init_parameters_
-
-    config = to_fam_config(args, tp_size, pp_size, torch.float32, sequence_parallel,
-                           cpu_initialization=device.type == "cpu")
-    seed_init(seed, device)  # megatron's construction needs its RNG (CUDA: the TP tracker)
-    stages = build_stages(config, pp_rank, pp_size, virtual_stages, layout, device)
-    for _, stage in stages:
-        init_parameters_(stage.part, args, seed, tp_rank, tp_size, global_name=stage.part.global_name)
-    return stages
 
 
 def stage_state_dict(stages) -> dict[str, torch.Tensor]:

@@ -1,25 +1,21 @@
-"""DeepSpeed ZeRO for the FAM model on megatron-core's process groups.
+"""DeepSpeed ZeRO for the FAM model on famtron's process groups.
 
-    validate_zero(zero_stage, pipeline_parallel_size)              # before any work
-    ds_config = to_deepspeed_config(zero_stage=2, micro_batch_size=2, grad_accum_steps=4, grad_clip=1.0,
-                                    bf16=False, offload_optimizer=False, dp_world_size=dp)
-    with build_zero3_init(ds_config):                               # only with zero_stage=3: built
+    with build_zero3_init(ds_config, mpu):                          # only with zero_stage=3: built
         model = build_model(...)                                     # already partitioned
-    engine = build_zero_engine(ZeroModule(model), build_optimizer(model, cfg.optim), ds_config)
+    engine = build_zero_engine(ZeroModule(model), build_optimizer(model, cfg.optim), ds_config, mpu)
     result = zero_train_step(engine, micro_batches, lr=lr)          # PP = 1: ZeRO-1/2/3
     loss = zero_pipeline_step(engine, schedule, stages, tokens, labels, offsets, lr=lr)  # PP > 1: ZeRO-1
 
-Where the data-parallel optimizer lives: DeepSpeed partitions optimizer state (ZeRO-1), plus
-gradients (ZeRO-2), plus parameters (ZeRO-3) over megatron's data-parallel group; tensor and
-pipeline parallelism stay megatron's. `MegatronMPU` tells DeepSpeed those groups. Its
-"model-parallel" group is megatron's TP x PP group, so the global gradient norm sums over every
-stage and TP shard; parameters marked `tensor_model_parallel=True` count on every TP rank, the
-replicated ones (norms, the FAM prompt) on TP rank 0 only, like pipeline/optim.py's `grad_norm`.
+`ds_config` is pipeline/parallel/zero_config.py's to_deepspeed_config, `mpu` a MegatronMPU over
+the run's groups (pipeline/parallel/mpu.py). Where the data-parallel optimizer lives: DeepSpeed
+partitions optimizer state (ZeRO-1), plus gradients (ZeRO-2), plus parameters (ZeRO-3) over the
+data-parallel group; tensor and pipeline parallelism stay megatron's layers on famtron's groups.
+Parameters marked `tensor_model_parallel=True` count in the global gradient norm on every TP
+rank, the replicated ones (norms, the FAM prompt) on TP rank 0 only, like
+pipeline/training/optim.py's `grad_norm`.
 
 Precision: fp32 everywhere on CPU; with bf16 the module runs in bf16 and ZeRO keeps fp32 master
 weights and optimizer state (never ZeRO-0 with bf16: it has no fp32 master copy).
-DeepSpeed 0.19.8 clips at 1.0 unless told otherwise, so `gradient_clipping` is always written
-from the caller's value and a user override cannot change it.
 
 Pipeline parallelism: torch.distributed.pipelining's schedule runs forward and backward itself,
 outside the engine, so `zero_pipeline_step` does afterwards what `engine.backward` does at an
@@ -27,9 +23,9 @@ accumulation boundary (`engine.allreduce_gradients()`: ZeRO-1's bucketed reduce 
 gradient partition) and then `engine.step()`. The schedule's micro-batches are the accumulation,
 so the engine runs with gradient_accumulation_steps=1 and every step is a boundary. ZeRO-2/3 hook
 into each backward (gradient partitioning, parameter gathering) and are refused with PP > 1.
-Checkpoints: pipeline/zero_checkpoint.py.
+Checkpoints: pipeline/checkpointing/zero_files.py.
 
-Non-finite steps (pipeline/fault.py NonFiniteGuard): the engine updates inside `engine.step()`,
+Non-finite steps (pipeline/training/fault.py NonFiniteGuard): the engine updates inside `engine.step()`,
 before the training loop sees the loss. DeepSpeed 0.19.8 discards an update itself when the
 global gradient norm is NaN/inf (ZeRO-1/2 `step`, fp32 and bf16 with `bf16.check_grad_overflow`;
 ZeRO-3 always): it clears the gradients and its reduce buffers, leaves weights and AdamW state
@@ -37,12 +33,11 @@ untouched, reports the norm as inf and counts `engine.skipped_steps`. A NaN/inf 
 make the gradients non-finite, so a rank whose loss is not finite turns its gradients into NaN
 before they are reduced (`_nan_unless_finite` for PP = 1; the stage gradients for PP > 1): then
 DeepSpeed skips exactly the steps the guard skips (loss or norm not finite). Overrides that would
-turn DeepSpeed's check off are refused (NONFINITE_CHECK_KEYS).
+turn DeepSpeed's check off are refused (zero_config.py NONFINITE_CHECK_KEYS).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -50,177 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-ZERO_STAGES = (1, 2, 3)
-
-# Keys derived from famtron's typed config: a user JSON may not change them (set the config key).
-OWNED_KEYS = {
-    "gradient_clipping": "optim.grad_clip",
-    "train_micro_batch_size_per_gpu": "data.micro_batch_size",
-    "gradient_accumulation_steps": "data.global_batch_size / (micro_batch_size x DP)",
-    "train_batch_size": "data.global_batch_size",
-    "zero_optimization.stage": "the ZeRO stage",
-    "bf16.enabled": "train.dtype",
-}
-
-
-# DeepSpeed settings its non-finite check needs (see the module docstring): must stay True.
-NONFINITE_CHECK_KEYS = ("bf16.check_grad_overflow", "zero_optimization.compute_grad_norm")
-
-
-def validate_zero(zero_stage: int, pipeline_parallel_size: int = 1, offload_optimizer: bool = False) -> None:
-    """Raise ValueError naming the numbers of an unsupported combination, before any work."""
-    if zero_stage not in ZERO_STAGES:
-        raise ValueError(
-            f"zero_stage={zero_stage!r}: must be one of {ZERO_STAGES} (without ZeRO, data parallelism is the "
-            "plain gradient all-reduce of pipeline/train.py)"
-        )
-    if pipeline_parallel_size > 1 and zero_stage != 1:
-        raise ValueError(
-            f"zero_stage={zero_stage} with pipeline_parallel_size={pipeline_parallel_size}: only ZeRO-1 works with "
-            "pipeline parallelism (ZeRO-2 partitions gradients and ZeRO-3 gathers parameters inside each backward, "
-            "which the pipeline schedule runs outside DeepSpeed); use zero_stage=1 or pipeline_parallel_size=1"
-        )
-    if offload_optimizer and pipeline_parallel_size > 1:
-        raise ValueError(
-            f"offload_optimizer with pipeline_parallel_size={pipeline_parallel_size} is not supported "
-            "(DeepSpeed's CPU-offload path reduces gradients inside backward); use pipeline_parallel_size=1"
-        )
-
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _lookup(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
-def to_deepspeed_config(
-    zero_stage: int,
-    micro_batch_size: int,
-    grad_accum_steps: int,
-    grad_clip: float,
-    bf16: bool,
-    offload_optimizer: bool,
-    dp_world_size: int,
-    user_overrides: dict | None = None,
-    pipeline_parallel_size: int = 1,
-) -> dict:
-    """The DeepSpeed JSON (pure). `user_overrides` is deep-merged on top; it may tune anything except
-    the keys in OWNED_KEYS, which must agree with the derived values (ValueError otherwise).
-    With PP > 1 the schedule's micro-batches are the accumulation: grad_accum_steps must be 1."""
-    validate_zero(zero_stage, pipeline_parallel_size, offload_optimizer)
-    if pipeline_parallel_size > 1 and grad_accum_steps != 1:
-        raise ValueError(
-            f"grad_accum_steps={grad_accum_steps} with pipeline_parallel_size={pipeline_parallel_size}: the pipeline "
-            "schedule's micro-batches are the accumulation; give the engine grad_accum_steps=1 and the schedule "
-            "micro_batch_size x accumulation samples per step"
-        )
-    zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": False}
-    if zero_stage in (1, 2):
-        # Saves each partition's optimizer state unflattened per parameter, so a checkpoint loads at
-        # another data-parallel size (pipeline/zero_checkpoint.py).
-        zero["elastic_checkpoint"] = True
-    if pipeline_parallel_size > 1:
-        zero["contiguous_gradients"] = False  # no per-parameter hooks firing inside the schedule's backward
-    if offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
-        "train_batch_size": micro_batch_size * grad_accum_steps * dp_world_size,
-        "gradient_clipping": float(grad_clip),
-        "zero_optimization": zero,
-        "bf16": {"enabled": bool(bf16)},
-        "fp16": {"enabled": False},
-        "zero_allow_untested_optimizer": True,  # famtron's torch AdamW (pipeline/optim.py)
-        "zero_force_ds_cpu_optimizer": False,  # offload may step a torch optimizer (DeepSpeedCPUAdam is faster)
-        "steps_per_print": 2**31 - 1,  # famtron logs; DeepSpeed stays quiet
-        "wall_clock_breakdown": False,
-    }
-    if not user_overrides:
-        return config
-    merged = _deep_merge(config, user_overrides)
-    for key, source in OWNED_KEYS.items():
-        if _lookup(merged, key) != _lookup(config, key):
-            raise ValueError(
-                f"DeepSpeed override {key}={_lookup(merged, key)!r} contradicts the derived {_lookup(config, key)!r}; "
-                f"set {source} instead"
-            )
-    for key in NONFINITE_CHECK_KEYS:
-        if _lookup(merged, key) is False:
-            raise ValueError(f"DeepSpeed override {key}=false: it would let a NaN/inf step update the weights; "
-                             "famtron skips such steps (train.max_nonfinite_steps): remove the override")
-    return merged
-
-
-class MegatronMPU:
-    """The `mpu` DeepSpeed asks for, over megatron-core's groups. megatron-core's `parallel_state`
-    module itself lacks `get_model_parallel_rank/world_size`, which DeepSpeed calls.
-    Model parallel = megatron's TP x PP group: DeepSpeed sums gradient norms and checks overflow
-    over it and names checkpoint files by its rank (unique per TP x PP coordinate)."""
-
-    def __init__(self, tp_group, pp_group, dp_group, mp_group):
-        self._tp, self._pp, self._dp, self._mp = tp_group, pp_group, dp_group, mp_group
-
-    @classmethod
-    def from_parallel_state(cls) -> MegatronMPU:
-        from megatron.core import parallel_state as ps
-
-        return cls(ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
-                   ps.get_data_parallel_group(), ps.get_model_parallel_group())
-
-    def get_model_parallel_group(self):
-        return self._mp
-
-    def get_model_parallel_rank(self) -> int:
-        return dist.get_rank(self._mp)
-
-    def get_model_parallel_world_size(self) -> int:
-        return dist.get_world_size(self._mp)
-
-    def get_tensor_model_parallel_group(self):
-        return self._tp
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return dist.get_rank(self._tp)
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return dist.get_world_size(self._tp)
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return dist.get_process_group_ranks(self._tp)[0]
-
-    def get_pipeline_model_parallel_group(self):
-        return self._pp
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return dist.get_rank(self._pp)
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return dist.get_world_size(self._pp)
-
-    def get_data_parallel_group(self):
-        return self._dp
-
-    def get_data_parallel_rank(self) -> int:
-        return dist.get_rank(self._dp)
-
-    def get_data_parallel_world_size(self) -> int:
-        return dist.get_world_size(self._dp)
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(self._dp)
+from pipeline.parallel.mpu import MegatronMPU
 
 
 class ZeroModule(torch.nn.Module):
@@ -257,22 +82,22 @@ class ZeroModule(torch.nn.Module):
         return out
 
 
-def build_zero_engine(module: ZeroModule, optimizer: torch.optim.Optimizer, ds_config: dict, mpu: MegatronMPU | None = None):
-    """deepspeed.initialize on megatron's groups (torch.distributed must already be initialised,
-    e.g. by model.init_parallel). The engine broadcasts parameters from DP rank 0 of each group."""
+def build_zero_engine(module: ZeroModule, optimizer: torch.optim.Optimizer, ds_config: dict, mpu: MegatronMPU):
+    """deepspeed.initialize on the run's groups (pipeline/parallel/groups.py start_groups first).
+    The engine broadcasts parameters from DP rank 0 of each group."""
     _use_cpu_accelerator_without_cuda()
     import deepspeed
 
     if ds_config["zero_optimization"]["stage"] == 3:
         apply_zero3_external_parameters(module)
     if not dist.is_initialized():
-        raise RuntimeError("build_zero_engine needs torch.distributed and megatron's groups: call model.init_parallel first")
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
-                                      mpu=mpu or MegatronMPU.from_parallel_state(), dist_init_required=False)
+        raise RuntimeError("build_zero_engine needs torch.distributed: pipeline.parallel.groups.start_groups first")
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu,
+                                      dist_init_required=False)
     return engine
 
 
-def build_zero3_init(ds_config: dict, mpu: MegatronMPU | None = None):
+def build_zero3_init(ds_config: dict, mpu: MegatronMPU):
     """The context to construct a model in under ZeRO-3: each module's parameters are
     partitioned over the data-parallel group as soon as its __init__ returns, so no rank ever
     holds the whole fp32 model (fam-24b: ~100 GB) on its GPU or in host memory; at most one
@@ -289,7 +114,6 @@ def build_zero3_init(ds_config: dict, mpu: MegatronMPU | None = None):
     # As deepspeed.initialize does; before it, DeepSpeed's config sees no ranks and checks the
     # batch sizes against a data-parallel size of 1.
     deepspeed.init_distributed(get_accelerator().communication_backend_name(), dist_init_required=False)
-    mpu = mpu or MegatronMPU.from_parallel_state()
     return deepspeed.zero.Init(data_parallel_group=mpu.get_data_parallel_group(), config_dict_or_path=ds_config,
                                mpu=mpu)
 
@@ -355,14 +179,14 @@ def zero_train_step(engine, micro_batches: list[dict], lr: float | None = None) 
         engine.step()
         total = total + loss.detach().float()  # stays on the device: no sync per micro-batch
         first = out if first is None else first
-    return ZeroStepResult(total / len(micro_batches), _grad_norm(engine), first)
+    return ZeroStepResult(total / len(micro_batches), grad_norm_of(engine), first)
 
 
 def zero_pipeline_step(engine, schedule, stages, tokens, labels, offsets, initial_state=None, lr: float | None = None):
     """One optimizer step with PP > 1 and ZeRO-1: the schedule's forward/backward, then what
     engine.backward does at the accumulation boundary, then engine.step(). Returns the mean loss on
     ranks with the last stage, else None (as pipeline_step)."""
-    from pipeline.pipeline_parallel import pipeline_step
+    from pipeline.parallel.stages import pipeline_step
 
     if engine.zero_optimization_stage() != 1 or engine.gradient_accumulation_steps() != 1:
         raise ValueError(
@@ -389,7 +213,7 @@ def _nan_unless_finite(loss: torch.Tensor) -> torch.Tensor:
     return loss * scale
 
 
-def _grad_norm(engine) -> float | None:
+def grad_norm_of(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
 

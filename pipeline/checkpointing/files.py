@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.manifest import fsync_dir, sha256_file
-from pipeline.distributed import barrier
+from pipeline.parallel.collectives import barrier
 
 log = logging.getLogger("famtron")
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrackingConfig
+from pipeline.config.tree import TrackingConfig
 
 log = logging.getLogger("famtron")
 

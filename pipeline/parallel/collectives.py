@@ -1,88 +1,19 @@
-"""Process-group helpers for the training loop: ranks, data-parallel gradient averaging,
-broadcasts and barriers. All work with a 1-process group or without torch.distributed.
+"""The collectives of the training step: data-parallel gradient averaging, broadcasts, reductions,
+barriers and the peak-memory gather. All work with a 1-process group or without torch.distributed.
 
-Groups come from megatron-core's `parallel_state` (initialised by `model.init_parallel`);
-the functions take them as arguments rather than reaching for globals.
+Groups come from pipeline/parallel/groups.py's ProcessGroups; the functions take them as
+arguments rather than reaching for globals.
 """
 
 from __future__ import annotations
 
-import os
 import resource
 import socket
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
-
-@dataclass
-class Ranks:
-    """This process's coordinates. `dp_*`: data parallel, `tp_*`: tensor, `pp_*`: pipeline parallel."""
-
-    rank: int = 0
-    world_size: int = 1
-    dp_rank: int = 0
-    dp_size: int = 1
-    tp_rank: int = 0
-    tp_size: int = 1
-    pp_rank: int = 0
-    pp_size: int = 1
-    dp_group: Any = None
-    tp_group: Any = None
-    pp_group: Any = None
-
-    @property
-    def is_rank0(self) -> bool:
-        return self.rank == 0
-
-
-def build_ranks() -> Ranks:
-    """Ranks and groups from megatron's parallel_state (after model.init_parallel)."""
-    from megatron.core import parallel_state as ps
-
-    if not dist.is_initialized():
-        return Ranks()
-    return Ranks(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        dp_rank=ps.get_data_parallel_rank(),
-        dp_size=ps.get_data_parallel_world_size(),
-        tp_rank=ps.get_tensor_model_parallel_rank(),
-        tp_size=ps.get_tensor_model_parallel_world_size(),
-        pp_rank=ps.get_pipeline_model_parallel_rank(),
-        pp_size=ps.get_pipeline_model_parallel_world_size(),
-        dp_group=ps.get_data_parallel_group(),
-        tp_group=ps.get_tensor_model_parallel_group(),
-        pp_group=ps.get_pipeline_model_parallel_group(),
-    )
-
-
-def destroy_parallel() -> None:
-    """Undo model.init_parallel: megatron's groups, then torch.distributed's."""
-    from megatron.core import parallel_state as ps
-
-    ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def launch_world_size() -> int:
-    """World size from the launcher (torchrun sets WORLD_SIZE), before any group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def select_device(device: str) -> torch.device:
-    """`auto`: this rank's GPU (LOCAL_RANK under torchrun) when CUDA exists, else CPU."""
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto")
-    index = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
 
 
 def barrier() -> None:
