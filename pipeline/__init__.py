@@ -10,3 +10,10 @@
 
 Entry points are thin top-level modules: `python -m pipeline.train`, `python -m pipeline.memory`.
 """
+
+import warnings
+
+# mlflow 3.17's sqlite store asks SQLAlchemy for a loader strategy SQLAlchemy has deprecated; a
+# notice for mlflow, repeated for every logged batch. (Model-side notices: model/__init__.py.)
+warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated", category=DeprecationWarning,
+                        module=r"mlflow\.")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.time_bounds import HANG_GUARD_SECONDS
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_SEQ_LEN = 64
 
@@ -42,7 +44,7 @@ def shards(tmp_path_factory) -> Path:
         [sys.executable, "-m", "data_prep.shard", "--input", str(root / "text"), "--tokenizer", "byte",
          "--seq-len", str(SHARD_SEQ_LEN), "--output", str(out), "--samples-per-shard", "32",
          "--valid-fraction", "0.2", "--no-progress"],
-        cwd=ROOT, check=True, timeout=120, capture_output=True,
+        cwd=ROOT, check=True, timeout=HANG_GUARD_SECONDS, capture_output=True,
     )
     return out
 
@@ -118,7 +120,7 @@ def mlflow_server(tmp_path_factory) -> str:
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + HANG_GUARD_SECONDS
         while True:
             if server.poll() is not None:
                 raise RuntimeError(f"mlflow server exited with {server.returncode}: {(root / 'server.log').read_text()[-2000:]}")
@@ -129,7 +131,7 @@ def mlflow_server(tmp_path_factory) -> str:
             except OSError:
                 pass
             if time.time() > deadline:
-                raise TimeoutError(f"mlflow server on {uri} not healthy after 90 s")
+                raise TimeoutError(f"mlflow server on {uri} not healthy after {HANG_GUARD_SECONDS:.0f} s")
             time.sleep(0.5)
         yield uri
     finally:

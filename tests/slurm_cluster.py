@@ -3,7 +3,7 @@
 
     from tests.slurm_cluster import slurm_cluster      # session fixture: a started SlurmCluster
     job = slurm_cluster.sbatch(["-N", "2", "slurm/train.sbatch", ...])
-    info = slurm_cluster.wait_job(job, timeout_seconds=120)   # {"JobState": "COMPLETED", ...}
+    info = slurm_cluster.wait_job(job)              # {"JobState": "COMPLETED", ...}
 
 Layout: everything lives in one fresh folder under /tmp (short, because munge's unix socket
 path must fit in 108 bytes): its own munge key and socket, slurm.conf, state, spool, logs.
@@ -32,11 +32,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.time_bounds import HANG_GUARD_SECONDS
+
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL_HINT = "Slurm is not installed: run `slurm/install.sh` (apt-get install slurm-wlm munge) first"
 NODES = {"n1": "127.0.1.1", "n2": "127.0.2.1"}
 CPUS_PER_NODE = 2
 GPU_PARTITION, GPU_NODES, GPUS_PER_GPU_NODE = "gpu8", 8, 8
+# Seconds between the SIGTERM Slurm sends a job step's processes (scancel, time limit, a failed
+# task under srun --kill-on-bad-exit) and its SIGKILL: the grace a stopped or stuck rank gets.
+KILL_WAIT_SECONDS = 30
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED"}
 
@@ -133,7 +138,7 @@ GresTypes=gpu
 # (there is no accounting database, so sacct cannot answer).
 MinJobAge=3600
 # Give a signalled/cancelled job time to save before SIGKILL, as on a real cluster.
-KillWait=30
+KillWait={KILL_WAIT_SECONDS}
 SlurmdTimeout=30
 InactiveLimit=0
 # Start a requeued job as soon as it is eligible rather than at the next periodic pass.
@@ -158,7 +163,7 @@ PartitionName={GPU_PARTITION} Nodes=g[01-0{GPU_NODES}] MaxTime=INFINITE State=UP
                                             preexec_fn=_die_with_parent)
         log.close()
 
-    def start(self, timeout_seconds: float = 30.0) -> "SlurmCluster":
+    def start(self, timeout_seconds: float = HANG_GUARD_SECONDS) -> "SlurmCluster":
         missing = missing_binaries()
         if missing:
             raise RuntimeError(f"{INSTALL_HINT} (missing: {', '.join(missing)})")
@@ -229,7 +234,8 @@ PartitionName={GPU_PARTITION} Nodes=g[01-0{GPU_NODES}] MaxTime=INFINITE State=UP
 
     # ------------------------------------------------------------ clients
 
-    def run(self, argv: list[str], check: bool = True, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], check: bool = True, timeout: float = HANG_GUARD_SECONDS,
+            **kwargs) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster (text output)."""
         return subprocess.run(argv, env=kwargs.pop("env", self.env), capture_output=True, text=True, check=check,
                               timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
@@ -244,8 +250,8 @@ PartitionName={GPU_PARTITION} Nodes=g[01-0{GPU_NODES}] MaxTime=INFINITE State=UP
         out = self.run(["scontrol", "show", "job", "-o", str(job_id)]).stdout.splitlines()[0]
         return dict(re.findall(r"(\w+(?::\w+)?)=(\S*)", out))
 
-    def wait_job(self, job_id: int | str, timeout_seconds: float = 180, states: set[str] = TERMINAL_STATES,
-                 poll_seconds: float = 0.5) -> dict[str, str]:
+    def wait_job(self, job_id: int | str, timeout_seconds: float = HANG_GUARD_SECONDS,
+                 states: set[str] = TERMINAL_STATES, poll_seconds: float = 0.5) -> dict[str, str]:
         """Poll until the job is in one of `states`; TimeoutError shows its last record and the logs."""
         deadline = time.time() + timeout_seconds
         while True:

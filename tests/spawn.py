@@ -12,6 +12,8 @@ import traceback
 
 import torch.multiprocessing as mp
 
+from tests.time_bounds import HANG_GUARD_SECONDS
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,7 +32,7 @@ def _entry(rank, world_size, port, fn, args, queue):
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_on_ranks(fn, world_size: int, *args, timeout_seconds: float = 240.0) -> list:
+def run_on_ranks(fn, world_size: int, *args, timeout_seconds: float = HANG_GUARD_SECONDS) -> list:
     """fn(rank, world_size, *args) on world_size processes; returns results in rank order."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

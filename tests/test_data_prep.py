@@ -19,6 +19,7 @@ import pytest
 
 from data_prep import corpus, pack, shard
 from data_prep.tokenizer import load_tokenizer, token_dtype
+from tests.time_bounds import HANG_GUARD_SECONDS
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()
 
@@ -281,9 +282,9 @@ def test_bad_settings_and_too_little_data_are_explained(tmp_path):
 def test_cli_prints_error_and_help(tmp_path):
     cmd = [sys.executable, "-m", "data_prep.shard", "--input", str(tmp_path / "nowhere"),
            "--tokenizer", "byte", "--seq-len", "8", "--output", str(tmp_path / "out")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert result.returncode != 0 and "error: no input files matched" in result.stderr
     help_text = subprocess.run([sys.executable, "-m", "data_prep.shard", "--help"],
-                               capture_output=True, text=True, timeout=60).stdout
+                               capture_output=True, text=True, timeout=HANG_GUARD_SECONDS).stdout
     assert "--samples-per-shard" in help_text and "--merge" in help_text
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from data_prep import shard, stats, validate
+from tests.time_bounds import HANG_GUARD_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["fam", "memory", "block", "attention", "feedback", "loop", "naïve"]
@@ -138,7 +139,7 @@ def test_validate_cli_exits_nonzero_and_names_the_shard(data, tmp_path):
     name = json.loads(path.read_text())["shards"][2]["name"]
     (path.parent / name).write_bytes(b"not a tar")
     result = subprocess.run([sys.executable, "-m", "data_prep.validate", str(path)],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert result.returncode == 1 and f"TRUNCATED {name}" in result.stdout
 
 

@@ -14,6 +14,7 @@ import torch
 from pipeline.training.fault import (NonFiniteGuard, SampleKeyRecorder, StopRequest, WallBudget, read_sample_keys,
                             write_status)
 from tests.spawn import run_on_ranks
+from tests.time_bounds import HANG_GUARD_SECONDS, LOAD_MARGIN_SECONDS
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
@@ -80,9 +81,10 @@ def test_status_file_is_written_only_when_the_launcher_asks(tmp_path, monkeypatc
     assert (tmp_path / "job" / "status").read_text() == "KILLED\n"
 
 
-def _hung_peer_worker(rank: int, world_size: int, timeout_seconds: float) -> dict:
-    """Rank 1 stops taking part (as if frozen); rank 0's collectives on the default group and
-    on megatron's data-parallel group must fail after about `timeout_seconds`."""
+def _hung_peer_worker(rank: int, world_size: int, timeout_seconds: float, done_file: str) -> dict:
+    """Rank 1 stops taking part (as if frozen) but stays alive until rank 0 is done, so rank 0's
+    collectives on the default group and on megatron's data-parallel group can only end by
+    their timeout, never by rank 1's exit closing the connection."""
     import torch.distributed as dist
 
     from pipeline.parallel.groups import start_groups
@@ -90,7 +92,9 @@ def _hung_peer_worker(rank: int, world_size: int, timeout_seconds: float) -> dic
     groups = start_groups(1, 1, "gloo", timeout_seconds, device="cpu")
     out = {}
     if rank == 1:
-        time.sleep(2 * timeout_seconds + 4)  # longer than both of rank 0's waits
+        deadline = time.monotonic() + HANG_GUARD_SECONDS
+        while not os.path.exists(done_file) and time.monotonic() < deadline:
+            time.sleep(0.1)
         return out
     for name, group in (("default", None), ("data_parallel", groups.dp_group)):
         started = time.monotonic()
@@ -99,15 +103,19 @@ def _hung_peer_worker(rank: int, world_size: int, timeout_seconds: float) -> dic
             out[name] = ("returned", time.monotonic() - started)
         except RuntimeError as err:
             out[name] = (type(err).__name__, time.monotonic() - started)
+    open(done_file, "w").close()
     return out
 
 
-def test_collectives_time_out_instead_of_hanging_on_a_silent_peer():
-    """The default of 30 minutes would hang this test; 3 s must end each wait in 3-10 s."""
-    result = run_on_ranks(_hung_peer_worker, 2, 3.0, timeout_seconds=120)[0]
+def test_collectives_time_out_instead_of_hanging_on_a_silent_peer(tmp_path):
+    """The default of 30 minutes would hang this test; a 3 s timeout must end each wait in no
+    less than 3 s (gloo does not give up early; 0.5 s for its millisecond deadline and the two
+    clock readings) and no more than 3 s plus the load margin (waking a thread, raising)."""
+    timeout = 3.0
+    result = run_on_ranks(_hung_peer_worker, 2, timeout, str(tmp_path / "done"))[0]
     for group in ("default", "data_parallel"):
         outcome, seconds = result[group]
-        assert outcome != "returned" and 2.5 <= seconds <= 10.0, (group, result)
+        assert outcome != "returned" and timeout - 0.5 <= seconds <= timeout + LOAD_MARGIN_SECONDS, (group, result)
 
 
 # ---------------------------------------------------------------- in the real training loop
@@ -178,16 +186,53 @@ def test_a_run_that_raises_still_sends_its_buffered_metrics(shards, tmp_path, mo
     assert sorted(m.step for m in client.get_metric_history(failed.info.run_id, "loss")) == [1, 2]
 
 
-def test_wall_budget_saves_and_stops_in_time(shards, tmp_path):
-    """A 100000-step run with a 4 s budget stops with a complete, resumable checkpoint."""
+def _time_the_loop(monkeypatch) -> dict:
+    """Spy on the training loop: its StopRequest (the wall budget's start, the loop's end, the
+    slowest step the budget saw, why it stopped), when each step began, each save's seconds."""
+    import pipeline.training.loop as train_module
+
+    seen: dict = {"step_starts": [], "saves": []}
+    real_step, real_save = train_module.train_step, train_module.save
+
+    class TimedStopRequest(train_module.StopRequest):
+        def __exit__(self, *exc):
+            seen.update(start=self.budget.start, end=time.monotonic(), slowest_step=self.budget._step,
+                        reason=self.reason)
+            return super().__exit__(*exc)
+
+    def timed_step(*args, **kwargs):
+        seen["step_starts"].append(time.monotonic())
+        return real_step(*args, **kwargs)
+
+    def timed_save(*args, **kwargs):
+        started = time.monotonic()
+        path = real_save(*args, **kwargs)
+        seen["saves"].append(time.monotonic() - started)
+        return path
+
+    monkeypatch.setattr(train_module, "StopRequest", TimedStopRequest)
+    monkeypatch.setattr(train_module, "train_step", timed_step)
+    monkeypatch.setattr(train_module, "save", timed_save)
+    return seen
+
+
+def test_wall_budget_saves_and_stops_in_time(shards, tmp_path, monkeypatch):
+    """A 100000-step run with a 4 s budget stops with a complete, resumable checkpoint, and in
+    time: no step begins once the budget has run out, so the run ends at most one step and one save
+    after it. Load-proof, as the budget keeps 2 x (slowest step + slowest save) in hand, while what
+    runs between a step and the next is a log line; setup is outside the budget."""
     from pipeline.checkpointing.files import verify_checkpoint
 
-    started = time.monotonic()
+    budget = 4.0
+    seen = _time_the_loop(monkeypatch)
     summary = _train(shards, tmp_path / "run", train__steps=100000, optim__warmup_steps=10,
-                     train__eval_interval_steps=0, checkpoint__save_interval_steps=0, train__max_wall_seconds=4)
-    assert summary["status"] == "KILLED" and 1 <= summary["step"] < 100000
-    assert verify_checkpoint(summary["last_checkpoint"]) is None
-    assert time.monotonic() - started < 60  # setup + 4 s + one save, with a wide margin for a loaded machine
+                     train__eval_interval_steps=0, checkpoint__save_interval_steps=0, train__max_wall_seconds=budget)
+    assert summary["status"] == "KILLED" and 1 <= summary["step"] < 100000 and seen["reason"] == "max_wall_seconds"
+    assert verify_checkpoint(summary["last_checkpoint"]) is None and len(seen["saves"]) == 1
+    last_step_began = seen["step_starts"][-1] - seen["start"]
+    assert last_step_began < budget, seen
+    # Nor early: it stops once less than 2 x (step + save) is left, a save guessed as a step until one is seen.
+    assert seen["end"] - seen["start"] >= budget - 4 * seen["slowest_step"], seen
 
 
 @pytest.mark.parametrize("override, message", [

@@ -28,6 +28,7 @@ from pipeline.memory.terms import (
     layer_held_bytes,
     stage_params,
 )
+from tests.time_bounds import HANG_GUARD_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "configs" / "recipes"
@@ -64,7 +65,7 @@ def _small(**over) -> ModelArgs:
 def _saved_bytes(args: ModelArgs, batch: int, seq: int, monkeypatch) -> tuple[int, int]:
     """Bytes of the distinct storages autograd saves in one forward (parameters excluded), and of
     those, the bytes saved only by the soft-prompt stream's scan step (a step over no block keys)."""
-    import model.layer as layer_module
+    import model.scan as scan_module
 
     torch.manual_seed(0)
     model = build_model(args, device="cpu")
@@ -72,19 +73,14 @@ def _saved_bytes(args: ModelArgs, batch: int, seq: int, monkeypatch) -> tuple[in
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
     in_prompt_step, prompt_storages = [False], set()
-    real_step_for = layer_module.fam_step_for
+    real_step = scan_module.fam_step  # the CPU (eager) scan's step
 
-    def step_for(device):
-        step = real_step_for(device)
-
-        def flagged(fam, block_k, *rest):
-            in_prompt_step[0] = block_k.shape[0] == 0
-            try:
-                return step(fam, block_k, *rest)
-            finally:
-                in_prompt_step[0] = False
-
-        return flagged
+    def flagged(fam, block_k, *rest):
+        in_prompt_step[0] = block_k.shape[0] == 0
+        try:
+            return real_step(fam, block_k, *rest)
+        finally:
+            in_prompt_step[0] = False
 
     def pack(t):
         storage = t.untyped_storage()
@@ -93,7 +89,7 @@ def _saved_bytes(args: ModelArgs, batch: int, seq: int, monkeypatch) -> tuple[in
             (prompt_storages.add if in_prompt_step[0] else prompt_storages.discard)(storage.data_ptr())
         return t
 
-    monkeypatch.setattr(layer_module, "fam_step_for", step_for)
+    monkeypatch.setattr(scan_module, "fam_step", flagged)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(tokens[:, :-1], labels=tokens[:, 1:], return_logits=False)
     return sum(storages.values()), sum(storages[p] for p in prompt_storages)
@@ -269,11 +265,11 @@ def test_recipe_folder_has_exactly_the_tested_recipes():
 
 def test_command_line_prints_the_table_and_exits_zero_when_it_fits():
     out = subprocess.run([sys.executable, "-m", "pipeline.memory", "--config", str(RECIPES / "fam-24b-8x80gb.yaml"),
-                          "--dp", "4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          "--dp", "4"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert out.returncode == 0, out.stderr
     assert "rank 7 (6 layers)" in out.stdout and "fits: peak" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "pipeline.memory", "--config", "fam-24b", "--tp", "2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert bad.returncode == 2 and "num_query_groups" in bad.stderr
 
 

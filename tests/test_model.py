@@ -181,28 +181,23 @@ def record_megatron_layers(model, tokens, offsets, monkeypatch) -> list[dict]:
     its block attention and on its FAM scan steps. Per layer, in call order: token query and key
     positions [b, S] (rope_sbnd), FAM query and key tables [b, T, F] (FAMLayer._fam_rope), the
     BlockLayout the block queries attend with, and each scan step's number of block keys."""
-    import model.layer as layer_module
+    import model.scan as scan_module
     from model.attention import FAMSelfAttention
     from tests import rope_spy
 
     events: list = []
-    real_attend, real_step_for = FAMSelfAttention.attend_blocks, layer_module.fam_step_for
+    real_attend, real_step = FAMSelfAttention.attend_blocks, scan_module.fam_step
 
     def attend_blocks(self, q, k, v, layout):
         events.append(("blocks", layout))
         return real_attend(self, q, k, v, layout)
 
-    def fam_step_for(device):
-        step = real_step_for(device)
-
-        def counted(fam, block_k, *rest):
-            events.append(("scan", block_k.shape[0]))
-            return step(fam, block_k, *rest)
-
-        return counted
+    def counted(fam, block_k, *rest):  # the CPU (eager) scan's step
+        events.append(("scan", block_k.shape[0]))
+        return real_step(fam, block_k, *rest)
 
     monkeypatch.setattr(FAMSelfAttention, "attend_blocks", attend_blocks)
-    monkeypatch.setattr(layer_module, "fam_step_for", fam_step_for)
+    monkeypatch.setattr(scan_module, "fam_step", counted)
     records: list = []
     undo = rope_spy.install(records)
     try:

@@ -23,6 +23,7 @@ from pipeline.train import main, run
 from pipeline.training.draws import draw_step, micro_batch_offsets
 from tests.conftest import ROOT, tiny_overrides
 from tests.spawn import run_on_ranks
+from tests.time_bounds import HANG_GUARD_SECONDS
 
 
 def _run(shards, run_dir, **extra) -> dict:
@@ -79,7 +80,7 @@ def test_dp2_matches_one_process_with_the_same_global_batch(shards, tmp_path):
     all-reduce), ~1e-7 relative per step. AdamW divides by sqrt(v), which can amplify that a
     little over 6 steps, so losses agree to 1e-5 relative and weights to 1e-5 absolute."""
     reference = _run(shards, tmp_path / "one")
-    results = run_on_ranks(_dp_worker, 2, str(shards), str(tmp_path / "two"), timeout_seconds=240)
+    results = run_on_ranks(_dp_worker, 2, str(shards), str(tmp_path / "two"))
     assert results[0]["losses"] == results[1]["losses"]  # every rank logs the DP-averaged loss
     ref_losses = [loss for _, loss in reference["losses"]]
     dp_losses = [loss for _, loss in results[0]["losses"]]
@@ -202,7 +203,7 @@ def test_tp2_matches_tp1_loss_and_grad_norm_with_clipping(shards, tmp_path):
     vocabulary softmax, reordering fp32 sums (~1e-7 relative); 1e-5 over 6 steps allows for
     AdamW amplifying that and is far below the ~1e-2 a wrong clip coefficient causes."""
     reference = _run(shards, tmp_path / "tp1", optim__grad_clip=0.5)
-    results = run_on_ranks(_tp_worker, 2, str(shards), str(tmp_path / "tp2"), timeout_seconds=240)
+    results = run_on_ranks(_tp_worker, 2, str(shards), str(tmp_path / "tp2"))
     np.testing.assert_allclose([v for _, v in results[0]["losses"]], [v for _, v in reference["losses"]], rtol=1e-5)
     # The pre-clip norm of the full model: sharded squares summed over TP, replicated ones once.
     np.testing.assert_allclose([v for _, v in results[0]["grad_norms"]], [v for _, v in reference["grad_norms"]], rtol=1e-5)
@@ -223,12 +224,12 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_sends_the_metrics_and_exit
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + HANG_GUARD_SECONDS
         while not any("step 3/100000" in line for line in lines):
             assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+        assert proc.wait(timeout=HANG_GUARD_SECONDS) == 0, "".join(lines)[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

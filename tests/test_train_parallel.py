@@ -89,7 +89,7 @@ def test_parallel_training_matches_one_process_losses_and_weights(case, shards, 
     absolute for weights), far below the ~1e-2 of a wrong clip coefficient (clip 0.5 is active:
     norms are ~1), a lost micro-batch or a wrong RSP state."""
     world, tp, pp, extra = CASES[case]
-    results = run_on_ranks(_worker, world, str(shards), str(tmp_path / case), extra, timeout_seconds=300)
+    results = run_on_ranks(_worker, world, str(shards), str(tmp_path / case), extra)
     assert all(r["losses"] == results[0]["losses"] for r in results)  # every rank logs the same loss
     got = results[0]
     assert got["rsp_steps"] == reference["rsp_steps"] == 3
@@ -109,13 +109,12 @@ def test_pp2_zero1_resumes_from_its_step_folder_like_the_uninterrupted_run(shard
     """Stop after step 2 (a checkpoint with stage files and DeepSpeed's `zero/` folder under one
     manifest), resume in new processes: losses and weights continue as one process's, to 1e-5."""
     extra = dict(parallel__pipeline_parallel_size=2, parallel__zero_stage=1)
-    first = run_on_ranks(_worker, 2, str(shards), str(tmp_path / "run"), {**extra, "train__exit_after_steps": 2},
-                         timeout_seconds=300)[0]
+    first = run_on_ranks(_worker, 2, str(shards), str(tmp_path / "run"), {**extra, "train__exit_after_steps": 2})[0]
     assert first["last_checkpoint"].endswith("step_00000002")
     files = json.loads((Path(first["last_checkpoint"]) / MANIFEST).read_text())["files"]
     assert {"model_tp00_pp00.pt", "model_tp00_pp01.pt", "zero/famtron_zero.json", "zero/manifest.json"} <= set(files)
     assert verify_checkpoint(first["last_checkpoint"]) is None
-    second = run_on_ranks(_worker, 2, str(shards), str(tmp_path / "run"), extra, timeout_seconds=300)[0]
+    second = run_on_ranks(_worker, 2, str(shards), str(tmp_path / "run"), extra)[0]
     losses = [v for _, v in first["losses"] + second["losses"]]
     np.testing.assert_allclose(losses, [v for _, v in reference["losses"]], rtol=1e-5)
     params = _final_params(second["last_checkpoint"], 1, 2)
@@ -128,7 +127,7 @@ def test_tp2_pp2_checkpoint_resumes_at_tp1_pp1_with_the_same_next_step_loss(shar
     into one process. The next step's loss is computed before its update, so it must equal the
     uninterrupted run's (AdamW moments restart, so later steps are not compared)."""
     extra = dict(parallel__tensor_parallel_size=2, parallel__pipeline_parallel_size=2, train__exit_after_steps=2)
-    run_on_ranks(_worker, 4, str(shards), str(tmp_path / "run"), extra, timeout_seconds=300)
+    run_on_ranks(_worker, 4, str(shards), str(tmp_path / "run"), extra)
     resumed = _run(shards, tmp_path / "run", train__exit_after_steps=1)
     assert [s for s, _ in resumed["losses"]] == [3]
     np.testing.assert_allclose(resumed["losses"][0][1], reference["losses"][2][1], rtol=1e-5)
@@ -139,7 +138,7 @@ def test_tp1_pp1_checkpoint_resumes_at_tp2_pp2_with_the_same_next_step_loss(shar
     files by each of the four ranks; the next step's loss equals the uninterrupted run's."""
     _run(shards, tmp_path / "run", train__exit_after_steps=2)
     extra = dict(parallel__tensor_parallel_size=2, parallel__pipeline_parallel_size=2, train__exit_after_steps=1)
-    resumed = run_on_ranks(_worker, 4, str(shards), str(tmp_path / "run"), extra, timeout_seconds=300)
+    resumed = run_on_ranks(_worker, 4, str(shards), str(tmp_path / "run"), extra)
     assert all(r["losses"] == resumed[0]["losses"] for r in resumed)
     assert [s for s, _ in resumed[0]["losses"]] == [3]
     np.testing.assert_allclose(resumed[0]["losses"][0][1], reference["losses"][2][1], rtol=1e-5)

@@ -278,7 +278,7 @@ def _assert_matches(got: dict, ref: dict, what: str, ref_params: str = "params")
 @pytest.fixture(scope="module")
 def dp2(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero_ckpt")
-    return {"ckpt": root, "runs": run_on_ranks(_zero_worker, 2, 1, (1, 2, 3), str(root), timeout_seconds=300)[0]}
+    return {"ckpt": root, "runs": run_on_ranks(_zero_worker, 2, 1, (1, 2, 3), str(root))[0]}
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -290,14 +290,14 @@ def test_dp2_zero_matches_one_process_losses_and_params(dp2, reference, stage):
 
 
 def test_tp2_dp2_zero2_matches_one_process_losses_and_params(reference):
-    run = run_on_ranks(_zero_worker, 4, 2, (2,), "", timeout_seconds=300)[0][2]
+    run = run_on_ranks(_zero_worker, 4, 2, (2,), "")[0][2]
     _assert_matches(run, reference, "TP=2 x DP=2 ZeRO-2")
     # TP-aware norm: sharded weights summed over TP, replicated ones (norms, FAM prompt) once.
     assert run["last_norm"] == pytest.approx(reference["norms"][STEPS - 1], rel=1e-5)
 
 
 def test_pp2_dp2_zero1_matches_one_process_losses_and_params(reference):
-    run = run_on_ranks(_pp_worker, 4, timeout_seconds=300)[0]
+    run = run_on_ranks(_pp_worker, 4)[0]
     _assert_matches(run, reference, "PP=2 x DP=2 ZeRO-1")
     assert run["last_norm"] == pytest.approx(reference["norms"][STEPS - 1], rel=1e-5)
 
@@ -309,7 +309,7 @@ def resumed(dp2, tmp_path_factory):
     out_dirs = {stage: tmp_path_factory.mktemp(f"consolidated{stage}") for stage in (1, 3)}
     consolidated = {stage: consolidate_zero_checkpoint(dp2["ckpt"], f"zero{stage}", out)[0]  # TP=1: one
                     for stage, out in out_dirs.items()}
-    run = run_on_ranks(_resume_worker, 1, str(dp2["ckpt"]), consolidated, timeout_seconds=300)[0]
+    run = run_on_ranks(_resume_worker, 1, str(dp2["ckpt"]), consolidated)[0]
     return {"run": run, "consolidated": consolidated, "out_dirs": out_dirs}
 
 

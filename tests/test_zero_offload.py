@@ -81,7 +81,7 @@ def test_dp2_zero3_offload_matches_one_process_losses(shards, reference, tmp_pat
     """fp32 on CPU; ZeRO-3 reorders the DP reductions only, so 1e-5 relative as in
     tests/test_train_parallel.py, far below a wrong clip (~1e-2), a lost micro-batch or another
     initial weight (zero.Init must draw the plain build's values)."""
-    results = run_on_ranks(_offload_worker, 2, str(shards), str(tmp_path / "zero3"), timeout_seconds=300)
+    results = run_on_ranks(_offload_worker, 2, str(shards), str(tmp_path / "zero3"))
     got = results[0]
     assert got["rsp_steps"] == reference["rsp_steps"] == 3
     for key in ("losses", "val_losses", "grad_norms"):
@@ -89,7 +89,7 @@ def test_dp2_zero3_offload_matches_one_process_losses(shards, reference, tmp_pat
     assert (Path(got["last_checkpoint"]) / "zero" / "famtron_zero.json").is_file()  # an offloaded ZeRO-3 save
     # Both ranks on this host: their sum lies between the larger one and twice it.
     assert 0 < got["peak_host_gib"] < got["peak_host_node_gib"] <= 2 * got["peak_host_gib"]
-    probe = run_on_ranks(_probe_worker, 2, str(shards), str(tmp_path / "probe"), timeout_seconds=300)[0]
+    probe = run_on_ranks(_probe_worker, 2, str(shards), str(tmp_path / "probe"))[0]
     assert probe["offload"] and probe["optimizer"] == "AdamW" and probe["fp32_devices"] == ["cpu"]
 
 
@@ -124,7 +124,7 @@ def _init_worker(rank: int, world_size: int) -> dict:
 
 
 def test_zero3_init_builds_the_plain_weights_already_partitioned():
-    for got in run_on_ranks(_init_worker, 2, timeout_seconds=120):
+    for got in run_on_ranks(_init_worker, 2):
         assert got["shards_only"]  # no rank ever held the whole model after construction
         assert got["same"]  # gathered, bit for bit the weights of build_model without zero.Init
         # The same decay / no-decay split: zero.Init leaves each parameter's .data empty (1-D), so

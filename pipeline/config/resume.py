@@ -35,6 +35,7 @@ RESUME_SAFE_KEYS = (
     "parallel.pipeline_layout", "parallel.pipeline_schedule", "parallel.backend", "parallel.timeout_seconds",
     "checkpoint.",  # enabled, dir, save_interval_steps, keep_last, resume
     "tracking.",
+    "eval.",  # what and when to evaluate: reads the model, never changes it (pipeline/evaluation/in_loop.py)
 )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from model.config import ModelArgs, check_sequence_parallel_length
 from pipeline.config.tree import Config
+from pipeline.evaluation.settings import validate_eval
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -170,6 +171,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check_optim(cfg)
     check_train(cfg)
     check_checkpoint(cfg)
+    validate_eval(cfg)  # the eval section's rules (pipeline/evaluation/settings.py)
 
 
 def check_data(cfg: Config) -> None:

@@ -2,7 +2,7 @@
 help line (`python -m pipeline.train --help` prints them).
 
 Sections: `model` (model.config.ModelArgs), `data`, `optim`, `train`, `parallel`, `checkpoint`,
-`tracking`. Loading (defaults <- YAML <- CLI) is pipeline/config/load.py; the rules that span
+`tracking`, `eval` (evaluation during training, pipeline/evaluation/). Loading (defaults <- YAML <- CLI) is pipeline/config/load.py; the rules that span
 keys are pipeline/config/rules.py; which keys a resumed run may change, pipeline/config/resume.py.
 """
 
@@ -103,6 +103,25 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = _f(False, "evaluate during training (PassKey, loss by position): pipeline/evaluation/in_loop.py")
+    interval_steps: int = _f(0, "steps between evaluations; 0: only at the end (train.steps); each one checkpoints")
+    at_stop: bool = _f(False, "also evaluate where a run stops early (max_wall_seconds, a signal)")
+    tokenizer: str | None = _f(None, "tokenizer spec of the PassKey prompts; null: the training manifest's")
+    passkey_lengths: list[int] = _f([], "PassKey prompt lengths in tokens; []: no PassKey")
+    passkey_depths: list[float] = _f([0.0, 0.5, 1.0], "key depth fractions in [0, 1]; 0: the paper's key-first prompt")
+    passkey_trials: int = _f(8, "prompts (random keys) per length and depth")
+    passkey_batch_size: int = _f(8, "prompts generated together")
+    passkey_seed: int = _f(0, "seed of the keys: every evaluation asks for the same keys")
+    position_loss_manifest: str | None = _f(None, "held-out manifest.json for loss by position; null: none")
+    position_loss_length: int = _f(4096, "tokens per loss-by-position sequence")
+    position_loss_sequences: int = _f(2, "held-out sequences averaged")
+    position_loss_buckets: int = _f(16, "log-spaced position buckets (at most)")
+    chunk_tokens: int = _f(1024, "tokens per forward call while streaming (a multiple of model.block_size)")
+    max_tokens: int = _f(4_000_000, "cost bound: tokens one evaluation streams (PassKey prompts + sequences)")
+
+
+@dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,6 +130,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]

@@ -5,7 +5,8 @@
 Each step: this rank's micro-batches with the step's RPO offsets and RSP coin
 (pipeline/training/draws.py), then the layout's step (pipeline/training/step.py: forward and
 backward, gradient reduction and clipping, AdamW or DeepSpeed, the NaN/inf guard, the RSP state).
-Around it: validation every train.eval_interval_steps (pipeline/training/evaluation.py),
+Around it: validation every train.eval_interval_steps (pipeline/training/validation.py), PassKey
+and loss by position every eval.interval_steps (pipeline/evaluation/in_loop.py),
 checkpoints every checkpoint.save_interval_steps and at the end (none with
 checkpoint.enabled=false), MLflow from rank 0. SIGINT/SIGTERM/SIGUSR1 finish the current step,
 write a checkpoint and exit; `checkpoint.resume=auto` continues from it, refusing before any work
@@ -25,11 +26,12 @@ import torch.distributed as dist
 
 from pipeline.checkpointing.resume import resolve_resume
 from pipeline.config.tree import Config
+from pipeline.evaluation.in_loop import InLoopEvaluator
 from pipeline.parallel.collectives import peak_memory
 from pipeline.parallel.groups import stop_groups
 from pipeline.training.console import IntervalMeter, build_progress_bar, log_peak_memory
 from pipeline.training.draws import draw_step, micro_batch_offsets
-from pipeline.training.evaluation import evaluate
+from pipeline.training.validation import evaluate
 from pipeline.training.fault import StopRequest, write_status
 from pipeline.training.flops import flops_per_token, peak_flops
 from pipeline.training.optim import lr_at
@@ -71,8 +73,9 @@ def _train(cfg: Config) -> dict:
     if resume is not None and resume.step >= cfg.train.steps:
         return report_finished(cfg, resume, groups)
     tr = build_trainer(cfg, groups)
-    run_id = restore(tr, resume) if resume is not None else None
-    tracker = start_tracking(tr, run_id)
+    saved = restore(tr, resume) if resume is not None else {}
+    tracker = start_tracking(tr, saved.get("mlflow_run_id"))
+    tr.evaluator = InLoopEvaluator.build(tr, tracker, saved.get("eval"))
     record = Record(last_checkpoint=resume.path if resume is not None else None)
     try:
         train_loop(tr, tracker, record)
@@ -116,6 +119,8 @@ def train_loop(tr: Trainer, tracker: Tracker, record: Record) -> None:
     bar = build_progress_bar(tr.groups.is_rank0 and t.progress_bar, t.steps, tr.step)
     data_iter = iter(tr.loader)
     try:
+        if tr.evaluator.catch_up() and tr.cfg.checkpoint.enabled:  # an evaluation the stopped run owed, recorded
+            record.last_checkpoint = save(tr, tracker)
         with StopRequest(t.max_wall_seconds) as stop:
             while tr.step < last_step:
                 started = time.perf_counter()
@@ -129,7 +134,7 @@ def train_loop(tr: Trainer, tracker: Tracker, record: Record) -> None:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{result.loss:.3f}")
-                after_step(tr, tracker, record, meter, result, tr.step == last_step or stopping)
+                after_step(tr, tracker, record, meter, result, tr.step == last_step, stopping)
                 if stopping:
                     break
         record.status = "FINISHED" if tr.step == t.steps else "KILLED"  # KILLED: stopped early, resumable
@@ -141,10 +146,12 @@ def train_loop(tr: Trainer, tracker: Tracker, record: Record) -> None:
 
 
 def after_step(tr: Trainer, tracker: Tracker, record: Record, meter: IntervalMeter, result: StepResult,
-               ending: bool) -> None:
-    """The log line (every train.log_interval_steps), validation and checkpoint when due; `ending`:
-    the last step of this process, which always logs and saves."""
+               last: bool, stopping: bool) -> None:
+    """The log line (every train.log_interval_steps), validation, the in-loop evaluation and the
+    checkpoint when due; the last step of this process (`last`, or `stopping` early) always logs and
+    saves, and so does a step that evaluated (its evaluator state and weights are saved together)."""
     t, step, history = tr.cfg.train, tr.step, record.history
+    ending = last or stopping
     if (step % t.log_interval_steps == 0 or ending) and meter.steps:
         metrics = meter.report(step, result.lr, result.grad_norm)
         if hasattr(tr.loader, "realised_proportions"):  # a blend: the mix actually drawn
@@ -159,9 +166,10 @@ def after_step(tr: Trainer, tracker: Tracker, record: Record, meter: IntervalMet
         history["val_losses"].append((step, val))
         log.info("step %d | validation loss %.4f", step, val)
         tracker.log_metrics(step, {"val_loss": val})
+    evaluated = tr.evaluator.maybe_run(step, stopping)  # pipeline/evaluation/in_loop.py
     tracker.maybe_flush(step)
     interval = tr.cfg.checkpoint.save_interval_steps
-    if ((interval and step % interval == 0) or ending) and tr.cfg.checkpoint.enabled:
+    if ((interval and step % interval == 0) or ending or evaluated) and tr.cfg.checkpoint.enabled:
         save_started = time.perf_counter()
         record.last_checkpoint = save(tr, tracker)
         record.save_seconds = max(record.save_seconds, time.perf_counter() - save_started)

@@ -29,7 +29,8 @@ def save(tr: Trainer, tracker: Tracker) -> Path:
     first: a crash after this save resumes from it, and steps up to it that were still in the
     buffer would never be logged again."""
     tracker.flush()
-    trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id, "pipeline_chunks": tr.strategy.chunks}
+    trainer = {"step": tr.step, "mlflow_run_id": tracker.run_id, "pipeline_chunks": tr.strategy.chunks,
+               "eval": None if tr.evaluator is None else tr.evaluator.state_dict()}
     files = {**run_files(tr.groups, tr.loader, trainer, to_yaml(tr.cfg)), **tr.strategy.checkpoint_files()}
     path = save_checkpoint(tr.cfg.checkpoint.dir, tr.step, files, tr.cfg.checkpoint.keep_last, tr.groups.rank,
                            write_extra=tr.strategy.write_extra(tr.step))
@@ -37,15 +38,15 @@ def save(tr: Trainer, tracker: Tracker) -> Path:
     return path
 
 
-def restore(tr: Trainer, resume: Resume) -> str | None:
+def restore(tr: Trainer, resume: Resume) -> dict:
     """This rank's part of the checkpoint: the step's files, the loader, and (same layout) the RNG;
-    returns the MLflow run id to continue."""
+    returns the saved trainer state (its MLflow run id to continue, the evaluator's state)."""
     trainer = load_file(resume.path, "trainer.pt")
     exact = tr.strategy.restore(resume.path, trainer)
     load_run_files(resume.path, tr.groups, tr.loader, rng=exact)
     tr.step = trainer["step"]
     log.info("resumed from %s (step %d)", resume.path, tr.step)
-    return trainer.get("mlflow_run_id")
+    return trainer
 
 
 def start_tracking(tr: Trainer, run_id: str | None) -> Tracker:

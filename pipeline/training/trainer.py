@@ -38,6 +38,7 @@ class Trainer:
     step: int = 0  # optimizer steps done
     nonfinite: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(0))
     keys: SampleKeyRecorder = field(default_factory=lambda: SampleKeyRecorder(None, 0))
+    evaluator: Any = None  # pipeline/evaluation/in_loop.py: PassKey / loss by position (eval section)
 
 
 def start(cfg: Config) -> ProcessGroups:
