@@ -32,7 +32,7 @@ def _help(default: Any, text: str) -> Any:
 
 @dataclass
 class ModelArgs:
-    """Shape of a TransformerFAM decoder (fam-paper.md §3). F=0 gives BSWA."""
+    """Shape of a TransformerFAM decoder (docs/fam.md, "Model sizes"). F=0 gives BSWA."""
 
     num_layers: int = _help(2, "transformer layers")
     hidden_size: int = _help(64, "model width; hidden_size / num_attention_heads is the head size (even, for RoPE)")

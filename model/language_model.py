@@ -1,7 +1,7 @@
 """The FAM language model on megatron-core: embedding, FAM prompt, FAM layers, final norm, head.
 
 One tensor flows between layers (and, later, pipeline stages): [F + S, b, h], the FAM prompt
-rows followed by the block tokens. The loss and logits use block tokens only (fam-paper.md §6.3).
+rows followed by the block tokens. The loss and logits use block tokens only (docs/fam.md, "The algorithm").
 The model is split into `embed`, `run_layers` and `head` so a pipeline stage can run any part.
 """
 

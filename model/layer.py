@@ -1,4 +1,4 @@
-"""The FAM transformer layer, layer-major (fam-paper.md §2.2: "almost the cost of BSWA").
+"""The FAM transformer layer, layer-major (arXiv 2404.09173 §2.2: "almost the cost of BSWA").
 
 Where the reference loops block by block, this layer processes a whole sequence at once:
   1. QKV of all block tokens in one GEMM;

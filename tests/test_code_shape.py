@@ -70,3 +70,20 @@ def test_long_functions_wide_signatures_and_long_files_are_reported_unless_a_rea
     assert found == ["long", "wide"]
     write(tmp_path, {"pkg/big.py": "x = 1\n" * 401})
     assert "401 lines" in str(code_shape.shape_problems(tmp_path / "pkg/big.py", tmp_path)[0])
+
+
+def test_every_citation_of_the_fam_notes_names_a_section_of_docs_fam_md():
+    """Code cites docs/fam.md by section ('docs/fam.md, "Initial FAM"') and the paper by arXiv id;
+    the research notes outside the repository are cited nowhere."""
+    import re
+
+    sections = set(re.findall(r"^#+ (.+)$", (code_shape.REPO / "docs" / "fam.md").read_text(), re.M))
+    files = [*code_shape.project_modules().values(), *(code_shape.REPO / "tests").glob("*.py"),
+             *(code_shape.REPO / "configs").rglob("*.yaml")]
+    cited, outside = set(), []
+    for path in files:
+        text = path.read_text()
+        cited |= {name for name in re.findall(r'docs/fam\.md,? "([^"]+)"', text)}
+        outside += [str(path)] if "fam-paper" + ".md" in text else []
+    assert cited and cited <= sections, cited - sections
+    assert not outside, outside

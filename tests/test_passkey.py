@@ -17,7 +17,7 @@ from pipeline.evaluation.codec import load_codec
 from pipeline.evaluation.passkey import (FILLER_SENTENCES, TASK, PassKeyText, build_prompt, check_lengths, draw_keys,
                                          score_answer)
 
-# The paper's prompt (fam-paper.md §4.1, Fig. 10: key first, then the filler, then the question),
+# The paper's prompt (arXiv 2404.09173 Fig. 10: key first, then the filler, then the question),
 # 300 bytes: the filler is cut to the 55 bytes the fixed part leaves.
 PAPER_300 = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you "

@@ -60,7 +60,7 @@ class TrainConfig:
     max_nonfinite_steps: int = _f(3, "skip up to this many NaN/inf steps in a row (no update); one more stops the run")
     record_sample_keys: str | None = _f(None, "folder: each rank appends the sample keys of every step (resume/data audits)")
     seed: int = _f(1234, "seed of weights init and of the per-step RPO/RSP draws")
-    rpo: bool = _f(True, "random position offset (fam-paper.md 1.6): offset ~ U[0, 2*pi*rope_base), zero w.p. 0.5")
+    rpo: bool = _f(True, "random position offset (docs/fam.md, RPO and RSP): offset ~ U[0, 2*pi*rope_base), zero w.p. 0.5")
     rsp_probability: float = _f(0.8, "random state passing: probability a step starts from the saved FAM (paper: 0.8)")
     device: str = _f("auto", "auto | cpu | cuda")
     dtype: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")

@@ -9,7 +9,7 @@ tokens reach the output layer (h·V). A matmul weight costs 2 FLOPs per token fo
 backward, hence the 6.
 
 Attention: a query seeing k keys costs 2·n·d·k for QK^T and 2·n·d·k for AV forward, ×3 with
-backward = 12·n·d·k per layer. Keys per query (fam-paper.md §6):
+backward = 12·n·d·k per layer. Keys per query (docs/fam.md, "The mask"):
     block token i of block t: min(t, m)·C (memory) + F (previous FAM, or the learned prompt
                               at t = 0) + (i mod C) + 1 (causal within the block)
     FAM token of block t:     F + |block t| (memory is masked for FAM queries)
