@@ -1,7 +1,7 @@
 """Which checkpoint a run resumes from, decided before the model is built: the folder
 (checkpoint.resume: auto, none or a path), its config against this run's, and every file's
 safety (weights-only loading). What is read from it afterwards is the training step's business
-(pipeline/training/steps.py) and pipeline/checkpointing/shards.py's.
+(pipeline/training/step.py) and pipeline/checkpointing/shards.py's.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Which files of a step folder (layout: pipeline/checkpointing/files.py) each rank writes and reads.
 
-A training step (pipeline/training/steps.py and its layouts) writes its own model and optimizer
+A training step (pipeline/training/step.py and its layouts) writes its own model and optimizer
 shards with the names here; the run around it writes what every layout has: the RNG state of
 each rank, the loader position of each DP rank, the trainer state and the resolved config.
 
