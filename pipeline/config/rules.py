@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import ModelArgs, check_sequence_parallel_length
-from pipeline.config.tree import Config
-from pipeline.evaluation.settings import validate_eval
+from pipeline.config.tree import Config, EvalConfig
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -171,7 +170,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check_optim(cfg)
     check_train(cfg)
     check_checkpoint(cfg)
-    validate_eval(cfg)  # the eval section's rules (pipeline/evaluation/settings.py)
+    check_eval(cfg)
 
 
 def check_data(cfg: Config) -> None:
@@ -252,3 +251,48 @@ def check_checkpoint(cfg: Config) -> None:
         raise ValueError(f"checkpoint.resume={c.resume!r}: must be auto, none or an existing checkpoint folder")
     if cfg.tracking.flush_interval_steps < 1:
         raise ValueError(f"tracking.flush_interval_steps={cfg.tracking.flush_interval_steps}: must be >= 1")
+
+
+def eval_tokens(e: EvalConfig) -> int:
+    """Tokens one evaluation streams through the model (PassKey prompts + held-out sequences)."""
+    passkey = sum(e.passkey_lengths) * len(e.passkey_depths) * e.passkey_trials
+    position = e.position_loss_length * e.position_loss_sequences if e.position_loss_manifest else 0
+    return passkey + position
+
+
+def check_eval(cfg: Config) -> None:
+    """The eval section (in-loop evaluation, pipeline/evaluation/settings.py says why each rule)."""
+    e, p = cfg.eval, cfg.parallel
+    if e.interval_steps < 0:
+        raise ValueError(f"eval.interval_steps={e.interval_steps}: must be >= 0 (0: only at the end)")
+    if not e.enabled:
+        return
+    if p.tensor_parallel_size > 1 or p.pipeline_parallel_size > 1:
+        raise ValueError(
+            f"eval.enabled=true with parallel.tensor_parallel_size={p.tensor_parallel_size} and "
+            f"parallel.pipeline_parallel_size={p.pipeline_parallel_size}: the in-loop evaluation runs the whole model "
+            "in each process and TP/PP ranks hold only shards of it; set eval.enabled=false and evaluate the "
+            "checkpoints with python -m pipeline.evaluate (it loads any layout as one model)")
+    if p.zero_stage == 3:
+        raise ValueError("eval.enabled=true with parallel.zero_stage=3: ZeRO-3 partitions the weights over the ranks "
+                         "and the in-loop evaluation needs them whole; use zero_stage <= 2, or set "
+                         "eval.enabled=false and evaluate the checkpoints with python -m pipeline.evaluate")
+    if not e.passkey_lengths and not e.position_loss_manifest:
+        raise ValueError("eval.enabled=true but there is nothing to evaluate: set eval.passkey_lengths and/or "
+                         "eval.position_loss_manifest")
+    if any(n < 1 for n in e.passkey_lengths):
+        raise ValueError(f"eval.passkey_lengths={e.passkey_lengths}: lengths are token counts >= 1")
+    if e.passkey_lengths and (not e.passkey_depths or any(not 0 <= d <= 1 for d in e.passkey_depths)):
+        raise ValueError(f"eval.passkey_depths={e.passkey_depths}: give fractions in [0, 1] (0: key first)")
+    for key in ("passkey_trials", "passkey_batch_size", "position_loss_length", "position_loss_sequences",
+                "position_loss_buckets", "chunk_tokens", "max_tokens"):
+        if getattr(e, key) < 1:
+            raise ValueError(f"eval.{key}={getattr(e, key)}: must be >= 1")
+    if e.chunk_tokens % cfg.model.block_size:
+        raise ValueError(f"eval.chunk_tokens={e.chunk_tokens}: must be a multiple of model.block_size="
+                         f"{cfg.model.block_size} (the state is carried across whole blocks)")
+    if eval_tokens(e) > e.max_tokens:
+        raise ValueError(
+            f"one evaluation would stream {eval_tokens(e):,} tokens (sum(eval.passkey_lengths) x depths x "
+            f"eval.passkey_trials + eval.position_loss_length x eval.position_loss_sequences), over "
+            f"eval.max_tokens={e.max_tokens:,}: evaluate fewer lengths, depths, trials or sequences, or raise the bound")

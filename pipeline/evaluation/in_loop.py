@@ -19,7 +19,7 @@ What: rank 0 writes `<run_dir>/eval/step_XXXXXXXX/` (passkey.json, passkey_heatm
 position_loss.json, position_loss.png), logs the metrics (pipeline/evaluation/reports.py names)
 at the step and the four files as MLflow artifacts under `eval/step_XXXXXXXX/`. Under data
 parallelism every rank evaluates a share (PassKey cells, held-out sequences) and rank 0 gathers;
-TP/PP/ZeRO-3 are refused by validate_eval. The weights are evaluated in fp32 as stored, whatever
+TP/PP/ZeRO-3 are refused by pipeline/config/rules.py check_eval. The weights are evaluated in fp32 as stored, whatever
 the training's autocast (the numbers do not depend on the step's dtype, and the decode path of
 model/generation is checked in fp32), with no RNG draws: evaluating does not change the training
 that follows.
