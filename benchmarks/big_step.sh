@@ -13,7 +13,7 @@
 # Settings (environment): NPROC ranks (4), SEQ tokens (8192), CONFIG, OUT work folder
 # (/tmp/famtron-big-step; shards are reused), PYTHON (python3), EXTRA more --section.key=value.
 # Host memory is the tight resource (~116 GiB per rank with the offloaded optimizer, see
-# pipeline/memory.py), so: the offloaded AdamW gets the cores per rank (torchrun would set
+# pipeline/memory/estimate.py), so: the offloaded AdamW gets the cores per rank (torchrun would set
 # OMP_NUM_THREADS=1), and torch.compile builds its kernels in-process instead of in a pool of up
 # to 32 worker processes per rank (a few hundred MiB each).
 set -euo pipefail

@@ -39,67 +39,85 @@ def stdlib_windows(seq_len: int, count: int) -> torch.Tensor:
     return torch.from_numpy(data[:need].astype(np.int64)).view(count, seq_len + 1)
 
 
+def build_cell(opts, groups, args, per_rank: int) -> dict:
+    """The layout's model (or this rank's stages and schedule), optimizer and ZeRO engine, from
+    the same initial weights in every layout (drawn per parameter name, model/init.py)."""
+    from model import build_model
+    from pipeline.parallel.stages import build_schedule, build_stages
+
+    cuda, device = torch.cuda.is_available(), groups.device
+    cell = {"engine": None, "stages": None}
+    if opts.pp > 1:
+        cell["stages"] = build_stages(args, groups.pp_rank, opts.pp, device=device, seed=opts.seed, tp_group=groups.tp_group)
+        params = [p for _, s in cell["stages"] for p in s.parameters()]
+        cell["schedule"] = build_schedule(cell["stages"], opts.pp, per_rank, "1f1b", groups.pp_group, device)
+    else:
+        cell["model"] = build_model(args, device=device, seed=opts.seed, tp_group=groups.tp_group)
+        params = list(cell["model"].parameters())
+    cell["optimizer"] = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda)
+    if opts.zero:
+        from pipeline.config.load import load_config
+        from pipeline.parallel.mpu import MegatronMPU
+        from pipeline.parallel.zero import ZeroModule, build_zero_engine
+        from pipeline.parallel.zero_config import to_deepspeed_config
+
+        # DeepSpeed turns an outer autocast off inside its engine; its own `torch_autocast` keeps
+        # the model under bf16 autocast like the other cells (fp32 gradients reduced: no modules
+        # named for lower-precision communication).
+        autocast = {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
+        cfg = load_config(None, [f"--parallel.zero_stage={opts.zero}", "--data.micro_batch_size=1",
+                                 f"--data.global_batch_size={per_rank * groups.dp_size}", "--optim.grad_clip=0"])
+        cfg.parallel.deepspeed_overrides = autocast if cuda else None
+        ds = to_deepspeed_config(cfg, groups.dp_size, bf16=False)
+        cell["engine"] = build_zero_engine(ZeroModule(cell["model"]), cell["optimizer"], ds, MegatronMPU.from_groups(groups))
+    return cell
+
+
+def cell_step(cell: dict, tokens: torch.Tensor, labels: torch.Tensor, per_rank: int):
+    """Forward, backward and optimizer step of one global batch's share; the loss (None off the last stage)."""
+    from pipeline.parallel.stages import pipeline_step
+    from pipeline.parallel.zero import zero_train_step
+
+    cuda = torch.cuda.is_available()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        if cell["engine"] is not None:
+            micro = [{"tokens": tokens[i : i + 1], "labels": labels[i : i + 1], "return_logits": False} for i in range(per_rank)]
+            return zero_train_step(cell["engine"], micro).loss
+        if cell["stages"] is not None:
+            loss = pipeline_step(cell["schedule"], cell["stages"], tokens, labels, torch.zeros(per_rank, device=tokens.device))
+        else:
+            loss = 0.0
+            for i in range(per_rank):
+                micro_loss = cell["model"](tokens[i : i + 1], labels=labels[i : i + 1], return_logits=False).loss / per_rank
+                micro_loss.backward()
+                loss = loss + micro_loss.detach()
+    cell["optimizer"].step()
+    cell["optimizer"].zero_grad(set_to_none=True)
+    return loss
+
+
 def run(opts) -> dict:
-    from megatron.core import parallel_state as ps
+    from model import load_model_args
+    from pipeline.parallel.groups import start_groups
 
-    from model import build_model, init_parallel, load_model_args
-    from pipeline.pipeline_parallel import build_initialised_stages, build_schedule, pipeline_step
-
-    init_parallel(opts.tp, opts.pp)
-    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    cuda = torch.cuda.is_available()  # CPU (gloo, fp32) only to smoke-test this script
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    groups = start_groups(opts.tp, opts.pp)  # CPU (gloo, fp32) only to smoke-test this script
+    cuda, device, dp = torch.cuda.is_available(), groups.device, groups.dp_size
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if dp > 1 and not opts.zero:
         raise SystemExit(f"data parallel (DP={dp}) is measured with ZeRO here: pass --zero 1|2|3")
     args = load_model_args(opts.config, vocab_size=opts.vocab_size, recompute=opts.recompute)
     data = stdlib_windows(opts.seq_len, opts.steps * opts.global_batch).to(device)
     per_rank = opts.global_batch // dp
-
-    # The same initial weights in every layout: drawn per parameter name (model/init.py).
-    if opts.pp > 1:
-        stages = build_initialised_stages(args, pp_rank, opts.pp, opts.seed, device, tp_rank, opts.tp)
-        params = [p for _, s in stages for p in s.parameters()]
-        schedule = build_schedule(stages, opts.pp, per_rank, "1f1b", ps.get_pipeline_model_parallel_group(), device)
-    else:
-        model = build_model(args, device=device, seed=opts.seed)
-        params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda)
-    engine = None
-    if opts.zero:
-        from pipeline.zero import ZeroModule, build_zero_engine, to_deepspeed_config, zero_train_step
-
-        # DeepSpeed turns an outer autocast off inside its engine; its own `torch_autocast` keeps
-        # the model under bf16 autocast like the other cells (fp32 gradients reduced: no modules
-        # named for lower-precision communication).
-        autocast = {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
-        ds = to_deepspeed_config(opts.zero, 1, per_rank, 0.0, False, False, dp, autocast if cuda else None)
-        engine = build_zero_engine(ZeroModule(model), optimizer, ds)
-
+    cell = build_cell(opts, groups, args, per_rank)
     losses, times = [], []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for step in range(opts.steps):
-        batch = data[step * opts.global_batch : (step + 1) * opts.global_batch][dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        tokens, labels = batch[:, :-1], batch[:, 1:]
+        rows = data[step * opts.global_batch : (step + 1) * opts.global_batch]
+        batch = rows[groups.dp_rank * per_rank : (groups.dp_rank + 1) * per_rank]
         sync()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            if engine is not None:
-                micro = [{"tokens": tokens[i : i + 1], "labels": labels[i : i + 1], "return_logits": False} for i in range(per_rank)]
-                loss = zero_train_step(engine, micro).loss
-            elif opts.pp > 1:
-                loss = pipeline_step(schedule, stages, tokens, labels, torch.zeros(per_rank, device=device))
-            else:
-                loss = 0.0
-                for i in range(per_rank):
-                    micro_loss = model(tokens[i : i + 1], labels=labels[i : i + 1], return_logits=False).loss / per_rank
-                    micro_loss.backward()
-                    loss = loss + micro_loss.detach()
-        if engine is None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss = cell_step(cell, batch[:, :-1], batch[:, 1:], per_rank)
         # The loss lives on the last pipeline stage; average it over DP for the curve.
         value = torch.zeros(1, device=device) if loss is None else loss.float().reshape(1)
         dist.all_reduce(value)
@@ -121,10 +139,10 @@ def run(opts) -> dict:
 
 
 def estimate_gib(args, opts, dp: int, per_rank: int) -> float:
-    from pipeline.memory import estimate
+    from pipeline.memory.estimate import Settings, estimate
 
-    est = estimate(args, tp=opts.tp, pp=opts.pp, dp=dp, zero=opts.zero, micro_batch=1, seq_len=opts.seq_len,
-                   recompute=opts.recompute, microbatches=per_rank, precision="autocast")
+    est = estimate(args, Settings(tp=opts.tp, pp=opts.pp, dp=dp, zero=opts.zero, micro_batch=1, seq_len=opts.seq_len,
+                                  recompute=opts.recompute, microbatches=per_rank, precision="autocast"))
     return max(r.peak for r in est.ranks) / 2**30
 
 

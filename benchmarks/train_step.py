@@ -4,7 +4,7 @@
 
 Each cell: forward + backward + AdamW step in bf16 autocast (fp32 master weights, fused AdamW),
 micro-batch 1, after warm-up steps (which also absorb torch.compile of FlexAttention). Prints
-tokens/s, model TFLOP/s (FLOPs counted for windowed attention + FAM tokens, pipeline/flops.py)
+tokens/s, model TFLOP/s (FLOPs counted for windowed attention + FAM tokens, pipeline/training/flops.py)
 and peak memory. The vocabulary defaults to 32k (the paper's 256k logits do not fit a 65k
 sequence on one GPU without a chunked loss); say so when quoting the numbers.
 `--recompute auto` recomputes activations at 64k and beyond, and wherever a cell would not fit without it.
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from model import build_model, init_parallel, load_model_args, scan_graphs
-from pipeline.flops import flops_per_token, peak_flops
+from model import build_model, load_model_args, scan_graphs
+from pipeline.training.flops import flops_per_token, peak_flops
 
 
 def profile_step(step) -> tuple[int, float, list]:
@@ -105,7 +105,6 @@ def main() -> None:
     opts = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
-    init_parallel()
     rows = []
     for seq in opts.seq_lens:
         for name in opts.configs:

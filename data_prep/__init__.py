@@ -13,6 +13,6 @@
 - `validate`: `python -m data_prep.validate` checks shards against a manifest, `--repair`s them.
 - `stats`: `python -m data_prep.stats` prints document-length statistics and a histogram.
 - `cli`: `run_main`, how every command ends on bad input (one line naming the file, exit 2).
-- `manifest`: the manifest format, shared with the training loaders (`pipeline/data.py`,
-  `pipeline/blend.py`).
+- `manifest`: the manifest format, shared with the training loaders (`pipeline/data/loader.py`,
+  `pipeline/data/blend.py`).
 """

@@ -117,6 +117,7 @@ def read_json(path: str):
         return json.load(f)
 
 
+# shape: one keyword per manifest field, filled by data_prep/shard.py in one place
 def build_manifest(split: str, seq_len: int, dtype: str, tokenizer: dict, shards: list[dict],
                    documents: int, dropped_tokens: int, sources: list[dict], settings: dict,
                    doc_lengths: dict, skipped_documents: dict) -> dict:

@@ -66,7 +66,7 @@ def _flex_block_mask(layout: BlockLayout, device: str):
 
 
 class FAMSelfAttention(MegatronModule):
-    def __init__(self, config: FAMConfig, tp_group=None):
+    def __init__(self, config: FAMConfig, *, tp_group):
         super().__init__(config)
         tp = config.tensor_model_parallel_size
         self.head_dim = config.kv_channels

@@ -32,7 +32,7 @@ def _help(default: Any, text: str) -> Any:
 
 @dataclass
 class ModelArgs:
-    """Shape of a TransformerFAM decoder (fam-paper.md §3). F=0 gives BSWA."""
+    """Shape of a TransformerFAM decoder (docs/fam.md, "Model sizes"). F=0 gives BSWA."""
 
     num_layers: int = _help(2, "transformer layers")
     hidden_size: int = _help(64, "model width; hidden_size / num_attention_heads is the head size (even, for RoPE)")
@@ -141,16 +141,34 @@ class ModelArgs:
         return sum(math.prod(shape) for name, shape in self.parameter_shapes().items() if name not in outside)
 
 
+def check_sequence_parallel_length(length: int, tensor_parallel_size: int, name: str = "sequence length") -> None:
+    """Sequence parallelism splits the tokens over the TP ranks, so their number must divide. The
+    one statement of this rule: pipeline/config/rules.py (data.seq_len) and the model's forward
+    (the tokens it is given) both call it."""
+    if length % tensor_parallel_size:
+        raise ValueError(f"{name}={length} must be divisible by tensor_parallel_size={tensor_parallel_size} with "
+                         "sequence parallelism (the tokens are split over the tensor-parallel ranks)")
+
+
 @dataclass
 class FAMConfig(TransformerConfig):
-    """megatron-core TransformerConfig plus the FAM fields (see ModelArgs for meanings)."""
+    """megatron-core's TransformerConfig plus the ModelArgs it was derived from (`args`). The FAM
+    fields are read through `args` (config.fam_len is config.args.fam_len), so no field or
+    default exists twice."""
 
-    vocab_size: int = 256
-    attention: str = "fam"
-    block_size: int = 1024
-    mem_blocks: int = 3
-    fam_len: int = 64
-    rope_base: float = 10000.0
+    args: ModelArgs | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.args, ModelArgs):
+            raise TypeError("FAMConfig needs args=ModelArgs(...); build it with to_fam_config(args, ...)")
+        super().__post_init__()
+
+    vocab_size = property(lambda self: self.args.vocab_size)
+    attention = property(lambda self: self.args.attention)
+    block_size = property(lambda self: self.args.block_size)
+    mem_blocks = property(lambda self: self.args.mem_blocks)
+    fam_len = property(lambda self: self.args.fam_len)
+    rope_base = property(lambda self: self.args.rope_base)
 
 
 def to_fam_config(
@@ -195,12 +213,7 @@ def to_fam_config(
         recompute_granularity="full" if args.recompute else None,
         recompute_method="uniform" if args.recompute else None,
         recompute_num_layers=1 if args.recompute else None,
-        vocab_size=args.vocab_size,
-        attention=args.attention,
-        block_size=args.block_size,
-        mem_blocks=args.mem_blocks,
-        fam_len=args.fam_len,
-        rope_base=args.rope_base,
+        args=args,
     )
 
 
@@ -284,6 +297,7 @@ __all__ = [
     "ModelArgs",
     "FAMConfig",
     "to_fam_config",
+    "check_sequence_parallel_length",
     "read_config_tree",
     "resolve_config_path",
     "model_args_from_dict",

@@ -1,7 +1,7 @@
 """The FAM language model on megatron-core: embedding, FAM prompt, FAM layers, final norm, head.
 
 One tensor flows between layers (and, later, pipeline stages): [F + S, b, h], the FAM prompt
-rows followed by the block tokens. The loss and logits use block tokens only (fam-paper.md §6.3).
+rows followed by the block tokens. The loss and logits use block tokens only (docs/fam.md, "The algorithm").
 The model is split into `embed`, `run_layers` and `head` so a pipeline stage can run any part.
 """
 
@@ -16,13 +16,13 @@ from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
-    vocab_parallel_cross_entropy,
 )
 from megatron.core.transformer.module import MegatronModule
 from torch.utils.checkpoint import checkpoint
 
-from model.config import FAMConfig
+from model.config import FAMConfig, check_sequence_parallel_length
 from model.layer import FAMLayer
+from model.loss import vocab_parallel_cross_entropy
 from model.norm import build_norm
 from model.state import FAMState
 
@@ -38,8 +38,15 @@ class ModelOutput:
 
 
 class FAMLanguageModel(MegatronModule):
-    def __init__(self, config: FAMConfig, layer_range: range | None = None, pre_process: bool = True, post_process: bool = True, tp_group=None):
+    """The whole model, or a pipeline part of it: layers `layer_range`, the embedding and FAM
+    prompt with `pre_process`, the final norm and output layer with `post_process`. `tp_group` is
+    the tensor-parallel group of every collective inside (model/groups.py); build it with
+    model.build_model or model.build_model_parts."""
+
+    def __init__(self, config: FAMConfig, layer_range: range | None = None, pre_process: bool = True,
+                 post_process: bool = True, *, tp_group):
         super().__init__(config)
+        self.tp_group = tp_group
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_range = layer_range or range(config.num_layers)
         h, F = config.hidden_size, config.fam_len
@@ -53,9 +60,10 @@ class FAMLanguageModel(MegatronModule):
                 config.init_method(self.fam_prompt)
         self.layers = torch.nn.ModuleList(FAMLayer(config, i, tp_group=tp_group) for i in self.layer_range)
         if post_process:
-            self.final_norm = build_norm(config)
+            self.final_norm = build_norm(config, tp_group)
             self.output_layer = ColumnParallelLinear(
-                h, config.vocab_size, config=config, init_method=config.init_method, bias=False, gather_output=False, tp_group=tp_group
+                h, config.vocab_size, config=config, init_method=config.init_method, bias=False, gather_output=False,
+                tp_group=tp_group,
             )
 
     def global_name(self, name: str) -> str:
@@ -76,7 +84,7 @@ class FAMLanguageModel(MegatronModule):
         x = self.embedding(tokens).transpose(0, 1)  # [s, b, h]
         rows = [x] if self.fam_prompt is None else [self.fam_prompt[:, None, :].expand(-1, x.shape[1], -1).to(x.dtype), x]
         if self.config.sequence_parallel:
-            rows = [scatter_to_sequence_parallel_region(r.contiguous()) for r in rows]
+            rows = [scatter_to_sequence_parallel_region(r.contiguous(), group=self.tp_group) for r in rows]
         return torch.cat(rows)
 
     def run_layers(self, hidden, positions, state: FAMState | None):
@@ -96,10 +104,9 @@ class FAMLanguageModel(MegatronModule):
         logits, _ = self.output_layer(self.final_norm(hidden[self.local_fam_rows :]))
         return logits
 
-    @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of vocab-parallel logits [s, b, V/tp] against labels [b, s]."""
-        return vocab_parallel_cross_entropy(logits.float().clone(), labels.t().contiguous()).mean()
+        return vocab_parallel_cross_entropy(logits.float().clone(), labels.t().contiguous(), self.tp_group).mean()
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy straight from the last hidden state, never holding all logits:
@@ -107,9 +114,9 @@ class FAMLanguageModel(MegatronModule):
         (with a 256k vocabulary the full logits are the largest activation of the model)."""
         x = self.final_norm(hidden[self.local_fam_rows :])  # [s, b, h] (this rank's s/tp with SP)
         if self.config.sequence_parallel:  # all tokens; backward reduce-scatters the partial grads
-            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=self.tp_group)
         elif self.config.tensor_model_parallel_size > 1:  # column-parallel input: all-reduce in backward
-            x = copy_to_tensor_model_parallel_region(x)
+            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
         s, b = x.shape[0], x.shape[1]
         vocab_local = self.output_layer.weight.shape[0]
         chunk = max(1, LOSS_CHUNK_ELEMENTS // (b * vocab_local))
@@ -124,7 +131,7 @@ class FAMLanguageModel(MegatronModule):
 
     def _chunk_loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = torch.nn.functional.linear(x, self.output_layer.weight)  # [c, b, V/tp]
-        return vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).sum()
+        return vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous(), self.tp_group).sum()
 
     def forward(self, tokens, labels=None, state: FAMState | None = None, position_offset=0.0, return_logits: bool = True) -> ModelOutput:
         """tokens, labels [b, s]. With labels and return_logits=False (training), the loss is
@@ -132,9 +139,8 @@ class FAMLanguageModel(MegatronModule):
         if state is not None and state.ends_mid_block:
             raise ValueError("the state ends in a partial block and cannot be continued: feed pieces whose lengths are multiples of model.block_size, except the last")
         b, s = tokens.shape
-        tp = self.config.tensor_model_parallel_size
-        if self.config.sequence_parallel and s % tp:
-            raise ValueError(f"sequence length {s} must be divisible by tensor_parallel_size={tp} with sequence parallelism")
+        if self.config.sequence_parallel:
+            check_sequence_parallel_length(s, self.config.tensor_model_parallel_size)
         if state is not None and state.position % self.config.block_size:
             raise ValueError(f"state.position={state.position} is not a multiple of block_size={self.config.block_size}")
         positions = self.positions(b, s, state, position_offset, tokens.device)

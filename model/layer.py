@@ -1,4 +1,4 @@
-"""The FAM transformer layer, layer-major (fam-paper.md §2.2: "almost the cost of BSWA").
+"""The FAM transformer layer, layer-major (arXiv 2404.09173 §2.2: "almost the cost of BSWA").
 
 Where the reference loops block by block, this layer processes a whole sequence at once:
   1. QKV of all block tokens in one GEMM;
@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from megatron.core.parallel_state import get_tensor_model_parallel_group
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -46,16 +45,16 @@ from model.state import LayerState
 
 
 class FAMLayer(MegatronModule):
-    def __init__(self, config: FAMConfig, layer_number: int, tp_group=None):
+    def __init__(self, config: FAMConfig, layer_number: int, *, tp_group):
         super().__init__(config)
         self.layer_number = layer_number
-        self.tp_group = tp_group if tp_group is not None else get_tensor_model_parallel_group()
+        self.tp_group = tp_group  # every collective of this layer, the scan's included (model/groups.py)
         sp = config.tensor_model_parallel_size if config.sequence_parallel else 1
         self.local_fam_rows = config.fam_len // sp  # FAM rows of the hidden tensor on this rank
         self.use_fast_scan: bool | None = None  # None: the fast scan on GPU, the eager one on CPU
-        self.input_norm = build_norm(config)
+        self.input_norm = build_norm(config, tp_group)
         self.attention = FAMSelfAttention(config, tp_group=tp_group)
-        self.pre_mlp_norm = build_norm(config)
+        self.pre_mlp_norm = build_norm(config, tp_group)
         self.mlp = MLP(
             config,
             MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),

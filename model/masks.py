@@ -2,7 +2,7 @@
 
 Keys are laid out as [memory from the previous call (M rows); FAM keys (R rows: F_{t-1} for
 each block t in its F rows, then R - T*F never-visible padding rows); block tokens (S rows)],
-queries are the S block tokens (fam-paper.md §6.1, block rows):
+queries are the S block tokens (docs/fam.md, "The mask", block rows):
     memory/earlier-block key -> visible iff its block is among the query block's m previous;
     FAM key of block t       -> visible iff t is the query's block;
     token key in own block   -> visible iff causal.

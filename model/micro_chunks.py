@@ -1,7 +1,7 @@
 """Training one long sequence in micro-chunks, with the FAM state passed across them (issue 14).
 
 FAM's state is O(1) in sequence length: per layer, the F FAM rows and the K/V of the last m
-blocks (model/state.py, fam-paper.md §6). So a sequence of any length can run micro-chunk by
+blocks (model/state.py, docs/fam.md "The algorithm"). So a sequence of any length can run micro-chunk by
 micro-chunk, each a multiple of block_size, and only the states at the boundaries need keeping.
 
 Exact mode: the gradients of one call over the whole sequence (loss = mean over all tokens).

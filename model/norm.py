@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:  # apex is optional and not on PyPI (the PyPI "apex" is unrelated)
@@ -10,23 +12,21 @@ except ImportError:  # pragma: no cover - depends on the machine
     _ApexRMSNorm = None
 
 
-def build_norm(config) -> torch.nn.Module:
+def build_norm(config, tp_group) -> torch.nn.Module:
     if _ApexRMSNorm is not None and torch.cuda.is_available():
         norm = _ApexRMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
     else:
         norm = torch.nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
     # Under sequence parallelism each TP rank sees a slice of the tokens (and FAM rows), so this
-    # weight's gradient is partial: summed over TP in backward, whatever runs the step (plain
-    # loop, pipeline schedule, DeepSpeed). Megatron's mark is kept for tools that look for it.
+    # weight's gradient is partial: summed over `tp_group` in backward, whatever runs the step
+    # (plain loop, pipeline schedule, DeepSpeed). Megatron's mark is kept for tools that look for it.
     norm.weight.sequence_parallel = config.sequence_parallel
     if config.sequence_parallel:
-        norm.weight.register_hook(_sum_over_tensor_parallel_ranks)
+        norm.weight.register_hook(functools.partial(_sum_over_tensor_parallel_ranks, group=tp_group))
     return norm
 
 
-def _sum_over_tensor_parallel_ranks(grad: torch.Tensor) -> torch.Tensor:
-    from megatron.core.parallel_state import get_tensor_model_parallel_group
-
+def _sum_over_tensor_parallel_ranks(grad: torch.Tensor, group) -> torch.Tensor:
     grad = grad.clone()
-    torch.distributed.all_reduce(grad, group=get_tensor_model_parallel_group())
+    torch.distributed.all_reduce(grad, group=group)
     return grad

@@ -1,10 +1,10 @@
 """TransformerFAM reference: plain single-device PyTorch, Algorithm 2 block by block.
 
 This is the oracle every fast or parallel version is tested against. It is written to be read
-next to fam-paper.md, not to be fast: it loops over blocks, and inside each block over layers,
+next to docs/fam.md, not to be fast: it loops over blocks, and inside each block over layers,
 running the paper's fused pass over the rows [F_{t-1}; block t].
 
-Per layer l and block t (Algorithm 2, fam-paper.md §1.3, §6):
+Per layer l and block t (arXiv 2404.09173 §2.2 Algorithm 2; docs/fam.md, "The algorithm"):
     rows        = [F_{t-1} (F rows); I_t (C rows)]
     Q, K, V     = QKV(PreNorm(rows))                       same weights for FAM and tokens
     block rows  attend [mem (K,V of the previous m blocks); F_{t-1}; I_t causal]
@@ -13,7 +13,7 @@ Per layer l and block t (Algorithm 2, fam-paper.md §1.3, §6):
     O, F_t      = FF(PreNorm(A)) + A         the FAM goes through the same FFN
 F_t of layer l feeds layer l at block t+1 (same-layer feedback, §6.3).
 
-Initial FAM (fam-paper.md §1.4 is ambiguous; this is famtron's reading (i), "soft prompt"):
+Initial FAM (the paper's appendix B.1 leaves it open; famtron's reading, docs/fam.md "Initial FAM"):
     a learned F x d prompt is prepended at the embedding level and flows up the stack as its own
     stream: at layer l the prompt rows attend only among themselves (full attention, "full
     attention is applied between the FAM prompt activations") and go through the layer's FFN;
@@ -126,7 +126,7 @@ class ReferenceLayer(nn.Module):
         keys = torch.cat([mk for mk, _ in mem] + [k], dim=2)
         values = torch.cat([mv for _, mv in mem] + [v], dim=2)
 
-        # The mask of fam-paper.md §6.1: rows [FAM; block], columns [mem; FAM; block].
+        # The mask of docs/fam.md, "The mask": rows [FAM; block], columns [mem; FAM; block].
         mask = torch.zeros(nF + c, mem_len + nF + c, dtype=torch.bool, device=block.device)
         mask[nF:, :mem_len] = True  # block queries see every memory block
         mask[:, mem_len : mem_len + nF] = True  # everyone sees the previous FAM (full attention)

@@ -1,7 +1,7 @@
 """Rotary position embedding (RoPE), device-agnostic.
 
 megatron-core 0.16.1's RotaryEmbedding is CUDA-only, and FAM needs positions that are not a
-plain arange: a per-example random offset (RPO, fam-paper.md §1.6) and FAM rows whose queries
+plain arange: a per-example random offset (RPO, docs/fam.md "RPO and RSP") and FAM rows whose queries
 and keys sit at different positions (§1.5). So positions are an explicit float tensor.
 Convention: rotate-half (GPT-NeoX / Llama), base 10000 by default.
 """

@@ -1,6 +1,6 @@
 """The FAM state that crosses calls: what a streaming run or random state passing carries.
 
-Per layer (fam-paper.md §6): the last FAM F_t [F, b, h] and the keys/values of the last m
+Per layer (docs/fam.md, "The algorithm"): the last FAM F_t [F, b, h] and the keys/values of the last m
 blocks' tokens [m*C, b, g, d] (post-RoPE, at their absolute positions). Plus the number of
 tokens consumed, so positions continue. Under tensor parallelism each rank holds its own heads'
 K/V; under pipeline parallelism each stage holds its own layers.
@@ -31,7 +31,7 @@ class FAMState:
     ends_mid_block: bool = False  # the last call ended in a partial block: not continuable
 
     def fam_only(self, index: int = 0) -> "FAMState":
-        """Random state passing (fam-paper.md §1.6): the detached FAM of one batch element,
+        """Random state passing (docs/fam.md, "RPO and RSP"): the detached FAM of one batch element,
         shared by every element of the next step; no memory blocks, positions restart."""
         layers = [LayerState(None if s.fam is None else s.fam[:, index : index + 1].detach().clone()) for s in self.layers]
         return FAMState(layers=layers)

@@ -1,7 +1,14 @@
-"""famtron's training pipeline: config tree, optimizer and LR schedule, FLOPs, checkpoints,
-MLflow tracking and the training entry point (`python -m pipeline.train`).
+"""famtron's training pipeline, one room per concern (the model math is model/):
 
-The model math lives in `model/`; the data side (shards and loaders) in `pipeline/data.py`.
+    config/         the typed config tree, loading (defaults <- YAML <- CLI), the rules that span keys
+    parallel/       process groups (started in one place), collectives, pipeline stages, ZeRO
+    checkpointing/  atomic step folders, DeepSpeed's files, which checkpoint to resume from
+    data/           shard loaders, blends, the inputs a run reads
+    memory/         the per-GPU memory estimate (`python -m pipeline.memory`)
+    training/       the loop, one step object per layout, optimizer, fault handling, MLflow, console
+    hf/             Hugging Face export and import
+
+Entry points are thin top-level modules: `python -m pipeline.train`, `python -m pipeline.memory`.
 """
 
 import warnings

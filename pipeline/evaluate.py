@@ -46,6 +46,7 @@ def passkey_command(model, tokenizer_spec: str, settings: PassKeySettings, outpu
     return results
 
 
+# shape: one keyword per command-line option of `python -m pipeline.evaluate position-loss`
 def position_loss_command(model, data: str, length: int, output: Path, buckets: int = 32, spacing: str = "log",
                           sequences: int = 4, chunk_tokens: int = 1024, batch_size: int = 4, title: str = "",
                           autocast=contextlib.nullcontext) -> dict:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.distributed import select_device
+    from pipeline.parallel.groups import select_device
 
     device = select_device(args.device)
     model, model_args, spec = _load(args.checkpoint, device, args.tokenizer)

@@ -93,7 +93,7 @@ def _main(argv: list[str]) -> dict:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens}: must be >= 0")
     from model.generation import Sampling, generate
     from pipeline.checkpointing.whole_model import build_whole_model, read_whole_checkpoint
-    from pipeline.distributed import select_device
+    from pipeline.parallel.groups import select_device
     from pipeline.evaluation.codec import load_codec
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)

@@ -10,7 +10,7 @@ other section from --config and the overrides, as for pipeline.train, with train
 checkpoint.dir set to --output. The data must be named here: a checkpoint holds its loader's
 position, which belongs to one manifest, and the manifest's tokenizer must be the folder's.
 Written: OUTPUT/config.yaml and OUTPUT/step_00000000/, exactly the files a one-process run writes
-at its start (pipeline/trainer_state.py checkpoint_files: weights, a fresh AdamW, loader at the
+at its start (the step's checkpoint_files, pipeline/training/: weights, a fresh AdamW, loader at the
 first sample, RNG, trainer step 0, config; sha256 manifest last, atomically). It resumes with
 checkpoint.resume=auto (or =OUTPUT/step_00000000) at DP=1, at any TP/PP size (resharded), without
 ZeRO (a ZeRO run cannot resume from plain weights).
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_config(hf_args, config: str | None, overrides: list[str], output: Path):
     """The fine-tune's config: --config and overrides, the folder's model, run and checkpoint folder = output."""
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
 
     bad = [o for o in overrides if o.startswith("--model.") and not o.startswith("--model.recompute")]
     if bad:
@@ -99,29 +99,29 @@ def _main(argv: list[str]) -> Path:
 
 def write_checkpoint(cfg, state: dict, source: str) -> Path:
     """checkpoint.dir/step_00000000 as a one-process run writes it, holding `state`; config.yaml beside it."""
-    from pipeline import config as config_lib
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.distributed import destroy_parallel
-    from pipeline.train import build_trainer
-    from pipeline.trainer_state import checkpoint_files, pipeline_chunks
-
     import torch.distributed as dist
+
+    from pipeline.checkpointing.files import save_checkpoint
+    from pipeline.checkpointing.shards import run_files
+    from pipeline.config.load import save_config, to_yaml
+    from pipeline.parallel.groups import start_groups, stop_groups
+    from pipeline.training.trainer import build_trainer
 
     owns_groups = not dist.is_initialized()  # as pipeline.train.run: leave a caller's groups alone
     one = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **_SINGLE_PROCESS),
                               train=dataclasses.replace(cfg.train, device="cpu"))
     try:
-        tr = build_trainer(one)
-        own = tr.model.state_dict()
-        tr.model.load_state_dict({k: v if k.endswith("_extra_state") else state[k] for k, v in own.items()})
-        trainer = {"step": 0, "mlflow_run_id": None, "pipeline_chunks": pipeline_chunks(one), "eval": None,
+        groups = start_groups(device="cpu")
+        tr = build_trainer(one, groups)
+        tr.strategy.load_weights(state)
+        trainer = {"step": 0, "mlflow_run_id": None, "pipeline_chunks": tr.strategy.chunks, "eval": None,
                    "imported_from": source}
-        files = checkpoint_files(tr.ranks, tr.model, tr.optimizer, tr.loader, None, trainer, config_lib.to_yaml(cfg))
+        files = {**run_files(groups, tr.loader, trainer, to_yaml(cfg)), **tr.strategy.checkpoint_files()}
         path = save_checkpoint(cfg.checkpoint.dir, 0, files, cfg.checkpoint.keep_last)
     finally:
         if owns_groups:
-            destroy_parallel()
-    config_lib.save_config(cfg, Path(cfg.checkpoint.dir) / "config.yaml")
+            stop_groups()
+    save_config(cfg, Path(cfg.checkpoint.dir) / "config.yaml")
     return path
 
 

@@ -22,8 +22,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import config as config_lib
-from pipeline import config_checks
+from pipeline.config.load import load_config
+from pipeline.config.rules import validate
+from pipeline.config.tree import Config
 
 TEMPLATE = Path(__file__).with_name("train.sbatch")
 REPO = TEMPLATE.parent.parent
@@ -66,7 +67,7 @@ def time_limit_seconds(limit: str) -> int | None:
     return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
 
 
-def check_shape(cfg: config_lib.Config, shape: JobShape) -> None:
+def check_shape(cfg: Config, shape: JobShape) -> None:
     """ValueError naming the numbers when the nodes' processes cannot hold TP x PP x DP."""
     tp, pp = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
     world = shape.world_size
@@ -82,7 +83,7 @@ def check_shape(cfg: config_lib.Config, shape: JobShape) -> None:
         raise ValueError(f"parallel.tensor_parallel_size={tp} spans more than one node ({shape.gpus_per_node} GPUs "
                          "per node): keep TP inside a node, where NVLink is")
     try:
-        config_checks.validate(cfg, world)
+        validate(cfg, world)
     except ValueError as err:
         raise ValueError(f"{how} (TP {tp} x PP {pp} x DP {world // (tp * pp)}): {err}") from None
     if shape.time:
@@ -154,7 +155,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
-        cfg = config_lib.load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides)
         cpus = args.cpus_per_task or (DEFAULT_CPUS_PER_GPU * args.gpus_per_node or 1)
         shape = JobShape(args.nodes, args.gpus_per_node, cpus, args.time, args.partition, args.account,
                          args.job_name or f"famtron-{cfg.tracking.run_name}", args.signal_seconds, args.log_dir)

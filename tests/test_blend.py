@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from data_prep import shard
-from pipeline.blend import BLEND_PERIOD, BlendLoader, blend_schedule
+from pipeline.data.blend import BLEND_PERIOD, BlendLoader, blend_schedule
 
 SEQ_LEN = 16
 

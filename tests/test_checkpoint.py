@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import (MANIFEST, find_latest_checkpoint, list_checkpoints, load_file, rng_state,
+from pipeline.checkpointing.files import (MANIFEST, find_latest_checkpoint, list_checkpoints, load_file, rng_state,
                                  save_checkpoint, set_rng_state, step_dir_name, verify_checkpoint)
 
 

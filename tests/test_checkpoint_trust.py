@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from data_prep.manifest import sha256_file
-from pipeline.checkpoint import MANIFEST, UnsafeCheckpointError, load_file, rng_state, save_checkpoint
-from pipeline.config import load_config
+from pipeline.checkpointing.files import MANIFEST, UnsafeCheckpointError, load_file, rng_state, save_checkpoint
+from pipeline.config.load import load_config
 from pipeline.train import run
 from tests.conftest import tiny_overrides
 from tests.spawn import run_on_ranks
@@ -95,8 +95,8 @@ def test_resume_refuses_a_zero_checkpoint_file_with_a_pickled_callable(shards, t
     """ZeRO-1 on one process: DeepSpeed's optimizer-state file, which its engine would torch.load
     with weights_only=False, is checked weights-only first; untampered, every file passes with the
     allow-list of DeepSpeed's classes. Consolidation refuses it too."""
-    from pipeline.trainer_state import check_files
-    from pipeline.zero_checkpoint import consolidate_zero_checkpoint
+    from pipeline.checkpointing.resume import check_files
+    from pipeline.checkpointing.zero_files import consolidate_zero_checkpoint
 
     run_dir = tmp_path / "run"
     folder = Path(run_on_ranks(_zero_worker, 1, str(shards), str(run_dir), 3, timeout_seconds=300)[0]["checkpoint"])

@@ -12,10 +12,11 @@ import torch
 import yaml
 
 from model.config import ModelArgs
-from pipeline.config import Config, load_config, parse_overrides, to_flat_dict, to_yaml
-from pipeline.config_checks import validate
-from pipeline.flops import attention_keys, flops_per_token, layer_matmul_params, mfu, peak_flops
-from pipeline.optim import build_optimizer, is_no_decay, lr_at
+from pipeline.config.load import load_config, parse_overrides, to_flat_dict, to_yaml
+from pipeline.config.tree import Config
+from pipeline.config.rules import validate
+from pipeline.training.flops import attention_keys, flops_per_token, layer_matmul_params, mfu, peak_flops
+from pipeline.training.optim import build_optimizer, is_no_decay, lr_at
 
 DATA = ["--data.train_manifest=train/manifest.json"]
 
@@ -130,7 +131,7 @@ def test_defaults_with_a_manifest_validate():
         ({"parallel__tensor_parallel_size": 2, "parallel__sequence_parallel": "true", "model__fam_len": 3}, 2,
          "model.fam_len=3: must be divisible by tensor_parallel_size=2 with sequence parallelism"),
         ({"parallel__tensor_parallel_size": 2, "parallel__sequence_parallel": "true", "data__seq_len": 129}, 2,
-         "data.seq_len=129 must be divisible by parallel.tensor_parallel_size=2"),
+         "data.seq_len=129 must be divisible by tensor_parallel_size=2 with sequence parallelism"),
         ({"parallel__sequence_parallel": "true"}, 1, "sequence_parallel=true needs parallel.tensor_parallel_size > 1"),
         ({"parallel__zero_stage": 4}, 1, "parallel.zero_stage=4: must be 0, 1, 2 or 3"),
         ({"parallel__zero_offload_optimizer": "true"}, 1, "parallel.zero_offload_optimizer=true needs"),
@@ -269,7 +270,7 @@ def test_help_describes_every_model_key_and_shows_the_values_of_the_config_given
 
 
 def test_resume_config_changes_name_the_keys_that_may_not_change():
-    from pipeline.config_checks import check_resume_config, resume_config_changes
+    from pipeline.config.resume import check_resume_config, resume_config_changes
 
     saved = to_yaml(load_config("demo"))
     safe = ["--train.steps=500", "--train.run_dir=elsewhere", "--checkpoint.keep_last=9", "--tracking.experiment=x",

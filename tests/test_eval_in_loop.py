@@ -11,9 +11,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import load_file
-from pipeline.config import load_config
-from pipeline.config_checks import validate
+from pipeline.checkpointing.files import load_file
+from pipeline.config.load import load_config
+from pipeline.config.rules import validate
 from pipeline.train import main, run
 from tests.conftest import tiny_overrides
 

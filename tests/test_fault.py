@@ -1,4 +1,4 @@
-"""pipeline/fault.py on its own: stop requests from real signals and the wall budget, the
+"""pipeline/training/fault.py on its own: stop requests from real signals and the wall budget, the
 non-finite guard, sample-key records, and finite collective timeouts on real gloo groups.
 The same pieces under real Slurm daemons are in tests/test_slurm.py."""
 
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from pipeline.fault import (NonFiniteGuard, SampleKeyRecorder, StopRequest, WallBudget, read_sample_keys,
+from pipeline.training.fault import (NonFiniteGuard, SampleKeyRecorder, StopRequest, WallBudget, read_sample_keys,
                             write_status)
 from tests.spawn import run_on_ranks
 from tests.time_bounds import HANG_GUARD_SECONDS, LOAD_MARGIN_SECONDS
@@ -87,18 +87,17 @@ def _hung_peer_worker(rank: int, world_size: int, timeout_seconds: float, done_f
     collectives on the default group and on megatron's data-parallel group can only end by
     their timeout, never by rank 1's exit closing the connection."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from pipeline.fault import init_distributed
+    from pipeline.parallel.groups import start_groups
 
-    init_distributed(1, 1, "gloo", timeout_seconds)
+    groups = start_groups(1, 1, "gloo", timeout_seconds, device="cpu")
     out = {}
     if rank == 1:
         deadline = time.monotonic() + HANG_GUARD_SECONDS
         while not os.path.exists(done_file) and time.monotonic() < deadline:
             time.sleep(0.1)
         return out
-    for name, group in (("default", None), ("data_parallel", ps.get_data_parallel_group())):
+    for name, group in (("default", None), ("data_parallel", groups.dp_group)):
         started = time.monotonic()
         try:
             dist.all_reduce(torch.ones(1), group=group)
@@ -126,7 +125,7 @@ def test_collectives_time_out_instead_of_hanging_on_a_silent_peer(tmp_path):
 def _poison_forward(monkeypatch, calls: set[int]) -> None:
     """Make the model's n-th training forward (counting micro-batches from 1) return a NaN loss,
     as an fp overflow would; the gradients of that micro-batch become NaN too."""
-    import pipeline.train as train_module
+    import pipeline.training.plain_step as train_module
 
     real_build = train_module.build_model
 
@@ -149,7 +148,7 @@ def _poison_forward(monkeypatch, calls: set[int]) -> None:
 
 
 def _train(shards, run_dir, **extra) -> dict:
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
     from pipeline.train import run
     from tests.conftest import tiny_overrides
 
@@ -157,7 +156,7 @@ def _train(shards, run_dir, **extra) -> dict:
 
 
 def test_a_nan_step_is_skipped_counted_and_training_goes_on(shards, tmp_path, monkeypatch):
-    from pipeline.checkpoint import load_file
+    from pipeline.checkpointing.files import load_file
 
     _poison_forward(monkeypatch, {5})  # accumulation 2: micro-batch 5 is step 3's first
     summary = _train(shards, tmp_path / "run", train__max_nonfinite_steps=1)
@@ -191,7 +190,7 @@ def test_a_run_that_raises_still_sends_its_buffered_metrics(shards, tmp_path, mo
 def _time_the_loop(monkeypatch) -> dict:
     """Spy on the training loop: its StopRequest (the wall budget's start, the loop's end, the
     slowest step the budget saw, why it stopped), when each step began, each save's seconds."""
-    import pipeline.train as train_module
+    import pipeline.training.loop as train_module
 
     seen: dict = {"step_starts": [], "saves": []}
     real_step, real_save = train_module.train_step, train_module.save
@@ -223,7 +222,7 @@ def test_wall_budget_saves_and_stops_in_time(shards, tmp_path, monkeypatch):
     time: no step begins once the budget has run out, so the run ends at most one step and one save
     after it. Load-proof, as the budget keeps 2 x (slowest step + slowest save) in hand, while what
     runs between a step and the next is a log line; setup is outside the budget."""
-    from pipeline.checkpoint import verify_checkpoint
+    from pipeline.checkpointing.files import verify_checkpoint
 
     budget = 4.0
     seen = _time_the_loop(monkeypatch)
@@ -243,8 +242,8 @@ def test_wall_budget_saves_and_stops_in_time(shards, tmp_path, monkeypatch):
     ("--parallel.timeout_seconds=0", r"parallel.timeout_seconds=0.0: must be > 0"),
 ])
 def test_fault_settings_are_validated(override, message):
-    from pipeline.config import load_config
-    from pipeline.config_checks import validate
+    from pipeline.config.load import load_config
+    from pipeline.config.rules import validate
 
     validate(load_config(None, ["--data.train_manifest=x.json"]))  # the defaults pass
     with pytest.raises(ValueError, match=message):

@@ -13,7 +13,7 @@ import torch
 
 from model import Sampling, build_model, generate
 from model.config import model_args_from_dict
-from pipeline.checkpoint import load_file
+from pipeline.checkpointing.files import load_file
 from pipeline.generate import _main as generate_main
 from tests.trained_checkpoints import copy_step, edit_model_config, one_line_error, run_command, train_tiny
 

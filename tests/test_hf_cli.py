@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config.load import load_config
 from tests.conftest import SHARD_SEQ_LEN
 from tests.trained_checkpoints import one_line_error, run_command, train_tiny
 
@@ -56,9 +56,9 @@ def expected_first_loss(hf_dir: Path, cfg) -> float:
     """The exported weights' loss on the first global batch of a fresh loader over the manifest,
     with step 0's RPO offsets and no saved FAM (step 0 has none): what step 1 must log."""
     from pipeline.checkpointing.whole_model import build_whole_model
-    from pipeline.data import ShardLoader
+    from pipeline.data.loader import ShardLoader
     from pipeline.hf.folder import import_hf
-    from pipeline.trainer_state import draw_step
+    from pipeline.training.draws import draw_step
 
     back = import_hf(hf_dir)
     model = build_whole_model(back.state, back.args).train()  # as training runs it (no dropout in this model)
@@ -95,7 +95,7 @@ def test_fresh_weights_would_give_another_first_loss(round_trip):
     cfg = load_config(round_trip / "ckpt" / "config.yaml")
     want = expected_first_loss(round_trip / "first", cfg)
     fresh = build_model(cfg.model, seed=cfg.train.seed)
-    from pipeline.data import ShardLoader
+    from pipeline.data.loader import ShardLoader
 
     tokens = next(iter(ShardLoader(cfg.data.train_manifest, 2, cfg.data.seq_len, seed=cfg.data.seed)))["tokens"]
     with torch.no_grad():

@@ -217,24 +217,24 @@ def test_a_folder_saved_by_transformers_imports_to_the_same_weights(tmp_path):
 
 def _tp2_export_worker(rank, world_size, folder):
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from model import build_model, init_parallel
+    from model import build_model
     from model.weights import merge_megatron_shards
+    from pipeline.parallel.groups import start_groups, stop_groups
 
-    init_parallel(tensor_parallel_size=world_size)
+    groups = start_groups(tensor_parallel_size=world_size)
     args = small()
-    shard = {k: v for k, v in build_model(args, seed=11).state_dict().items() if not k.endswith("_extra_state")}
+    model = build_model(args, seed=11, tp_group=groups.tp_group)
+    shard = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     shards = [{} for _ in range(world_size)]
     for name, value in shard.items():
         parts = [torch.empty_like(value) for _ in range(world_size)]
-        dist.all_gather(parts, value.contiguous(), group=ps.get_tensor_model_parallel_group())
+        dist.all_gather(parts, value.contiguous(), group=groups.tp_group)
         for r in range(world_size):
             shards[r][name] = parts[r]
     if rank == 0:
         export_hf(merge_megatron_shards(shards), args, folder)
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    stop_groups()
     return None
 
 

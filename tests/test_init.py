@@ -19,9 +19,9 @@ ARGS = dict(num_layers=4, num_attention_heads=4, num_query_groups=2, hidden_size
 def _leave_no_process_group():
     """build_model starts a one-process group here; later tests start their own."""
     yield
-    from pipeline.distributed import destroy_parallel
+    from pipeline.parallel.groups import stop_groups
 
-    destroy_parallel()
+    stop_groups()
 
 
 def _whole_model(seed: int = 7) -> dict[str, torch.Tensor]:
@@ -33,17 +33,16 @@ def _whole_model(seed: int = 7) -> dict[str, torch.Tensor]:
 
 def _tp_worker(rank: int, world_size: int) -> dict | None:
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from model import build_model, init_parallel
+    from model import build_model
+    from pipeline.parallel.groups import start_groups, stop_groups
 
-    init_parallel(tensor_parallel_size=world_size)
-    model = build_model(small_args(**ARGS), device="cpu", seed=7)
+    groups = start_groups(tensor_parallel_size=world_size)
+    model = build_model(small_args(**ARGS), device="cpu", seed=7, tp_group=groups.tp_group)
     shard = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     shards = [None] * world_size
     dist.all_gather_object(shards, shard)
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    stop_groups()
     return shards if rank == 0 else None
 
 
@@ -59,13 +58,11 @@ def test_tp2_shards_merge_into_the_tp1_model():
 
 
 def test_a_pipeline_stage_built_alone_holds_the_whole_models_values_for_its_layers():
-    from model import init_parallel
-    from pipeline.pipeline_parallel import build_initialised_stages, stage_state_dict
+    from pipeline.parallel.stages import build_stages, stage_state_dict
 
-    init_parallel()
     args = small_args(**ARGS)
     whole = _whole_model()
-    stages = build_initialised_stages(args, pp_rank=1, pp_size=2, seed=7, device=torch.device("cpu"))
+    stages = build_stages(args, pp_rank=1, pp_size=2, seed=7, device=torch.device("cpu"))
     own = stage_state_dict(stages)
     expected = {k for k in whole if k.startswith(("layers.2.", "layers.3.")) or k in ("final_norm.weight", "output_layer.weight")}
     assert set(own) == expected  # no embedding, no FAM prompt, no layers 0-1 on the last stage

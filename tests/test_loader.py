@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from data_prep import shard
-from pipeline.data import WINDOW_SHARDS, ShardLoader, build_valid_loader, manifest_info
+from pipeline.data.loader import WINDOW_SHARDS, ShardLoader, build_valid_loader, manifest_info
 
 SEQ_LEN = 32
 

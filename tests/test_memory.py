@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from model import build_model, language_model, load_model_args
-from model.config import ModelArgs, read_config_tree, to_fam_config
-from pipeline.memory import GIB, estimate
-from pipeline.memory_cli import estimate_config
-from pipeline.memory_terms import (
+from model.config import ModelArgs, read_config_tree
+from pipeline.memory.estimate import GIB, Settings, estimate
+from pipeline.memory.cli import estimate_config
+from pipeline.memory.terms import (
     element_bytes,
     embedding_saved_bytes,
     head_bytes,
@@ -139,7 +139,7 @@ UNMODELLED_BYTES = 64
 
 @pytest.mark.parametrize("name, over, batch, seq", CASES)
 def test_activation_terms_equal_autograd_saved_tensors_of_the_cpu_model(name, over, batch, seq, monkeypatch):
-    """The CPU fp32 model's real saved tensors against the estimate (pipeline/memory.py,
+    """The CPU fp32 model's real saved tensors against the estimate (pipeline/memory/estimate.py,
     Calibration), the eager FAM scan (model/scan.py) included: its T block steps and the
     soft-prompt stream's step (commit 523c99c), whose bytes must equal the fam_scan term exactly.
     The block attention's keys are the FAM keys padded to a tile, then the tokens (model/masks.py).
@@ -180,7 +180,7 @@ def test_weight_gradient_and_adam_bytes_equal_the_tiny_models():
     model(tokens[:, :-1], labels=tokens[:, 1:]).loss.backward()
     opt = torch.optim.AdamW(model.parameters())
     opt.step()
-    est = estimate(args, seq_len=256, dtype="fp32", kernels="cpu").ranks[0]
+    est = estimate(args, Settings(seq_len=256, dtype="fp32", kernels="cpu")).ranks[0]
     params = list(model.parameters())
     assert est.params == sum(p.numel() for p in params) == args.num_params(embeddings=True)
     assert est.weights == sum(p.numel() * p.element_size() for p in params)
@@ -191,15 +191,14 @@ def test_weight_gradient_and_adam_bytes_equal_the_tiny_models():
 
 def test_pipeline_stages_hold_embedding_first_and_output_layer_last():
     args = load_model_args("tiny")
-    build_model(args, device="cpu")  # initialises the one-process parallel state
-    from pipeline.pipeline_parallel import FAMStage, split_layers
+    from pipeline.parallel.stages import build_stages, split_layers
 
-    config = to_fam_config(args, pipeline_parallel_size=2, cpu_initialization=True)
     chunks = split_layers(args.num_layers, 2)
     for rank, layers in enumerate(chunks):
-        stage = FAMStage(config, layers, first=rank == 0, last=rank == 1)
+        ((_, stage),) = build_stages(args, rank, 2, device="cpu")
+        assert list(stage.part.layer_range) == list(layers)
         assert sum(p.numel() for p in stage.parameters()) == stage_params(args, len(layers), rank == 0, rank == 1)
-    est = estimate(args, pp=2, seq_len=256)
+    est = estimate(args, Settings(pp=2, seq_len=256))
     assert [r.layers for r in est.ranks] == [len(c) for c in chunks]
     assert sum(r.params for r in est.ranks) == args.num_params(embeddings=True)
 
@@ -209,12 +208,12 @@ def test_zero_stages_divide_optimizer_then_gradients_then_weights_by_dp(precisio
     args, dp = load_model_args("fam-1b"), 4
     n = estimate(args).ranks[0].params
     for zero in range(4):
-        r = estimate(args, dp=dp, zero=zero, precision=precision).ranks[0]
+        r = estimate(args, Settings(dp=dp, zero=zero, precision=precision)).ranks[0]
         assert r.weights == n * param // (dp if zero == 3 else 1)
         assert r.gradients == n * grad // (dp if zero >= 2 else 1)
         assert r.optimizer == n * optim // (dp if zero >= 1 else 1)
         assert (r.zero_buffers > 0) == (zero > 0)
-    off = estimate(args, dp=dp, zero=3, precision=precision, offload_optimizer=True).ranks[0]
+    off = estimate(args, Settings(dp=dp, zero=3, precision=precision, offload_optimizer=True)).ranks[0]
     fp32_grad_partition = n * 4 // dp if precision == "bf16-zero" else 0
     # ZeRO-3 offload also keeps the reduced gradient partition on the host (DeepSpeed's stage 3).
     assert off.optimizer == 0 and off.gradients == 0
@@ -223,19 +222,19 @@ def test_zero_stages_divide_optimizer_then_gradients_then_weights_by_dp(precisio
 
 def test_pipeline_in_flight_micro_batches_follow_the_schedule():
     args = load_model_args("fam-1b")
-    est = estimate(args, pp=3, microbatches=8, recompute=False)
+    est = estimate(args, Settings(pp=3, microbatches=8, recompute=False))
     assert [r.in_flight for r in est.ranks] == [3, 2, 1]  # 1F1B: P - rank
     assert est.ranks[0].activations > 2.5 * est.ranks[2].activations
-    gpipe = estimate(args, pp=3, microbatches=8, schedule="gpipe")
+    gpipe = estimate(args, Settings(pp=3, microbatches=8, schedule="gpipe"))
     assert [r.in_flight for r in gpipe.ranks] == [8, 8, 8]
-    inter = estimate(args, pp=3, virtual_stages=2, microbatches=6)  # (2(P-1) + (v-1)P + 1) / v
+    inter = estimate(args, Settings(pp=3, virtual_stages=2, microbatches=6))  # (2(P-1) + (v-1)P + 1) / v
     assert inter.ranks[0].in_flight == (2 * 2 + 3 + 1) / 2
 
 
 def test_recompute_keeps_only_layer_inputs():
     args = load_model_args("fam-1b", vocab_size=32000)
-    full = estimate(args, seq_len=8192, recompute=False).ranks[0]
-    rec = estimate(args, seq_len=8192, recompute=True).ranks[0]
+    full = estimate(args, Settings(seq_len=8192, recompute=False)).ranks[0]
+    rec = estimate(args, Settings(seq_len=8192, recompute=True)).ranks[0]
     layer_input = (64 + 8192) * 1536 * 4
     assert rec.activations == 19 * layer_input + 8192 * 4 + embedding_saved_bytes(8192, 1)
     assert full.activations > 10 * rec.activations
@@ -273,7 +272,7 @@ def test_sequence_parallel_shards_inputs_norms_and_fam_rows_by_tp():
                          [c for c in GPU_PEAKS if c[5] is not None])
 def test_estimate_within_15pct_of_measured_gpu_peaks(name, seq, recompute, vocab, microbatches, measured_gib, card):
     args = load_model_args(name, vocab_size=vocab)
-    est = estimate(args, seq_len=seq, recompute=recompute, microbatches=microbatches)
+    est = estimate(args, Settings(seq_len=seq, recompute=recompute, microbatches=microbatches))
     assert abs(est.peak / GIB - measured_gib) / measured_gib < 0.15, (est.peak / GIB, est.worst().peaks)
 
 
@@ -327,7 +326,7 @@ def test_command_line_prints_the_table_and_exits_zero_when_it_fits():
 ])
 def test_impossible_combinations_raise_naming_the_setting(config, kwargs, words):
     with pytest.raises(ValueError, match=words):
-        estimate(load_model_args(config), **kwargs)
+        estimate(load_model_args(config), Settings(**kwargs))
 
 
 @pytest.mark.gpu
@@ -338,7 +337,7 @@ def test_estimate_within_15pct_of_measured_peak_on_gpu(name, seq, recompute, voc
     import gc
 
     args = load_model_args(name, vocab_size=vocab, recompute=recompute)
-    est = estimate(args, seq_len=seq, microbatches=microbatches)
+    est = estimate(args, Settings(seq_len=seq, microbatches=microbatches))
     if est.peak > torch.cuda.get_device_properties(0).total_memory - 2 * GIB:
         pytest.skip(f"estimated {est.peak / GIB:.1f} GiB does not fit this card")
     gc.collect()

@@ -207,19 +207,18 @@ def _tp_worker(rank, world_size, sequence_parallel, chunk_len):
     """TP=world_size rank: the reference's weights; loss and every gradient gathered to full
     shapes. chunk_len None: one whole call."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from model import init_parallel
     from model.reference import ReferenceFAM
     from model.weights import load_reference_weights, merge_megatron_shards
+    from pipeline.parallel.groups import start_groups, stop_groups
     from tests.test_tensor_parallel import _args
 
-    init_parallel(tensor_parallel_size=world_size)
+    groups = start_groups(tensor_parallel_size=world_size)
     args = _args("gqa")  # 8 heads in 4 groups, C = 8, m = 2, F = 4 (divisible by TP for SP)
     torch.manual_seed(0)
     reference = ReferenceFAM(args)
-    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    model = build_model(args, sequence_parallel=sequence_parallel)
+    tp_rank, tp_size = groups.tp_rank, groups.tp_size
+    model = build_model(args, sequence_parallel=sequence_parallel, tp_group=groups.tp_group)
     load_reference_weights(model, reference, args, tp_rank, tp_size)
     tokens, labels = _data(36)  # a partial last block of 4 tokens, still divisible by TP=2
     if chunk_len is None:
@@ -236,12 +235,11 @@ def _tp_worker(rank, world_size, sequence_parallel, chunk_len):
     shards = [{} for _ in range(tp_size)]
     for name, p in model.named_parameters():
         parts = [torch.empty_like(p.grad) for _ in range(tp_size)]
-        dist.all_gather(parts, p.grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+        dist.all_gather(parts, p.grad.contiguous(), group=groups.tp_group)
         for r in range(tp_size):
             shards[r][name] = parts[r]
     full = merge_megatron_shards(shards)
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    stop_groups()
     if rank:
         return None
     return {"loss": loss.item(), "grads": {k: v.numpy() for k, v in full.items()}, "refused": refused}
@@ -262,7 +260,7 @@ def test_exact_mode_at_tp2_equals_the_tp1_whole_call(sequence_parallel):
 
 
 def test_settings_without_a_chunkable_state_are_refused_with_the_reason():
-    from model import FAMLanguageModel, to_fam_config
+    from model import ModelPart, build_model_parts
 
     (fam,) = _copies(small_args(), 1)
     tokens, labels = _data(32)
@@ -280,6 +278,7 @@ def test_settings_without_a_chunkable_state_are_refused_with_the_reason():
     (dense,) = _copies(small_args(attention="dense", fam_len=0), 1)
     with pytest.raises(ValueError, match=r"model.attention='dense' has no O\(1\) state"):
         micro_chunked_forward_backward(dense, tokens, labels, 8)
-    stage = FAMLanguageModel(to_fam_config(small_args()), post_process=False)
+    args = small_args()
+    (stage,) = build_model_parts(args, [ModelPart(range(args.num_layers), last=False)])
     with pytest.raises(ValueError, match="needs the whole model on this rank"):
         micro_chunked_forward_backward(stage, tokens, labels, 8)

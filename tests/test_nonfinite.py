@@ -1,6 +1,7 @@
 """A NaN/inf step is skipped in every layout: no change to weights or optimizer state, the batch
 is consumed, the step is counted, and the run goes on exactly as one process that skipped the
-same steps (pipeline/fault.py NonFiniteGuard, pipeline/train.py train_step, pipeline/zero.py).
+same steps (pipeline/training/fault.py NonFiniteGuard, pipeline/training/step.py TrainStep.run,
+pipeline/parallel/zero.py).
 
 The test hook: FAMLanguageModel.lm_loss (the training path's loss, also the pipeline schedule's
 loss_fn) is patched inside each worker process to turn non-finite on one rank at given steps,
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import verify_checkpoint
+from pipeline.checkpointing.files import verify_checkpoint
 from tests.spawn import run_on_ranks
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the spawned workers
@@ -60,9 +61,10 @@ def _poison_loss(bad_steps: dict[int, str], bad_rank: int, state: dict) -> None:
 def _optimizer_snapshot(tr) -> list[torch.Tensor]:
     """Every tensor an update would change on this rank: the working weights, and the weights the
     optimizer steps (ZeRO's fp32 partitions) with their AdamW state (step, exp_avg, exp_avg_sq)."""
-    inner = tr.optimizer if tr.engine is None else tr.engine.optimizer.optimizer
+    engine = getattr(tr.strategy, "engine", None)
+    inner = tr.strategy.optimizer if engine is None else engine.optimizer.optimizer
     # ZeRO-3: a parameter's own tensor is empty or gathered by turns; its partition is ds_tensor.
-    out = [getattr(p, "ds_tensor", p).detach().clone() for p in tr.model.parameters()]
+    out = [getattr(p, "ds_tensor", p).detach().clone() for p in tr.strategy.model.parameters()]
     for group in inner.param_groups:
         for p in group["params"]:
             out.append(p.detach().clone())
@@ -72,19 +74,17 @@ def _optimizer_snapshot(tr) -> list[torch.Tensor]:
 
 def _final_weights(tr) -> dict[str, np.ndarray]:
     """Full fp32 weights of this rank's TP=1 part under the plain model's names (collective under ZeRO)."""
-    if tr.engine is not None:
-        from pipeline.zero import full_fp32_state_dict
+    if getattr(tr.strategy, "engine", None) is not None:
+        from pipeline.parallel.zero import full_fp32_state_dict
 
-        return {k: v.numpy() for k, v in full_fp32_state_dict(tr.engine).items()}
-    from pipeline.trainer_state import model_state
-
-    return {k: v.detach().numpy().copy() for k, v in model_state(tr.model, tr.stages).items() if torch.is_tensor(v)}
+        return {k: v.numpy() for k, v in full_fp32_state_dict(tr.strategy.engine).items()}
+    return {k: v.detach().numpy().copy() for k, v in tr.strategy.state_dict().items() if torch.is_tensor(v)}
 
 
 def _worker(rank: int, world_size: int, shards: str, run_dir: str, extra: dict, bad_rank: int,
             bad_steps: dict[int, str]) -> dict:
-    import pipeline.train as train_module
-    from pipeline.config import load_config
+    import pipeline.training.loop as train_module
+    from pipeline.config.load import load_config
     from tests.conftest import tiny_overrides
 
     torch.set_num_threads(1)
@@ -99,7 +99,7 @@ def _worker(rank: int, world_size: int, shards: str, run_dir: str, extra: dict, 
         if before is not None:
             after = _optimizer_snapshot(tr)
             record["unchanged"][step] = len(before) == len(after) > 0 and all(map(torch.equal, before, after))
-            record["skipped"][step] = out[4]
+            record["skipped"][step] = out.skipped
         if step == STEPS:
             record["weights"] = _final_weights(tr)
         return out
@@ -186,9 +186,13 @@ def test_too_many_nonfinite_steps_in_a_row_stop_a_zero_run_on_every_rank(shards,
 
 
 def test_deepspeed_overrides_that_disable_its_nonfinite_check_are_refused():
-    from pipeline.zero import to_deepspeed_config
+    from pipeline.config.load import load_config
+    from pipeline.parallel.zero_config import to_deepspeed_config
 
+    cfg = load_config(None, ["--parallel.zero_stage=2", "--data.micro_batch_size=2", "--data.global_batch_size=4"])
     for override in ({"bf16": {"check_grad_overflow": False}}, {"zero_optimization": {"compute_grad_norm": False}}):
+        cfg.parallel.deepspeed_overrides = override
         with pytest.raises(ValueError, match=r"=false: it would let a NaN/inf step update the weights"):
-            to_deepspeed_config(2, 2, 1, 1.0, True, False, 2, user_overrides=override)
-    to_deepspeed_config(2, 2, 1, 1.0, True, False, 2, user_overrides={"bf16": {"check_grad_overflow": True}})
+            to_deepspeed_config(cfg, 2, True)
+    cfg.parallel.deepspeed_overrides = {"bf16": {"check_grad_overflow": True}}
+    to_deepspeed_config(cfg, 2, True)

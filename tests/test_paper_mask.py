@@ -3,8 +3,8 @@ model/reference.py (which loops block by block): logits and every block's FAM st
 
 Independent of the reference's code: its own RMSNorm, attention (softmax over an explicit
 boolean mask), SwiGLU and RoPE (tests/test_rope.py's complex rotation), in float64, reading only
-the reference's weights. Each layer attends once over all of its rows (fam-paper.md §1.3
-Algorithm 2, §6.1 the mask, §1.4 the soft prompt, §1.5 positions, B.1 the zero residual):
+the reference's weights. Each layer attends once over all of its rows (arXiv
+2404.09173 §2.2 Algorithm 2; docs/fam.md: "The mask", "Initial FAM", "Positions"; paper B.1 the zero residual):
 
     rows   P (F)          the soft-prompt stream: layer l's input of the learned prompt
            G_t (F), t<T   the FAM entering block t: G_0 = P, G_t = this layer's output of G_{t-1}

@@ -17,7 +17,7 @@ from pipeline.evaluation.codec import load_codec
 from pipeline.evaluation.passkey import (FILLER_SENTENCES, TASK, PassKeyText, build_prompt, check_lengths, draw_keys,
                                          score_answer)
 
-# The paper's prompt (fam-paper.md §4.1, Fig. 10: key first, then the filler, then the question),
+# The paper's prompt (arXiv 2404.09173 Fig. 10: key first, then the filler, then the question),
 # 300 bytes: the filler is cut to the 55 bytes the fixed part leaves.
 PAPER_300 = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you "
@@ -133,7 +133,7 @@ def test_an_unknown_tokenizer_fails_with_one_clear_error(tmp_path):
 
 
 def test_passkey_shards_hold_one_document_per_sample_ending_in_its_answer(tmp_path):
-    from pipeline.data import ShardLoader
+    from pipeline.data.loader import ShardLoader
 
     manifest = write_passkey_shards("byte", 300, 40, str(tmp_path / "a"), seed=3, samples_per_shard=16)
     loader = ShardLoader(manifest, 4, 300, shuffle=False)

@@ -35,21 +35,17 @@ def _reference_weights(args):
 
 def _worker(rank, world_size, tp, pp, virtual, schedule):
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from model import init_parallel
-    from model.config import to_fam_config
     from model.weights import merge_megatron_shards, shard_megatron_state
-    from pipeline.pipeline_parallel import build_schedule, build_stages, load_stage_state_dict, pipeline_step, stage_state_dict
+    from pipeline.parallel.groups import start_groups, stop_groups
+    from pipeline.parallel.stages import build_schedule, build_stages, load_stage_state_dict, pipeline_step, stage_state_dict
 
-    init_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    groups = start_groups(tensor_parallel_size=tp, pipeline_parallel_size=pp)
     args = _args()
-    config = to_fam_config(args, tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    stages = build_stages(config, pp_rank, pp, virtual, device=torch.device("cpu"))
-    full = shard_megatron_state(_reference_weights(args), tp_rank, tp)
+    stages = build_stages(args, groups.pp_rank, pp, virtual, device=torch.device("cpu"), tp_group=groups.tp_group)
+    full = shard_megatron_state(_reference_weights(args), groups.tp_rank, tp)
     load_stage_state_dict(stages, full)
-    sched = build_schedule(stages, pp, MICRO, schedule, ps.get_pipeline_model_parallel_group(), torch.device("cpu"))
+    sched = build_schedule(stages, pp, MICRO, schedule, groups.pp_group, torch.device("cpu"))
     tokens, labels, offsets = _batch(args.vocab_size)
     loss = pipeline_step(sched, stages, tokens, labels, offsets)
 
@@ -63,14 +59,13 @@ def _worker(rank, world_size, tp, pp, virtual, schedule):
     assert grads.keys() == stage_state_dict(stages).keys()
     # Gather: over TP to full shape, then over PP (each stage owns distinct names).
     tp_parts = [None] * tp
-    dist.all_gather_object(tp_parts, {k: v for k, v in grads.items()}, group=ps.get_tensor_model_parallel_group())
+    dist.all_gather_object(tp_parts, {k: v for k, v in grads.items()}, group=groups.tp_group)
     merged = merge_megatron_shards(tp_parts)
     pp_parts = [None] * pp
-    dist.all_gather_object(pp_parts, {k: v.numpy() for k, v in merged.items()}, group=ps.get_pipeline_model_parallel_group())
+    dist.all_gather_object(pp_parts, {k: v.numpy() for k, v in merged.items()}, group=groups.pp_group)
     losses = [None] * pp
-    dist.all_gather_object(losses, None if loss is None else loss.item(), group=ps.get_pipeline_model_parallel_group())
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    dist.all_gather_object(losses, None if loss is None else loss.item(), group=groups.pp_group)
+    stop_groups()
     if rank != 0:
         return None
     all_grads = {}
@@ -112,7 +107,7 @@ def test_pipeline_matches_one_process_loss_and_every_gradient(tp, pp, virtual, s
 
 
 def test_uneven_layers_need_a_layout():
-    from pipeline.pipeline_parallel import split_layers
+    from pipeline.parallel.stages import split_layers
 
     with pytest.raises(ValueError, match=r"num_layers=5 does not divide over 2 .*\[3, 2\]"):
         split_layers(5, 2)

@@ -5,7 +5,7 @@ RoPE sees only relative positions, so logits cannot tell whether an offset reach
 (tests/rope_spy.py), installed inside every process of `pipeline.train.run`, records the positions
 of every layer's tokens and FAM rows, step by step. Checks:
   * one process: micro-batch a, row j of step s sits at offset + index with offset =
-    draw_step(seed, s).offsets[a * micro + j] (pipeline/trainer_state.py, the paper's listing),
+    draw_step(seed, s).offsets[a * micro + j] (pipeline/training/draws.py, the paper's listing),
     the same in every layer, and the FAM rows at model/reference.py's positions;
   * DP=2, PP=2 and DP=2 with ZeRO-2: each rank's rows carry the offset one process gave the same
     sample (matched by sample key, train.record_sample_keys), on every rank that runs a layer
@@ -42,7 +42,7 @@ def _record_positions(records: list, block_size: int, fam_len: int, layers: int,
     layer of a micro-batch used the same token positions, offset + index, and the FAM rows the
     documented positions. `shape_inference`: a pipeline stage, whose schedule runs one extra forward
     (shape inference, on uninitialised inputs after the first stage) before the first step's
-    micro-batches (pipeline/pipeline_parallel.py); its calls are dropped."""
+    micro-batches (pipeline/parallel/stages.py); its calls are dropped."""
     from tests.rope_spy import documented_fam_positions
 
     steps: dict[int, list] = {}
@@ -74,8 +74,8 @@ def _record_positions(records: list, block_size: int, fam_len: int, layers: int,
 
 
 def _worker(rank: int, world_size: int, shards: str, run_dir: str, extra: dict) -> dict:
-    import pipeline.train as train_module
-    from pipeline.config import load_config
+    import pipeline.training.loop as train_module
+    from pipeline.config.load import load_config
     from tests import rope_spy
     from tests.conftest import tiny_overrides
 
@@ -107,7 +107,7 @@ def _worker(rank: int, world_size: int, shards: str, run_dir: str, extra: dict) 
 
 
 def _keys(run_dir: Path) -> dict:
-    from pipeline.fault import read_sample_keys
+    from pipeline.training.fault import read_sample_keys
 
     return {rank: {step: runs[0] for step, runs in by_step.items()} for rank, by_step in
             read_sample_keys(run_dir / "keys").items()}
@@ -116,7 +116,7 @@ def _keys(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def one_process(shards, tmp_path_factory) -> dict:
     """Sample key -> the offset one process gave it, checked against draw_step."""
-    from pipeline.trainer_state import draw_step
+    from pipeline.training.draws import draw_step
 
     run_dir = tmp_path_factory.mktemp("positions") / "one"
     result = run_on_ranks(_worker, 1, str(shards), str(run_dir), {}, timeout_seconds=300)[0]

@@ -1,4 +1,4 @@
-"""The reference's invariants (fam-paper.md §6), each against an independent computation."""
+"""The reference's invariants (docs/fam.md, "The algorithm" and "The oracle chain"), each against an independent computation."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The pipeline layout is safe to change on resume (pipeline/config_checks.py RESUME_SAFE_KEYS): a
+"""The pipeline layout is safe to change on resume (pipeline/config/resume.py RESUME_SAFE_KEYS): a
 PP=2 checkpoint whose stages hold 3 + 1 layers resumes with 1 + 3. Stage files carry global layer
-names, so pipeline/trainer_state.py restore reshards them like a TP/PP size change (weights, loader
+names, so pipeline/training/plain_step.py PlainStep.restore reshards them like a TP/PP size change (weights, loader
 and RSP state; AdamW moments restart) and the next step's loss is the uninterrupted run's."""
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import pipeline.train as train_module
-from pipeline.checkpoint import load_file
+import pipeline.training.loop as loop_module
+from pipeline.checkpointing.files import load_file
 from tests.spawn import run_on_ranks
 from tests.test_train_parallel import _worker, reference  # noqa: F401 - `reference` is a fixture
 
@@ -38,19 +38,21 @@ def _whole_fam(checkpoint: str, pp: int) -> list[np.ndarray]:
 
 
 def _capturing(real, restored: list):
-    """pipeline.train.restore that also appends (TP rank, the FAMs of the RSP state it returns)."""
+    """The loop's restore (pipeline/training/run_files.py) that also appends (TP rank, the FAMs of
+    the RSP state the step restored)."""
 
-    def restore(path, ranks, *args, **kwargs):
-        trainer, rsp = real(path, ranks, *args, **kwargs)
-        restored.append((ranks.tp_rank, [layer.fam.detach().cpu().numpy().copy() for layer in rsp.layers]))
-        return trainer, rsp
+    def restore(tr, resume):
+        saved = real(tr, resume)
+        rsp = tr.strategy.rsp_state
+        restored.append((tr.groups.tp_rank, [layer.fam.detach().cpu().numpy().copy() for layer in rsp.layers]))
+        return saved
 
     return restore
 
 
 def _resume_worker(rank: int, world_size: int, shards: str, run_dir: str, extra: dict) -> dict:
     restored: list = []
-    train_module.restore = _capturing(train_module.restore, restored)  # a spawned process of its own
+    loop_module.restore = _capturing(loop_module.restore, restored)  # a spawned process of its own
     out = _worker(rank, world_size, shards, run_dir, extra)
     return {**out, "tp_rank": restored[0][0], "restored": restored[0][1]}
 

@@ -163,17 +163,14 @@ def test_static_buffers_carry_each_calls_weights_inputs_and_length(stale, monkey
 
 
 def _tp_worker(rank, world_size, sequence_parallel):
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    from pipeline.parallel.groups import start_groups, stop_groups
 
-    from model import init_parallel
-
-    init_parallel(tensor_parallel_size=world_size)
+    groups = start_groups(tensor_parallel_size=world_size)
     args = small_args(num_layers=2, num_attention_heads=8, num_query_groups=4, hidden_size=64)
     results = []
     for fast in (False, True):
         torch.manual_seed(0)
-        model = build_model(args, sequence_parallel=sequence_parallel)
+        model = build_model(args, sequence_parallel=sequence_parallel, tp_group=groups.tp_group)
         use_fast_scan(model, fast)
         out = model(_tokens(2, 36), labels=_tokens(2, 36, seed=3), position_offset=torch.tensor([3.0, 1000.5]))
         out.loss.backward()
@@ -184,8 +181,7 @@ def _tp_worker(rank, world_size, sequence_parallel):
     for i, (a, b) in enumerate(zip(fast_state.layers, state.layers)):
         diffs[f"state.{i}.fam"] = rel_diff(a.fam, b.fam)
     diffs.update({name: rel_diff(fast_grads[name], g) for name, g in grads.items()})
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    stop_groups()
     return diffs
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import list_checkpoints, load_file
-from pipeline.fault import read_sample_keys
+from pipeline.checkpointing.files import list_checkpoints, load_file
+from pipeline.training.fault import read_sample_keys
 from tests.conftest import ROOT, _write_corpus, tiny_overrides
 from tests.slurm_cluster import GPU_PARTITION, KILL_WAIT_SECONDS, slurm_cluster  # noqa: F401  (session fixture)
 from tests.time_bounds import HANG_GUARD_SECONDS, LOAD_MARGIN_SECONDS
@@ -228,7 +228,7 @@ def test_killed_rank_ends_the_job_in_time_and_a_resubmission_loses_no_sample(
     (--kill-on-bad-exit) ends the step on the other node, whose rank is SIGKILLed at the latest
     KillWait after srun's SIGTERM. So the job ends within KillWait (+ margin), long before the
     collective timeout (parallel.timeout_seconds, left at its default) could end the peers' wait."""
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
 
     collective_timeout = load_config("tiny", []).parallel.timeout_seconds
     bound = KILL_WAIT_SECONDS + LOAD_MARGIN_SECONDS
@@ -368,7 +368,7 @@ def test_slurm_time_limits_are_read_in_all_of_slurms_formats(limit, seconds):
 
 
 def test_submit_refuses_a_requeue_warning_longer_than_the_time_limit():
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
     from slurm.submit import JobShape, check_shape
 
     cfg = load_config("tiny", ["--data.train_manifest=x", "--data.seq_len=128"])

@@ -20,20 +20,24 @@ def _args(kind: str):
     return small_args(num_layers=2, fam_len=0)  # bswa
 
 
-def _worker(rank, world_size, kind, sequence_parallel=False, seq=SEQ, chunked_loss=False):
+def _worker(rank, world_size, kind, sequence_parallel=False, seq=SEQ, chunked_loss=False, own_group=False):
+    """own_group: megatron's global groups are TP=1 (its TP group is this rank alone) and the
+    model gets a TP group of all ranks made here: a layer that used megatron's group instead of
+    the one passed would skip its all-reduces and change the loss and gradients."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from model import build_model, init_parallel
+    from model import build_model
     from model.reference import ReferenceFAM
     from model.weights import load_reference_weights, merge_megatron_shards
+    from pipeline.parallel.groups import start_groups, stop_groups
 
-    init_parallel(tensor_parallel_size=world_size)
+    groups = start_groups(tensor_parallel_size=1 if own_group else world_size)
+    tp_group = dist.new_group(list(range(world_size))) if own_group else groups.tp_group
     args = _args(kind)
     torch.manual_seed(0)
     reference = ReferenceFAM(args)  # the same full weights on every rank
-    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    model = build_model(args, sequence_parallel=sequence_parallel)
+    tp_rank, tp_size = tp_group.rank(), tp_group.size()
+    model = build_model(args, sequence_parallel=sequence_parallel, tp_group=tp_group)
     load_reference_weights(model, reference, args, tp_rank, tp_size)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, args.vocab_size, (2, seq), generator=g)
@@ -48,14 +52,13 @@ def _worker(rank, world_size, kind, sequence_parallel=False, seq=SEQ, chunked_lo
     shards = [{} for _ in range(tp_size)]
     for name, p in model.named_parameters():
         parts = [torch.empty_like(p.grad) for _ in range(tp_size)]
-        dist.all_gather(parts, p.grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+        dist.all_gather(parts, p.grad.contiguous(), group=tp_group)
         for r in range(tp_size):
             shards[r][name] = parts[r]
         if not getattr(p, "tensor_model_parallel", False):  # replicated: identical on every rank
             assert all(torch.equal(parts[0], x) for x in parts), name
     full = merge_megatron_shards(shards)
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    stop_groups()
     return {"loss": out.loss.item(), "grads": {k: v.numpy() for k, v in full.items()}} if rank == 0 else None
 
 
@@ -82,6 +85,19 @@ def test_sequence_parallel_matches_tp1_loss_and_every_gradient(kind):
     assert abs(sp["loss"] - tp1["loss"]) < 1e-6
     for name, expected in tp1["grads"].items():
         assert abs(sp["grads"][name] - expected).max() <= 1e-5 * abs(expected).max(), name
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "sp_tp2"])
+def test_the_model_uses_only_the_tp_group_it_is_given(sequence_parallel):
+    """Megatron's global TP group has size 1 here and the model's (passed down by build_model)
+    size 2: the embedding, attention and MLP linears, the FAM scan's mappings, the SP norm hook,
+    the output layer and the loss must all reduce over the given group to match TP=1."""
+    tp1 = run_on_ranks(_worker, 1, "gqa", False, 36)[0]
+    own = run_on_ranks(_worker, 2, "gqa", sequence_parallel, 36, not sequence_parallel, True)[0]
+    # the same bounds as the TP tests above: only the order of reductions changes
+    assert abs(own["loss"] - tp1["loss"]) < 1e-6
+    for name, expected in tp1["grads"].items():
+        assert abs(own["grads"][name] - expected).max() <= 1e-5 * abs(expected).max(), name
 
 
 def test_sequence_parallel_needs_fam_rows_divisible_by_tp():

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import load_config
-from pipeline.tracking import Tracker, build_loss_curve
+from pipeline.config.load import load_config
+from pipeline.training.tracking import Tracker, build_loss_curve
 from pipeline.train import run
 from tests.conftest import ROOT, tiny_overrides
 

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import MANIFEST, list_checkpoints, load_file, verify_checkpoint
-from pipeline.config import load_config
-from pipeline.distributed import Ranks
+from pipeline.checkpointing.files import MANIFEST, list_checkpoints, load_file, verify_checkpoint
+from pipeline.config.load import load_config
+from pipeline.parallel.groups import ProcessGroups
 from pipeline.train import main, run
-from pipeline.trainer_state import draw_step, micro_batch_offsets
+from pipeline.training.draws import draw_step, micro_batch_offsets
 from tests.conftest import ROOT, tiny_overrides
 from tests.spawn import run_on_ranks
 from tests.time_bounds import HANG_GUARD_SECONDS
@@ -120,8 +120,8 @@ def test_rsp_coin_follows_the_probability():
 
 def test_each_sample_gets_its_global_batch_offset_under_dp():
     draws = draw_step(0, 3, 8, 1e4, True, 0.8)
-    one = torch.cat([micro_batch_offsets(draws, a, Ranks(), 2) for a in range(4)])
-    two = [micro_batch_offsets(draws, a, Ranks(dp_rank=r, dp_size=2), 2) for a in range(2) for r in range(2)]
+    one = torch.cat([micro_batch_offsets(draws, a, ProcessGroups(), 2) for a in range(4)])
+    two = [micro_batch_offsets(draws, a, ProcessGroups(dp_rank=r, dp_size=2), 2) for a in range(2) for r in range(2)]
     assert torch.equal(one, torch.cat(two)) and torch.equal(one, draws.offsets)
 
 
@@ -263,7 +263,7 @@ def test_training_on_a_blend_mixes_manifests_in_proportion_and_resumes_exactly(s
 
 
 def test_blend_needs_one_weight_per_manifest(shards, tmp_path):
-    from pipeline.config_checks import validate
+    from pipeline.config.rules import validate
 
     cfg = load_config(None, tiny_overrides(shards, tmp_path, data__train_blend="[a.json, b.json]",
                                            data__train_blend_weights="[1.0]"))

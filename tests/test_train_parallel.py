@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from model.weights import merge_megatron_shards
-from pipeline.checkpoint import MANIFEST, load_file, verify_checkpoint
-from pipeline.config import load_config
+from pipeline.checkpointing.files import MANIFEST, load_file, verify_checkpoint
+from pipeline.config.load import load_config
 from pipeline.train import run
 from tests.conftest import tiny_overrides
 from tests.spawn import run_on_ranks

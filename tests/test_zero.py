@@ -3,7 +3,7 @@ parameters over 3 AdamW steps with gradient clipping, for DP=2 with ZeRO-1/2/3, 
 ZeRO-2 and PP=2 x DP=2 with ZeRO-1; a DP=2 checkpoint resumes at DP=1 and consolidates into a
 plain state dict; bad combinations fail before any work.
 
-The one-process reference is build_model + torch AdamW (pipeline/optim.py's groups) + TP-aware
+The one-process reference is build_model + torch AdamW (pipeline/training/optim.py's groups) + TP-aware
 clipping, which in one process is torch.nn.utils.clip_grad_norm_ on the full parameters. Each
 spawn runs several checks (DeepSpeed's first initialize JIT-builds a comm op, cached in
 TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default).
@@ -41,7 +41,7 @@ def _args():
 
 
 def _optim_cfg():
-    from pipeline.config import OptimConfig
+    from pipeline.config.tree import OptimConfig
 
     return OptimConfig(**OPTIM)
 
@@ -55,7 +55,7 @@ def _batch(step: int, vocab: int):
 
 
 def _rows(a: int, dp_rank: int, dp: int, micro: int) -> slice:
-    """Rows of accumulation step a on dp_rank (pipeline/trainer_state.py's global batch index)."""
+    """Rows of accumulation step a on dp_rank (pipeline/training/draws.py's global batch index)."""
     start = (a * dp + dp_rank) * micro
     return slice(start, start + micro)
 
@@ -71,7 +71,7 @@ def _full_weights(args):
 def _reference(steps: int) -> dict:
     """One process, the whole global batch each step."""
     from model import build_model
-    from pipeline.optim import build_optimizer
+    from pipeline.training.optim import build_optimizer
 
     args = _args()
     model = build_model(args)
@@ -106,40 +106,47 @@ def reference():
 
 
 def _setup(tp: int, pp: int):
-    from model import init_parallel
-    from pipeline.distributed import build_ranks
+    from pipeline.parallel.groups import start_groups
 
-    init_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    return build_ranks()
+    return start_groups(tensor_parallel_size=tp, pipeline_parallel_size=pp)
 
 
 def _teardown():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    from pipeline.parallel.groups import stop_groups
 
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    stop_groups()
 
 
-def _build_engine(ranks, stage: int, args, accum: int, load_weights: bool = True):
+def _ds_config(stage: int, dp: int, pp: int = 1) -> dict:
+    """The DeepSpeed JSON of GLOBAL_BATCH rows per step in micro-batches of MICRO, fp32, clip GRAD_CLIP."""
+    from pipeline.config.load import load_config
+    from pipeline.parallel.zero_config import to_deepspeed_config
+
+    cfg = load_config(None, [f"--parallel.zero_stage={stage}", f"--parallel.pipeline_parallel_size={pp}",
+                             f"--data.micro_batch_size={MICRO}", f"--data.global_batch_size={GLOBAL_BATCH}",
+                             f"--optim.grad_clip={GRAD_CLIP}"])
+    return to_deepspeed_config(cfg, dp, bf16=False)
+
+
+def _build_engine(ranks, stage: int, args, load_weights: bool = True):
     from model import build_model
     from model.weights import shard_megatron_state
-    from pipeline.optim import build_optimizer
-    from pipeline.zero import ZeroModule, build_zero_engine, to_deepspeed_config
+    from pipeline.parallel.mpu import MegatronMPU
+    from pipeline.parallel.zero import ZeroModule, build_zero_engine
+    from pipeline.training.optim import build_optimizer
 
-    model = build_model(args)
+    model = build_model(args, tp_group=ranks.tp_group)
     if load_weights:
         model.load_state_dict(shard_megatron_state(_full_weights(args), ranks.tp_rank, ranks.tp_size))
-    ds_config = to_deepspeed_config(stage, MICRO, accum, GRAD_CLIP, bf16=False, offload_optimizer=False,
-                                    dp_world_size=ranks.dp_size)
     module = ZeroModule(model)
-    return build_zero_engine(module, build_optimizer(module, _optim_cfg()), ds_config)
+    return build_zero_engine(module, build_optimizer(module, _optim_cfg()), _ds_config(stage, ranks.dp_size),
+                             MegatronMPU.from_groups(ranks))
 
 
 def _train(engine, ranks, args, steps: range) -> list[float]:
     """Losses (DP mean) of `steps`; each rank takes its rows of the global batch."""
-    from pipeline.distributed import all_reduce_mean
-    from pipeline.zero import zero_train_step
+    from pipeline.parallel.collectives import all_reduce_mean
+    from pipeline.parallel.zero import zero_train_step
 
     accum = GLOBAL_BATCH // (MICRO * ranks.dp_size)
     losses = []
@@ -157,7 +164,7 @@ def _gather_full_params(engine, ranks, pp_group=None) -> dict[str, np.ndarray] |
     import torch.distributed as dist
 
     from model.weights import merge_megatron_shards
-    from pipeline.zero import full_fp32_state_dict
+    from pipeline.parallel.zero import full_fp32_state_dict
 
     local = full_fp32_state_dict(engine)
     shards = [None] * ranks.tp_size
@@ -172,13 +179,13 @@ def _gather_full_params(engine, ranks, pp_group=None) -> dict[str, np.ndarray] |
 
 def _zero_worker(rank, world_size, tp, stages, ckpt_root):
     """ZeRO stages one after another in the same processes; each saves a checkpoint if asked."""
-    from pipeline.zero_checkpoint import save_zero_checkpoint
+    from pipeline.checkpointing.zero_files import save_zero_checkpoint
 
     ranks = _setup(tp, 1)
     args = _args()
     out = {}
     for stage in stages:
-        engine = _build_engine(ranks, stage, args, accum=GLOBAL_BATCH // (MICRO * ranks.dp_size))
+        engine = _build_engine(ranks, stage, args)
         losses = _train(engine, ranks, args, range(STEPS))
         norm = engine.get_global_grad_norm()
         params = _gather_full_params(engine, ranks)
@@ -192,28 +199,25 @@ def _zero_worker(rank, world_size, tp, stages, ckpt_root):
 
 def _pp_worker(rank, world_size):
     """PP=2 x DP=2 with ZeRO-1: the 1F1B schedule runs each DP rank's 4 rows as 2 micro-batches."""
-    from megatron.core import parallel_state as ps
-
-    from model.config import to_fam_config
     from model.weights import shard_megatron_state
-    from pipeline.distributed import all_reduce_mean
-    from pipeline.optim import build_optimizer
-    from pipeline.pipeline_parallel import build_schedule, build_stages, load_stage_state_dict
-    from pipeline.zero import ZeroModule, build_zero_engine, to_deepspeed_config, zero_pipeline_step
+    from pipeline.parallel.collectives import all_reduce_mean
+    from pipeline.parallel.mpu import MegatronMPU
+    from pipeline.parallel.stages import build_schedule, build_stages, load_stage_state_dict
+    from pipeline.parallel.zero import ZeroModule, build_zero_engine, zero_pipeline_step
+    from pipeline.training.optim import build_optimizer
 
     pp = 2
     ranks = _setup(1, pp)
     args = _args()
     cpu = torch.device("cpu")
-    stages = build_stages(to_fam_config(args, pipeline_parallel_size=pp), ps.get_pipeline_model_parallel_rank(), pp, device=cpu)
+    stages = build_stages(args, ranks.pp_rank, pp, device=cpu, tp_group=ranks.tp_group)
     load_stage_state_dict(stages, shard_megatron_state(_full_weights(args), ranks.tp_rank, ranks.tp_size))
     accum = GLOBAL_BATCH // (MICRO * ranks.dp_size)
-    schedule = build_schedule(stages, pp, accum, "1f1b", ps.get_pipeline_model_parallel_group(), cpu)
-    ds_config = to_deepspeed_config(1, MICRO * accum, 1, GRAD_CLIP, bf16=False, offload_optimizer=False,
-                                    dp_world_size=ranks.dp_size, pipeline_parallel_size=pp)
+    schedule = build_schedule(stages, pp, accum, "1f1b", ranks.pp_group, cpu)
     module = ZeroModule(stages=stages)
-    engine = build_zero_engine(module, build_optimizer(module, _optim_cfg()), ds_config)
-    pp_group = ps.get_pipeline_model_parallel_group()
+    engine = build_zero_engine(module, build_optimizer(module, _optim_cfg()), _ds_config(1, ranks.dp_size, pp),
+                               MegatronMPU.from_groups(ranks))
+    pp_group = ranks.pp_group
     losses = []
     for step in range(STEPS):
         tokens, labels, offsets = _batch(step, args.vocab_size)
@@ -234,19 +238,19 @@ def _resume_worker(rank, world_size, ckpt_root, consolidated):
     step; a ZeRO-3 checkpoint refuses the DP change. Then the next step's loss of the plain model
     loaded (strictly) from each consolidated state dict: the weights-only resume."""
     from model import build_model
-    from pipeline.zero_checkpoint import load_zero_checkpoint
+    from pipeline.checkpointing.zero_files import load_zero_checkpoint
 
     ranks = _setup(1, 1)
     args = _args()
     out = {"consolidated_loss": {}}
     tokens, labels, offsets = _batch(STEPS, args.vocab_size)
     for stage, state_dict in consolidated.items():
-        model = build_model(args)
+        model = build_model(args, tp_group=ranks.tp_group)
         model.load_state_dict(state_dict)  # strict: the plain model's every key
         with torch.no_grad():
             out["consolidated_loss"][stage] = model(tokens, labels=labels, position_offset=offsets).loss.item()
     for stage in (1, 2, 3):
-        engine = _build_engine(ranks, stage, args, accum=GLOBAL_BATCH // MICRO, load_weights=False)
+        engine = _build_engine(ranks, stage, args, load_weights=False)
         if stage == 3:
             try:
                 load_zero_checkpoint(engine, ckpt_root, "zero3")
@@ -300,7 +304,7 @@ def test_pp2_dp2_zero1_matches_one_process_losses_and_params(reference):
 
 @pytest.fixture(scope="module")
 def resumed(dp2, tmp_path_factory):
-    from pipeline.zero_checkpoint import consolidate_zero_checkpoint
+    from pipeline.checkpointing.zero_files import consolidate_zero_checkpoint
 
     out_dirs = {stage: tmp_path_factory.mktemp(f"consolidated{stage}") for stage in (1, 3)}
     consolidated = {stage: consolidate_zero_checkpoint(dp2["ckpt"], f"zero{stage}", out)[0]  # TP=1: one
@@ -310,7 +314,7 @@ def resumed(dp2, tmp_path_factory):
 
 
 def test_zero_checkpoint_saved_at_dp2_resumes_at_dp1(dp2, resumed, reference):
-    from pipeline.checkpoint import verify_checkpoint
+    from pipeline.checkpointing.files import verify_checkpoint
 
     for stage in (1, 2, 3):
         assert verify_checkpoint(dp2["ckpt"] / f"zero{stage}") is None  # manifest in checkpoint.py's format
@@ -334,32 +338,51 @@ def test_consolidated_zero_checkpoint_loads_into_the_plain_model(resumed, refere
 # ---------------------------------------------------------------- config and validation (pure)
 
 
+def _config(**changes):
+    from pipeline.config.load import load_config
+
+    return load_config(None, [f"--{k.replace('__', '.')}={v}" for k, v in changes.items()])
+
+
 def test_bad_zero_combinations_fail_naming_the_numbers():
-    from pipeline.zero import to_deepspeed_config, validate_zero
+    from pipeline.config.rules import check_zero
+    from pipeline.parallel.zero_config import to_deepspeed_config
 
     for stage in (2, 3):
-        with pytest.raises(ValueError, match=f"zero_stage={stage} with pipeline_parallel_size=2"):
-            validate_zero(stage, 2)
-    with pytest.raises(ValueError, match=r"zero_stage=4: must be one of \(1, 2, 3\)"):
-        validate_zero(4, 1)
-    with pytest.raises(ValueError, match=r"zero_stage=0"):
-        to_deepspeed_config(0, 2, 1, 1.0, False, False, 2)
-    with pytest.raises(ValueError, match=r"grad_accum_steps=4 with pipeline_parallel_size=2"):
-        to_deepspeed_config(1, 2, 4, 1.0, False, False, 2, pipeline_parallel_size=2)
-    validate_zero(1, 4)  # ZeRO-1 with PP is fine
+        with pytest.raises(ValueError, match=f"zero_stage={stage} with parallel.pipeline_parallel_size=2"):
+            check_zero(stage, 2, False)
+    with pytest.raises(ValueError, match=r"zero_stage=4: must be 0, 1, 2 or 3"):
+        check_zero(4, 1, False)
+    with pytest.raises(ValueError, match=r"zero_offload_optimizer=true with parallel.pipeline_parallel_size=2"):
+        to_deepspeed_config(_config(parallel__zero_stage=1, parallel__pipeline_parallel_size=2,
+                                    parallel__zero_offload_optimizer="true"), 2, False)
+    with pytest.raises(ValueError, match=r"zero_stage=0: DeepSpeed runs ZeRO stages \(1, 2, 3\)"):
+        to_deepspeed_config(_config(), 2, False)
+    # With PP the schedule's micro-batches are the accumulation: the engine takes them as one batch.
+    pp = to_deepspeed_config(_config(parallel__zero_stage=1, parallel__pipeline_parallel_size=2,
+                                     data__micro_batch_size=2, data__global_batch_size=16), 2, False)
+    assert pp["gradient_accumulation_steps"] == 1 and pp["train_micro_batch_size_per_gpu"] == 8
+    check_zero(1, 4, False)  # ZeRO-1 with PP is fine
 
 
 def test_deepspeed_config_sets_clipping_and_batch_sizes_and_merges_overrides():
-    from pipeline.zero import to_deepspeed_config
+    from pipeline.parallel.zero_config import to_deepspeed_config
 
-    cfg = to_deepspeed_config(2, micro_batch_size=2, grad_accum_steps=3, grad_clip=0.0, bf16=True,
-                              offload_optimizer=True, dp_world_size=4)
+    shape = dict(parallel__zero_stage=2, data__micro_batch_size=2, data__global_batch_size=24)
+    cfg = to_deepspeed_config(_config(**shape, optim__grad_clip=0.0, parallel__zero_offload_optimizer="true"), 4,
+                              bf16=True)
     assert cfg["gradient_clipping"] == 0.0  # explicit even when off: DeepSpeed's default is 1.0
     assert cfg["train_batch_size"] == 24 and cfg["gradient_accumulation_steps"] == 3
     assert cfg["bf16"] == {"enabled": True} and cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    merged = to_deepspeed_config(2, 2, 3, 1.0, False, False, 4, user_overrides={"zero_optimization": {"reduce_bucket_size": 1000}})
+
+    def with_overrides(overrides):
+        c = _config(**shape)
+        c.parallel.deepspeed_overrides = overrides
+        return to_deepspeed_config(c, 4, False)
+
+    merged = with_overrides({"zero_optimization": {"reduce_bucket_size": 1000}})
     assert merged["zero_optimization"]["stage"] == 2 and merged["zero_optimization"]["reduce_bucket_size"] == 1000
     with pytest.raises(ValueError, match=r"gradient_clipping=2.0 contradicts the derived 1.0; set optim.grad_clip"):
-        to_deepspeed_config(2, 2, 3, 1.0, False, False, 4, user_overrides={"gradient_clipping": 2.0})
+        with_overrides({"gradient_clipping": 2.0})
     with pytest.raises(ValueError, match=r"zero_optimization.stage=3 contradicts"):
-        to_deepspeed_config(2, 2, 3, 1.0, False, False, 4, user_overrides={"zero_optimization": {"stage": 3}})
+        with_overrides({"zero_optimization": {"stage": 3}})

@@ -1,5 +1,5 @@
 """What lets a model larger than one GPU train under ZeRO-3 (configs/recipes/fam-24b-4x80gb.yaml):
-the model is built already partitioned (DeepSpeed's zero.Init, pipeline/zero.py build_zero3_init)
+the model is built already partitioned (DeepSpeed's zero.Init, pipeline/parallel/zero.py build_zero3_init)
 with the plain build's weights, and the optimizer offloaded to the host (ZeRO-Offload) trains
 like one process through `pipeline.train.run`. Also the run-level switches the GPU probe
 (benchmarks/big_step.sh) relies on: no checkpoints, and the peak-memory figures in the summary.
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config.load import load_config
 from pipeline.train import run
 from tests.conftest import tiny_overrides
 from tests.spawn import run_on_ranks
@@ -65,7 +65,7 @@ def _offload_worker(rank: int, world_size: int, shards: str, run_dir: str) -> di
 def _probe_worker(rank: int, world_size: int, shards: str, run_dir: str) -> dict:
     """What DeepSpeed made of the same config (new processes: a process group is set up once per
     process here, as under torchrun)."""
-    from pipeline.distributed import destroy_parallel
+    from pipeline.parallel.groups import stop_groups as destroy_parallel
     from pipeline.train import build_trainer
 
     tr = build_trainer(load_config(None, tiny_overrides(Path(shards), Path(run_dir), **{**SETTINGS, **OFFLOAD})))
@@ -96,25 +96,29 @@ def test_dp2_zero3_offload_matches_one_process_losses(shards, reference, tmp_pat
 def _init_worker(rank: int, world_size: int) -> dict:
     import deepspeed
 
-    from model import build_model, init_parallel
-    from pipeline.config import OptimConfig
-    from pipeline.distributed import destroy_parallel
-    from pipeline.optim import build_optimizer
-    from pipeline.zero import build_zero3_init, to_deepspeed_config
+    from model import build_model
+    from pipeline.config.load import load_config
+    from pipeline.config.tree import OptimConfig
+    from pipeline.parallel.groups import start_groups, stop_groups
+    from pipeline.parallel.mpu import MegatronMPU
+    from pipeline.parallel.zero import build_zero3_init
+    from pipeline.parallel.zero_config import to_deepspeed_config
+    from pipeline.training.optim import build_optimizer
     from tests.test_reference import small_args
 
-    init_parallel()
+    groups = start_groups()
     args = small_args(num_layers=2)
-    plain = build_model(args, seed=7)
-    ds_config = to_deepspeed_config(3, 1, 1, 1.0, bf16=False, offload_optimizer=True, dp_world_size=world_size)
-    with build_zero3_init(ds_config):
-        model = build_model(args, seed=7)
+    plain = build_model(args, seed=7, tp_group=groups.tp_group)
+    cfg = load_config(None, ["--parallel.zero_stage=3", "--parallel.zero_offload_optimizer=true",
+                             "--data.micro_batch_size=1", f"--data.global_batch_size={world_size}"])
+    with build_zero3_init(to_deepspeed_config(cfg, world_size, bf16=False), MegatronMPU.from_groups(groups)):
+        model = build_model(args, seed=7, tp_group=groups.tp_group)
     params = list(model.parameters())
     shards_only = all(p.numel() == 0 and 0 < p.ds_tensor.numel() <= -(-p.ds_numel // world_size) for p in params)
     groups = [len(g["params"]) for g in build_optimizer(model, OptimConfig()).param_groups]
     with deepspeed.zero.GatheredParameters(params):
         same = all(torch.equal(p, dict(plain.named_parameters())[name]) for name, p in model.named_parameters())
-    destroy_parallel()
+    stop_groups()
     return {"shards_only": shards_only, "same": same, "groups": groups,
             "plain_groups": [len(g["params"]) for g in build_optimizer(plain, OptimConfig()).param_groups]}
 
@@ -124,5 +128,5 @@ def test_zero3_init_builds_the_plain_weights_already_partitioned():
         assert got["shards_only"]  # no rank ever held the whole model after construction
         assert got["same"]  # gathered, bit for bit the weights of build_model without zero.Init
         # The same decay / no-decay split: zero.Init leaves each parameter's .data empty (1-D), so
-        # pipeline/optim.py reads the real shape, or no matrix would be decayed.
+        # pipeline/training/optim.py reads the real shape, or no matrix would be decayed.
         assert got["groups"] == got["plain_groups"] == [2 * 4 + 2, 2 * 2 + 1 + 1]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import load_config
+from pipeline.config.load import load_config
 from tests.conftest import tiny_overrides
 from tests.time_bounds import HANG_GUARD_SECONDS
 

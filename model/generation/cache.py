@@ -1,6 +1,6 @@
 """The decode state: per layer, one preallocated key/value window, plus the FAM it reads.
 
-Per layer (fam-paper.md §6: nothing else crosses blocks), rows [rows, b, g, d]:
+Per layer (docs/fam.md, "The algorithm": nothing else crosses blocks), rows [rows, b, g, d]:
 
     [ memory: the last m blocks' K/V (m*C rows) | FAM keys: K/V of F_{t-1} (F rows) | current block (C rows) ]
 

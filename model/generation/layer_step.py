@@ -4,7 +4,7 @@ For n new tokens of the current block (n = 1 when decoding), at layer l:
     q, k, v  = attention.project_qkv(input_norm(x))      RoPE at the tokens' absolute positions
     context  = Attn(q, [memory; FAM keys; block so far + new])   causal among the new tokens
     x        = ffn(project_out(context) + x)
-exactly the block rows of Algorithm 2 (fam-paper.md §1.3). When the block completes, the FAM
+exactly the block rows of Algorithm 2 (docs/fam.md, "The algorithm"). When the block completes, the FAM
 update runs on it: the layer's `fam_update` (model/scan.py's `fam_step` with the layer's own
 weights and RoPE tables: FAM queries at the block's last F positions over [F_{t-1} keys; the
 whole block]), the same math as the layer-major forward's scan. The new FAM's K/V as keys sit at the F positions

@@ -1,3 +1,5 @@
-"""Checkpoints read as something other than a training resume: `whole_model.load_whole_model` gives
-any training layout's checkpoint (TP shards, PP stage files, ZeRO-1/2/3) as one whole TP=1 model in
-one process, for generation, evaluation and Hugging Face export."""
+"""Checkpoints: `files.py` (atomic, verified, rotating step folders; weights-only loading),
+`zero_files.py` (DeepSpeed's ZeRO files inside them), `shards.py` (which file each rank writes
+and reads; resharding to other TP/PP sizes), `resume.py` (which checkpoint a run resumes from),
+`whole_model.py` (any training layout's checkpoint as one whole TP=1 model in one process, for
+generation, evaluation and Hugging Face export)."""

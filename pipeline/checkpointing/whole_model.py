@@ -7,12 +7,12 @@
 `path` is a `step_XXXXXXXX` folder, a checkpoint folder (its newest complete step, falling back
 past broken ones with a warning, as `checkpoint.resume=auto` does) or a run folder holding
 `checkpoints/`. The step folder is verified against its sha256 manifest and every file is read
-with torch.load(weights_only=True) (pipeline/checkpoint.py). Weights, from any training layout:
+with torch.load(weights_only=True) (pipeline/checkpointing/files.py). Weights, from any training layout:
     TP shards       model_tpXX[_ppYY].pt, merged by model/weights.py merge_megatron_shards
     PP stages       the stage files of one TP rank hold global layer names: their union
     ZeRO-1/2        the same shard files (whole weights on every DP rank); under bf16 they hold the
                     module's bf16 copy, so the fp32 master weights are consolidated from zero/
-    ZeRO-3          shard files hold no weights: zero/ consolidated (pipeline/zero_checkpoint.py)
+    ZeRO-3          shard files hold no weights: zero/ consolidated (pipeline/checkpointing/zero_files.py)
 The result has exactly the parameters ModelArgs describes (names and shapes), in fp32 as trained;
 anything else is "another architecture", one ValueError naming the key.
 The tokenizer is the run's: the training manifest's tokenizer spec (data.train_manifest, or the
@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from model.config import ModelArgs, model_args_from_dict
-from pipeline.checkpoint import MANIFEST, find_latest_checkpoint, list_checkpoints, load_file, verify_checkpoint
+from pipeline.checkpointing.files import MANIFEST, find_latest_checkpoint, list_checkpoints, load_file, verify_checkpoint
 
 
 @dataclass
@@ -159,7 +159,7 @@ def _consolidated_zero(folder: Path, tp_size: int) -> list[dict[str, torch.Tenso
     if not (folder / "zero").is_dir():
         raise ValueError(f"checkpoint {folder}: its shard files hold no fp32 weights and it has no zero/ folder to "
                          "consolidate them from")
-    from pipeline.zero_checkpoint import consolidate_zero_checkpoint
+    from pipeline.checkpointing.zero_files import consolidate_zero_checkpoint
 
     by_tp = consolidate_zero_checkpoint(folder, "zero")
     if len(by_tp) != tp_size:

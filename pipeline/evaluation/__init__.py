@@ -7,8 +7,8 @@ the evaluator the training loop runs every eval.interval_steps.
     codec.py          data_prep's tokenizers plus a decoder for generated answers
     plots.py          heat map and loss-by-position curve (PNG)
     reports.py        JSON + PNG files and the MLflow metric names
-    settings.py       the `eval` config section's rules (validate_eval) and its settings objects
-    in_loop.py        InLoopEvaluator: runs in pipeline/train.py's loop, logs to MLflow, resumes
+    settings.py       the `eval` config section's settings objects (its rules: pipeline/config/rules.py)
+    in_loop.py        InLoopEvaluator: runs in pipeline/training/loop.py, logs to MLflow, resumes
 
 Entry point: `python -m pipeline.evaluate passkey|position-loss` (pipeline/evaluate.py).
 """

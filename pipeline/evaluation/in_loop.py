@@ -1,7 +1,7 @@
 """Evaluation inside the training loop (issue 15 item 4): PassKey and loss by position every
 eval.interval_steps and at the end, logged to MLflow, surviving resume.
 
-    evaluator = InLoopEvaluator.build(tr, tracker, saved_state)   # pipeline/train.py, after tracking starts
+    evaluator = InLoopEvaluator.build(tr, tracker, saved_state)   # pipeline/training/loop.py, after tracking starts
     evaluator.catch_up()                   # a resumed run first runs an evaluation its checkpoint still owes
     evaluated = evaluator.maybe_run(step, stopping)   # after each step; True: the loop checkpoints now
     trainer_state["eval"] = evaluator.state_dict()    # in every checkpoint
@@ -13,13 +13,13 @@ resumed run runs it first (`catch_up`), on the same weights. The loop checkpoint
 that evaluated, so the state "evaluated through step s" and the weights of step s are saved
 together: a resume neither repeats an evaluation nor loses one. (A crash between an evaluation and
 the end of its checkpoint's save resumes from the checkpoint before; the evaluation then runs again
-on recomputed weights, and MLflow keeps the first values of its metrics: pipeline/tracking.py.)
+on recomputed weights, and MLflow keeps the first values of its metrics: pipeline/training/tracking.py.)
 
 What: rank 0 writes `<run_dir>/eval/step_XXXXXXXX/` (passkey.json, passkey_heatmap.png,
 position_loss.json, position_loss.png), logs the metrics (pipeline/evaluation/reports.py names)
 at the step and the four files as MLflow artifacts under `eval/step_XXXXXXXX/`. Under data
 parallelism every rank evaluates a share (PassKey cells, held-out sequences) and rank 0 gathers;
-TP/PP/ZeRO-3 are refused by validate_eval. The weights are evaluated in fp32 as stored, whatever
+TP/PP/ZeRO-3 are refused by pipeline/config/rules.py check_eval. The weights are evaluated in fp32 as stored, whatever
 the training's autocast (the numbers do not depend on the step's dtype, and the decode path of
 model/generation is checked in fp32), with no RNG draws: evaluating does not change the training
 that follows.
@@ -110,19 +110,19 @@ class InLoopEvaluator:
                                                 cfg.position_loss_sequences, vocab_size=tr.cfg.model.vocab_size)
 
     def run(self, step: int) -> None:
-        tr, ranks = self.tr, self.tr.ranks
+        tr, ranks = self.tr, self.tr.groups
         passkey = position = None
         if self.codec is not None:
             settings = passkey_settings(self.cfg)
             mine = settings.grid()[ranks.dp_rank :: ranks.dp_size]
-            parts = _gather(run_passkey(tr.model, self.codec, settings, cells=mine)["cells"], ranks.dp_group)
+            parts = _gather(run_passkey(tr.strategy.model, self.codec, settings, cells=mine)["cells"], ranks.dp_group)
             passkey = {"tokenizer": self.codec.spec, "trials": settings.trials, "seed": settings.seed,
                        "lengths": settings.lengths, "depths": settings.depths, "step": step,
                        "training_length": tr.cfg.data.seq_len, "cells": _in_grid_order(parts, settings.grid())}
         if self.sequences is not None:
             mine = self.sequences[ranks.dp_rank :: ranks.dp_size]
             result = None if len(mine) == 0 else run_position_loss(
-                tr.model, mine, self.edges, self.cfg.chunk_tokens, batch_size=len(mine))
+                tr.strategy.model, mine, self.edges, self.cfg.chunk_tokens, batch_size=len(mine))
             position = _merge_position_losses([r for r in _gather([result], ranks.dp_group) if r is not None])
             position.update(step=step, training_length=tr.cfg.data.seq_len)
         if ranks.is_rank0:
@@ -149,7 +149,7 @@ class InLoopEvaluator:
 
 
 def _training_tokenizer(cfg) -> str:
-    from pipeline.data import manifest_info
+    from pipeline.data.loader import manifest_info
 
     manifest = cfg.data.train_blend[0] if cfg.data.train_blend else cfg.data.train_manifest
     return manifest_info(manifest)["tokenizer"]

@@ -5,8 +5,8 @@ with the key at a depth fraction of the filler:
 
     TASK  filler[:k]  KEY_LINE(key)  filler[k:]  QUESTION            -> the model answers " <key>"
 
-Depth 0 puts the whole filler after the key line: that is the FAM paper's prompt (Fig. 10,
-fam-paper.md §4.1: key first, no prefix filler). The filler is FILLER_SENTENCES repeated; k is
+Depth 0 puts the whole filler after the key line: that is the FAM paper's prompt (arXiv
+2404.09173 Fig. 10: key first, no prefix filler). The filler is FILLER_SENTENCES repeated; k is
 the sentence boundary nearest to depth x filler length, so the key line never splits a
 sentence. A prompt has exactly `length` tokens: the filler is cut (at its end) to what the
 fixed part (task, key line, question) leaves. Pieces (task, each filler sentence, the key line,

@@ -16,7 +16,7 @@ tokens. The sharder packs each pack group's documents into one stream cut into c
 samples (data_prep/pack.py), so consecutive samples continue the same text; a new pack group
 starts a new stream, which reads like one more document boundary (samples cross those anyway).
 
-Receptive field of BSWA (fam-paper.md §1.1 and §6.7): layers x (m + 1) x C tokens; an output
+Receptive field of BSWA (arXiv 2404.09173 §2.1, Fig. 1d): layers x (m + 1) x C tokens; an output
 of a model without FAM cannot depend on a token further back.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F_
 
-from pipeline.data import ShardLoader, manifest_info
+from pipeline.data.loader import ShardLoader, manifest_info
 
 
 def receptive_field(model_config) -> int | None:

@@ -25,7 +25,7 @@ class FAMtronConfig(PretrainedConfig):
     model_type = "famtron"
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    def __init__(
+    def __init__(  # shape: Hugging Face configs take every field as a keyword argument
         self,
         vocab_size: int = 256,
         hidden_size: int = 64,

@@ -1,0 +1,129 @@
+"""The command line of the memory estimator (pipeline/memory/estimate.py): a config file (name or
+YAML path) and a data-parallel size in, the per-rank table and a verdict out; exit status 0
+fits, 1 does not, 2 impossible.
+
+    python -m pipeline.memory --config configs/recipes/fam-24b-8x80gb.yaml --dp 4
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data_prep.cli import run_main
+from model.config import model_args_from_dict, read_config_tree
+from pipeline.config.rules import SCHEDULES, check_global_batch
+from pipeline.memory.estimate import DEFAULT_ALLOWANCE_GIB, GIB, KERNELS, MemoryEstimate, Settings, estimate
+from pipeline.memory.terms import PRECISIONS
+
+_ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer states", "optimizer"),
+         ("ZeRO buffers", "zero_buffers"), ("block mask (cached)", "block_mask"),
+         ("activations (in flight)", "activations"), ("FAM state + last m blocks' K/V", "fam_state"),
+         ("final norm + loss (last)", "head"), ("backward: recompute + grads", "backward_extra"))
+
+
+def format_table(est: MemoryEstimate, gpu_memory_gib: float = 80.0,
+                 allowance_gib: float = DEFAULT_ALLOWANCE_GIB) -> str:
+    """The per-rank table in GiB, the peak by phase, host memory and the verdict."""
+    ranks = est.ranks
+    if len(ranks) > 3:  # first, last and the worst of the rest
+        middle = max(ranks[1:-1], key=lambda r: r.peak)
+        ranks = [ranks[0], middle, ranks[-1]]
+    s = est.settings
+    head = (f"TP={s.tp} PP={s.pp} DP={s.dp} ZeRO-{s.zero} v={s.virtual_stages} {s.schedule} "
+            f"micro-batch {s.micro_batch} x {s.microbatches} per step, seq {s.seq_len}, "
+            f"recompute={s.recompute}, SP={s.sequence_parallel}, offload={s.offload_optimizer}, "
+            f"{s.precision} {s.dtype}, {s.kernels} kernels, "
+            f"{'whole logits' if s.return_logits else 'chunked loss'}")
+    width = 31
+    lines = [head, f"{'GiB per GPU':<{width}}" + "".join(f"{f'rank {r.rank} ({r.layers} layers)':>22}" for r in ranks)]
+    for label, name in _ROWS:
+        lines.append(f"{label:<{width}}" + "".join(f"{getattr(r, name) / GIB:>22.2f}" for r in ranks))
+    lines.append(f"{'in-flight micro-batches':<{width}}" + "".join(f"{r.in_flight:>22g}" for r in ranks))
+    phases = list(dict.fromkeys(p for r in ranks for p in r.peaks))
+    for phase in phases:
+        cells = "".join(f"{r.peaks[phase] / GIB:>22.2f}" if phase in r.peaks else f"{'-':>22}" for r in ranks)
+        lines.append(f"{'peak at ' + phase:<{width}}" + cells)
+    lines.append(f"{'PEAK':<{width}}" + "".join(f"{r.peak / GIB:>22.2f}" for r in ranks))
+    host = "".join(f"{r.optimizer_host / GIB:>22.2f}" for r in ranks)
+    lines.append(f"{'host (offloaded optimizer)':<{width}}" + host)
+    worst = est.worst()
+    verdict = "fits" if est.fits(gpu_memory_gib, allowance_gib) else "DOES NOT FIT"
+    lines.append(f"{verdict}: peak {worst.peak / GIB:.2f} GiB (rank {worst.rank}, {worst.peak_phase}) + "
+                 f"{allowance_gib:g} GiB allowance (CUDA context, NCCL, fragmentation) vs {gpu_memory_gib:g} GiB")
+    return "\n".join(lines)
+
+
+def settings_from_config(tree: dict) -> dict:
+    """Settings fields (and `global_batch`) from a config tree's parallel, data, model and train sections."""
+    par, data = tree.get("parallel", {}) or {}, tree.get("data", {}) or {}
+    zero = par.get("zero_stage", 0)
+    out = dict(
+        tp=par.get("tensor_parallel_size", 1), pp=par.get("pipeline_parallel_size", 1), zero=zero,
+        virtual_stages=par.get("virtual_stages", 1), layout=par.get("pipeline_layout"),
+        schedule=par.get("pipeline_schedule"), sequence_parallel=par.get("sequence_parallel", False),
+        offload_optimizer=par.get("zero_offload_optimizer", False), micro_batch=data.get("micro_batch_size", 1),
+        seq_len=data.get("seq_len", 8192), precision="bf16-zero" if zero else "autocast",
+    )
+    out["global_batch"] = data.get("global_batch_size")
+    return out
+
+
+def estimate_config(name_or_path: str | Path, dp: int = 1, **overrides) -> MemoryEstimate:
+    """estimate() for a config file (name or YAML path) and a data-parallel size; keyword
+    arguments override the file's values (None keeps them): Settings fields, global_batch, vocab_size."""
+    tree = read_config_tree(name_or_path)
+    args = model_args_from_dict(dict(tree.get("model", {}) or {}), f"{name_or_path}: model")
+    kw = settings_from_config(tree)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    global_batch = kw.pop("global_batch")
+    vocab = kw.pop("vocab_size", None)
+    if vocab:
+        args.vocab_size = vocab
+    if global_batch and not kw.get("microbatches"):
+        check_global_batch(global_batch, kw["micro_batch"], dp)
+        kw["microbatches"] = global_batch // (kw["micro_batch"] * dp)
+    return estimate(args, Settings(dp=dp, **kw))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.memory", description="Per-GPU memory estimate of a training step")
+    p.add_argument("--config", required=True, help="config name (configs/<name>.yaml) or YAML path")
+    p.add_argument("--tp", type=int)
+    p.add_argument("--pp", type=int)
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size (world / (TP x PP))")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3))
+    p.add_argument("--micro-batch", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--global-batch", type=int, help="samples per step (default: data.global_batch_size)")
+    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--virtual-stages", type=int)
+    p.add_argument("--pipeline-schedule", choices=SCHEDULES)
+    p.add_argument("--precision", choices=PRECISIONS, help="default: bf16-zero with ZeRO >= 1, else autocast")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="compute dtype")
+    p.add_argument("--kernels", choices=KERNELS, default="cuda")
+    p.add_argument("--vocab-size", type=int, help="override model.vocab_size (benchmarks use 32000)")
+    p.add_argument("--return-logits", action="store_true",
+                   help="the loss from whole logits (model(..., return_logits=True)), not the chunked lm_loss")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--allowance-gib", type=float, default=DEFAULT_ALLOWANCE_GIB)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A bad config or setting ends as one line and exit status 2 (data_prep/cli.py run_main)."""
+    return run_main(_main, argv, prog="python -m pipeline.memory")
+
+
+def _main(argv: list[str]) -> int:
+    o = _parser().parse_args(argv)
+    overrides = dict(tp=o.tp, pp=o.pp, zero=o.zero, micro_batch=o.micro_batch, seq_len=o.seq_len,
+                     recompute=o.recompute, sequence_parallel=o.sequence_parallel,
+                     offload_optimizer=o.offload_optimizer, virtual_stages=o.virtual_stages,
+                     schedule=o.pipeline_schedule, precision=o.precision, dtype=o.dtype, kernels=o.kernels,
+                     vocab_size=o.vocab_size, global_batch=o.global_batch, return_logits=o.return_logits or None)
+    est = estimate_config(o.config, dp=o.dp, **overrides)
+    print(format_table(est, o.gpu_memory_gib, o.allowance_gib))
+    return 0 if est.fits(o.gpu_memory_gib, o.allowance_gib) else 1
