@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpointing.files import load_file
@@ -21,13 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVAL_FILES = {"passkey.json", "passkey_heatmap.png", "position_loss.json", "position_loss.png"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding is thousands of tiny ops (tests/test_generate.py): one thread is far faster on 2 busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def eval_overrides(shards: Path, run_dir: Path, uri: str, **extra) -> list[str]:

@@ -27,13 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LOSS_ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Thousands of tiny ops (tests/test_generate.py): one thread is ~30x faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def byte_model(**kw):

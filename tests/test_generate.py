@@ -22,14 +22,7 @@ RTOL = 2e-5
 VOCAB = 64  # small_args' vocabulary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding is thousands of tiny ops: a second thread gains nothing, and on a busy 2-core
-    machine each op's hand-off between threads cost ~40 ms (this file took 8 min, not 30 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -21,13 +21,7 @@ PROMPT = "def memory_state(memory, state=3):\n    return memo"  # 50 bytes: 3 bl
 NEW = 40  # positions 50..89 cross the block edges at 64 and 80
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding is thousands of tiny ops: one thread is much faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
