@@ -65,15 +65,17 @@ def _offload_worker(rank: int, world_size: int, shards: str, run_dir: str) -> di
 def _probe_worker(rank: int, world_size: int, shards: str, run_dir: str) -> dict:
     """What DeepSpeed made of the same config (new processes: a process group is set up once per
     process here, as under torchrun)."""
-    from pipeline.parallel.groups import stop_groups as destroy_parallel
-    from pipeline.train import build_trainer
+    from pipeline.parallel.groups import stop_groups
+    from pipeline.training.trainer import build_trainer, start
 
-    tr = build_trainer(load_config(None, tiny_overrides(Path(shards), Path(run_dir), **{**SETTINGS, **OFFLOAD})))
-    zero = tr.engine.optimizer  # DeepSpeedZeroOptimizer_Stage3
+    cfg = load_config(None, tiny_overrides(Path(shards), Path(run_dir), **{**SETTINGS, **OFFLOAD}))
+    tr = build_trainer(cfg, start(cfg))
+    engine = tr.strategy.engine
+    zero = engine.optimizer  # DeepSpeedZeroOptimizer_Stage3
     out = dict(offload=bool(zero.offload_optimizer), optimizer=type(zero.optimizer).__name__,
                fp32_devices=sorted({str(t.device) for t in zero.fp32_partitioned_groups_flat}))
-    tr.engine.destroy()
-    destroy_parallel()
+    engine.destroy()
+    stop_groups()
     return out
 
 
