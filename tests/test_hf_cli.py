@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config.load import load_config
 from tests.conftest import SHARD_SEQ_LEN
-from tests.trained_checkpoints import one_line_error, run_command, train_tiny
+from tests.trained_checkpoints import one_line_error, run_command, run_commands, train_tiny
 
 SEED = 1234  # train.seed (its default): the loader's and the RPO draws' seed in the resumed run
 
@@ -118,8 +118,9 @@ def test_bad_input_is_one_line_each(trained, round_trip, shards, tmp_path):
         ("pipeline.import_hf", [existing, "--output", tmp_path / "ft", "--model.num_layers=3", *data_overrides(shards)],
          "--model.num_layers=3: the model comes from the Hugging Face folder's config.json"),
     ]
-    for module, argv, message in cases:
-        assert message in one_line_error(run_command(module, *argv), module)
+    results = run_commands([(module, argv) for module, argv, _ in cases])
+    for (module, _, message), result in zip(cases, results):
+        assert message in one_line_error(result, module)
     assert not (tmp_path / "out").exists() and not (tmp_path / "ft").exists()
 
 

@@ -40,6 +40,22 @@ def run_command(module: str, *args: str, cwd: Path = ROOT) -> subprocess.Complet
                           text=True, timeout=HANG_GUARD_SECONDS)
 
 
+def run_commands(commands: list[tuple[str, list]], cwd: Path = ROOT) -> list[subprocess.CompletedProcess]:
+    """run_command for each (module, args), all started at once: each spends its seconds importing
+    torch in one thread, so together they use every core instead of one after the other."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argvs = [[sys.executable, "-m", module, *map(str, args)] for module, args in commands]
+    procs = [subprocess.Popen(argv, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for argv in argvs]
+    try:
+        outputs = [proc.communicate(timeout=HANG_GUARD_SECONDS) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()  # no-op for those that ended; a hung one must not outlive the test
+    return [subprocess.CompletedProcess(argv, proc.returncode, out, err)
+            for argv, proc, (out, err) in zip(argvs, procs, outputs)]
+
+
 def one_line_error(result: subprocess.CompletedProcess, module: str) -> str:
     """The single stderr line of a refused command (exit 2, no traceback); fails otherwise."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
