@@ -28,6 +28,7 @@ import torch
 
 from data_prep.manifest import fsync_dir, sha256_file
 from model.config import ModelArgs
+from pipeline.checkpointing.files import fsync_path
 from pipeline.hf.convert import args_from_hf_config, from_hf_state, to_hf_config, to_hf_state
 from pipeline.hf.tokenizer_files import tokenizer_files, tokenizer_spec_in
 
@@ -79,14 +80,6 @@ def _write_weights(folder: Path, hf_state: dict[str, torch.Tensor], max_shard_by
     (folder / INDEX_FILE).write_bytes(_json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, output: str | Path, tokenizer: str = "byte",
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> Path:
     """Write the HF folder for a famtron TP=1 state dict (weights kept in their dtype).
@@ -118,10 +111,10 @@ def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, output: str | Pat
         (tmp / name).write_bytes(content)
     entries = {}
     for path in sorted(tmp.iterdir()):
-        _fsync(path)
+        fsync_path(path)
         entries[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(str(path))}
     (tmp / MANIFEST).write_bytes(_json_bytes({"format": "famtron-hf-export/1", "files": entries}))
-    _fsync(tmp / MANIFEST)
+    fsync_path(tmp / MANIFEST)
     fsync_dir(str(tmp))
     _publish(tmp, output)
     return output
