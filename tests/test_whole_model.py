@@ -79,6 +79,20 @@ def test_whole_model_is_a_one_process_tp1_model_with_the_checkpoints_weights(sha
         assert torch.isfinite(model(tokens).logits).all()
 
 
+def test_a_run_launched_with_relative_paths_loads_from_any_folder(shards, tmp_path, monkeypatch):
+    """make demo's layout: data and run folder named relative to the launch folder. The tokenizer,
+    recorded in the training manifest named by that relative path, is found from another folder."""
+    launch = tmp_path / "repo"
+    (launch / "data").mkdir(parents=True)
+    (launch / "data" / "shards").symlink_to(shards)
+    monkeypatch.chdir(launch)
+    train_tiny(Path("data/shards"), Path("runs/demo"), train__steps=1, optim__warmup_steps=1)
+    monkeypatch.chdir(tmp_path)  # elsewhere: data/shards/... is not here
+    assert not Path("data/shards").exists()
+    _, _, tokenizer = load_whole_model(launch / "runs" / "demo" / "checkpoints", "cpu")
+    assert tokenizer == "byte"
+
+
 def test_a_checkpoint_folder_gives_its_newest_complete_step(shards, tmp_path):
     run = tmp_path / "run"
     train_tiny(shards, run, train__steps=2, checkpoint__save_interval_steps=1, optim__warmup_steps=1)

@@ -22,6 +22,7 @@ The model is built in this process at TP=1 (a one-process gloo group if none exi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,13 +188,31 @@ def run_tokenizer(folder: Path, config: dict[str, Any]) -> str:
 
     data, evaluation = config.get("data") or {}, config.get("eval") or {}
     manifest = (data.get("train_blend") or [None])[0] or data.get("train_manifest")
-    if manifest and Path(manifest).is_file():
-        return load_manifest(manifest)["tokenizer"]["spec"]
+    found = manifest and _run_path(manifest, folder, config)
+    if found and found.is_file():
+        spec = load_manifest(found)["tokenizer"]["spec"]
+        as_path = _run_path(spec, folder, config)  # a tokenizer file named relative to the launch folder
+        return str(as_path) if as_path.is_file() else spec
     if evaluation.get("tokenizer"):
         return evaluation["tokenizer"]
     raise ValueError(f"checkpoint {folder}: its run's tokenizer is recorded in its training manifest "
                      f"data.train_manifest={manifest!r}, which is not there; give the tokenizer "
                      "(--tokenizer byte | a tokenizer.json | a SentencePiece .model)")
+
+
+def _run_path(name: str, folder: Path, config: dict[str, Any]) -> Path:
+    """A path from the run's config: as given if it exists here, else relative to the folder the
+    run was launched from, inferred from where its checkpoints are (checkpoint.dir, relative to
+    that folder, ends in the step folder's parent), so that a checkpoint loads from any folder."""
+    path = Path(name)
+    ckpt_dir = Path(os.path.normpath((config.get("checkpoint") or {}).get("dir") or "."))
+    if path.exists() or path.is_absolute() or ckpt_dir.is_absolute() or ckpt_dir == Path("."):
+        return path
+    parent = Path(folder).resolve().parent.parts
+    n = len(ckpt_dir.parts)
+    if parent[-n:] != ckpt_dir.parts:
+        return path
+    return Path(*parent[:-n]) / path
 
 
 def check_tokenizer(spec: str, args: ModelArgs, folder: Path | None = None) -> None:
