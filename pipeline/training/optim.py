@@ -40,10 +40,16 @@ def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+    return build_adamw([(name, p) for name, p in model.named_parameters() if p.requires_grad], cfg, device_type)
+
+
+def build_adamw(named_params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig,
+                device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW over (name, parameter) pairs: the model's, or bf16-mixed's fp32 masters under the
+    same names (pipeline/training/precision.py)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if is_no_decay(name, param) else decay).append(param)
+    for name, param in named_params:
+        (no_decay if is_no_decay(name, param) else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
