@@ -185,18 +185,33 @@ def one_process(shards, tmp_path_factory) -> dict:
 LAYOUT_RTOL = 1e-5
 
 
-@pytest.mark.parametrize("layout", [dict(parallel__pipeline_parallel_size=2), {}], ids=["pp2", "dp2"])
-def test_bf16_mixed_dp2_and_pp2_match_one_process(shards, tmp_path, one_process, layout):
+# TP=2 (with SP) splits each GEMM: the row-parallel layers all-reduce partial sums of bf16 products,
+# so TP differs from one process at bf16 rounding, not fp32. Measured: losses 5.6e-5, validation
+# 4.8e-5, grad norms 1.2e-3 relative; bounds 5e-4 and 1e-2. The masters are not compared element by
+# element there: AdamW moves a weight whose gradient is near zero by +-lr whatever the gradient's
+# rounding (measured 6.7e-3 = 2.2 lr apart). What TP adds to bf16-mixed is the masters' TP flag for
+# clipping: without it the sharded weights' squares are not summed over TP, a grad norm ~1/sqrt(2)
+# as large for those, far outside 1e-2.
+TP_RTOL = dict(losses=5e-4, val_losses=5e-4, grad_norms=1e-2)
+LAYOUTS = {  # name: (overrides, TP size, PP size, bound per figure, masters compared)
+    "pp2": (dict(parallel__pipeline_parallel_size=2), 1, 2, dict.fromkeys(TP_RTOL, LAYOUT_RTOL), True),
+    "dp2": ({}, 1, 1, dict.fromkeys(TP_RTOL, LAYOUT_RTOL), True),
+    "tp2_sp": (dict(parallel__tensor_parallel_size=2, parallel__sequence_parallel=True), 2, 1, TP_RTOL, False),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_bf16_mixed_dp2_pp2_and_tp2_match_one_process(shards, tmp_path, one_process, name):
+    layout, tp, pp, bounds, same_masters = LAYOUTS[name]
     got = run_on_ranks(_worker, 2, str(shards), str(tmp_path / "run"), layout, timeout_seconds=600)[0]
     assert got["rsp_steps"] == one_process["rsp_steps"]
-    for key in ("losses", "val_losses", "grad_norms"):
-        np.testing.assert_allclose([v for _, v in got[key]], [v for _, v in one_process[key]], rtol=LAYOUT_RTOL,
-                                   err_msg=key)
-    pp = layout.get("parallel__pipeline_parallel_size", 1)
-    final, expected = _final_params(got["last_checkpoint"], 1, pp), _final_params(one_process["last_checkpoint"], 1, 1)
+    for key, rtol in bounds.items():
+        np.testing.assert_allclose([v for _, v in got[key]], [v for _, v in one_process[key]], rtol=rtol, err_msg=key)
+    final, expected = _final_params(got["last_checkpoint"], tp, pp), _final_params(one_process["last_checkpoint"], 1, 1)
     assert {v.dtype for v in final.values()} == {torch.float32}  # the checkpoint holds the fp32 masters
-    for name, value in expected.items():
-        np.testing.assert_allclose(final[name].numpy(), value.numpy(), rtol=LAYOUT_RTOL, atol=1e-6, err_msg=name)
+    assert final.keys() == expected.keys()
+    for n, value in expected.items() if same_masters else ():
+        np.testing.assert_allclose(final[n].numpy(), value.numpy(), rtol=LAYOUT_RTOL, atol=1e-6, err_msg=n)
 
 
 def test_bf16_mixed_resume_is_bitwise(shards, tmp_path, one_process):
