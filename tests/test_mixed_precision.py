@@ -2,7 +2,7 @@
 master weights, fp32 gradient accumulation, clipping and AdamW.
 
 The chain: an independent reference step written here (fp32 masters updated from the bf16 model's
-gradients, summed over micro-batches in fp32) ⇐ the plain step in one process ⇐ DP=2 and PP=2
+gradients, summed over micro-batches in fp32) ⇐ the plain step in one process ⇐ DP=2, PP=2 and TP=2 with SP
 through `pipeline.train.run`; a bf16-mixed run resumed from its checkpoint equals the
 uninterrupted run bit for bit. Two deliberately broken optimizers (bf16 accumulation; masters not
 copied back) are run through the same comparison and must fail it.
