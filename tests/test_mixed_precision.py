@@ -160,6 +160,26 @@ def test_reference_comparison_fails_a_broken_mixed_precision_optimizer(shards, t
     assert _beyond(errors), errors
 
 
+def test_loading_weights_sets_the_fp32_masters_and_their_bf16_rounding(shards, tmp_path, one_torch_thread):
+    """What a resharded resume and pipeline.import_hf load (PlainStep.load_weights): fp32 weights
+    become the masters exactly and the model's weights their bf16 rounding; a load that reached only
+    the bf16 weights would leave the masters at their initial values and the next update would undo it."""
+    from pipeline.parallel.groups import stop_groups
+    from pipeline.training.trainer import build_trainer, start
+
+    cfg = _config(shards, tmp_path / "run")
+    step = build_trainer(cfg, start(cfg)).strategy
+    gen = torch.Generator().manual_seed(1)
+    weights = {k: torch.randn(v.shape, generator=gen) if k in dict(step.model.named_parameters()) else v
+               for k, v in step.model.state_dict().items()}
+    step.load_weights(weights)
+    masters = step.optimizer.with_masters(step.state_dict())
+    stop_groups()
+    for name, param in step.model.named_parameters():
+        assert torch.equal(masters[name], weights[name]), name
+        assert param.dtype == torch.bfloat16 and torch.equal(param.detach(), weights[name].to(torch.bfloat16)), name
+
+
 # ---------------------------------------------------------------- layouts and resume through pipeline.train
 
 
