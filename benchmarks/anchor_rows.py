@@ -2,7 +2,7 @@
 
     anchor = load_anchor("../shared/gpu/anchor_gpt.py")         # imported into this process
     row = run_anchor(anchor, args, seq=8192, recompute=False)  # same shape and attention as `args`
-    path = write_records(rows, "benchmarks/results")          # <date>-<card>/train_step.json
+    path = write_records(records, "benchmarks/results")       # <date>-<card>/train_step.json, merged
 
 The anchor (/work/shared/gpu/anchor_gpt.py, outside the repository, so its path is an argument)
 is a plain PyTorch Llama-style decoder in pure bf16: RMSNorm, RoPE, SwiGLU, causal SDPA or BSWA
@@ -97,11 +97,19 @@ def to_record(name: str, seq: int, precision: str, result: dict, anchor_row: dic
 
 def write_records(records: list[dict], results_dir: str | os.PathLike, day: str | None = None,
                   card: str | None = None) -> Path:
-    """`records` as `<results_dir>/<date>-<card>/train_step.json`, written whole (temp file, rename)."""
+    """`records` into `<results_dir>/<date>-<card>/train_step.json`, written whole (temp file, rename).
+    Records already there are kept unless this run has one of the same config, seq_len and
+    precision, so a benchmark split over several commands (one per sequence length) fills one file."""
     folder = Path(results_dir) / f"{day or datetime.date.today().isoformat()}-{card or card_name()}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train_step.json"
+    key = lambda r: (r.get("config"), r.get("seq_len"), r.get("precision"))  # noqa: E731
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else []
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{path} is not valid JSON ({err}): move it away or give another --results-dir") from None
+    new = {key(r) for r in records}
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=1))
+    tmp.write_text(json.dumps([r for r in earlier if key(r) not in new] + records, indent=1))
     os.replace(tmp, path)
     return path

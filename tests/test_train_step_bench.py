@@ -67,3 +67,10 @@ def test_rows_are_saved_as_records_with_the_anchor_beside_them(tmp_path):
     assert saved[0]["x_anchor"] == pytest.approx(0.75) and saved[0]["anchor"] == anchor
     assert saved[1]["tokens_per_s"] is None and saved[1]["oom"] and "anchor" not in saved[1]
     assert [p.name for p in path.parent.iterdir()] == ["train_step.json"]  # no temp file left
+    # A second command (another sequence length, or the same row again) adds to the file or replaces its row.
+    again = {**records[0], "tokens_per_s": 31000.0}
+    later = to_record("fam-1b", 32768, "bf16-mixed", cell, anchor)
+    write_records([again, later], tmp_path / "results", day="2026-11-29", card="1xH200")
+    saved = json.loads(path.read_text())
+    assert [(r["config"], r["seq_len"], r["tokens_per_s"]) for r in saved] == [
+        ("dense-1b", 131072, None), ("fam-1b", 8192, 31000.0), ("fam-1b", 32768, 30000.0)]
