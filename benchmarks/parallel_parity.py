@@ -155,7 +155,8 @@ def run(opts) -> dict:
         "layout": f"TP{opts.tp} PP{opts.pp} DP{dp}" + (f" ZeRO-{opts.zero}" if opts.zero else ""),
         "tp": opts.tp, "pp": opts.pp, "dp": dp, "zero": opts.zero, "gpus": dist.get_world_size(),
         "config": opts.config, "vocab_size": opts.vocab_size, "seq_len": opts.seq_len, "global_batch": opts.global_batch,
-        "losses": losses, "grad_norms": grad_norms, "weight_norms": weight_norms, "step_seconds": times, "tokens_per_s": opts.global_batch * opts.seq_len / (sum(steady) / len(steady)),
+        "losses": losses, "grad_norms": grad_norms, "weight_norms": weight_norms,
+        "step_seconds": times, "tokens_per_s": opts.global_batch * opts.seq_len / (sum(steady) / len(steady)),
         "peak_gib": peak.item() / 2**30, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "estimate_gib": estimate_gib(args, opts, dp, per_rank),
     }

@@ -48,8 +48,8 @@ class ReferenceStep:
         o = cfg.optim
         decay = [m for n, m in self.masters.items() if not is_no_decay(n, m)]
         no_decay = [m for n, m in self.masters.items() if is_no_decay(n, m)]
-        self.adamw = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                        {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=tuple(o.betas), eps=o.eps)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.adamw = torch.optim.AdamW(groups, lr=LR, betas=tuple(o.betas), eps=o.eps)
         self.clip = o.grad_clip
 
     def step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
@@ -75,8 +75,8 @@ class ReferenceStep:
 
 
 def _config(shards: Path, run_dir: Path, **extra):
-    return load_config(None, tiny_overrides(shards, run_dir, **{"data__micro_batch_size": 2,
-                                                                "data__global_batch_size": 2 * ACCUM, **MIXED, **extra}))
+    batch = {"data__micro_batch_size": 2, "data__global_batch_size": 2 * ACCUM}
+    return load_config(None, tiny_overrides(shards, run_dir, **{**batch, **MIXED, **extra}))
 
 
 def _batches(vocab: int, seq: int) -> list[list[torch.Tensor]]:
@@ -243,5 +243,6 @@ def test_bf16_mixed_resume_is_bitwise(shards, tmp_path, one_process):
     resumed = run_on_ranks(_worker, 1, str(shards), run_dir, {})[0]
     assert resumed["losses"] == one_process["losses"][2:]
     assert resumed["grad_norms"] == one_process["grad_norms"][2:]
-    final, expected = _final_params(resumed["last_checkpoint"], 1, 1), _final_params(one_process["last_checkpoint"], 1, 1)
+    final = _final_params(resumed["last_checkpoint"], 1, 1)
+    expected = _final_params(one_process["last_checkpoint"], 1, 1)
     assert all(torch.equal(final[name], value) for name, value in expected.items())

@@ -35,7 +35,8 @@ def test_the_gpu_command_parses_and_stops_only_for_want_of_a_gpu(monkeypatch, ca
     assert _main(GPU_COMMAND, monkeypatch) == "benchmarks.train_step measures GPU speed: no CUDA device here"
     for name in ("fam-1b", "bswa-1b", "dense-1b"):
         load_model_args(name)  # every config named in the command exists
-    assert _main([*GPU_COMMAND[:-1], "no/such/anchor.py"], monkeypatch).startswith("--anchor no/such/anchor.py: no such")
+    stop = _main([*GPU_COMMAND[:-1], "no/such/anchor.py"], monkeypatch)
+    assert stop.startswith("--anchor no/such/anchor.py: no such file")
     assert _main(["--seqlens", "8192"], monkeypatch) == "2"  # argparse's usage error for a misspelt option
     assert "unrecognized arguments: --seqlens" in capsys.readouterr().err
 
