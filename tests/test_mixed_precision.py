@@ -109,11 +109,11 @@ def compare_with_reference(shards: Path, run_dir: Path, optimizer_cls=MixedPreci
         errors["loss"] = max(errors["loss"], abs(got.loss - loss) / loss)
         errors["grad_norm"] = max(errors["grad_norm"], abs(got.grad_norm - norm) / norm)
         masters = step.optimizer.with_masters(step.state_dict())
-        weights = dict(step.model.named_parameters())
+        weights = {n: p.detach() for n, p in step.model.named_parameters()}
         for n in ref.names:
             errors["masters"] = max(errors["masters"], float((masters[n] - ref.masters[n].detach()).abs().max()))
-            errors["weights"] = max(errors["weights"], float((weights[n].float() - ref.model.get_parameter(n).float())
-                                                            .abs().max()))
+            bf16 = ref.model.get_parameter(n).detach()
+            errors["weights"] = max(errors["weights"], float((weights[n].float() - bf16.float()).abs().max()))
     stop_groups()
     return errors
 
