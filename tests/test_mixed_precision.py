@@ -251,3 +251,17 @@ def test_bf16_mixed_resume_is_bitwise(shards, tmp_path, one_process):
     final = _final_params(resumed["last_checkpoint"], 1, 1)
     expected = _final_params(one_process["last_checkpoint"], 1, 1)
     assert all(torch.equal(final[name], value) for name, value in expected.items())
+
+
+def test_bf16_mixed_dp2_skips_a_nan_step_without_touching_weights_masters_or_adamw_state(shards, tmp_path):
+    """tests/test_nonfinite.py's faults (a NaN loss value; NaN gradients) on DP rank 1 at steps 2
+    and 4: both ranks skip them, and the bf16 weights, the fp32 masters and AdamW's state are
+    bitwise what they were (its snapshot reads them through the optimizer's param_groups and state)."""
+    from tests.test_nonfinite import BAD_STEPS, _run as run_with_faults
+
+    results = run_with_faults(shards, tmp_path / "run", 2, 1, **MIXED)
+    for rank, r in enumerate(results):
+        assert r["summary"]["status"] == "FINISHED" and r["summary"]["skipped_steps"] == len(BAD_STEPS), r["summary"]
+        for step in BAD_STEPS:
+            assert r["skipped"][step] and r["unchanged"][step], (rank, step)
+        assert all(np.isfinite(w).all() for w in r["weights"].values())

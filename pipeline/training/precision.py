@@ -62,6 +62,11 @@ class MixedPrecisionOptimizer:
         build time would take the LR and lose it after a resume)."""
         return self.optimizer.param_groups
 
+    @property
+    def state(self) -> dict:
+        """AdamW's per-master state (step, exp_avg, exp_avg_sq), keyed by master."""
+        return self.optimizer.state
+
     @staticmethod
     def _master_of(param: torch.nn.Parameter) -> torch.nn.Parameter:
         """An fp32 copy with the attributes gradient clipping reads (TP sharding)."""
