@@ -32,6 +32,7 @@ import torch
 from pipeline.config.tree import OptimConfig
 from pipeline.training.optim import build_adamw
 
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """train.precision with `auto` made concrete: bf16-mixed on a GPU, fp32 on CPU."""
     if precision == "auto":
