@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 2 -m benchmarks.parallel_parity --tp 2 --out tp2.json
     torchrun --nproc_per_node 4 -m benchmarks.parallel_parity --tp 2 --pp 2 --out tp2pp2.json
     torchrun --nproc_per_node 2 -m benchmarks.parallel_parity --zero 2 --out zero2.json
+    torchrun --nproc_per_node 2 -m benchmarks.parallel_parity --out dp2.json     # plain DP: gradients averaged
 
 One cell per command; `benchmarks/parity_suite.py` runs every layout on one machine and prints
 the comparison table.
@@ -13,6 +14,12 @@ bytes, so the loss falls. Global batch `--global-batch` sequences per step: accu
 batches of one sequence on one GPU, pipeline micro-batches under PP, split over DP ranks under
 ZeRO. bf16 autocast with fp32 weights everywhere (DeepSpeed in fp32 mode with ZeRO, the model
 under autocast), no clipping, no RPO/RSP: the curves may differ by bf16 rounding only.
+Per step it records the loss, the global gradient norm before the update (TP-, PP- and DP-aware:
+pipeline/training/optim.py global_norm; DeepSpeed's own under ZeRO) and a weight checksum, the
+global L2 norm of the weights after the update. AdamW is blind to a gradient's scale, so a
+data-parallel gradient summed instead of averaged leaves the loss curve as it is; the gradient
+norm shows it (x DP). Plain DP (no --zero) averages the gradients with the training's own
+reduction, pipeline/parallel/collectives.py average_gradients.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ def build_cell(opts, groups, args, per_rank: int) -> dict:
     from pipeline.parallel.stages import build_schedule, build_stages
 
     cuda, device = torch.cuda.is_available(), groups.device
-    cell = {"engine": None, "stages": None}
+    cell = {"engine": None, "stages": None, "groups": groups}
     if opts.pp > 1:
         cell["stages"] = build_stages(args, groups.pp_rank, opts.pp, device=device, seed=opts.seed, tp_group=groups.tp_group)
         params = [p for _, s in cell["stages"] for p in s.parameters()]
@@ -54,6 +61,7 @@ def build_cell(opts, groups, args, per_rank: int) -> dict:
     else:
         cell["model"] = build_model(args, device=device, seed=opts.seed, tp_group=groups.tp_group)
         params = list(cell["model"].parameters())
+    cell["params"] = params
     cell["optimizer"] = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda)
     if opts.zero:
         from pipeline.config.load import load_config
@@ -74,15 +82,19 @@ def build_cell(opts, groups, args, per_rank: int) -> dict:
 
 
 def cell_step(cell: dict, tokens: torch.Tensor, labels: torch.Tensor, per_rank: int):
-    """Forward, backward and optimizer step of one global batch's share; the loss (None off the last stage)."""
+    """Forward, backward and optimizer step of one global batch's share: (the loss, None off the last
+    stage; the global gradient norm before the update)."""
+    from pipeline.parallel import collectives
     from pipeline.parallel.stages import pipeline_step
     from pipeline.parallel.zero import zero_train_step
+    from pipeline.training.optim import grad_norm
 
-    cuda = torch.cuda.is_available()
+    cuda, groups = torch.cuda.is_available(), cell["groups"]
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         if cell["engine"] is not None:
             micro = [{"tokens": tokens[i : i + 1], "labels": labels[i : i + 1], "return_logits": False} for i in range(per_rank)]
-            return zero_train_step(cell["engine"], micro).loss
+            result = zero_train_step(cell["engine"], micro)
+            return result.loss, result.grad_norm
         if cell["stages"] is not None:
             loss = pipeline_step(cell["schedule"], cell["stages"], tokens, labels, torch.zeros(per_rank, device=tokens.device))
         else:
@@ -91,9 +103,20 @@ def cell_step(cell: dict, tokens: torch.Tensor, labels: torch.Tensor, per_rank: 
                 micro_loss = cell["model"](tokens[i : i + 1], labels=labels[i : i + 1], return_logits=False).loss / per_rank
                 micro_loss.backward()
                 loss = loss + micro_loss.detach()
+    collectives.average_gradients(cell["params"], groups.dp_group)  # looked up per call: a test plants a bug here
+    norm = float(grad_norm(cell["params"], groups.tp_group, groups.pp_group))
     cell["optimizer"].step()
     cell["optimizer"].zero_grad(set_to_none=True)
-    return loss
+    return loss, norm
+
+
+def weight_checksum(cell: dict) -> float:
+    """Global L2 norm of the weights (TP shards and PP stages together; ZeRO-1/2 keep them whole)."""
+    from pipeline.training.optim import global_norm
+
+    groups, params = cell["groups"], cell["params"]
+    pairs = [(p.data, getattr(p, "tensor_model_parallel", False)) for p in params]
+    return float(global_norm(pairs, groups.device, groups.tp_group, groups.pp_group))
 
 
 def run(opts) -> dict:
@@ -103,13 +126,11 @@ def run(opts) -> dict:
     groups = start_groups(opts.tp, opts.pp)  # CPU (gloo, fp32) only to smoke-test this script
     cuda, device, dp = torch.cuda.is_available(), groups.device, groups.dp_size
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if dp > 1 and not opts.zero:
-        raise SystemExit(f"data parallel (DP={dp}) is measured with ZeRO here: pass --zero 1|2|3")
     args = load_model_args(opts.config, vocab_size=opts.vocab_size, recompute=opts.recompute)
     data = stdlib_windows(opts.seq_len, opts.steps * opts.global_batch).to(device)
     per_rank = opts.global_batch // dp
     cell = build_cell(opts, groups, args, per_rank)
-    losses, times = [], []
+    losses, times, grad_norms, weight_norms = [], [], [], []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for step in range(opts.steps):
@@ -117,7 +138,7 @@ def run(opts) -> dict:
         batch = rows[groups.dp_rank * per_rank : (groups.dp_rank + 1) * per_rank]
         sync()
         start = time.perf_counter()
-        loss = cell_step(cell, batch[:, :-1], batch[:, 1:], per_rank)
+        loss, norm = cell_step(cell, batch[:, :-1], batch[:, 1:], per_rank)
         # The loss lives on the last pipeline stage; average it over DP for the curve.
         value = torch.zeros(1, device=device) if loss is None else loss.float().reshape(1)
         dist.all_reduce(value)
@@ -125,6 +146,8 @@ def run(opts) -> dict:
         sync()
         times.append(time.perf_counter() - start)
         losses.append(value.item())
+        grad_norms.append(norm)
+        weight_norms.append(weight_checksum(cell))
     peak = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0], device=device, dtype=torch.float64)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     steady = times[3:] or times
@@ -132,7 +155,8 @@ def run(opts) -> dict:
         "layout": f"TP{opts.tp} PP{opts.pp} DP{dp}" + (f" ZeRO-{opts.zero}" if opts.zero else ""),
         "tp": opts.tp, "pp": opts.pp, "dp": dp, "zero": opts.zero, "gpus": dist.get_world_size(),
         "config": opts.config, "vocab_size": opts.vocab_size, "seq_len": opts.seq_len, "global_batch": opts.global_batch,
-        "losses": losses, "step_seconds": times, "tokens_per_s": opts.global_batch * opts.seq_len / (sum(steady) / len(steady)),
+        "losses": losses, "grad_norms": grad_norms, "weight_norms": weight_norms,
+        "step_seconds": times, "tokens_per_s": opts.global_batch * opts.seq_len / (sum(steady) / len(steady)),
         "peak_gib": peak.item() / 2**30, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "estimate_gib": estimate_gib(args, opts, dp, per_rank),
     }
@@ -163,8 +187,10 @@ def main() -> None:
     opts = parser.parse_args()
     result = run(opts)
     if dist.get_rank() == 0:
-        print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
-        print("losses", " ".join(f"{x:.4f}" for x in result["losses"]), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "grad_norms", "weight_norms")}),
+              flush=True)
+        for key in ("losses", "grad_norms", "weight_norms"):
+            print(key, " ".join(f"{x:.6g}" for x in result[key]), flush=True)
         if opts.out:
             json.dump(result, open(opts.out, "w"))
     dist.destroy_process_group()

@@ -2,8 +2,9 @@
 
     python -m benchmarks.train_step --configs fam-1b bswa-1b dense-1b --seq-lens 8192 32768 65536
 
-Each cell: forward + backward + AdamW step in bf16 autocast (fp32 master weights, fused AdamW),
-micro-batch 1, after warm-up steps (which also absorb torch.compile of FlexAttention). Prints
+Each cell: forward + backward + AdamW step, `--precision bf16-mixed` (default: bf16 weights, fp32
+master weights and AdamW, pipeline/training/precision.py) or `bf16-autocast` (fp32 weights cast at
+each use; fused AdamW), micro-batch 1, after warm-up steps (which also absorb torch.compile of FlexAttention). Prints
 tokens/s, model TFLOP/s (FLOPs counted for windowed attention + FAM tokens, pipeline/training/flops.py)
 and peak memory. The vocabulary defaults to 32k (the paper's 256k logits do not fit a 65k
 sequence on one GPU without a chunked loss); say so when quoting the numbers.
@@ -11,6 +12,10 @@ sequence on one GPU without a chunked loss); say so when quoting the numbers.
 `--profile` adds one profiled step per cell (torch.profiler, CUDA activity only): kernels launched
 per step and the GPU-busy fraction, the time some kernel ran over the unprofiled step's wall time.
 `--json PATH` writes every cell's raw figures (top kernels included) as a JSON list.
+`--anchor [PATH]` runs the shared plain-PyTorch anchor (default ../shared/gpu/anchor_gpt.py) in this
+process at each row's shape, attention and sequence, and prints each row's ratio to it
+(benchmarks/anchor_rows.py). The rows (with the anchor's beside them) are always saved as
+`<--results-dir>/<date>-<card>/train_step.json`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ import time
 import torch
 
 from model import build_model, load_model_args, scan_graphs
+from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
+from pipeline.config.tree import OptimConfig
 from pipeline.training.flops import flops_per_token, peak_flops
+from pipeline.training.optim import build_optimizer
+from pipeline.training.precision import MixedPrecisionOptimizer
 
 
 def profile_step(step) -> tuple[int, float, list]:
@@ -51,10 +60,20 @@ def profile_step(step) -> tuple[int, float, list]:
     return len(kernels), busy_ns / 1e9, top
 
 
-def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False) -> dict:
+def build_step_optimizer(model: torch.nn.Module, precision: str):
+    """The training step's optimizer for train.precision `precision` (bf16-mixed turns the model's
+    weights bf16 and keeps fp32 masters); fused AdamW on GPU either way."""
+    device_type = next(model.parameters()).device.type
+    if precision == "bf16-mixed":
+        return MixedPrecisionOptimizer(model, OptimConfig(lr=1e-4), device_type)
+    return build_optimizer(model, OptimConfig(lr=1e-4), device_type)
+
+
+def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False,
+             precision: str = "bf16-mixed") -> dict:  # shape: one benchmark cell's settings, as the CLI gives them
     args = load_model_args(name, vocab_size=vocab, recompute=recompute)
     model = build_model(args, device="cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = build_step_optimizer(model, precision)
     tokens = torch.randint(0, vocab, (1, seq + 1), device="cuda")
     torch.cuda.reset_peak_memory_stats()
 
@@ -102,17 +121,20 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step: GPU-busy fraction, kernels per step, the costliest kernels")
     parser.add_argument("--json", help="write the raw rows to this file")
+    add_anchor_arguments(parser)
     opts = parser.parse_args()
+    anchor = load_anchor(opts.anchor) if opts.anchor else None  # a wrong path fails before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
-    rows = []
+    rows, records, anchors = [], [], {}
     for seq in opts.seq_lens:
         for name in opts.configs:
             auto = [True] if seq >= 65536 else [False, True]  # 64k+ never fits a 1B model without it
             tries = {"auto": auto, "on": [True], "off": [False]}[opts.recompute]
             for recompute in tries:
                 try:
-                    result = run_cell(name, seq, opts.vocab_size, recompute, opts.warmup, opts.steps, opts.profile)
+                    result = run_cell(name, seq, opts.vocab_size, recompute, opts.warmup, opts.steps, opts.profile,
+                                      opts.precision)
                     break
                 except torch.OutOfMemoryError:
                     result = {"oom": True, "recompute": recompute}
@@ -122,13 +144,16 @@ def main() -> None:
                     torch.cuda.empty_cache()
             rows.append((name, seq, result))
             print(name, seq, {k: v for k, v in result.items() if k != "top_kernels"}, flush=True)
+            records.append(anchor_record(anchor, anchors, opts, name, seq, result))
             for kernel, launches, ms in result.get("top_kernels", []):
                 print(f"    {ms:8.1f} ms {launches:6d} x  {kernel}")
             if opts.json:
                 with open(opts.json, "w") as f:
                     json.dump([dict(config=n, seq=q, **r) for n, q, r in rows], f, indent=1)
 
-    print(f"\n{torch.cuda.get_device_name()}, bf16, micro-batch 1, vocab {opts.vocab_size}")
+    print(f"rows saved in {write_records(records, opts.results_dir)}")
+    print_anchor_ratios(records)
+    print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch 1, vocab {opts.vocab_size}")
     extra = " GPU busy | kernels/step |" if opts.profile else ""
     print("| config | sequence | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |" + extra)
     print("|---|---|---|---|---|---|---|---|" + "---|---|" * opts.profile)
@@ -144,6 +169,46 @@ def main() -> None:
         if opts.profile:
             line += f" {r['gpu_busy']:.0%} | {r['kernels_per_step']:,} |"
         print(line)
+
+
+def add_anchor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=["bf16-mixed", "bf16-autocast"], default="bf16-mixed",
+                        help="the step's precision (train.precision; pipeline/training/precision.py)")
+    parser.add_argument("--anchor", nargs="?", const=DEFAULT_ANCHOR, default=None, metavar="PATH",
+                        help=f"also run the shared plain-PyTorch anchor at each row's shape and attention (default "
+                             f"path {DEFAULT_ANCHOR}) and print each row's ratio to it")
+    parser.add_argument("--results-dir", default="benchmarks/results",
+                        help="the rows go to <this>/<date>-<card>/train_step.json")
+
+
+def anchor_record(anchor, anchors: dict, opts, name: str, seq: int, result: dict) -> dict:
+    """The row's JSON record, with the anchor's row of the same attention, sequence and recompute
+    (run once per such key: fam and bswa rows share their BSWA anchor)."""
+    row = None
+    if anchor is not None and not result.get("oom"):
+        args = load_model_args(name, vocab_size=opts.vocab_size)
+        key = (args.attention == "dense", seq, result["recompute"])
+        if key not in anchors:
+            anchors[key] = run_anchor(anchor, args, seq, result["recompute"], max(3, opts.steps))
+            print("  anchor", anchors[key], flush=True)
+        row = anchors[key]
+    return to_record(name, seq, opts.precision, {k: v for k, v in result.items() if k != "top_kernels"}, row)
+
+
+def print_anchor_ratios(records: list[dict]) -> None:
+    if not any("anchor" in r for r in records):
+        return
+    print("| config | sequence | tokens/s | anchor attention | anchor tokens/s | x anchor | anchor MFU | anchor peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in records:
+        a = r.get("anchor")
+        if a is None or a.get("oom") or not r["tokens_per_s"]:
+            state = "out of memory" if a and a.get("oom") else "n/a"
+            print(f"| {r['config']} | {r['seq_len']:,} | {r['tokens_per_s'] or 0:.0f} | {state} | | | | |")
+            continue
+        mfu = f"{a['mfu']:.0%}" if a["mfu"] else "n/a"
+        print(f"| {r['config']} | {r['seq_len']:,} | {r['tokens_per_s'] / 1e3:.1f}k | {a['attention']} | "
+              f"{a['tokens_per_s'] / 1e3:.1f}k | {r['x_anchor']:.2f} | {mfu} | {a['peak_gib']:.1f} GiB |")
 
 
 if __name__ == "__main__":

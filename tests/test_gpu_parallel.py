@@ -1,11 +1,13 @@
 """Parallel layouts on 2 and 4 GPUs against one GPU (marked `gpu`; on a 4-GPU machine:
 `pytest -m gpu -s tests/test_gpu_parallel.py`, about 5 minutes with a warm compile cache).
 
-fam-1b with a 32k vocabulary, sequence 8192, 4 sequences per step, 20 steps, bf16 autocast:
-TP=2, PP=2, ZeRO-2 over DP=2, TP=2 x PP=2 and ZeRO-2 over DP=4, each from the same weights and
-batches as the one-GPU run (benchmarks/parity_suite.py). Every step's loss within 1% of the
-one-GPU loss, and the memory estimator within 15% of each layout's measured peak. The table is
-printed (and left in $FAMTRON_PARITY_OUT when set)."""
+fam-1b with a 32k vocabulary, sequence 8192, 4 sequences per step, bf16 autocast: TP=2, PP=2,
+ZeRO-2 over DP=2, plain DP=2, TP=2 x PP=2 and ZeRO-2 over DP=4, each from the same weights and
+batches as the one-GPU run (benchmarks/parity_suite.py). From step 2 on, every step's loss, gradient
+norm and weight checksum within benchmarks/parity_suite.py BOUNDS of the one-GPU run's, and the
+memory estimator within 15% of each layout's measured peak. The table is printed (and left in
+$FAMTRON_PARITY_OUT when set). Fewer steps or cells for a quick run (2 GPUs in about 4 minutes
+with a warm cache): FAMTRON_PARITY_STEPS=10 FAMTRON_PARITY_CELLS="1gpu tp2 pp2 dp2"."""
 
 from __future__ import annotations
 
@@ -24,12 +26,14 @@ def test_layouts_match_one_gpu_and_the_estimator(tmp_path):
     gpus = torch.cuda.device_count()
     assert gpus >= 2, f"needs 2 or 4 GPUs, this machine has {gpus}"
     out = Path(os.environ.get("FAMTRON_PARITY_OUT") or tmp_path)
-    paths = run_suite(out, gpus, serial=False, timeout=420, cell_args=["--steps", "20"])
-    expected = [c.name for c in CELLS if c.gpus <= gpus]
+    steps = os.environ.get("FAMTRON_PARITY_STEPS", "20")
+    names = os.environ.get("FAMTRON_PARITY_CELLS", "").split() or None
+    paths = run_suite(out, gpus, serial=False, timeout=420, cell_args=["--steps", steps], names=names)
+    expected = [c.name for c in CELLS if c.gpus <= gpus and (names is None or c.name in names)]
     assert sorted(p.stem for p in paths) == sorted(expected), f"cells without a result: see the logs in {out}"
     rows = compare(paths)
     print_table(rows)
     for row in rows:
-        assert row["loss_ok"], f"{row['layout']}: losses differ from one GPU by {row['loss_rel_diff']:.2e} relative"
+        assert row["parity_ok"], f"{row['layout']}: {row['failed']} beyond their bounds: {row['diffs']}"
         assert row["estimate_ok"], (f"{row['layout']}: estimate {row['estimate_gib']:.1f} GiB vs measured "
                                     f"{row['peak_gib']:.1f} GiB")

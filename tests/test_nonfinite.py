@@ -78,7 +78,7 @@ def _final_weights(tr) -> dict[str, np.ndarray]:
         from pipeline.parallel.zero import full_fp32_state_dict
 
         return {k: v.numpy() for k, v in full_fp32_state_dict(tr.strategy.engine).items()}
-    return {k: v.detach().numpy().copy() for k, v in tr.strategy.state_dict().items() if torch.is_tensor(v)}
+    return {k: v.detach().float().numpy().copy() for k, v in tr.strategy.state_dict().items() if torch.is_tensor(v)}
 
 
 def _worker(rank: int, world_size: int, shards: str, run_dir: str, extra: dict, bad_rank: int,

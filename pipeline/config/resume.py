@@ -18,7 +18,7 @@ from pipeline.config.tree import Config
 # the whole section. Not here, on purpose: every other model.* key, data.* (manifests, seq_len,
 # batch sizes, seed and shuffle fix the sample order that the loader resumes in; eval_steps and
 # valid_manifest what val_loss means), optim.* (a schedule changed midway is another run),
-# train.seed/rpo/rsp_probability/dtype/device (with dtype=auto a GPU trains in bf16),
+# train.seed/rpo/rsp_probability/precision/device (with precision=auto a GPU trains in bf16-mixed),
 # parallel.zero_stage/zero_offload_optimizer/deepspeed_overrides (the optimizer state's format),
 # parallel.sequence_parallel (the saved RSP state holds this rank's F/TP FAM rows under SP, all F
 # without).

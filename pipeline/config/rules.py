@@ -171,6 +171,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check_train(cfg)
     check_checkpoint(cfg)
     check_eval(cfg)
+    check_precision(cfg)
 
 
 def check_data(cfg: Config) -> None:
@@ -235,8 +236,6 @@ def check_train(cfg: Config) -> None:
         raise ValueError(f"train.rsp_probability={t.rsp_probability}: must be in [0, 1]")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device={t.device!r}: must be one of auto, cpu, cuda")
-    if t.dtype not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"train.dtype={t.dtype!r}: must be one of auto, fp32, bf16")
     if t.peak_tflops is not None and t.peak_tflops <= 0:
         raise ValueError(f"train.peak_tflops={t.peak_tflops}: must be > 0 or null")
 
@@ -296,3 +295,21 @@ def check_eval(cfg: Config) -> None:
             f"one evaluation would stream {eval_tokens(e):,} tokens (sum(eval.passkey_lengths) x depths x "
             f"eval.passkey_trials + eval.position_loss_length x eval.position_loss_sequences), over "
             f"eval.max_tokens={e.max_tokens:,}: evaluate fewer lengths, depths, trials or sequences, or raise the bound")
+
+
+# ---------------------------------------------------------------- precision (pipeline/training/precision.py)
+
+PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16-mixed")
+
+
+def check_precision(cfg: Config) -> None:
+    """train.precision is one of PRECISIONS; under ZeRO, bf16 is DeepSpeed's bf16 mode (fp32 masters
+    in its optimizer), so the plain steps' fp32-weights autocast has no ZeRO counterpart."""
+    precision, zero_stage = cfg.train.precision, cfg.parallel.zero_stage
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
+    if zero_stage and precision == "bf16-autocast":
+        raise ValueError(
+            f"train.precision=bf16-autocast with parallel.zero_stage={zero_stage}: under ZeRO the bf16 step is "
+            "DeepSpeed's bf16 mode (bf16 weights, fp32 master weights and gradients in its optimizer); set "
+            "train.precision=bf16-mixed (or auto on a GPU) for it, or fp32")

@@ -63,7 +63,9 @@ class TrainConfig:
     rpo: bool = _f(True, "random position offset (docs/fam.md, RPO and RSP): offset ~ U[0, 2*pi*rope_base), zero w.p. 0.5")
     rsp_probability: float = _f(0.8, "random state passing: probability a step starts from the saved FAM (paper: 0.8)")
     device: str = _f("auto", "auto | cpu | cuda")
-    dtype: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
+    precision: str = _f("auto", "auto (bf16-mixed on GPU, fp32 on CPU) | fp32 | bf16-autocast (fp32 weights, "
+                               "bf16 autocast) | bf16-mixed (bf16 weights, fp32 master weights, grads and AdamW; "
+                               "under ZeRO: DeepSpeed's bf16): pipeline/training/precision.py")
     peak_tflops: float | None = _f(None, "peak dense TFLOP/s per device for MFU; null: by GPU name, n/a on CPU")
     progress_bar: bool = _f(True, "tqdm bar on rank 0")
 

@@ -28,7 +28,7 @@ OWNED_KEYS = {
     "gradient_accumulation_steps": "data.global_batch_size / (micro_batch_size x DP)",
     "train_batch_size": "data.global_batch_size",
     "zero_optimization.stage": "the ZeRO stage",
-    "bf16.enabled": "train.dtype",
+    "bf16.enabled": "train.precision",
 }
 
 

@@ -40,10 +40,16 @@ def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+    return build_adamw([(name, p) for name, p in model.named_parameters() if p.requires_grad], cfg, device_type)
+
+
+def build_adamw(named_params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig,
+                device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW over (name, parameter) pairs: the model's, or bf16-mixed's fp32 masters under the
+    same names (pipeline/training/precision.py)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if is_no_decay(name, param) else decay).append(param)
+    for name, param in named_params:
+        (no_decay if is_no_decay(name, param) else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -62,9 +68,16 @@ def grad_norm(params: list[torch.nn.Parameter], tp_group: dist.ProcessGroup | No
     """Global L2 norm of the gradients of the full (unsharded) model, identical on all TP and PP ranks."""
     grads = [(p.grad, getattr(p, "tensor_model_parallel", False)) for p in params if p.grad is not None]
     device = grads[0][0].device if grads else (params[0].device if params else torch.device("cpu"))
+    return global_norm(grads, device, tp_group, pp_group)
+
+
+def global_norm(tensors: list[tuple[torch.Tensor, bool]], device: torch.device,
+                tp_group: dist.ProcessGroup | None = None, pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """L2 norm over (tensor, sharded over TP) pairs of every TP and PP rank: the gradients' (above),
+    or the weights' (benchmarks/parallel_parity.py's per-step checksum). Summed in fp32."""
     sharded = torch.zeros((), dtype=torch.float32, device=device)
     replicated = torch.zeros((), dtype=torch.float32, device=device)
-    for g, is_sharded in grads:
+    for g, is_sharded in tensors:
         sq = g.detach().float().pow(2).sum()
         if is_sharded:
             sharded += sq

@@ -25,6 +25,8 @@ from pipeline.parallel.groups import ProcessGroups
 from pipeline.parallel.stages import (build_schedule, build_stages, load_stage_state_dict, pipeline_step,
                                       stage_state_dict)
 from pipeline.training.optim import build_optimizer, clip_grads, set_lr
+from pipeline.training.precision import (MixedPrecisionOptimizer, load_master_weights, resolve_precision,
+                                         with_master_weights)
 from pipeline.training.step import StepBatch, TrainStep
 
 
@@ -45,6 +47,15 @@ def build_pipeline_stages(cfg: Config, groups: ProcessGroups, accum: int):
     return stages, schedule
 
 
+def build_plain_optimizer(model: torch.nn.Module, cfg: Config, groups: ProcessGroups):
+    """AdamW over the fp32 weights, or, for train.precision bf16-mixed, over fp32 masters of the
+    weights it turns bf16 (pipeline/training/precision.py). Called after `start_equal`, so every
+    data-parallel rank's masters are rank 0's fp32 values."""
+    if resolve_precision(cfg.train.precision, groups.device) == "bf16-mixed":
+        return MixedPrecisionOptimizer(model, cfg.optim, groups.device.type)
+    return build_optimizer(model, cfg.optim, groups.device.type)
+
+
 def start_equal(model: torch.nn.Module, groups: ProcessGroups) -> None:
     """Data-parallel replicas start identical: DP rank 0's values everywhere."""
     broadcast_tensors([p.data for p in model.parameters() if p.requires_grad], groups.dp_group)
@@ -57,13 +68,13 @@ class PlainStep(TrainStep):
     def build(cls, cfg: Config, groups: ProcessGroups, accum: int) -> PlainStep:
         model = build_whole_model(cfg, groups)
         start_equal(model, groups)
-        return cls(cfg, groups, model, build_optimizer(model, cfg.optim, groups.device.type), accum)
+        return cls(cfg, groups, model, build_plain_optimizer(model, cfg, groups), accum)
 
     def forward_backward(self, batch: StepBatch, start: FAMState | None, lr: float):
         self.optimizer.zero_grad(set_to_none=True)
         loss, next_rsp = self.micro_batches(batch, start)
-        average_gradients(self.params, self.groups.dp_group)
-        grad_norm = clip_grads(self.params, self.cfg.optim.grad_clip, self.groups.tp_group, self.groups.pp_group)
+        average_gradients(self.grad_params, self.groups.dp_group)
+        grad_norm = clip_grads(self.grad_params, self.cfg.optim.grad_clip, self.groups.tp_group, self.groups.pp_group)
         return loss, grad_norm, next_rsp
 
     def micro_batches(self, batch: StepBatch, start: FAMState | None) -> tuple[torch.Tensor, FAMState | None]:
@@ -100,17 +111,20 @@ class PlainStep(TrainStep):
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
+        load_master_weights(self.state_dict(), state, self.optimizer)  # bf16-mixed: the fp32 values too
 
     def load_weights(self, weights: dict) -> None:
         """Global-named weights (another layout's checkpoint); megatron's _extra_state stays."""
         current = self.model.state_dict()
         self.model.load_state_dict({k: v if k.endswith("_extra_state") else weights[k] for k, v in current.items()})
+        load_master_weights(self.state_dict(), weights, self.optimizer)
 
     def checkpoint_files(self) -> dict:
         if self.groups.dp_rank:  # DP replicas are identical: their rank 0 writes
             return {}
         rsp = None if self.rsp_state is None else self.rsp_state.to_dict()
-        return {model_file(self.groups): {"model": self.state_dict(), "rsp_state": rsp},
+        weights = with_master_weights(self.state_dict(), self.optimizer)  # bf16-mixed: the fp32 masters
+        return {model_file(self.groups): {"model": weights, "rsp_state": rsp},
                 optim_file(self.groups): self.optimizer.state_dict()}
 
     def restore(self, path: Path, trainer: dict) -> bool:
@@ -145,6 +159,7 @@ class StagedModel:
 
     def load_state_dict(self, state: dict) -> None:
         load_stage_state_dict(self.stages, state)
+        load_master_weights(self.state_dict(), state, self.optimizer)
 
     load_weights = load_state_dict
 
@@ -197,9 +212,12 @@ class PipelineStep(StagedModel, PlainStep):
         stages, schedule = build_pipeline_stages(cfg, groups, accum)
         model = torch.nn.ModuleList(stage for _, stage in stages)
         start_equal(model, groups)
-        step = cls(cfg, groups, model, build_optimizer(model, cfg.optim, groups.device.type), accum)
+        step = cls(cfg, groups, model, build_plain_optimizer(model, cfg, groups), accum)
         step.stages, step.schedule = stages, schedule
         return step
 
     def micro_batches(self, batch: StepBatch, start: FAMState | None) -> tuple[torch.Tensor, FAMState | None]:
-        return self.schedule_step(batch, start)
+        loss, next_rsp = self.schedule_step(batch, start)
+        if isinstance(self.optimizer, MixedPrecisionOptimizer):
+            self.optimizer.scale_grads(1.0 / self.accum)  # the schedule's mean, on the fp32 sums
+        return loss, next_rsp

@@ -64,7 +64,7 @@ def start_tracking(tr: Trainer, run_id: str | None) -> Tracker:
                  " | %s %s",
                  describe(tr.cfg.model), tr.cfg.model.num_params(embeddings=True) / 1e6, r.world_size, r.tp_size,
                  r.pp_size, r.dp_size, d.micro_batch_size, tr.strategy.accum, d.global_batch_size, device.type,
-                 "bf16" if tr.strategy.use_bf16 else "fp32")
+                 tr.strategy.precision)
     return tracker
 
 

@@ -12,7 +12,8 @@ state dict, checkpoint files and restore; pipeline/training/trainer.py `build_st
 
 Room for what comes next: a layout's forward and backward over one micro-batch is one method
 (`PlainStep.micro_batch`), where a sample can be split along the sequence (model/micro_chunks.py);
-evaluation goes through `eval_losses`; an optimizer with fp32 master weights replaces `update`.
+evaluation goes through `eval_losses`. Precision (train.precision: fp32, bf16-autocast, bf16-mixed)
+is `autocast` here and, for bf16-mixed, the optimizer (pipeline/training/precision.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipeline.parallel.collectives import all_reduce_mean
 from pipeline.parallel.groups import ProcessGroups
 from pipeline.training.draws import share_rsp_state
 from pipeline.training.fault import NonFiniteGuard
+from pipeline.training.precision import resolve_precision
 
 
 @dataclass
@@ -51,9 +53,9 @@ class StepResult:
     skipped: bool  # non-finite: no update
 
 
-def uses_bf16(dtype: str, device: torch.device) -> bool:
-    """train.dtype: bf16, or auto on a GPU (fp32 on CPU)."""
-    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """train.precision asks for bf16 GEMMs: bf16-autocast, bf16-mixed, or auto on a GPU (fp32 on CPU)."""
+    return resolve_precision(precision, device) != "fp32"
 
 
 class TrainStep:
@@ -62,8 +64,11 @@ class TrainStep:
 
     def __init__(self, cfg: Config, groups: ProcessGroups, model: torch.nn.Module, optimizer, accum: int):
         self.cfg, self.groups, self.model, self.optimizer, self.accum = cfg, groups, model, optimizer, accum
-        self.use_bf16 = uses_bf16(cfg.train.dtype, groups.device)
+        self.precision = resolve_precision(cfg.train.precision, groups.device)
+        self.use_bf16 = self.precision != "fp32"
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # What gradient averaging and clipping work on: the parameters, or bf16-mixed's fp32 masters.
+        self.grad_params = getattr(optimizer, "masters", self.params)
         self.uses_fam = cfg.model.uses_fam
         self.rsp_state: FAMState | None = None  # the FAM saved by the previous step
         p = cfg.parallel

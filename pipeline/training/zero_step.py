@@ -34,7 +34,7 @@ from pipeline.training.step import StepBatch, uses_bf16
 
 def engine_parts(cfg: Config, groups: ProcessGroups) -> tuple[dict, MegatronMPU]:
     """The DeepSpeed JSON of this run and DeepSpeed's view of its groups."""
-    ds_config = to_deepspeed_config(cfg, groups.dp_size, uses_bf16(cfg.train.dtype, groups.device))
+    ds_config = to_deepspeed_config(cfg, groups.dp_size, uses_bf16(cfg.train.precision, groups.device))
     return ds_config, MegatronMPU.from_groups(groups)
 
 

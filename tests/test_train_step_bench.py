@@ -1,0 +1,77 @@
+"""`python -m benchmarks.train_step` on CPU, where it can run: the GPU command given in README.md
+parses (a typo fails here, not on the GPU machine), the anchor it imports has each row's exact
+shape, and the rows' JSON record and path. The timing itself needs a GPU (the benchmark exits
+saying so here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import train_step
+from benchmarks.anchor_rows import DEFAULT_ANCHOR, anchor_attention, anchor_shape, load_anchor, to_record, write_records
+from model import load_model_args
+
+ROOT = Path(__file__).resolve().parent.parent
+# The GPU command of README.md's "Measured" section, as argv.
+GPU_COMMAND = ["--configs", "fam-1b", "bswa-1b", "dense-1b", "--seq-lens", "8192", "32768", "65536", "131072",
+               "--precision", "bf16-mixed", "--profile", "--anchor", DEFAULT_ANCHOR]
+
+
+def _main(argv: list[str], monkeypatch) -> str:
+    monkeypatch.chdir(ROOT)  # the anchor's default path is relative to the repository root
+    monkeypatch.setattr(sys, "argv", ["train_step", *argv])
+    with pytest.raises(SystemExit) as stop:
+        train_step.main()
+    return str(stop.value.code)
+
+
+def test_the_gpu_command_parses_and_stops_only_for_want_of_a_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on a GPU machine too: parse, never run
+    assert _main(GPU_COMMAND, monkeypatch) == "benchmarks.train_step measures GPU speed: no CUDA device here"
+    for name in ("fam-1b", "bswa-1b", "dense-1b"):
+        load_model_args(name)  # every config named in the command exists
+    stop = _main([*GPU_COMMAND[:-1], "no/such/anchor.py"], monkeypatch)
+    assert stop.startswith("--anchor no/such/anchor.py: no such file")
+    assert _main(["--seqlens", "8192"], monkeypatch) == "2"  # argparse's usage error for a misspelt option
+    assert "unrecognized arguments: --seqlens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fam-1b", "bswa-1b", "dense-1b"])
+def test_anchor_row_has_the_famtron_rows_shape_and_attention(name):
+    """The anchor built at `anchor_shape` has famtron's parameter count, less only the FAM prompt
+    (F x d, which the anchor has no counterpart for); built on the meta device, no memory."""
+    anchor = load_anchor(ROOT / DEFAULT_ANCHOR)
+    args = load_model_args(name, vocab_size=32000)
+    with torch.device("meta"):
+        model = anchor.GPT(*anchor_shape(args))
+    prompt = args.fam_len * args.hidden_size if args.uses_fam else 0
+    assert sum(p.numel() for p in model.parameters()) == args.num_params(embeddings=True) - prompt
+    expected = {"mode": "sdpa"} if name == "dense-1b" else {"mode": "bswa", "C": 1024, "m": 3}
+    assert anchor_attention(args) == expected
+
+
+def test_rows_are_saved_as_records_with_the_anchor_beside_them(tmp_path):
+    cell = {"tokens_per_s": 30000.0, "mfu": 0.3, "peak_gib": 40.0, "recompute": False, "loss": 10.4}
+    anchor = {"attention": "bswa", "tokens_per_s": 40000.0, "mfu": 0.4, "peak_gib": 30.0, "recompute": False}
+    records = [to_record("fam-1b", 8192, "bf16-mixed", cell, anchor),
+               to_record("dense-1b", 131072, "bf16-mixed", {"oom": True, "recompute": True}, None)]
+    path = write_records(records, tmp_path / "results", day="2026-11-29", card="1xH200")
+    assert path == tmp_path / "results" / "2026-11-29-1xH200" / "train_step.json"
+    saved = json.loads(path.read_text())
+    for record in saved:
+        assert {"config", "seq_len", "tokens_per_s", "mfu", "peak_gib", "recompute", "precision"} <= set(record)
+    assert saved[0]["x_anchor"] == pytest.approx(0.75) and saved[0]["anchor"] == anchor
+    assert saved[1]["tokens_per_s"] is None and saved[1]["oom"] and "anchor" not in saved[1]
+    assert [p.name for p in path.parent.iterdir()] == ["train_step.json"]  # no temp file left
+    # A second command (another sequence length, or the same row again) adds to the file or replaces its row.
+    again = {**records[0], "tokens_per_s": 31000.0}
+    later = to_record("fam-1b", 32768, "bf16-mixed", cell, anchor)
+    write_records([again, later], tmp_path / "results", day="2026-11-29", card="1xH200")
+    saved = json.loads(path.read_text())
+    assert [(r["config"], r["seq_len"], r["tokens_per_s"]) for r in saved] == [
+        ("dense-1b", 131072, None), ("fam-1b", 8192, 31000.0), ("fam-1b", 32768, 30000.0)]
