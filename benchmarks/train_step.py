@@ -145,13 +145,14 @@ def main() -> None:
             rows.append((name, seq, result))
             print(name, seq, {k: v for k, v in result.items() if k != "top_kernels"}, flush=True)
             records.append(anchor_record(anchor, anchors, opts, name, seq, result))
+            saved = write_records(records, opts.results_dir)  # after every cell: a killed run keeps its rows
             for kernel, launches, ms in result.get("top_kernels", []):
                 print(f"    {ms:8.1f} ms {launches:6d} x  {kernel}")
             if opts.json:
                 with open(opts.json, "w") as f:
                     json.dump([dict(config=n, seq=q, **r) for n, q, r in rows], f, indent=1)
 
-    print(f"rows saved in {write_records(records, opts.results_dir)}")
+    print(f"rows saved in {saved}")
     print_anchor_ratios(records)
     print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch 1, vocab {opts.vocab_size}")
     extra = " GPU busy | kernels/step |" if opts.profile else ""
