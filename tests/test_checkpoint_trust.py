@@ -110,3 +110,30 @@ def test_resume_refuses_a_zero_checkpoint_file_with_a_pickled_callable(shards, t
     with pytest.raises(UnsafeCheckpointError, match=Path(name).name):
         consolidate_zero_checkpoint(folder, "zero")
     assert not marker.exists()
+
+
+class _MemberByName:
+    """Pickles as `getattr(cls, name)`: how Python 3.11.2 (Debian 12's python3) pickles an Enum
+    member, such as the ZeroStageEnum in DeepSpeed's optimizer-state file; 3.11.7 pickles by value."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+def test_a_zero_stage_pickled_by_name_loads_and_other_getattrs_are_refused(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from pipeline.checkpointing.files import torch_load
+    from pipeline.checkpointing.zero_files import deepspeed_checkpoint_classes
+
+    torch.save({"zero_stage": _MemberByName(ZeroStageEnum, "optimizer_states")}, tmp_path / "old_python.pt")
+    loaded = torch_load(tmp_path / "old_python.pt", allowed=deepspeed_checkpoint_classes())
+    assert loaded["zero_stage"] is ZeroStageEnum.optimizer_states
+    for cls, name in ((LossScaler, "__init__"), (Path, "unlink"), (ZeroStageEnum, "__class__")):
+        torch.save({"x": _MemberByName(cls, name)}, tmp_path / "other.pt")
+        with pytest.raises(UnsafeCheckpointError):
+            torch_load(tmp_path / "other.pt", allowed=deepspeed_checkpoint_classes())

@@ -31,6 +31,7 @@ only the classes DeepSpeed really stores (`deepspeed_checkpoint_classes`), befor
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import tempfile
@@ -48,17 +49,28 @@ from pipeline.parallel.collectives import barrier
 META = "famtron_zero.json"
 
 
-def deepspeed_checkpoint_classes() -> list[type]:
+def deepspeed_checkpoint_classes() -> list:
     """The non-tensor classes DeepSpeed 0.19.8 pickles into a ZeRO checkpoint, found by listing the
     globals of every file it wrote for ZeRO-1/2/3, fp32 and bf16, with and without optimizer
     offload: all in the optimizer-state files (the loss scaler object, the ZeRO stage enum, and
     for ZeRO-1/2 the fragment addresses of parameters). Each is rebuilt from plain attribute
-    values (an Enum by value); none runs code of the file's choosing."""
+    values (an Enum by value); none runs code of the file's choosing. Python 3.11.2 (Debian 12's
+    python3) pickles an Enum member as `getattr(EnumClass, name)` instead: `builtins.getattr` is
+    mapped to `_zero_stage_by_name`, which answers only that."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, ZeroStageEnum, fragment_address, (_zero_stage_by_name, "builtins.getattr")]
+
+
+def _zero_stage_by_name(cls, name):
+    """`getattr(ZeroStageEnum, member name)` as an old pickle asks it; anything else is refused."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    if cls is ZeroStageEnum and isinstance(name, str) and name in ZeroStageEnum.__members__:
+        return ZeroStageEnum[name]
+    raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) in a checkpoint: only a ZeroStageEnum member is allowed")
 
 
 def check_zero_files(path: Path) -> None:
