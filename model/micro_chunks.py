@@ -60,6 +60,20 @@ def micro_chunked_forward_backward(
     return run(model, tokens, labels, spans, state, position_offset, loss_scale)
 
 
+def micro_chunked_loss(model: FAMLanguageModel, tokens: torch.Tensor, labels: torch.Tensor, chunk_len: int,
+                       state: FAMState | None = None) -> torch.Tensor:
+    """The mean loss over tokens [b, s] streamed micro-chunk by micro-chunk with the state, no
+    gradients (validation of long sequences): one whole call's loss, with one chunk's
+    activations alive at a time."""
+    check_micro_chunks(model, tokens, labels, chunk_len, state)
+    seq, total = tokens.shape[1], 0.0
+    with torch.no_grad():
+        for lo, hi in chunk_spans(seq, chunk_len):
+            out = _chunk(model, tokens, labels, lo, hi, state, 0.0)
+            total, state = total + out.loss * ((hi - lo) / seq), out.state
+    return total
+
+
 def check_micro_chunks(model: FAMLanguageModel, tokens, labels, chunk_len: int, state: FAMState | None = None) -> None:
     """Raise a ValueError naming the setting that micro-chunked training cannot serve. All
     before any work: a chunk refused halfway through the backward would leave partial .grad."""

@@ -66,6 +66,12 @@ class TrainConfig:
     dtype: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
     peak_tflops: float | None = _f(None, "peak dense TFLOP/s per device for MFU; null: by GPU name, n/a on CPU")
     progress_bar: bool = _f(True, "tqdm bar on rank 0")
+    # Long sequences in micro-chunks (issue 14; docs/fam.md, "Micro-chunks"; rules: pipeline/config/rules.py
+    # check_micro_chunks).
+    micro_chunk_len: int | None = _f(None, "tokens per micro-chunk of each sample (a multiple of model.block_size); "
+                                           "0/null: one call per sample")
+    micro_chunk_mode: str = _f("exact", "exact (the whole call's gradients; saved boundary states, one recompute) | "
+                                        "truncated (no gradient across a micro-chunk boundary; needed with PP)")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pipeline.config.tree import Config
 from pipeline.parallel.groups import ProcessGroups
 from pipeline.parallel.mpu import MegatronMPU
 from pipeline.parallel.zero import (ZeroModule, build_zero3_init, build_zero_engine, grad_norm_of, zero_pipeline_step,
-                                    zero_train_step)
+                                    zero_step_after_backward, zero_train_step)
 from pipeline.parallel.zero_config import to_deepspeed_config
 from pipeline.training.optim import build_optimizer
 from pipeline.training.plain_step import PlainStep, StagedModel, build_pipeline_stages, build_whole_model, start_equal
@@ -58,6 +58,15 @@ class ZeroStep(PlainStep):
         return step
 
     def forward_backward(self, batch: StepBatch, start: FAMState | None, lr: float):
+        if self.micro_chunk_len:  # several backward calls per sample: outside the engine (ZeRO-1 only)
+            result = {}
+
+            def run():
+                result["loss"], result["rsp"] = self.micro_batches(batch, start)
+                return result["loss"]
+
+            loss = zero_step_after_backward(self.engine, run, lr)
+            return loss, grad_norm_of(self.engine), result["rsp"]
         micro_batches = [{"tokens": b[:, :-1], "labels": b[:, 1:], "state": start, "position_offset": o,
                           "return_logits": False} for b, o in zip(batch.tokens, batch.offsets)]
         # No outer autocast: DeepSpeed's bf16 runs the module in bf16 itself, and its engine turns an
