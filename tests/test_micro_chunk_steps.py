@@ -5,7 +5,8 @@ build_step: PlainStep, PipelineStep, ZeroStep), the second from the RSP state, w
 per row and two micro-batches per step (accumulation: every sample restarts its state), and
 compares the loss and every parameter's update with another step object's on the same batches:
     exact mode      == the same layout without micro-chunks (one whole call per sample):
-                       FAM, BSWA, a partial last block, TP=2, SP at TP=2, ZeRO-1 at DP=2;
+                       FAM, BSWA, a partial last block, boundary states in host memory,
+                       TP=2, SP at TP=2, ZeRO-1 at DP=2;
     truncated, PP=2 == one process (PlainStep) running the same truncated micro-chunks:
                        1F1B and interleaved 1F1B, whose per-stage forward order is recorded;
     truncated       == a reference that detaches the state at every boundary (model calls).
@@ -36,7 +37,7 @@ ULPS = 2 * float(np.finfo(np.float32).eps)
 LOSS_TOL = 4e-6  # a few ulps of a loss ~4.2 (the chunk weighting's extra roundings)
 
 
-def _config(seq: int, chunk: int, mode: str = "exact", world: int = 1, **parallel):
+def _config(seq: int, chunk: int, mode: str = "exact", world: int = 1, offload: bool = False, **parallel):
     from pipeline.config.rules import validate
     from pipeline.config.tree import Config
 
@@ -48,6 +49,7 @@ def _config(seq: int, chunk: int, mode: str = "exact", world: int = 1, **paralle
     o = cfg.optim
     o.betas, o.eps, o.weight_decay, o.grad_clip, o.warmup_steps = [0.0, 0.0], EPS, 0.0, 0.0, 0
     cfg.train.micro_chunk_len, cfg.train.micro_chunk_mode = chunk, mode
+    cfg.train.micro_chunk_offload_states = offload and bool(chunk)
     cfg.train.device, cfg.train.dtype = "cpu", "fp32"
     for key, value in parallel.items():
         setattr(cfg.parallel, key, value)
@@ -139,6 +141,7 @@ EXACT_CASES = {  # name -> (config keywords, world size); every case has >= 4 mi
     "fam": (dict(seq=40, chunk=8), 1),
     "bswa (F = 0)": (dict(seq=32, chunk=8, model={"fam_len": 0}), 1),
     "fam, partial last block": (dict(seq=37, chunk=8), 1),
+    "fam, boundary states offloaded": (dict(seq=40, chunk=8, offload=True), 1),
     "fam, TP=2": (dict(seq=32, chunk=8, tensor_parallel_size=2), 2),
     "fam, SP at TP=2": (dict(seq=32, chunk=8, tensor_parallel_size=2, sequence_parallel=True), 2),
     "fam, ZeRO-1 at DP=2": (dict(seq=32, chunk=8, zero_stage=1), 2),
@@ -227,6 +230,8 @@ def _detached_reference_worker(rank, world_size):
     ({"train.micro_chunk_mode": "truncated", "parallel.pipeline_parallel_size": 2, "data.seq_len": 36},
      ["data.seq_len", "train.micro_chunk_len"]),
     ({"train.micro_chunk_mode": "sliced"}, ["train.micro_chunk_mode"]),
+    ({"train.micro_chunk_mode": "truncated", "train.micro_chunk_offload_states": True},
+     ["train.micro_chunk_offload_states", "train.micro_chunk_mode"]),
 ])
 def test_validate_refuses_micro_chunk_settings_naming_the_keys(changes, keys):
     from pipeline.config.rules import validate

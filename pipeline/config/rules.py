@@ -323,6 +323,9 @@ def check_micro_chunks(cfg: Config) -> None:
     if t.micro_chunk_mode not in MICRO_CHUNK_MODES:
         raise ValueError(f"train.micro_chunk_mode={t.micro_chunk_mode!r}: must be one of {MICRO_CHUNK_MODES}")
     n = t.micro_chunk_len
+    if t.micro_chunk_offload_states and (not n or t.micro_chunk_mode != "exact"):
+        raise ValueError(f"train.micro_chunk_offload_states=true needs exact micro-chunks (train.micro_chunk_len={n}, "
+                         f"train.micro_chunk_mode={t.micro_chunk_mode!r}): only exact mode saves boundary states")
     if not n:
         return
     if model.attention == "dense":

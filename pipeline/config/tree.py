@@ -72,6 +72,8 @@ class TrainConfig:
                                            "0/null: one call per sample")
     micro_chunk_mode: str = _f("exact", "exact (the whole call's gradients; saved boundary states, one recompute) | "
                                         "truncated (no gradient across a micro-chunk boundary; needed with PP)")
+    micro_chunk_offload_states: bool = _f(False, "exact mode: keep the saved boundary states in (pinned) host memory, "
+                                                 "not on the GPU (fam-1b: 347 MB per boundary at micro-batch 1)")
 
 
 @dataclass

@@ -182,15 +182,14 @@ def zero_train_step(engine, micro_batches: list[dict], lr: float | None = None) 
     return ZeroStepResult(total / len(micro_batches), grad_norm_of(engine), first)
 
 
-def zero_pipeline_step(engine, schedule, stages, tokens, labels, offsets, initial_state=None, lr: float | None = None,
-                       chunk_index=None):
+def zero_pipeline_step(engine, schedule, stages, tokens, labels, offsets, initial_state=None, lr: float | None = None):
     """One optimizer step with PP > 1 and ZeRO-1: the schedule's forward/backward, then what
     engine.backward does at the accumulation boundary, then engine.step(). Returns the mean loss on
     ranks with the last stage, else None (as pipeline_step)."""
     from pipeline.parallel.stages import pipeline_step
 
     return zero_step_after_backward(engine, lambda: pipeline_step(schedule, stages, tokens, labels, offsets,
-                                                                  initial_state, chunk_index), lr)
+                                                                  initial_state), lr)
 
 
 def zero_step_after_backward(engine, forward_backward, lr: float | None = None):

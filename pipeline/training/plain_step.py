@@ -84,7 +84,8 @@ class PlainStep(TrainStep):
         if self.micro_chunk_len:
             with self.autocast():  # forward and backward of every micro-chunk happen inside
                 out = micro_chunked_forward_backward(self.model, tokens[:, :-1], tokens[:, 1:], self.micro_chunk_len,
-                                                     start, offset, 1 / self.accum, self.truncated)
+                                                     start, offset, 1 / self.accum, self.truncated,
+                                                     self.offload_states)
             return out.loss, out.state
         with self.autocast():
             out = self.model(tokens[:, :-1], labels=tokens[:, 1:], state=start, position_offset=offset,

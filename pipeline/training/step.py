@@ -70,6 +70,7 @@ class TrainStep:
         # Long samples in micro-chunks (model/micro_chunks.py; docs/fam.md "Micro-chunks"): 0 = off.
         self.micro_chunk_len = cfg.train.micro_chunk_len or 0
         self.truncated = cfg.train.micro_chunk_mode == "truncated"
+        self.offload_states = cfg.train.micro_chunk_offload_states
         p = cfg.parallel
         self.chunks = layer_counts(cfg.model.num_layers, p.pipeline_parallel_size * p.virtual_stages, p.pipeline_layout)
 

@@ -24,8 +24,9 @@ from pipeline.checkpointing.shards import model_file, rsp_from_dict, same_layout
 from pipeline.config.tree import Config
 from pipeline.parallel.groups import ProcessGroups
 from pipeline.parallel.mpu import MegatronMPU
-from pipeline.parallel.zero import (ZeroModule, build_zero3_init, build_zero_engine, grad_norm_of, zero_pipeline_step,
-                                    zero_step_after_backward, zero_train_step)
+from pipeline.parallel.stages import pipeline_step
+from pipeline.parallel.zero import (ZeroModule, build_zero3_init, build_zero_engine, grad_norm_of, zero_step_after_backward,
+                                    zero_train_step)
 from pipeline.parallel.zero_config import to_deepspeed_config
 from pipeline.training.optim import build_optimizer
 from pipeline.training.plain_step import PlainStep, StagedModel, build_pipeline_stages, build_whole_model, start_equal
@@ -116,5 +117,8 @@ class ZeroPipelineStep(StagedModel, ZeroStep):
         return step
 
     def forward_backward(self, batch: StepBatch, start: FAMState | None, lr: float):
-        loss, next_rsp = self.schedule_step(batch, start, functools.partial(zero_pipeline_step, self.engine, lr=lr))
+        def run(*args, **kwargs):  # the schedule's forward and backward, then ZeRO-1's reduce and step
+            return zero_step_after_backward(self.engine, lambda: pipeline_step(*args, **kwargs), lr)
+
+        loss, next_rsp = self.schedule_step(batch, start, run)
         return loss, grad_norm_of(self.engine), next_rsp
