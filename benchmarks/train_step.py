@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from benchmarks.micro_chunk_step import add_micro_chunk_arguments, run_micro_chunk_benchmark
 from model import build_model, load_model_args, scan_graphs
 from pipeline.training.flops import flops_per_token, peak_flops
 
@@ -102,9 +103,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step: GPU-busy fraction, kernels per step, the costliest kernels")
     parser.add_argument("--json", help="write the raw rows to this file")
+    add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
+    if opts.micro_chunk_len:
+        return run_micro_chunk_benchmark(opts)
     rows = []
     for seq in opts.seq_lens:
         for name in opts.configs:
