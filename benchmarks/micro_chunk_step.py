@@ -8,8 +8,10 @@ the whole call's gradients, truncated: detached at every boundary), then a fused
 bf16 autocast, timed over `--steps` steps (one from 256k tokens on) after a warm-up step on a sequence of at most two
 micro-chunks (every micro-chunk has the same shape, so the warm-up compiles what the long
 sequence runs; a million-token warm-up would double the run). A dense config (no state to pass)
-runs whole calls, mode "whole", for contrast. Recompute is chosen per cell by the memory
-estimate (pipeline/memory/estimate.py): off when the estimate without it fits the GPU. Printed
+runs whole calls, mode "whole", for contrast. Recompute is chosen per config and mode by the
+memory estimate (pipeline/memory/estimate.py) at the longest sequence: off when the estimate
+without it fits the GPU, so a config's rows compare. With --micro-chunk-len 8192 the 8k row is
+one micro-chunk of the same shape as every micro-chunk of the longer rows. Printed
 per row: tokens/s, model TFLOP/s, peak memory and the estimate's peak; the JSON records carry
 train_step.json's fields plus `mode`, `micro_chunk_len` and `estimate_gib`.
 """
@@ -97,7 +99,9 @@ def micro_chunk_rows(opts) -> list[dict]:
         for name in opts.configs:
             dense = load_model_args(name).attention == "dense"
             for mode in ["whole"] if dense else opts.mode:
-                recompute = choose_recompute(name, seq, opts.micro_chunk_len, mode, opts.vocab_size, gpu_gib)
+                # by the longest sequence: a config and mode keep one setting, so their rows compare
+                recompute = choose_recompute(name, max(opts.seq_lens), opts.micro_chunk_len, mode, opts.vocab_size,
+                                             gpu_gib)
                 steps = opts.steps if seq < LONG else 1  # one long step averages over its many micro-chunks
                 try:
                     result = run_chunk_cell(name, seq, opts.micro_chunk_len, mode, opts.vocab_size, recompute, steps)
