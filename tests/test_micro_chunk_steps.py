@@ -8,12 +8,14 @@ compares the loss and every parameter's update with another step object's on the
                        FAM, BSWA, a partial last block, boundary states in host memory,
                        TP=2, SP at TP=2, ZeRO-1 at DP=2;
     truncated, PP=2 == one process (PlainStep) running the same truncated micro-chunks:
-                       1F1B and interleaved 1F1B, whose per-stage forward order is recorded;
+                       1F1B, interleaved 1F1B and 1F1B under ZeRO-1, whose per-stage forward
+                       order is recorded;
     truncated       == a reference that detaches the state at every boundary (model calls).
 The optimizer is made to step by the gradient itself: AdamW with betas (0, 0), no weight decay
 and lr = eps = 1e6 moves each weight by lr * g / (|g| + eps) = g (1 - |g|/1e6), so the update of
 each weight is its reduced gradient (through clipping, DeepSpeed's reduce and step), and two
-runs' updates differ where their gradients differ.
+runs' updates differ where their gradients differ. Each case also compares the validation loss
+of the last batch (streamed micro-chunk by micro-chunk; under PP through the schedule).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def _step_worker(rank, world_size, cfg, record_order=False):
     from pipeline.parallel.groups import start_groups, stop_groups
     from pipeline.parallel.stages import FAMStage
     from pipeline.training.fault import NonFiniteGuard
+    from pipeline.training.step import evaluating
     from pipeline.training.trainer import build_step
 
     order: list = []
@@ -102,8 +105,12 @@ def _step_worker(rank, world_size, cfg, record_order=False):
         losses.append(strategy.run(batch, LR, guard, step).loss)
         if step == 1:
             after_one = _weights(strategy)
+    trained = list(order)  # the training forwards' (validation runs more below)
+    with evaluating(strategy.model):  # validation streams the samples the same way (no RSP, no RPO)
+        evals = [float(x) for x in strategy.eval_losses(batch.tokens)]
     result = {"tp": groups.tp_rank, "pp": groups.pp_rank, "dp": groups.dp_rank, "losses": losses,
-              "before": before, "after_one": after_one, "after_two": _weights(strategy), "order": order}
+              "before": before, "after_one": after_one, "after_two": _weights(strategy), "order": trained,
+              "eval": evals}
     stop_groups()
     return result
 
@@ -115,7 +122,8 @@ def _run(cfg, world_size=1, record_order=False) -> dict:
         if r["dp"]:
             continue
         merged = out.setdefault(r["tp"], {"losses": r["losses"], "before": {}, "after_one": {}, "after_two": {},
-                                          "order": {}})
+                                          "order": {}, "eval": []})
+        merged["eval"] += r["eval"]  # the last pipeline stage's losses (per micro-batch or micro-chunk)
         for key in ("before", "after_one", "after_two"):
             merged[key].update(r[key])
         merged["order"][r["pp"]] = r["order"]
@@ -126,6 +134,8 @@ def _assert_same_steps(got: dict, expected: dict) -> None:
     for tp_rank, e in expected.items():
         g = got[tp_rank]
         assert np.allclose(g["losses"], e["losses"], rtol=0, atol=LOSS_TOL), (g["losses"], e["losses"])
+        # equal micro-chunks: the mean of their means is the samples' mean
+        assert abs(np.mean(g["eval"]) - np.mean(e["eval"])) <= LOSS_TOL, (g["eval"], e["eval"])
         assert g["before"].keys() == e["before"].keys()
         for name, start in e["before"].items():
             np.testing.assert_array_equal(g["before"][name], start)  # the same initial weights
@@ -161,10 +171,10 @@ def _pp(schedule: str) -> dict:
     return dict(pipeline_parallel_size=2, pipeline_schedule=schedule, virtual_stages=virtual)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
-def test_truncated_micro_chunks_at_pp2_equal_one_process_running_them(schedule):
+@pytest.mark.parametrize("schedule, zero_stage", [("1f1b", 0), ("interleaved_1f1b", 0), ("1f1b", 1)])
+def test_truncated_micro_chunks_at_pp2_equal_one_process_running_them(schedule, zero_stage):
     keywords = dict(seq=32, chunk=8, mode="truncated")
-    piped = _run(_config(**keywords, world=2, **_pp(schedule)), 2, record_order=True)
+    piped = _run(_config(**keywords, world=2, zero_stage=zero_stage, **_pp(schedule)), 2, record_order=True)
     one = _run(_config(**keywords))
     _assert_same_steps(piped, one)
     # Each stage ran its micro-chunks 0..K-1 in order, once per sample (2 micro-batches x 2 steps),
