@@ -3,7 +3,8 @@
 Exact mode trains the model that one whole call per sample trains: the losses, validation losses
 (streamed micro-chunk by micro-chunk) and final weights of 6 steps agree with a run without
 micro-chunks. A micro-chunked run stopped with a checkpoint after step 3 and resumed reproduces
-the uninterrupted run bitwise (CPU, fp32), in both modes.
+the uninterrupted run bitwise (CPU, fp32), in both modes. A PP=2 run with truncated micro-chunks,
+stopped and resumed, equals one process running them.
 """
 
 from __future__ import annotations
@@ -62,3 +63,25 @@ def test_micro_chunked_run_resumes_with_the_same_losses(shards, tmp_path, mode):
     resumed = _weights(second["last_checkpoint"])
     for name, value in _weights(straight["last_checkpoint"]).items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_pp2_truncated_run_stops_resumes_and_equals_one_process(shards, tmp_path):
+    """pipeline.train at PP=2 with truncated micro-chunks (4 per sample, 16 schedule micro-batches
+    per step, RSP every step, validation through the schedule), stopped after step 2 and resumed
+    in new processes, against one process running the same truncated micro-chunks: losses,
+    validation losses and final weights to 1e-5 (the bound of tests/test_train_parallel.py)."""
+    from tests.spawn import run_on_ranks
+    from tests.test_train_parallel import SETTINGS, _final_params, _worker
+
+    keys = {"train__micro_chunk_len": CHUNK, "train__micro_chunk_mode": "truncated"}
+    one = run(load_config(None, tiny_overrides(shards, tmp_path / "one", **{**SETTINGS, **keys})))
+    piped = {**keys, "parallel__pipeline_parallel_size": 2}
+    first = run_on_ranks(_worker, 2, str(shards), str(tmp_path / "pp"), {**piped, "train__exit_after_steps": 2})[0]
+    second = run_on_ranks(_worker, 2, str(shards), str(tmp_path / "pp"), piped)[0]
+    for key in ("losses", "val_losses"):
+        got = [v for _, v in first[key] + second[key]]
+        assert got == pytest.approx([v for _, v in one[key]], rel=1e-5), key
+    expected = _final_params(one["last_checkpoint"], 1, 1)
+    got = _final_params(second["last_checkpoint"], 1, 2)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=name)
