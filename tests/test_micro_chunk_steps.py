@@ -8,7 +8,7 @@ compares the loss and every parameter's update with another step object's on the
                        FAM, BSWA, a partial last block, boundary states in host memory,
                        TP=2, SP at TP=2, ZeRO-1 at DP=2;
     truncated, PP=2 == one process (PlainStep) running the same truncated micro-chunks:
-                       1F1B, interleaved 1F1B and 1F1B under ZeRO-1, whose per-stage forward
+                       1F1B, interleaved 1F1B, GPipe and 1F1B under ZeRO-1, whose per-stage forward
                        order is recorded;
     truncated       == a reference that detaches the state at every boundary (model calls).
 The optimizer is made to step by the gradient itself: AdamW with betas (0, 0), no weight decay
@@ -171,7 +171,7 @@ def _pp(schedule: str) -> dict:
     return dict(pipeline_parallel_size=2, pipeline_schedule=schedule, virtual_stages=virtual)
 
 
-@pytest.mark.parametrize("schedule, zero_stage", [("1f1b", 0), ("interleaved_1f1b", 0), ("1f1b", 1)])
+@pytest.mark.parametrize("schedule, zero_stage", [("1f1b", 0), ("interleaved_1f1b", 0), ("gpipe", 0), ("1f1b", 1)])
 def test_truncated_micro_chunks_at_pp2_equal_one_process_running_them(schedule, zero_stage):
     keywords = dict(seq=32, chunk=8, mode="truncated")
     piped = _run(_config(**keywords, world=2, zero_stage=zero_stage, **_pp(schedule)), 2, record_order=True)
