@@ -130,6 +130,32 @@ def format_micro_chunk_table(rows: list[dict], vocab: int) -> str:
     return "\n".join(lines)
 
 
+def acceptance_lines(rows: list[dict]) -> list[str]:
+    """Issue 14's GPU bars from the rows, per config: truncated at the longest sequence against
+    8k (peak <= 1.1x, tokens/s >= 0.9x), exact against its 64k peak (<= 2x) and the truncated
+    speed (>= 0.7x), and the estimate against every measured peak (within 15 %)."""
+    cell = {(r["config"], r["mode"], r["seq"]): r for r in rows if not r.get("oom")}
+    lines = []
+    for name in dict.fromkeys(r["config"] for r in rows):
+        seqs = sorted(q for c, _, q in cell if c == name)
+        if not seqs:
+            continue
+        top, t, e = seqs[-1], cell.get((name, "truncated", seqs[-1])), cell.get((name, "exact", seqs[-1]))
+        checks = []
+        if t and (name, "truncated", 8192) in cell:
+            base = cell[(name, "truncated", 8192)]
+            checks.append(f"truncated peak {t['peak_gib'] / base['peak_gib']:.2f}x of 8k (<= 1.1), "
+                          f"tokens/s {t['tokens_per_s'] / base['tokens_per_s']:.2f}x (>= 0.9)")
+        if e and (name, "exact", 65536) in cell:
+            checks.append(f"exact peak {e['peak_gib'] / cell[(name, 'exact', 65536)]['peak_gib']:.2f}x of 64k (<= 2)")
+        if e and t:
+            checks.append(f"exact tokens/s {e['tokens_per_s'] / t['tokens_per_s']:.2f}x truncated (>= 0.7)")
+        worst = max(abs(r["estimate_gib"] / r["peak_gib"] - 1) for (c, _, _), r in cell.items() if c == name)
+        checks.append(f"estimate within {worst:.0%} of every peak (<= 15 %)")
+        lines.append(f"{name} at {top:,}: " + "; ".join(checks))
+    return lines
+
+
 def run_micro_chunk_benchmark(opts) -> None:
     """benchmarks.train_step with --micro-chunk-len: the rows, their JSON records, the table."""
     import json
@@ -140,3 +166,4 @@ def run_micro_chunk_benchmark(opts) -> None:
             json.dump(rows, f, indent=1)
     print()
     print(format_micro_chunk_table(rows, opts.vocab_size))
+    print("\n".join(acceptance_lines(rows)))

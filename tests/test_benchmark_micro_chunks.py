@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from benchmarks.micro_chunk_step import choose_recompute, run_chunk_cell
+from benchmarks.micro_chunk_step import acceptance_lines, choose_recompute, run_chunk_cell
 
 TRAIN_STEP_FIELDS = {"tokens_per_s", "tflops", "mfu", "peak_gib", "loss", "recompute"}
 
@@ -27,3 +27,16 @@ def test_recompute_is_chosen_by_whether_the_estimate_fits():
     # exceed a small card; a huge one fits without it.
     assert choose_recompute("fam-1b", 1048576, 16384, "exact", 32000, gpu_gib=80.0)
     assert not choose_recompute("fam-1b", 1048576, 16384, "exact", 32000, gpu_gib=10_000.0)
+
+
+def test_acceptance_lines_compare_the_rows_the_issue_names():
+    def row(mode, seq, peak, speed, est):
+        return {"config": "fam-1b", "mode": mode, "seq": seq, "peak_gib": peak, "tokens_per_s": speed,
+                "estimate_gib": est}
+
+    rows = [row("truncated", 8192, 20.0, 30e3, 21.0), row("truncated", 1048576, 21.0, 28.5e3, 21.0),
+            row("exact", 65536, 25.0, 22e3, 25.0), row("exact", 1048576, 45.0, 21e3, 40.5)]
+    (line,) = acceptance_lines(rows)
+    assert "truncated peak 1.05x of 8k" in line and "tokens/s 0.95x" in line
+    assert "exact peak 1.80x of 64k" in line and "exact tokens/s 0.74x truncated" in line
+    assert "estimate within 10% of every peak" in line
