@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from benchmarks.micro_chunk_step import add_micro_chunk_arguments, run_micro_chunk_benchmark
 from model import build_model, load_model_args, scan_graphs
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
 from pipeline.config.tree import OptimConfig
@@ -122,10 +123,13 @@ def main() -> None:
                         help="also profile one step: GPU-busy fraction, kernels per step, the costliest kernels")
     parser.add_argument("--json", help="write the raw rows to this file")
     add_anchor_arguments(parser)
+    add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
     anchor = load_anchor(opts.anchor) if opts.anchor else None  # a wrong path fails before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
+    if opts.micro_chunk_len:
+        return run_micro_chunk_benchmark(opts)
     rows, records, anchors = [], [], {}
     for seq in opts.seq_lens:
         for name in opts.configs:
@@ -154,6 +158,10 @@ def main() -> None:
 
     print(f"rows saved in {saved}")
     print_anchor_ratios(records)
+    print_table(rows, opts)
+
+def print_table(rows: list, opts) -> None:
+    """The rows as a markdown table, each with its ratio to the bswa config of the same sequence."""
     print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch 1, vocab {opts.vocab_size}")
     extra = " GPU busy | kernels/step |" if opts.profile else ""
     print("| config | sequence | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |" + extra)

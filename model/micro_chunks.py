@@ -13,8 +13,9 @@ Exact mode: the gradients of one call over the whole sequence (loss = mean over 
               g_{i+1} the gradient of s_{i+1} handed back by chunk i+1); the leaves' .grad is g_i.
     The whole call's autograd graph is exactly these chunk graphs joined at the state tensors,
     so by the chain rule every parameter gradient is the whole call's, summed in another order.
-    Peak memory: one chunk's graph, the K saved states and two states' gradients. Compute: one
-    extra forward of every chunk but the last (the last one's forward is its recompute).
+    Peak memory: one chunk's graph, the K saved states and two states' gradients (offload_states:
+    the saved states in host memory instead). Compute: one extra forward of every chunk but the
+    last (the last one's forward is its recompute).
 Truncated mode: each chunk starts from the previous chunk's state, detached, and back-propagates
     at once; no gradient crosses a boundary (gradients within a micro-chunk, state across, as in
     the pipeline-parallel schedule of issue 14). One forward per chunk, no saved states.
@@ -38,7 +39,7 @@ from model.language_model import FAMLanguageModel, ModelOutput
 from model.state import FAMState, LayerState
 
 
-def micro_chunked_forward_backward(
+def micro_chunked_forward_backward(  # shape: model.forward's arguments plus the three micro-chunk settings
     model: FAMLanguageModel,
     tokens: torch.Tensor,
     labels: torch.Tensor,
@@ -47,17 +48,34 @@ def micro_chunked_forward_backward(
     position_offset=0.0,
     loss_scale: float = 1.0,
     truncated: bool = False,
+    offload_states: bool = False,
 ) -> ModelOutput:
     """Forward and backward of `model` over tokens [b, s] in micro-chunks of chunk_len tokens
     (the last one may be shorter, ending in a partial block). Parameter gradients accumulate
     into .grad as `(loss_scale * loss).backward()` of one whole call would leave them (exact
     mode) or as the detaching loop does (truncated=True). `state` and `position_offset` (RPO:
-    a float or [b]) mean what they mean for model.forward. Returns ModelOutput(loss: the mean
+    a float or [b]) mean what they mean for model.forward. offload_states (exact mode): the saved
+    boundary states wait in host memory (pinned on a GPU machine) instead of the device. Returns ModelOutput(loss: the mean
     over all tokens, detached and unscaled; logits None; state: after the last token, detached)."""
     check_micro_chunks(model, tokens, labels, chunk_len, state)
     spans = chunk_spans(tokens.shape[1], chunk_len)
-    run = _truncated if truncated else _exact
-    return run(model, tokens, labels, spans, state, position_offset, loss_scale)
+    if truncated:
+        return _truncated(model, tokens, labels, spans, state, position_offset, loss_scale)
+    return _exact(model, tokens, labels, spans, state, position_offset, loss_scale, offload_states)
+
+
+def micro_chunked_loss(model: FAMLanguageModel, tokens: torch.Tensor, labels: torch.Tensor, chunk_len: int,
+                       state: FAMState | None = None) -> torch.Tensor:
+    """The mean loss over tokens [b, s] streamed micro-chunk by micro-chunk with the state, no
+    gradients (validation of long sequences): one whole call's loss, with one chunk's
+    activations alive at a time."""
+    check_micro_chunks(model, tokens, labels, chunk_len, state)
+    seq, total = tokens.shape[1], 0.0
+    with torch.no_grad():
+        for lo, hi in chunk_spans(seq, chunk_len):
+            out = _chunk(model, tokens, labels, lo, hi, state, 0.0)
+            total, state = total + out.loss * ((hi - lo) / seq), out.state
+    return total
 
 
 def check_micro_chunks(model: FAMLanguageModel, tokens, labels, chunk_len: int, state: FAMState | None = None) -> None:
@@ -120,17 +138,19 @@ def _truncated(model, tokens, labels, spans, state, position_offset, loss_scale)
     return ModelOutput(total, None, state)
 
 
-def _exact(model, tokens, labels, spans, state, position_offset, loss_scale) -> ModelOutput:
-    seq = tokens.shape[1]
-    starts = [state]  # starts[i]: the state chunk i begins from
+def _exact(model, tokens, labels, spans, state, position_offset, loss_scale, offload=False) -> ModelOutput:
+    seq, device = tokens.shape[1], tokens.device
+    starts = [state]  # starts[i]: the state chunk i begins from (in host memory with offload, but the caller's)
     with torch.no_grad():
+        current = state
         for lo, hi in spans[:-1]:
-            starts.append(_advance(model, tokens[:, lo:hi], starts[-1], position_offset))
+            current = _advance(model, tokens[:, lo:hi], current, position_offset)
+            starts.append(_moved(current, torch.device("cpu")) if offload else current)
     total, final, grads = 0.0, None, None  # grads: d objective / d (state after this chunk)
     for i in reversed(range(len(spans))):
         lo, hi = spans[i]
         # Chunk 0 runs from the caller's state as given, so a state that requires grad gets it.
-        start = starts[i] if i == 0 else _as_leaves(starts[i])
+        start = starts[i] if i == 0 else _as_leaves(_moved(starts[i], device) if offload else starts[i])
         starts[i] = None  # the leaves hold the only reference now
         out = _chunk(model, tokens, labels, lo, hi, start, position_offset)
         weight = (hi - lo) / seq
@@ -162,6 +182,23 @@ def _advance(model: FAMLanguageModel, tokens: torch.Tensor, state: FAMState | No
     _, layer_states = model.run_layers(model.embed(tokens), positions, state)
     position = (0 if state is None else state.position) + s
     return FAMState(layer_states, position, s % model.config.block_size != 0)
+
+
+def _moved(state: FAMState, device: torch.device) -> FAMState:
+    """The state's tensors on `device`. To the host: into pinned memory when a GPU exists, copied
+    without waiting (the next chunk's forward overlaps the copy; the stream orders its reuse);
+    back: a non-blocking copy from that pinned memory."""
+    pin = device.type == "cpu" and torch.cuda.is_available()
+
+    def move(t):
+        if t is None:
+            return None
+        if device.type != "cpu":
+            return t.to(device, non_blocking=True)
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin)
+
+    layers = [LayerState(move(s.fam), move(s.mem_k), move(s.mem_v)) for s in state.layers]
+    return FAMState(layers, state.position, state.ends_mid_block)
 
 
 def _as_leaves(state: FAMState) -> FAMState:

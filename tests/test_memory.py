@@ -297,8 +297,18 @@ def test_passkey_recipes_fit_one_80gb_gpu(recipe):
     assert estimate_config(RECIPES / f"{recipe}.yaml", dp=1).fits(80.0)
 
 
+LONG_RECIPES = ("fam-1b-1m-1x80gb", "fam-1b-1m-pp2")  # 1,048,576-token sequences in micro-chunks (issue 14)
+
+
+@pytest.mark.parametrize("recipe", LONG_RECIPES)
+def test_long_context_recipes_fit_their_80gb_gpus_in_micro_chunks(recipe):
+    est = estimate_config(RECIPES / f"{recipe}.yaml", dp=1)
+    assert est.settings.seq_len == 1048576 and est.settings.micro_chunk_len == 16384
+    assert est.fits(80.0), est.worst().peaks
+
+
 def test_recipe_folder_has_exactly_the_tested_recipes():
-    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted([*RECIPE_SHAPES, *PASSKEY_RECIPES])
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted([*RECIPE_SHAPES, *PASSKEY_RECIPES, *LONG_RECIPES])
 
 
 def test_command_line_prints_the_table_and_exits_zero_when_it_fits():

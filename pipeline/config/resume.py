@@ -24,6 +24,7 @@ from pipeline.config.tree import Config
 # without).
 RESUME_SAFE_KEYS = (
     "model.recompute",  # recompute repeats the same forward: memory for time, same numbers
+    "train.micro_chunk_offload_states",  # where exact mode's saved states wait: memory only, same numbers
     "data.verify_checksums",
     "train.steps",  # to train on (the cosine schedule stretches from the resumed step on) or stop earlier
     "train.run_dir",  # where outputs go: a run folder moved to another filesystem

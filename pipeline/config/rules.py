@@ -52,13 +52,15 @@ class ParallelPlan:
     micro_batch_size: int = 1
     global_batch_size: int = 1
     deepspeed_overrides: bool = False  # any given
+    micro_chunks: int = 1  # per sample; with PP each is one of the schedule's micro-batches (issue 14)
 
     @classmethod
     def from_config(cls, cfg: Config, world_size: int) -> ParallelPlan:
         p, d = cfg.parallel, cfg.data
         return cls(p.tensor_parallel_size, p.pipeline_parallel_size, 0, world_size, p.zero_stage,
                    p.zero_offload_optimizer, p.sequence_parallel, p.virtual_stages, p.pipeline_schedule,
-                   p.pipeline_layout, d.seq_len, d.micro_batch_size, d.global_batch_size, bool(p.deepspeed_overrides))
+                   p.pipeline_layout, d.seq_len, d.micro_batch_size, d.global_batch_size, bool(p.deepspeed_overrides),
+                   micro_chunks_per_sample(cfg))
 
 
 # ---------------------------------------------------------------- the parallel rules, one per function
@@ -150,9 +152,10 @@ def check_parallel(model: ModelArgs, plan: ParallelPlan) -> int:
     check_zero(plan.zero_stage, pp, plan.zero_offload_optimizer)
     check_sequence_parallel(plan.sequence_parallel, tp, plan.seq_len)
     check_schedule(plan.pipeline_schedule, plan.virtual_stages)
-    micro_batches = plan.global_batch_size // (plan.micro_batch_size * dp)
+    micro_batches = plan.global_batch_size // (plan.micro_batch_size * dp) * plan.micro_chunks
     derivation = (f" = data.global_batch_size={plan.global_batch_size} / (data.micro_batch_size="
-                  f"{plan.micro_batch_size} x DP {dp})")
+                  f"{plan.micro_batch_size} x DP {dp})" + (f" x {plan.micro_chunks} micro-chunks per sample"
+                                                            if plan.micro_chunks > 1 else ""))
     check_interleaved_micro_batches(plan.pipeline_schedule, micro_batches, pp, derivation)
     layer_counts(model.num_layers, pp * plan.virtual_stages, plan.pipeline_layout)
     if plan.deepspeed_overrides and plan.zero_stage == 0:
@@ -172,6 +175,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check_checkpoint(cfg)
     check_eval(cfg)
     check_precision(cfg)
+    check_micro_chunks(cfg)
 
 
 def check_data(cfg: Config) -> None:
@@ -313,3 +317,68 @@ def check_precision(cfg: Config) -> None:
             f"train.precision=bf16-autocast with parallel.zero_stage={zero_stage}: under ZeRO the bf16 step is "
             "DeepSpeed's bf16 mode (bf16 weights, fp32 master weights and gradients in its optimizer); set "
             "train.precision=bf16-mixed (or auto on a GPU) for it, or fp32")
+
+
+# ---------------------------------------------------------------- micro-chunks (issue 14, docs/fam.md "Micro-chunks")
+
+MICRO_CHUNK_MODES = ("exact", "truncated")
+
+
+def micro_chunks_on(cfg: Config) -> bool:
+    return bool(cfg.train.micro_chunk_len)
+
+
+def micro_chunks_per_sample(cfg: Config) -> int:
+    """Micro-chunks of one sample (1 without micro-chunks); the last may be shorter."""
+    n = cfg.train.micro_chunk_len
+    return -(-cfg.data.seq_len // n) if n and n > 0 else 1  # a bad length is check_micro_chunks' to name
+
+
+def check_micro_chunks(cfg: Config) -> None:
+    """train.micro_chunk_len / micro_chunk_mode against the model and the layout."""
+    t, p, model = cfg.train, cfg.parallel, cfg.model
+    if t.micro_chunk_mode not in MICRO_CHUNK_MODES:
+        raise ValueError(f"train.micro_chunk_mode={t.micro_chunk_mode!r}: must be one of {MICRO_CHUNK_MODES}")
+    n = t.micro_chunk_len
+    if t.micro_chunk_offload_states and (not n or t.micro_chunk_mode != "exact"):
+        raise ValueError(f"train.micro_chunk_offload_states=true needs exact micro-chunks (train.micro_chunk_len={n}, "
+                         f"train.micro_chunk_mode={t.micro_chunk_mode!r}): only exact mode saves boundary states")
+    if not n:
+        return
+    if model.attention == "dense":
+        raise ValueError(f"train.micro_chunk_len={n} with model.attention='dense': dense attention has no O(1) state "
+                         "to pass across micro-chunks (every token attends to every earlier one); set "
+                         "train.micro_chunk_len=0, or use model.attention='fam'")
+    if n < 0 or n % model.block_size:
+        raise ValueError(f"train.micro_chunk_len={n} must be a positive multiple of model.block_size="
+                         f"{model.block_size}: a micro-chunk may only end where a block ends")
+    if p.pipeline_parallel_size > 1:
+        _check_pipeline_micro_chunks(cfg)
+    if p.zero_stage in (2, 3):
+        raise ValueError(
+            f"train.micro_chunk_len={n} with parallel.zero_stage={p.zero_stage}: a micro-chunked sample back-propagates "
+            "once per micro-chunk, and DeepSpeed 0.19.8's ZeRO-2 reduces each parameter's gradient once per backward "
+            "(stage_1_and_2.py asserts 'Multiple gradient reductions are currently not supported') while ZeRO-3 "
+            "gathers parameters only inside the engine's forward; use parallel.zero_stage=1 (or 0)")
+    if p.zero_offload_optimizer:
+        raise ValueError(f"train.micro_chunk_len={n} with parallel.zero_offload_optimizer=true: micro-chunks are "
+                         "back-propagated outside the engine and DeepSpeed's offload path reduces gradients inside its "
+                         "own backward; turn one of them off")
+    if p.sequence_parallel:
+        last = cfg.data.seq_len - (micro_chunks_per_sample(cfg) - 1) * n
+        for what, length in (("train.micro_chunk_len", n), ("the last micro-chunk of data.seq_len", last)):
+            check_sequence_parallel_length(length, p.tensor_parallel_size, what)
+
+
+def _check_pipeline_micro_chunks(cfg: Config) -> None:
+    """With PP the micro-chunks are the schedule's micro-batches: truncated and equal (how many: check_parallel)."""
+    t, p, n = cfg.train, cfg.parallel, cfg.train.micro_chunk_len
+    if t.micro_chunk_mode == "exact":
+        raise ValueError(
+            f"train.micro_chunk_mode='exact' with parallel.pipeline_parallel_size={p.pipeline_parallel_size}: exact "
+            "mode walks the micro-chunks backwards with each chunk's state gradient, which a pipeline schedule "
+            "(micro-chunks as micro-batches, backwards interleaved with forwards) cannot hand between stages; use "
+            "train.micro_chunk_mode=truncated with PP")
+    if cfg.data.seq_len % n:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} is not a multiple of train.micro_chunk_len={n}: with "
+                         "pipeline parallelism the micro-chunks are the schedule's micro-batches, which must be equal")

@@ -68,6 +68,14 @@ class TrainConfig:
                                "under ZeRO: DeepSpeed's bf16): pipeline/training/precision.py")
     peak_tflops: float | None = _f(None, "peak dense TFLOP/s per device for MFU; null: by GPU name, n/a on CPU")
     progress_bar: bool = _f(True, "tqdm bar on rank 0")
+    # Long sequences in micro-chunks (issue 14; docs/fam.md, "Micro-chunks"; rules: pipeline/config/rules.py
+    # check_micro_chunks).
+    micro_chunk_len: int | None = _f(None, "tokens per micro-chunk of each sample (a multiple of model.block_size); "
+                                           "0/null: one call per sample")
+    micro_chunk_mode: str = _f("exact", "exact (the whole call's gradients; saved boundary states, one recompute) | "
+                                        "truncated (no gradient across a micro-chunk boundary; needed with PP)")
+    micro_chunk_offload_states: bool = _f(False, "exact mode: keep the saved boundary states in (pinned) host memory, "
+                                                 "not on the GPU (fam-1b: 347 MB per boundary at micro-batch 1)")
 
 
 @dataclass

@@ -19,7 +19,8 @@ from pipeline.memory.terms import PRECISIONS
 _ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer states", "optimizer"),
          ("ZeRO buffers", "zero_buffers"), ("block mask (cached)", "block_mask"),
          ("activations (in flight)", "activations"), ("FAM state + last m blocks' K/V", "fam_state"),
-         ("final norm + loss (last)", "head"), ("backward: recompute + grads", "backward_extra"))
+         ("final norm + loss (last)", "head"), ("backward: recompute + grads", "backward_extra"),
+         ("micro-chunk boundary states", "boundary_states"))
 
 
 def format_table(est: MemoryEstimate, gpu_memory_gib: float = 80.0,
@@ -34,7 +35,9 @@ def format_table(est: MemoryEstimate, gpu_memory_gib: float = 80.0,
             f"micro-batch {s.micro_batch} x {s.microbatches} per step, seq {s.seq_len}, "
             f"recompute={s.recompute}, SP={s.sequence_parallel}, offload={s.offload_optimizer}, "
             f"{s.precision} {s.dtype}, {s.kernels} kernels, "
-            f"{'whole logits' if s.return_logits else 'chunked loss'}")
+            f"{'whole logits' if s.return_logits else 'chunked loss'}"
+            + (f", micro-chunks of {s.micro_chunk_len} ({s.micro_chunk_mode}"
+               f"{', states offloaded' if s.offload_states else ''})" if s.micro_chunk_len else ""))
     width = 31
     lines = [head, f"{'GiB per GPU':<{width}}" + "".join(f"{f'rank {r.rank} ({r.layers} layers)':>22}" for r in ranks)]
     for label, name in _ROWS:
@@ -47,6 +50,9 @@ def format_table(est: MemoryEstimate, gpu_memory_gib: float = 80.0,
     lines.append(f"{'PEAK':<{width}}" + "".join(f"{r.peak / GIB:>22.2f}" for r in ranks))
     host = "".join(f"{r.optimizer_host / GIB:>22.2f}" for r in ranks)
     lines.append(f"{'host (offloaded optimizer)':<{width}}" + host)
+    if any(r.boundary_states_host for r in ranks):
+        states = "".join(f"{r.boundary_states_host / GIB:>22.2f}" for r in ranks)
+        lines.append(f"{'host (boundary states)':<{width}}" + states)
     worst = est.worst()
     verdict = "fits" if est.fits(gpu_memory_gib, allowance_gib) else "DOES NOT FIT"
     lines.append(f"{verdict}: peak {worst.peak / GIB:.2f} GiB (rank {worst.rank}, {worst.peak_phase}) + "
@@ -65,6 +71,9 @@ def settings_from_config(tree: dict) -> dict:
         offload_optimizer=par.get("zero_offload_optimizer", False), micro_batch=data.get("micro_batch_size", 1),
         seq_len=data.get("seq_len", 8192), precision="bf16-zero" if zero else "autocast",
     )
+    train = tree.get("train", {}) or {}
+    out.update(micro_chunk_len=train.get("micro_chunk_len") or 0, micro_chunk_mode=train.get("micro_chunk_mode", "exact"),
+               offload_states=train.get("micro_chunk_offload_states", False))
     out["global_batch"] = data.get("global_batch_size")
     return out
 
@@ -109,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the loss from whole logits (model(..., return_logits=True)), not the chunked lm_loss")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
     p.add_argument("--allowance-gib", type=float, default=DEFAULT_ALLOWANCE_GIB)
+    p.add_argument("--micro-chunk-len", type=int, help="train.micro_chunk_len (0: off)")
+    p.add_argument("--micro-chunk-mode", choices=("exact", "truncated"), help="train.micro_chunk_mode")
+    p.add_argument("--offload-states", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.micro_chunk_offload_states")
     return p
 
 
@@ -123,7 +136,9 @@ def _main(argv: list[str]) -> int:
                      recompute=o.recompute, sequence_parallel=o.sequence_parallel,
                      offload_optimizer=o.offload_optimizer, virtual_stages=o.virtual_stages,
                      schedule=o.pipeline_schedule, precision=o.precision, dtype=o.dtype, kernels=o.kernels,
-                     vocab_size=o.vocab_size, global_batch=o.global_batch, return_logits=o.return_logits or None)
+                     vocab_size=o.vocab_size, global_batch=o.global_batch, return_logits=o.return_logits or None,
+                     micro_chunk_len=o.micro_chunk_len, micro_chunk_mode=o.micro_chunk_mode,
+                     offload_states=o.offload_states)
     est = estimate_config(o.config, dp=o.dp, **overrides)
     print(format_table(est, o.gpu_memory_gib, o.allowance_gib))
     return 0 if est.fits(o.gpu_memory_gib, o.allowance_gib) else 1

@@ -16,7 +16,10 @@ path: `model(tokens, labels=..., return_logits=False)`, and the pipeline's last 
   5e8-element reduce, 1e9 live ZeRO-3 params). Gradients exist in the forward only when they
   accumulate (micro-batches, a pipeline) or DeepSpeed keeps them.
 - activations, sequence parallelism, fam_state, the head and the block mask: per micro-batch, in
-  pipeline/memory/terms.py.
+  pipeline/memory/terms.py. With micro-chunks (train.micro_chunk_len, docs/fam.md "Micro-chunks") they
+  are one micro-chunk's, plus the passed state's K/V among its keys; exact mode adds its saved
+  boundary states (K - 1 LayerStates per layer; in host memory with offload_states) and two
+  states' gradients in the backward; truncated mode under PP has K x micro-batches in flight.
 - in flight: all micro-batches under GPipe, P - rank under 1F1B, 2(P - rank - 1) + (v - 1)P + 1
   chunk-forwards of L/(Pv) layers under interleaved 1F1B.
 The peak is the largest of the forward's end, the loss backward, the backward (all gradients, one
@@ -94,6 +97,14 @@ class Settings:
     layout: list[int] | None = None
     kernels: str = "cuda"
     return_logits: bool = False
+    micro_chunk_len: int = 0  # train.micro_chunk_len: 0 off
+    micro_chunk_mode: str = "exact"  # train.micro_chunk_mode
+    offload_states: bool = False  # train.micro_chunk_offload_states
+
+    @property
+    def micro_chunks(self) -> int:
+        """Micro-chunks per sample (1 without)."""
+        return -(-self.seq_len // self.micro_chunk_len) if self.micro_chunk_len else 1
 
     def resolved(self, model_args: ModelArgs) -> Settings:
         """The Nones filled in."""
@@ -121,6 +132,8 @@ class RankMemory:
     head: int  # last stage: final norm and loss, saved + the larger of its forward/backward transients
     backward_extra: int  # one layer recomputed + its gradients, at the backward peak
     peaks: dict[str, int] = field(default_factory=dict)
+    boundary_states: int = 0  # exact micro-chunks: the saved states on the GPU (0 when offloaded)
+    boundary_states_host: int = 0  # ... in host memory with offload_states
 
     @property
     def peak(self) -> int:
@@ -170,10 +183,19 @@ class _Shapes:
 
 
 def _shapes(m: ModelArgs, s: Settings, e: Bytes) -> _Shapes:
-    S, b, tp, sp, kernels = s.seq_len, s.micro_batch, s.tp, s.sequence_parallel, s.kernels
+    """With micro-chunks every term is one micro-chunk's (the longest: micro_chunk_len)."""
+    S, b, tp, sp, kernels = min(s.seq_len, s.micro_chunk_len or s.seq_len), s.micro_batch, s.tp, s.sequence_parallel, \
+        s.kernels
     shard = tp if sp else 1
     F = m.fam_len if m.uses_fam else 0
     terms = layer_activation_terms(m, S, b, tp, sp, e, kernels)
+    if s.micro_chunks > 1 and m.attention != "dense":
+        # a micro-chunk after the first attends to the passed state's m blocks too: their K/V join the saved keys
+        # (and, on CPU, SDPA's mask copy widens by them); not exact: a micro-chunk after the first skips the
+        # soft-prompt step that the terms count (measured on CPU: the estimate is 6.3 % over a FAM chunk's saved bytes, 0.1 % under BSWA's)
+        memory = m.mem_blocks * m.block_size
+        terms["state keys"] = 2 * b * memory * (m.query_groups // tp) * m.head_dim * e.act
+        terms["state keys"] += S * memory * e.act if kernels == "cpu" else 0
     layer_input = (F + S) * b * m.hidden_size * e.resid // shard
     regather = S * b * m.hidden_size * e.resid if sp else 0  # an SP linear's input, gathered again
     return _Shapes(
@@ -200,7 +222,7 @@ def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, 
         host, gradients = host + gradients, 0
     buffers = int(min(ZERO_REDUCE_BUCKET_ELEMENTS, params) * e.grad) if zero else 0
     buffers += int(min(ZERO3_LIVE_PARAMETERS, params) * e.param) if zero == 3 else 0
-    flight = in_flight(s.schedule, pp, rank, v, s.microbatches)
+    flight = in_flight(s.schedule, pp, rank, v, s.microbatches * (s.micro_chunks if pp > 1 else 1))
     if s.recompute:
         per_mb = (layers + 1) * sh.layer_input + sh.positions  # checkpointed inputs, stage output
         current_end = sh.layer_input + sh.positions + sh.full_layer  # layer 0, recomputed
@@ -213,20 +235,33 @@ def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, 
     head_saved = losses * sh.head.saved if last else 0
     others = head_saved - sh.head.saved if last else 0  # after this micro-batch's loss backward
     fam_state = layers // v * sh.held_layer
-    accumulate = s.microbatches > 1 or pp > 1 or s.precision == "bf16-zero"
+    accumulate = s.microbatches > 1 or pp > 1 or s.precision == "bf16-zero" or s.micro_chunks > 1
+    saved, state_grads = _boundary_bytes(s, layers // v * sh.held_layer)
+    device_saved = 0 if s.offload_states else saved
     static = weights + optimizer + buffers + sh.block_mask
-    live = static + (gradients if accumulate else 0) + activations + fam_state
+    live = static + (gradients if accumulate else 0) + activations + fam_state + device_saved
     recomputed = sh.full_layer if s.recompute else 0
     peaks = {"forward": live + head_saved + (sh.head.forward if last else 0)}
     if last:  # one loss chunk recomputed and its gradient, the output layer's weight gradient
         peaks["loss backward"] = live + head_saved + sh.head.backward
-    peaks["backward"] = live + others + recomputed + sh.workspace
+    peaks["backward"] = live + others + recomputed + sh.workspace + state_grads
     end = static + gradients + activations - int(per_mb) + current_end + fam_state + others + sh.workspace
     peaks["backward end"] = end
     peaks["step"] = static + gradients + step_grad
     head = sh.head.saved + max(sh.head.forward, sh.head.backward) if last else 0
     return RankMemory(rank, layers, params, flight, weights, gradients, optimizer, host, buffers, sh.block_mask,
-                      activations, fam_state, head, recomputed + sh.workspace, peaks)
+                      activations, fam_state, head, recomputed + sh.workspace + state_grads, peaks, device_saved,
+                      saved - device_saved)
+
+
+def _boundary_bytes(s: Settings, state: int) -> tuple[int, int]:
+    """(saved boundary states, state gradients in the backward) of exact micro-chunks, for a rank
+    whose layers' LayerState is `state` bytes (model/micro_chunks.py): the K - 1 states after
+    every micro-chunk but the last, and two states' gradients (handed in, and the leaves' .grad).
+    Truncated mode saves none: one detached state, counted as fam_state."""
+    if s.micro_chunks == 1 or s.micro_chunk_mode != "exact":
+        return 0, 0
+    return (s.micro_chunks - 1) * state, 2 * state
 
 
 def estimate(model_args: ModelArgs, settings: Settings = Settings()) -> MemoryEstimate:
@@ -237,7 +272,8 @@ def estimate(model_args: ModelArgs, settings: Settings = Settings()) -> MemoryEs
     if s.return_logits and s.pp > 1:
         raise ValueError("return_logits=true: the pipeline's last stage always computes the loss with lm_loss")
     plan = ParallelPlan(s.tp, s.pp, s.dp, None, s.zero, s.offload_optimizer, s.sequence_parallel, s.virtual_stages,
-                        s.schedule, s.layout, s.seq_len, s.micro_batch, s.microbatches * s.micro_batch * s.dp)
+                        s.schedule, s.layout, s.seq_len, s.micro_batch, s.microbatches * s.micro_batch * s.dp,
+                        micro_chunks=s.micro_chunks)
     check_parallel(m, plan)  # the training config's rules (pipeline/config/rules.py)
     e = element_bytes(s.precision, s.dtype)
     sh = _shapes(m, s, e)

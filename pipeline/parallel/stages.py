@@ -14,6 +14,11 @@ Random state passing: each stage starts its layers from `initial_state` (or the 
 and appends its layers' final FAM to `forward_states` on every forward. The schedule may run an
 extra shape-inference forward (on uninitialised tensors) before the real micro-batches, so the
 step's first micro-batch is `forward_states[-n_microbatches]`, not `[0]`.
+Truncated micro-chunks (train.micro_chunk_mode=truncated, issue 14): a long sample's micro-chunks
+are the schedule's micro-batches, in order (`split_micro_chunks`); each stage starts micro-chunk k > 0
+from the state its own layers ended micro-chunk k - 1 with, detached (`FAMStage.carry`), so no
+gradient crosses a boundary. GPipe, 1F1B and interleaved 1F1B run each stage's forwards in
+micro-batch order (tests/test_micro_chunk_steps.py records the order).
 """
 
 from __future__ import annotations
@@ -44,19 +49,34 @@ class FAMStage(torch.nn.Module):
         self.part = part
         self.initial_state: list[LayerState] | None = None
         self.forward_states: list[list[LayerState]] = []  # every forward since the step began
+        self.carry: list[LayerState] | None = None  # truncated micro-chunks: this stage's state after the last one
 
-    def forward(self, x: torch.Tensor, positions_or_offsets: torch.Tensor):
+    def forward(self, x: torch.Tensor, positions_or_offsets: torch.Tensor, chunk_index: torch.Tensor | None = None):
+        """chunk_index [b] (truncated micro-chunks only): which micro-chunk of its sample this
+        micro-batch is; 0 starts from initial_state, k > 0 from this stage's own state after
+        micro-chunk k - 1 (the previous forward: the schedule keeps each stage's forward order),
+        detached. Positions continue across micro-chunks through the offsets the step gives."""
         if self.first:  # x: tokens [b, s]; offsets [b]
             positions = self.part.positions(x.shape[0], x.shape[1], None, positions_or_offsets, x.device)
             hidden = self.part.embed(x)
         else:
             hidden, positions = x, positions_or_offsets
-        state = None if self.initial_state is None else FAMState(self.initial_state)
+        state = self._start_state(chunk_index)
         hidden, states = self.part.run_layers(hidden, positions, state)
         self.forward_states.append([LayerState(None if s.fam is None else s.fam.detach()) for s in states])
+        if chunk_index is not None:
+            self.carry = [LayerState(*(None if t is None else t.detach() for t in (s.fam, s.mem_k, s.mem_v)))
+                          for s in states]
         if self.last:
             return hidden  # the loss is computed from it in chunks (FAMLanguageModel.lm_loss)
-        return hidden, positions
+        return (hidden, positions) if chunk_index is None else (hidden, positions, chunk_index)
+
+    def _start_state(self, chunk_index: torch.Tensor | None) -> FAMState | None:
+        # A shape-inference forward (uninitialised inputs, before the first real one) may read any
+        # index; the real micro-chunk 0 that follows it ignores what it carried.
+        continues = chunk_index is not None and self.carry is not None and bool(chunk_index[0] > 0)
+        layers = self.carry if continues else self.initial_state
+        return None if layers is None else FAMState(layers)
 
 
 def stage_parts(num_layers: int, pp_rank: int, pp_size: int, virtual_stages: int = 1,
@@ -95,19 +115,40 @@ def _no_loss(output, target):  # ranks without the last stage never compute a lo
     raise RuntimeError("loss requested on a rank that does not hold the last pipeline stage")
 
 
-def pipeline_step(schedule, stages, tokens, labels, offsets, initial_state: list[LayerState] | None = None):
+def pipeline_step(schedule, stages, tokens, labels, offsets, initial_state: list[LayerState] | None = None,
+                  chunk_index: torch.Tensor | None = None):
     """Forward and backward of one batch through the pipeline. Gradients are the mean over
     micro-batches (the schedule scales by 1 / n_microbatches), like one process on the batch.
-    Returns the mean loss on ranks with the last stage, else None."""
+    `chunk_index` [n]: the batch is truncated micro-chunks (split_micro_chunks). Returns the mean
+    loss on ranks with the last stage, else None."""
     for _, stage in stages:
         stage.forward_states.clear()
+        stage.carry = None
         stage.initial_state = None if initial_state is None else [initial_state[i] for i in stage.part.layer_range]
     has_first = any(s.first for _, s in stages)
     has_last = any(s.last for _, s in stages)
     losses: list[torch.Tensor] = []
-    args = (tokens, offsets) if has_first else ()
+    args = ((tokens, offsets) if chunk_index is None else (tokens, offsets, chunk_index)) if has_first else ()
     schedule.step(*args, target=labels if has_last else None, losses=losses if has_last else None)
     return torch.stack(losses).mean().detach() if has_last else None
+
+
+def split_micro_chunks(samples: torch.Tensor, offsets: torch.Tensor, chunk_len: int, micro_batch_size: int):
+    """Truncated micro-chunks as the schedule's micro-batches, split along the sequence: samples
+    [A x b, s + 1] (A micro-batches of b sequences) -> (inputs [A x K x b, c], labels [A x K x b, c],
+    offsets [A x K x b], chunk_index [A x K x b]), ordered micro-batch a, then micro-chunk k, so
+    the schedule's micro-batch a x K + k is chunk k of micro-batch a. Each chunk's offset is its
+    RPO offset plus k x c: positions continue across micro-chunks. s = K x c (rules.py)."""
+    inputs, labels = samples[:, :-1], samples[:, 1:]
+    rows, seq = inputs.shape
+    a, b, k = rows // micro_batch_size, micro_batch_size, seq // chunk_len
+
+    def by_chunk(x):  # [A x b, K x c] -> [A x K x b, c]
+        return x.reshape(a, b, k, chunk_len).transpose(1, 2).reshape(a * k * b, chunk_len)
+
+    index = torch.arange(k, device=samples.device, dtype=torch.float32).view(1, k, 1).expand(a, k, b)
+    chunk_offsets = offsets.float().view(a, 1, b) + index * chunk_len
+    return by_chunk(inputs), by_chunk(labels), chunk_offsets.reshape(-1), index.reshape(-1)
 
 
 def stage_state_dict(stages) -> dict[str, torch.Tensor]:

@@ -188,16 +188,25 @@ def zero_pipeline_step(engine, schedule, stages, tokens, labels, offsets, initia
     ranks with the last stage, else None (as pipeline_step)."""
     from pipeline.parallel.stages import pipeline_step
 
+    return zero_step_after_backward(engine, lambda: pipeline_step(schedule, stages, tokens, labels, offsets,
+                                                                  initial_state), lr)
+
+
+def zero_step_after_backward(engine, forward_backward, lr: float | None = None):
+    """One ZeRO-1 optimizer step whose forward and backward run outside the engine:
+    `forward_backward()` (the pipeline schedule, or a sample's micro-chunks: several backward
+    calls, accumulating into p.grad) returns the loss (None on ranks without one); then what
+    engine.backward does at the accumulation boundary, then engine.step(). Returns the loss."""
     if engine.zero_optimization_stage() != 1 or engine.gradient_accumulation_steps() != 1:
         raise ValueError(
-            f"zero_pipeline_step needs ZeRO-1 with gradient_accumulation_steps=1, got stage "
+            f"a backward outside DeepSpeed needs ZeRO-1 with gradient_accumulation_steps=1, got stage "
             f"{engine.zero_optimization_stage()} with {engine.gradient_accumulation_steps()}"
         )
     if lr is not None:
         set_engine_lr(engine, lr)
     engine.optimizer.clear_backward_seen_flag()  # what engine.forward does before a new backward
-    loss = pipeline_step(schedule, stages, tokens, labels, offsets, initial_state)
-    if loss is not None and not bool(torch.isfinite(loss)):  # the last stage; its gradients are still p.grad
+    loss = forward_backward()
+    if loss is not None and not bool(torch.isfinite(loss)):  # its gradients are still p.grad
         for param in engine.module.parameters():
             if param.grad is not None:
                 param.grad.fill_(float("nan"))  # the global norm (over DP, TP and PP) turns NaN: DeepSpeed skips

@@ -67,14 +67,16 @@ def to_deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict:
                          "ZeRO, data parallelism is the plain step's gradient all-reduce")
     check_zero(zero_stage, pipeline_parallel_size, p.zero_offload_optimizer)  # pipeline/config/rules.py
     accum = d.global_batch_size // (d.micro_batch_size * dp_size)
-    micro_batch_size, grad_accum_steps = (d.micro_batch_size * accum, 1) if pipeline_parallel_size > 1 else (
-        d.micro_batch_size, accum)
+    # Backward outside the engine (the pipeline schedule, or micro-chunks: pipeline/parallel/zero.py
+    # zero_step_after_backward): the step's micro-batches are one engine batch.
+    external = pipeline_parallel_size > 1 or bool(cfg.train.micro_chunk_len)
+    micro_batch_size, grad_accum_steps = (d.micro_batch_size * accum, 1) if external else (d.micro_batch_size, accum)
     zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": False}
     if zero_stage in (1, 2):
         # Saves each partition's optimizer state unflattened per parameter, so a checkpoint loads at
         # another data-parallel size (pipeline/checkpointing/zero_files.py).
         zero["elastic_checkpoint"] = True
-    if pipeline_parallel_size > 1:
+    if external:
         zero["contiguous_gradients"] = False  # no per-parameter hooks firing inside the schedule's backward
     if p.zero_offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}

@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 
 from model import FAMState, LayerState, build_model
+from model.micro_chunks import micro_chunked_forward_backward, micro_chunked_loss
 from pipeline.checkpointing.files import load_file
 from pipeline.checkpointing.shards import model_file, optim_file, read_resharded, rsp_from_dict, same_layout
+from pipeline.config.rules import micro_chunks_per_sample
 from pipeline.config.tree import Config
 from pipeline.parallel.collectives import all_reduce_sum, average_gradients, broadcast_tensors
 from pipeline.parallel.groups import ProcessGroups
 from pipeline.parallel.stages import (build_schedule, build_stages, load_stage_state_dict, pipeline_step,
-                                      stage_state_dict)
+                                      split_micro_chunks, stage_state_dict)
 from pipeline.training.optim import build_optimizer, clip_grads, set_lr
 from pipeline.training.precision import (MixedPrecisionOptimizer, load_master_weights, resolve_precision,
                                          with_master_weights)
@@ -43,7 +45,8 @@ def build_pipeline_stages(cfg: Config, groups: ProcessGroups, accum: int):
     stages = build_stages(cfg.model, groups.pp_rank, groups.pp_size, p.virtual_stages, p.pipeline_layout,
                           params_dtype=torch.float32, device=groups.device, seed=cfg.train.seed,
                           sequence_parallel=p.sequence_parallel, tp_group=groups.tp_group)
-    schedule = build_schedule(stages, groups.pp_size, accum, p.pipeline_schedule, groups.pp_group, groups.device)
+    micro_batches = accum * micro_chunks_per_sample(cfg)  # truncated micro-chunks are micro-batches too
+    schedule = build_schedule(stages, groups.pp_size, micro_batches, p.pipeline_schedule, groups.pp_group, groups.device)
     return stages, schedule
 
 
@@ -89,6 +92,12 @@ class PlainStep(TrainStep):
 
     def micro_batch(self, tokens: torch.Tensor, offset: torch.Tensor, start: FAMState | None):
         """Forward and backward of one micro-batch (tokens [b, s + 1]); returns (its loss, detached; its state)."""
+        if self.micro_chunk_len:
+            with self.autocast():  # forward and backward of every micro-chunk happen inside
+                out = micro_chunked_forward_backward(self.model, tokens[:, :-1], tokens[:, 1:], self.micro_chunk_len,
+                                                     start, offset, 1 / self.accum, self.truncated,
+                                                     self.offload_states)
+            return out.loss, out.state
         with self.autocast():
             out = self.model(tokens[:, :-1], labels=tokens[:, 1:], state=start, position_offset=offset,
                              return_logits=False)
@@ -102,6 +111,8 @@ class PlainStep(TrainStep):
         self.optimizer.zero_grad(set_to_none=True)
 
     def eval_losses(self, tokens: list[torch.Tensor]) -> list:
+        if self.micro_chunk_len:  # streamed with the state, one micro-chunk's activations at a time
+            return [micro_chunked_loss(self.model, t[:, :-1], t[:, 1:], self.micro_chunk_len) for t in tokens]
         return [self.model(t[:, :-1], labels=t[:, 1:], return_logits=False).loss for t in tokens]
 
     # ------------------------------------------------------------ checkpoints
@@ -167,10 +178,18 @@ class StagedModel:
         """The micro-batches through the schedule (`run`: pipeline_step, or ZeRO's); returns
         (the mean loss on every rank of the PP group, this rank's RSP state)."""
         tokens = torch.cat(batch.tokens)  # [accum x b, s + 1]: the schedule splits it back into the micro-batches
+        inputs, labels, offsets, chunk_index = self.schedule_inputs(tokens, torch.cat(batch.offsets))
         with self.autocast():
-            loss = run(self.schedule, self.stages, tokens[:, :-1], tokens[:, 1:], torch.cat(batch.offsets),
-                       None if start is None else start.layers)
+            loss = run(self.schedule, self.stages, inputs, labels, offsets, None if start is None else start.layers,
+                       chunk_index=chunk_index)
         return self.last_stage_value(loss), self.stage_rsp_state()
+
+    def schedule_inputs(self, tokens: torch.Tensor, offsets: torch.Tensor):
+        """(inputs, labels, offsets, chunk_index or None) of samples [n, s + 1]: with truncated
+        micro-chunks each sample's chunks become micro-batches (stages.py split_micro_chunks)."""
+        if not self.micro_chunk_len:
+            return tokens[:, :-1], tokens[:, 1:], offsets, None
+        return split_micro_chunks(tokens, offsets, self.micro_chunk_len, self.cfg.data.micro_batch_size)
 
     def last_stage_value(self, value: torch.Tensor | None) -> torch.Tensor:
         """A loss known on the last pipeline stage only, on every rank of the PP group."""
@@ -183,8 +202,9 @@ class StagedModel:
         if not self.uses_fam:
             return None
         layers = [LayerState(None) for _ in range(self.cfg.model.num_layers)]
+        k = micro_chunks_per_sample(self.cfg)  # the first sample's last micro-chunk ends it
         for _, stage in self.stages:
-            for index, state in zip(stage.part.layer_range, stage.forward_states[-self.accum]):
+            for index, state in zip(stage.part.layer_range, stage.forward_states[-self.accum * k + k - 1]):
                 layers[index] = state
         return FAMState(layers).fam_only(0)
 
@@ -192,12 +212,14 @@ class StagedModel:
         """Forward-only pass of the micro-batches; their losses on the last stage, else []."""
         batch = torch.cat(tokens)
         for _, stage in self.stages:
-            stage.initial_state = None  # no RSP in validation
+            stage.initial_state, stage.carry = None, None  # no RSP in validation
         has_first = any(s.first for _, s in self.stages)
         has_last = any(s.last for _, s in self.stages)
         losses: list = []
-        offsets = torch.zeros(batch.shape[0], device=self.groups.device)
-        self.schedule.eval(*((batch[:, :-1], offsets) if has_first else ()), target=batch[:, 1:] if has_last else None,
+        inputs, labels, offsets, chunk_index = self.schedule_inputs(batch, torch.zeros(batch.shape[0],
+                                                                                        device=self.groups.device))
+        args = (inputs, offsets) if chunk_index is None else (inputs, offsets, chunk_index)
+        self.schedule.eval(*(args if has_first else ()), target=labels if has_last else None,
                            losses=losses if has_last else None)
         for _, stage in self.stages:
             stage.forward_states.clear()

@@ -10,10 +10,11 @@ state kept for the next step (docs/fam.md, "RPO and RSP"). The four layouts (pip
 plain_step.py: Plain, Pipeline; zero_step.py: Zero, ZeroPipeline) each own their model, optimizer,
 state dict, checkpoint files and restore; pipeline/training/trainer.py `build_step` picks one.
 
-Room for what comes next: a layout's forward and backward over one micro-batch is one method
-(`PlainStep.micro_batch`), where a sample can be split along the sequence (model/micro_chunks.py);
-evaluation goes through `eval_losses`. Precision (train.precision: fp32, bf16-autocast, bf16-mixed)
-is `autocast` here and, for bf16-mixed, the optimizer (pipeline/training/precision.py).
+A long sample can be split along the sequence (train.micro_chunk_len, issue 14): `PlainStep.micro_batch`
+runs it through model/micro_chunks.py (exact or truncated), the pipeline layouts make its micro-chunks the
+schedule's micro-batches (truncated only; pipeline/parallel/stages.py). Evaluation goes through
+`eval_losses`. Precision (train.precision: fp32, bf16-autocast, bf16-mixed) is `autocast` here and,
+for bf16-mixed, the optimizer with fp32 master weights (pipeline/training/precision.py).
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class TrainStep:
         self.grad_params = getattr(optimizer, "masters", self.params)
         self.uses_fam = cfg.model.uses_fam
         self.rsp_state: FAMState | None = None  # the FAM saved by the previous step
+        # Long samples in micro-chunks (model/micro_chunks.py; docs/fam.md "Micro-chunks"): 0 = off.
+        self.micro_chunk_len = cfg.train.micro_chunk_len or 0
+        self.truncated = cfg.train.micro_chunk_mode == "truncated"
+        self.offload_states = cfg.train.micro_chunk_offload_states
         p = cfg.parallel
         self.chunks = layer_counts(cfg.model.num_layers, p.pipeline_parallel_size * p.virtual_stages, p.pipeline_layout)
 

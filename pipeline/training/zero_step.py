@@ -24,7 +24,8 @@ from pipeline.checkpointing.shards import model_file, rsp_from_dict, same_layout
 from pipeline.config.tree import Config
 from pipeline.parallel.groups import ProcessGroups
 from pipeline.parallel.mpu import MegatronMPU
-from pipeline.parallel.zero import (ZeroModule, build_zero3_init, build_zero_engine, grad_norm_of, zero_pipeline_step,
+from pipeline.parallel.stages import pipeline_step
+from pipeline.parallel.zero import (ZeroModule, build_zero3_init, build_zero_engine, grad_norm_of, zero_step_after_backward,
                                     zero_train_step)
 from pipeline.parallel.zero_config import to_deepspeed_config
 from pipeline.training.optim import build_optimizer
@@ -58,6 +59,15 @@ class ZeroStep(PlainStep):
         return step
 
     def forward_backward(self, batch: StepBatch, start: FAMState | None, lr: float):
+        if self.micro_chunk_len:  # several backward calls per sample: outside the engine (ZeRO-1 only)
+            result = {}
+
+            def run():
+                result["loss"], result["rsp"] = self.micro_batches(batch, start)
+                return result["loss"]
+
+            loss = zero_step_after_backward(self.engine, run, lr)
+            return loss, grad_norm_of(self.engine), result["rsp"]
         micro_batches = [{"tokens": b[:, :-1], "labels": b[:, 1:], "state": start, "position_offset": o,
                           "return_logits": False} for b, o in zip(batch.tokens, batch.offsets)]
         # No outer autocast: DeepSpeed's bf16 runs the module in bf16 itself, and its engine turns an
@@ -107,5 +117,8 @@ class ZeroPipelineStep(StagedModel, ZeroStep):
         return step
 
     def forward_backward(self, batch: StepBatch, start: FAMState | None, lr: float):
-        loss, next_rsp = self.schedule_step(batch, start, functools.partial(zero_pipeline_step, self.engine, lr=lr))
+        def run(*args, **kwargs):  # the schedule's forward and backward, then ZeRO-1's reduce and step
+            return zero_step_after_backward(self.engine, lambda: pipeline_step(*args, **kwargs), lr)
+
+        loss, next_rsp = self.schedule_step(batch, start, run)
         return loss, grad_norm_of(self.engine), next_rsp

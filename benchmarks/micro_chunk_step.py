@@ -1,0 +1,169 @@
+"""benchmarks.train_step's micro-chunk rows (issue 14): long sequences trained in micro-chunks.
+
+    python -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens 8192 131072 1048576 \
+        --micro-chunk-len 16384 --mode exact truncated --json micro_chunks.json
+
+Each cell: one sequence (micro-batch 1) through model/micro_chunks.py in the given mode (exact:
+the whole call's gradients, truncated: detached at every boundary), then a fused AdamW step, in
+bf16 autocast, timed over `--steps` steps (one from 256k tokens on) after a warm-up step on a sequence of at most two
+micro-chunks (every micro-chunk has the same shape, so the warm-up compiles what the long
+sequence runs; a million-token warm-up would double the run). A dense config (no state to pass)
+runs whole calls, mode "whole", for contrast. Recompute is chosen per config and mode by the
+memory estimate (pipeline/memory/estimate.py) at the longest sequence: off when the estimate
+without it fits the GPU, so a config's rows compare. With --micro-chunk-len 8192 the 8k row is
+one micro-chunk of the same shape as every micro-chunk of the longer rows. Printed
+per row: tokens/s, model TFLOP/s, peak memory and the estimate's peak; the JSON records carry
+train_step.json's fields plus `mode`, `micro_chunk_len` and `estimate_gib`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from model import build_model, load_model_args, scan_graphs
+from model.micro_chunks import micro_chunked_forward_backward
+from pipeline.memory.estimate import DEFAULT_ALLOWANCE_GIB, GIB, Settings, estimate
+from pipeline.training.flops import flops_per_token, peak_flops
+
+MODES = ("exact", "truncated")
+LONG = 262144  # sequences from here on are timed over one step (>= 16 micro-chunks of 16k)
+
+
+def add_micro_chunk_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--micro-chunk-len", type=int, default=0,
+                        help="train each sequence in micro-chunks of this many tokens (0: whole calls)")
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=["exact", "truncated"],
+                        help="micro-chunk modes to measure (with --micro-chunk-len)")
+
+
+def estimate_gib(args, seq: int, chunk: int, mode: str) -> float:
+    """pipeline.memory's peak for this cell (bf16 autocast, CUDA kernels, micro-batch 1), GiB."""
+    settings = Settings(micro_batch=1, seq_len=seq, recompute=args.recompute, micro_chunk_len=chunk if
+                        mode != "whole" else 0, micro_chunk_mode=mode if mode != "whole" else "exact")
+    return estimate(args, settings).peak / GIB
+
+
+def choose_recompute(name: str, seq: int, chunk: int, mode: str, vocab: int, gpu_gib: float) -> bool:
+    args = load_model_args(name, vocab_size=vocab, recompute=False)
+    return estimate_gib(args, seq, chunk, mode) + DEFAULT_ALLOWANCE_GIB > gpu_gib
+
+
+def run_chunk_cell(name: str, seq: int, chunk: int, mode: str, vocab: int, recompute: bool, steps: int,
+                   device: str = "cuda") -> dict:
+    """One cell's figures; `device` cpu runs the same code without timing the GPU (tests)."""
+    args = load_model_args(name, vocab_size=vocab, recompute=recompute)
+    model = build_model(args, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    cuda = device == "cuda"
+
+    def step(length: int) -> float:
+        tokens = torch.randint(0, vocab, (1, length + 1), device=device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            if mode == "whole":
+                loss = model(tokens[:, :-1], labels=tokens[:, 1:], return_logits=False).loss
+                loss.backward()
+            else:
+                loss = micro_chunked_forward_backward(model, tokens[:, :-1], tokens[:, 1:], chunk,
+                                                      truncated=mode == "truncated").loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    step(min(seq, 2 * chunk) if mode != "whole" else seq)  # warm-up: compiles every shape the cell runs
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step(seq)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    flops = seq * flops_per_token(args, seq) / seconds
+    peak = peak_flops(torch.device(device)) if cuda else None
+    return {"tokens_per_s": seq / seconds, "tflops": flops / 1e12, "mfu": flops / peak if peak else float("nan"),
+            "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"), "loss": loss,
+            "recompute": recompute, "mode": mode, "micro_chunk_len": chunk if mode != "whole" else 0,
+            "estimate_gib": estimate_gib(args, seq, chunk, mode)}
+
+
+def micro_chunk_rows(opts) -> list[dict]:
+    """Every (sequence, config, mode) cell, printed as it finishes; an OOM is a row too."""
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    rows = []
+    for seq in opts.seq_lens:
+        for name in opts.configs:
+            dense = load_model_args(name).attention == "dense"
+            for mode in ["whole"] if dense else opts.mode:
+                # by the longest sequence: a config and mode keep one setting, so their rows compare
+                recompute = choose_recompute(name, max(opts.seq_lens), opts.micro_chunk_len, mode, opts.vocab_size,
+                                             gpu_gib)
+                steps = opts.steps if seq < LONG else 1  # one long step averages over its many micro-chunks
+                try:
+                    result = run_chunk_cell(name, seq, opts.micro_chunk_len, mode, opts.vocab_size, recompute, steps)
+                except torch.OutOfMemoryError:
+                    result = {"oom": True, "recompute": recompute, "mode": mode, "micro_chunk_len": opts.micro_chunk_len}
+                finally:
+                    scan_graphs.clear()
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                rows.append({"config": name, "seq": seq, **result})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def format_micro_chunk_table(rows: list[dict], vocab: int) -> str:
+    lines = [f"{torch.cuda.get_device_name()}, bf16, micro-batch 1, vocab {vocab}",
+             "| config | sequence | mode | micro-chunk | tokens/s | model TFLOP/s | peak memory | estimate | recompute |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['config']} | {r['seq']:,} | {r['mode']} | {r['micro_chunk_len'] or '-'} |"
+        if r.get("oom"):
+            lines.append(head + f" out of memory | | | | {r['recompute']} |")
+            continue
+        lines.append(head + f" {r['tokens_per_s'] / 1e3:.1f}k | {r['tflops']:.0f} | {r['peak_gib']:.1f} GiB | "
+                            f"{r['estimate_gib']:.1f} GiB | {r['recompute']} |")
+    return "\n".join(lines)
+
+
+def acceptance_lines(rows: list[dict]) -> list[str]:
+    """Issue 14's GPU bars from the rows, per config: truncated at the longest sequence against
+    8k (peak <= 1.1x, tokens/s >= 0.9x), exact against its 64k peak (<= 2x) and the truncated
+    speed (>= 0.7x), and the estimate against every measured peak (within 15 %)."""
+    cell = {(r["config"], r["mode"], r["seq"]): r for r in rows if not r.get("oom")}
+    lines = []
+    for name in dict.fromkeys(r["config"] for r in rows):
+        seqs = sorted(q for c, _, q in cell if c == name)
+        if not seqs:
+            continue
+        top, t, e = seqs[-1], cell.get((name, "truncated", seqs[-1])), cell.get((name, "exact", seqs[-1]))
+        checks = []
+        if t and (name, "truncated", 8192) in cell:
+            base = cell[(name, "truncated", 8192)]
+            checks.append(f"truncated peak {t['peak_gib'] / base['peak_gib']:.2f}x of 8k (<= 1.1), "
+                          f"tokens/s {t['tokens_per_s'] / base['tokens_per_s']:.2f}x (>= 0.9)")
+        if e and (name, "exact", 65536) in cell:
+            checks.append(f"exact peak {e['peak_gib'] / cell[(name, 'exact', 65536)]['peak_gib']:.2f}x of 64k (<= 2)")
+        if e and t:
+            checks.append(f"exact tokens/s {e['tokens_per_s'] / t['tokens_per_s']:.2f}x truncated (>= 0.7)")
+        worst = max(abs(r["estimate_gib"] / r["peak_gib"] - 1) for (c, _, _), r in cell.items() if c == name)
+        checks.append(f"estimate within {worst:.0%} of every peak (<= 15 %)")
+        lines.append(f"{name} at {top:,}: " + "; ".join(checks))
+    return lines
+
+
+def run_micro_chunk_benchmark(opts) -> None:
+    """benchmarks.train_step with --micro-chunk-len: the rows, their JSON records, the table."""
+    import json
+
+    rows = micro_chunk_rows(opts)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print()
+    print(format_micro_chunk_table(rows, opts.vocab_size))
+    print("\n".join(acceptance_lines(rows)))
