@@ -111,7 +111,7 @@ def micro_chunk_rows(opts) -> list[dict]:
                     scan_graphs.clear()
                     gc.collect()
                     torch.cuda.empty_cache()
-                rows.append({"config": name, "seq": seq, **result})
+                rows.append({"config": name, "seq_len": seq, **result})
                 print(rows[-1], flush=True)
     return rows
 
@@ -121,7 +121,7 @@ def format_micro_chunk_table(rows: list[dict], vocab: int) -> str:
              "| config | sequence | mode | micro-chunk | tokens/s | model TFLOP/s | peak memory | estimate | recompute |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| {r['config']} | {r['seq']:,} | {r['mode']} | {r['micro_chunk_len'] or '-'} |"
+        head = f"| {r['config']} | {r['seq_len']:,} | {r['mode']} | {r['micro_chunk_len'] or '-'} |"
         if r.get("oom"):
             lines.append(head + f" out of memory | | | | {r['recompute']} |")
             continue
@@ -134,7 +134,7 @@ def acceptance_lines(rows: list[dict]) -> list[str]:
     """Issue 14's GPU bars from the rows, per config: truncated at the longest sequence against
     8k (peak <= 1.1x, tokens/s >= 0.9x), exact against its 64k peak (<= 2x) and the truncated
     speed (>= 0.7x), and the estimate against every measured peak (within 15 %)."""
-    cell = {(r["config"], r["mode"], r["seq"]): r for r in rows if not r.get("oom")}
+    cell = {(r["config"], r["mode"], r["seq_len"]): r for r in rows if not r.get("oom")}
     lines = []
     for name in dict.fromkeys(r["config"] for r in rows):
         seqs = sorted(q for c, _, q in cell if c == name)

@@ -31,7 +31,7 @@ def test_recompute_is_chosen_by_whether_the_estimate_fits():
 
 def test_acceptance_lines_compare_the_rows_the_issue_names():
     def row(mode, seq, peak, speed, est):
-        return {"config": "fam-1b", "mode": mode, "seq": seq, "peak_gib": peak, "tokens_per_s": speed,
+        return {"config": "fam-1b", "mode": mode, "seq_len": seq, "peak_gib": peak, "tokens_per_s": speed,
                 "estimate_gib": est}
 
     rows = [row("truncated", 8192, 20.0, 30e3, 21.0), row("truncated", 1048576, 21.0, 28.5e3, 21.0),
