@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.checkpointing.files import load_file
 from pipeline.config.load import load_config
 from pipeline.train import run
 from tests.conftest import tiny_overrides
+from tests.test_train_parallel import _final_params
 
 CHUNK = 16  # model.block_size of tiny_overrides; data.seq_len 64: 4 micro-chunks per sample
 # fp32. Per step the micro-chunked gradient differs from the whole call's by rounding (~6e-7 of
@@ -31,8 +31,7 @@ def _run(shards, run_dir, **extra) -> dict:
 
 
 def _weights(checkpoint: str) -> dict[str, torch.Tensor]:
-    state = load_file(checkpoint, "model_tp00.pt")["model"]
-    return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+    return _final_params(checkpoint, tp=1, pp=1)
 
 
 def test_exact_micro_chunked_run_trains_the_whole_call_model(shards, tmp_path):
@@ -71,7 +70,7 @@ def test_pp2_truncated_run_stops_resumes_and_equals_one_process(shards, tmp_path
     in new processes, against one process running the same truncated micro-chunks: losses,
     validation losses and final weights to 1e-5 (the bound of tests/test_train_parallel.py)."""
     from tests.spawn import run_on_ranks
-    from tests.test_train_parallel import SETTINGS, _final_params, _worker
+    from tests.test_train_parallel import SETTINGS, _worker
 
     keys = {"train__micro_chunk_len": CHUNK, "train__micro_chunk_mode": "truncated"}
     one = run(load_config(None, tiny_overrides(shards, tmp_path / "one", **{**SETTINGS, **keys})))
