@@ -10,7 +10,7 @@ micro-chunks (every micro-chunk has the same shape, so the warm-up compiles what
 sequence runs; a million-token warm-up would double the run). A dense config (no state to pass)
 runs whole calls, mode "whole", for contrast. Recompute is chosen per config and mode by the
 memory estimate (pipeline/memory/estimate.py) at the longest sequence: off when the estimate
-without it fits the GPU, so a config's rows compare. With --micro-chunk-len 8192 the 8k row is
+without it fits the GPU, so a config's rows compare (`--recompute on|off` fixes it instead). With --micro-chunk-len 8192 the 8k row is
 one micro-chunk of the same shape as every micro-chunk of the longer rows. Printed
 per row: tokens/s, model TFLOP/s, peak memory and the estimate's peak; the JSON records carry
 train_step.json's fields plus `mode`, `micro_chunk_len` and `estimate_gib`.
@@ -50,6 +50,14 @@ def estimate_gib(args, seq: int, chunk: int, mode: str) -> float:
 def choose_recompute(name: str, seq: int, chunk: int, mode: str, vocab: int, gpu_gib: float) -> bool:
     args = load_model_args(name, vocab_size=vocab, recompute=False)
     return estimate_gib(args, seq, chunk, mode) + DEFAULT_ALLOWANCE_GIB > gpu_gib
+
+
+def pick_recompute(opts, name: str, mode: str, gpu_gib: float) -> bool:
+    """--recompute on/off as given (a run split over several commands keeps one setting); auto: by the
+    estimate at the longest sequence, so a config and mode keep one setting and their rows compare."""
+    if opts.recompute != "auto":
+        return opts.recompute == "on"
+    return choose_recompute(name, max(opts.seq_lens), opts.micro_chunk_len, mode, opts.vocab_size, gpu_gib)
 
 
 def run_chunk_cell(name: str, seq: int, chunk: int, mode: str, vocab: int, recompute: bool, steps: int,
@@ -99,9 +107,7 @@ def micro_chunk_rows(opts) -> list[dict]:
         for name in opts.configs:
             dense = load_model_args(name).attention == "dense"
             for mode in ["whole"] if dense else opts.mode:
-                # by the longest sequence: a config and mode keep one setting, so their rows compare
-                recompute = choose_recompute(name, max(opts.seq_lens), opts.micro_chunk_len, mode, opts.vocab_size,
-                                             gpu_gib)
+                recompute = pick_recompute(opts, name, mode, gpu_gib)
                 steps = opts.steps if seq < LONG else 1  # one long step averages over its many micro-chunks
                 try:
                     result = run_chunk_cell(name, seq, opts.micro_chunk_len, mode, opts.vocab_size, recompute, steps)

@@ -9,7 +9,9 @@ import math
 
 import pytest
 
-from benchmarks.micro_chunk_step import acceptance_lines, choose_recompute, run_chunk_cell
+import argparse
+
+from benchmarks.micro_chunk_step import acceptance_lines, choose_recompute, pick_recompute, run_chunk_cell
 
 TRAIN_STEP_FIELDS = {"tokens_per_s", "tflops", "mfu", "peak_gib", "loss", "recompute"}
 
@@ -27,6 +29,15 @@ def test_recompute_is_chosen_by_whether_the_estimate_fits():
     # exceed a small card; a huge one fits without it.
     assert choose_recompute("fam-1b", 1048576, 16384, "exact", 32000, gpu_gib=80.0)
     assert not choose_recompute("fam-1b", 1048576, 16384, "exact", 32000, gpu_gib=10_000.0)
+
+
+def test_recompute_on_or_off_is_taken_as_given_and_auto_asks_the_estimate():
+    opts = argparse.Namespace(recompute="auto", seq_lens=[8192, 1048576], micro_chunk_len=16384, vocab_size=32000)
+    assert pick_recompute(opts, "fam-1b", "exact", gpu_gib=80.0)  # the estimate at 1M does not fit 80 GiB
+    opts.recompute = "off"
+    assert not pick_recompute(opts, "fam-1b", "exact", gpu_gib=80.0)
+    opts.recompute, opts.seq_lens = "on", [8192]
+    assert pick_recompute(opts, "fam-1b", "exact", gpu_gib=10_000.0)
 
 
 def test_acceptance_lines_compare_the_rows_the_issue_names():
