@@ -19,12 +19,13 @@ import torch
 
 from benchmarks.parity_suite import CELLS, compare, print_table, run_suite
 
-pytestmark = pytest.mark.gpu
+# `pytest -m gpu` on a one-GPU machine runs tests/test_gpu.py and reports this one as skipped, by name.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                  reason="needs 2 or 4 GPUs: TP, PP and DP layouts against one GPU")]
 
 
 def test_layouts_match_one_gpu_and_the_estimator(tmp_path):
     gpus = torch.cuda.device_count()
-    assert gpus >= 2, f"needs 2 or 4 GPUs, this machine has {gpus}"
     out = Path(os.environ.get("FAMTRON_PARITY_OUT") or tmp_path)
     steps = os.environ.get("FAMTRON_PARITY_STEPS", "20")
     names = os.environ.get("FAMTRON_PARITY_CELLS", "").split() or None
