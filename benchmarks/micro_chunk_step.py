@@ -69,8 +69,9 @@ def pick_recompute(opts, name: str, mode: str, gpu_gib: float) -> bool:
                             opts.precision)
 
 
+# shape: one cell's settings as the CLI gives them, plus the device (cpu in tests)
 def run_chunk_cell(name: str, seq: int, chunk: int, mode: str, vocab: int, recompute: bool, steps: int,
-                   device: str = "cuda", precision: str = "bf16-mixed") -> dict:  # shape: a cell's CLI settings
+                   device: str = "cuda", precision: str = "bf16-mixed") -> dict:
     """One cell's figures; `device` cpu runs the same code without timing the GPU (tests)."""
     args = load_model_args(name, vocab_size=vocab, recompute=recompute)
     model = build_model(args, device=device)
