@@ -18,7 +18,8 @@ path: `model(tokens, labels=..., return_logits=False)`, and the pipeline's last 
   it straight into a host buffer, `grad_partitions_flat_buffer`); torch rounds pinned host
   buffers up to a power of two (not counted). ZeRO ≥ 1 adds DeepSpeed's buckets (defaults:
   5e8-element reduce, 1e9 live ZeRO-3 params). Gradients exist in the forward only when they
-  accumulate (micro-batches, a pipeline) or DeepSpeed keeps them.
+  accumulate (micro-batches, a pipeline, micro-chunks), DeepSpeed keeps them, or bf16-mixed
+  allocated them once (its fp32 buffers).
 - activations, sequence parallelism, fam_state, the head and the block mask: per micro-batch, in
   pipeline/memory/terms.py. With micro-chunks (train.micro_chunk_len, docs/fam.md "Micro-chunks") they
   are one micro-chunk's, plus the passed state's K/V among its keys; exact mode adds its saved
@@ -40,7 +41,8 @@ not re-measured since) within -3.3%..+11.4%: fam-1b 8k 42.34 (est. 40.92), 8k vo
 256000 44.59 (47.96) (all autocast). bf16-mixed (tests/test_memory_precision.py): weights,
 gradients and optimizer equal a real MixedPrecisionOptimizer's bytes after a step, exactly; on
 the H200 fam-1b 8k (vocab 32000, no recompute) measured 48.2 GiB (benchmarks/results/
-2026-11-29-1xH200), estimated 48.04 (autocast: 42.7 measured, 40.92 estimated).
+2026-11-29-1xH200), estimated 48.04 (autocast: 42.7 measured, 40.92 estimated); its 1M-token
+training run (truncated 16k micro-chunks, recompute) 27.64, estimated 28.42.
 """
 
 from __future__ import annotations
