@@ -4,16 +4,18 @@
         --micro-chunk-len 16384 --mode exact truncated --json micro_chunks.json
 
 Each cell: one sequence (micro-batch 1) through model/micro_chunks.py in the given mode (exact:
-the whole call's gradients, truncated: detached at every boundary), then a fused AdamW step, in
-bf16 autocast, timed over `--steps` steps (one from 256k tokens on) after a warm-up step on a sequence of at most two
-micro-chunks (every micro-chunk has the same shape, so the warm-up compiles what the long
+the whole call's gradients, truncated: detached at every boundary), then the optimizer step, in
+the training step's precision (`--precision`, as train_step's rows: bf16-mixed by default, bf16
+weights with fp32 master weights and fp32 gradient buffers allocated once, as training runs it;
+benchmarks/step_optimizer.py), timed over `--steps` steps (one from 256k tokens on) after a
+warm-up step on a sequence of at most two micro-chunks (every micro-chunk has the same shape, so the warm-up compiles what the long
 sequence runs; a million-token warm-up would double the run). A dense config (no state to pass)
 runs whole calls, mode "whole", for contrast. Recompute is chosen per config and mode by the
 memory estimate (pipeline/memory/estimate.py) at the longest sequence: off when the estimate
 without it fits the GPU, so a config's rows compare (`--recompute on|off` fixes it instead). With --micro-chunk-len 8192 the 8k row is
 one micro-chunk of the same shape as every micro-chunk of the longer rows. Printed
-per row: tokens/s, model TFLOP/s, peak memory and the estimate's peak; the JSON records carry
-train_step.json's fields plus `mode`, `micro_chunk_len` and `estimate_gib`.
+per row: tokens/s, model TFLOP/s, peak memory and the estimate's peak for that precision; the JSON
+records carry train_step.json's fields plus `mode`, `micro_chunk_len`, `estimate_gib` and `precision`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import time
 import torch
 
 from model import build_model, load_model_args, scan_graphs
+from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model.micro_chunks import micro_chunked_forward_backward
+from pipeline.memory.cli import estimated_precision
 from pipeline.memory.estimate import DEFAULT_ALLOWANCE_GIB, GIB, Settings, estimate
 from pipeline.training.flops import flops_per_token, peak_flops
 
@@ -40,16 +44,20 @@ def add_micro_chunk_arguments(parser: argparse.ArgumentParser) -> None:
                         help="micro-chunk modes to measure (with --micro-chunk-len)")
 
 
-def estimate_gib(args, seq: int, chunk: int, mode: str) -> float:
-    """pipeline.memory's peak for this cell (bf16 autocast, CUDA kernels, micro-batch 1), GiB."""
+def estimate_gib(args, seq: int, chunk: int, mode: str, precision: str = "bf16-mixed") -> float:
+    """pipeline.memory's peak for this cell (train.precision `precision` as pipeline.memory
+    resolves it without ZeRO, CUDA kernels, micro-batch 1), GiB."""
+    estimator_precision, dtype = estimated_precision(precision, zero=0)
     settings = Settings(micro_batch=1, seq_len=seq, recompute=args.recompute, micro_chunk_len=chunk if
-                        mode != "whole" else 0, micro_chunk_mode=mode if mode != "whole" else "exact")
+                        mode != "whole" else 0, micro_chunk_mode=mode if mode != "whole" else "exact",
+                        precision=estimator_precision, dtype=dtype)
     return estimate(args, settings).peak / GIB
 
 
-def choose_recompute(name: str, seq: int, chunk: int, mode: str, vocab: int, gpu_gib: float) -> bool:
+def choose_recompute(name: str, seq: int, chunk: int, mode: str, vocab: int, gpu_gib: float,
+                     precision: str = "bf16-mixed") -> bool:
     args = load_model_args(name, vocab_size=vocab, recompute=False)
-    return estimate_gib(args, seq, chunk, mode) + DEFAULT_ALLOWANCE_GIB > gpu_gib
+    return estimate_gib(args, seq, chunk, mode, precision) + DEFAULT_ALLOWANCE_GIB > gpu_gib
 
 
 def pick_recompute(opts, name: str, mode: str, gpu_gib: float) -> bool:
@@ -57,20 +65,22 @@ def pick_recompute(opts, name: str, mode: str, gpu_gib: float) -> bool:
     estimate at the longest sequence, so a config and mode keep one setting and their rows compare."""
     if opts.recompute != "auto":
         return opts.recompute == "on"
-    return choose_recompute(name, max(opts.seq_lens), opts.micro_chunk_len, mode, opts.vocab_size, gpu_gib)
+    return choose_recompute(name, max(opts.seq_lens), opts.micro_chunk_len, mode, opts.vocab_size, gpu_gib,
+                            opts.precision)
 
 
+# shape: one cell's settings as the CLI gives them, plus the device (cpu in tests)
 def run_chunk_cell(name: str, seq: int, chunk: int, mode: str, vocab: int, recompute: bool, steps: int,
-                   device: str = "cuda") -> dict:
+                   device: str = "cuda", precision: str = "bf16-mixed") -> dict:
     """One cell's figures; `device` cpu runs the same code without timing the GPU (tests)."""
     args = load_model_args(name, vocab_size=vocab, recompute=recompute)
     model = build_model(args, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    opt = build_step_optimizer(model, precision)  # the buffers of bf16-mixed are allocated here, once
     cuda = device == "cuda"
 
     def step(length: int) -> float:
         tokens = torch.randint(0, vocab, (1, length + 1), device=device)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+        with step_autocast(device, precision):
             if mode == "whole":
                 loss = model(tokens[:, :-1], labels=tokens[:, 1:], return_logits=False).loss
                 loss.backward()
@@ -96,7 +106,7 @@ def run_chunk_cell(name: str, seq: int, chunk: int, mode: str, vocab: int, recom
     return {"tokens_per_s": seq / seconds, "tflops": flops / 1e12, "mfu": flops / peak if peak else float("nan"),
             "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"), "loss": loss,
             "recompute": recompute, "mode": mode, "micro_chunk_len": chunk if mode != "whole" else 0,
-            "estimate_gib": estimate_gib(args, seq, chunk, mode)}
+            "precision": precision, "estimate_gib": estimate_gib(args, seq, chunk, mode, precision)}
 
 
 def micro_chunk_rows(opts) -> list[dict]:
@@ -110,9 +120,11 @@ def micro_chunk_rows(opts) -> list[dict]:
                 recompute = pick_recompute(opts, name, mode, gpu_gib)
                 steps = opts.steps if seq < LONG else 1  # one long step averages over its many micro-chunks
                 try:
-                    result = run_chunk_cell(name, seq, opts.micro_chunk_len, mode, opts.vocab_size, recompute, steps)
+                    result = run_chunk_cell(name, seq, opts.micro_chunk_len, mode, opts.vocab_size, recompute, steps,
+                                            precision=opts.precision)
                 except torch.OutOfMemoryError:
-                    result = {"oom": True, "recompute": recompute, "mode": mode, "micro_chunk_len": opts.micro_chunk_len}
+                    result = {"oom": True, "recompute": recompute, "mode": mode, "micro_chunk_len": opts.micro_chunk_len,
+                              "precision": opts.precision}
                 finally:
                     scan_graphs.clear()
                     gc.collect()
@@ -122,8 +134,8 @@ def micro_chunk_rows(opts) -> list[dict]:
     return rows
 
 
-def format_micro_chunk_table(rows: list[dict], vocab: int) -> str:
-    lines = [f"{torch.cuda.get_device_name()}, bf16, micro-batch 1, vocab {vocab}",
+def format_micro_chunk_table(rows: list[dict], vocab: int, precision: str) -> str:
+    lines = [f"{torch.cuda.get_device_name()}, {precision}, micro-batch 1, vocab {vocab}",
              "| config | sequence | mode | micro-chunk | tokens/s | model TFLOP/s | peak memory | estimate | recompute |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -171,5 +183,5 @@ def run_micro_chunk_benchmark(opts) -> None:
         with open(opts.json, "w") as f:
             json.dump(rows, f, indent=1)
     print()
-    print(format_micro_chunk_table(rows, opts.vocab_size))
+    print(format_micro_chunk_table(rows, opts.vocab_size, opts.precision))
     print("\n".join(acceptance_lines(rows)))

@@ -28,12 +28,10 @@ import time
 import torch
 
 from benchmarks.micro_chunk_step import add_micro_chunk_arguments, run_micro_chunk_benchmark
+from benchmarks.step_optimizer import build_step_optimizer
 from model import build_model, load_model_args, scan_graphs
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
-from pipeline.config.tree import OptimConfig
 from pipeline.training.flops import flops_per_token, peak_flops
-from pipeline.training.optim import build_optimizer
-from pipeline.training.precision import MixedPrecisionOptimizer
 
 
 def profile_step(step) -> tuple[int, float, list]:
@@ -59,15 +57,6 @@ def profile_step(step) -> tuple[int, float, list]:
         entry[1] += e.duration_ns()
     top = sorted(((name, n, ns / 1e6) for name, (n, ns) in by_name.items()), key=lambda row: -row[2])[:8]
     return len(kernels), busy_ns / 1e9, top
-
-
-def build_step_optimizer(model: torch.nn.Module, precision: str):
-    """The training step's optimizer for train.precision `precision` (bf16-mixed turns the model's
-    weights bf16 and keeps fp32 masters); fused AdamW on GPU either way."""
-    device_type = next(model.parameters()).device.type
-    if precision == "bf16-mixed":
-        return MixedPrecisionOptimizer(model, OptimConfig(lr=1e-4), device_type)
-    return build_optimizer(model, OptimConfig(lr=1e-4), device_type)
 
 
 def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False,

@@ -1,7 +1,10 @@
 """benchmarks/micro_chunk_step.py on CPU: the cell that `python -m benchmarks.train_step
 --micro-chunk-len N --mode ...` times on a GPU runs end to end in both modes and records the
-fields of train_step.json plus mode, micro_chunk_len and the estimate. The GPU figures
-themselves come from the GPU run (not made by this branch)."""
+fields of train_step.json plus mode, micro_chunk_len, precision and the estimate, in the training
+step's precision: bf16-mixed (bf16 weights, fp32 masters and gradient buffers, CPU autocast in
+bf16), the default and what the GPU rows measure, and bf16-autocast (fp32 weights under CPU
+autocast); both run on CPU, so the CPU cell runs the GPU's optimizer and weight dtypes. The GPU
+figures themselves come from the GPU run (not made by this branch)."""
 
 from __future__ import annotations
 
@@ -11,17 +14,61 @@ import pytest
 
 import argparse
 
-from benchmarks.micro_chunk_step import acceptance_lines, choose_recompute, pick_recompute, run_chunk_cell
+import torch
+
+from benchmarks import micro_chunk_step
+from benchmarks.micro_chunk_step import acceptance_lines, choose_recompute, estimate_gib, pick_recompute, run_chunk_cell
+from benchmarks.step_optimizer import build_step_optimizer
+from model import build_model, load_model_args
+from pipeline.training.precision import MixedPrecisionOptimizer
 
 TRAIN_STEP_FIELDS = {"tokens_per_s", "tflops", "mfu", "peak_gib", "loss", "recompute"}
 
 
-@pytest.mark.parametrize("mode", ["exact", "truncated"])
-def test_a_micro_chunk_cell_runs_on_cpu_and_records_its_fields(mode):
-    row = run_chunk_cell("tiny", 512, 128, mode, 256, recompute=False, steps=1, device="cpu")
-    assert TRAIN_STEP_FIELDS | {"mode", "micro_chunk_len", "estimate_gib"} <= row.keys()
-    assert (row["mode"], row["micro_chunk_len"]) == (mode, 128)
+@pytest.mark.parametrize("mode, precision", [("exact", "bf16-mixed"), ("truncated", "bf16-mixed"),
+                                             ("truncated", "bf16-autocast")])
+def test_a_micro_chunk_cell_runs_on_cpu_and_records_its_fields(mode, precision, monkeypatch):
+    built = []
+
+    def spy(model, precision):  # the real builder, recording which precision the cell asked for
+        built.append(precision)
+        return build_step_optimizer(model, precision)
+
+    monkeypatch.setattr(micro_chunk_step, "build_step_optimizer", spy)
+    row = run_chunk_cell("tiny", 512, 128, mode, 256, recompute=False, steps=1, device="cpu", precision=precision)
+    assert built == [precision]  # the training step's optimizer, as train_step's rows build it
+    assert TRAIN_STEP_FIELDS | {"mode", "micro_chunk_len", "estimate_gib", "precision"} <= row.keys()
+    assert (row["mode"], row["micro_chunk_len"], row["precision"]) == (mode, 128, precision)
     assert row["tokens_per_s"] > 0 and math.isfinite(row["loss"]) and row["estimate_gib"] > 0
+    args = load_model_args("tiny", vocab_size=256, recompute=False)
+    assert row["estimate_gib"] == estimate_gib(args, 512, 128, mode, precision)  # the estimate of the step measured
+
+
+def test_cells_build_the_training_steps_optimizer_for_their_precision():
+    """bf16-mixed: bf16 weights, fp32 masters and gradient buffers (the ones allocated once, which
+    the micro-chunk rows measure); bf16-autocast: AdamW over the fp32 weights."""
+    model = build_model(load_model_args("tiny"), device="cpu")
+    mixed = build_step_optimizer(model, "bf16-mixed")
+    assert isinstance(mixed, MixedPrecisionOptimizer)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in mixed.buffers} == {torch.float32}
+    model = build_model(load_model_args("tiny"), device="cpu")
+    plain = build_step_optimizer(model, "bf16-autocast")
+    assert isinstance(plain, torch.optim.AdamW) and {p.dtype for p in model.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="bf16-mixed, bf16-autocast, fp32"):
+        build_step_optimizer(model, "fp16")
+
+
+def test_the_estimate_follows_the_precision_and_bf16_mixed_holds_its_buffers_from_one_micro_chunk_on():
+    """fam-1b, 8k micro-chunks: the one-micro-chunk 8k row and the 1M truncated row. Under
+    bf16-mixed the fp32 gradient buffers are counted in both (allocated once); under autocast the
+    fp32 .grad tensors count only from the second micro-chunk on (they persist between them)."""
+    args = load_model_args("fam-1b", vocab_size=32000, recompute=False)
+    ratio = {p: estimate_gib(args, 1048576, 8192, "truncated", p) / estimate_gib(args, 8192, 8192, "truncated", p)
+             for p in ("bf16-mixed", "bf16-autocast")}
+    # the fp32 gradients of 1.29B parameters are 4.8 GiB: the autocast rows differ by about that, the bf16-mixed
+    # rows by what truncated micro-chunks keep besides them (the passed state's K/V among the keys)
+    assert ratio["bf16-autocast"] > 1.1 > 1.05 > ratio["bf16-mixed"], ratio
 
 
 def test_recompute_is_chosen_by_whether_the_estimate_fits():
@@ -32,7 +79,8 @@ def test_recompute_is_chosen_by_whether_the_estimate_fits():
 
 
 def test_recompute_on_or_off_is_taken_as_given_and_auto_asks_the_estimate():
-    opts = argparse.Namespace(recompute="auto", seq_lens=[8192, 1048576], micro_chunk_len=16384, vocab_size=32000)
+    opts = argparse.Namespace(recompute="auto", seq_lens=[8192, 1048576], micro_chunk_len=16384, vocab_size=32000,
+                              precision="bf16-mixed")
     assert pick_recompute(opts, "fam-1b", "exact", gpu_gib=80.0)  # the estimate at 1M does not fit 80 GiB
     opts.recompute = "off"
     assert not pick_recompute(opts, "fam-1b", "exact", gpu_gib=80.0)

@@ -69,13 +69,41 @@ def settings_from_config(tree: dict) -> dict:
         virtual_stages=par.get("virtual_stages", 1), layout=par.get("pipeline_layout"),
         schedule=par.get("pipeline_schedule"), sequence_parallel=par.get("sequence_parallel", False),
         offload_optimizer=par.get("zero_offload_optimizer", False), micro_batch=data.get("micro_batch_size", 1),
-        seq_len=data.get("seq_len", 8192), precision="bf16-zero" if zero else "autocast",
+        seq_len=data.get("seq_len", 8192),
     )
     train = tree.get("train", {}) or {}
+    out["train_precision"] = train.get("precision", "auto")
     out.update(micro_chunk_len=train.get("micro_chunk_len") or 0, micro_chunk_mode=train.get("micro_chunk_mode", "exact"),
                offload_states=train.get("micro_chunk_offload_states", False))
     out["global_batch"] = data.get("global_batch_size")
     return out
+
+
+def estimated_precision(train_precision: str, zero: int) -> tuple[str, str]:
+    """(Settings.precision, Settings.dtype) of a run with train.precision `train_precision`, resolved
+    as training resolves it on a GPU (pipeline/training/precision.py resolve_precision; the estimate
+    is a GPU's): auto and bf16-mixed are the MixedPrecisionOptimizer without ZeRO, DeepSpeed's bf16
+    under it; bf16-autocast is fp32 weights under autocast; fp32 is fp32 weights and fp32 math
+    (precision "autocast" with dtype fp32: nothing is cast; under ZeRO, DeepSpeed's fp32 optimizer,
+    whose buffers this counts in fp32)."""
+    if train_precision == "fp32":
+        return "autocast", "fp32"
+    if train_precision == "bf16-autocast":
+        if zero:
+            raise ValueError(f"train.precision=bf16-autocast with ZeRO-{zero}: training refuses it (pipeline/config/"
+                             "rules.py check_precision); use bf16-mixed, or --precision bf16-zero here")
+        return "autocast", "bf16"
+    if train_precision in ("auto", "bf16-mixed"):
+        return ("bf16-zero" if zero else "bf16-mixed"), "bf16"
+    raise ValueError(f"train.precision={train_precision!r}: must be one of auto, fp32, bf16-autocast, bf16-mixed")
+
+
+def precision_line(est: MemoryEstimate, train_precision: str, given: str | None) -> str:
+    """Which precision the table is for, and where it came from."""
+    s = est.settings
+    why = f"--precision {given}" if given else f"train.precision={train_precision} on a GPU" + \
+        (f", ZeRO-{s.zero}" if s.zero else "")
+    return f"precision: {s.precision} {s.dtype} ({why})"
 
 
 def estimate_config(name_or_path: str | Path, dp: int = 1, **overrides) -> MemoryEstimate:
@@ -85,6 +113,10 @@ def estimate_config(name_or_path: str | Path, dp: int = 1, **overrides) -> Memor
     args = model_args_from_dict(dict(tree.get("model", {}) or {}), f"{name_or_path}: model")
     kw = settings_from_config(tree)
     kw.update({k: v for k, v in overrides.items() if v is not None})
+    train_precision = kw.pop("train_precision")
+    if "precision" not in kw:  # after the overrides: --zero changes which optimizer runs
+        kw["precision"], dtype = estimated_precision(train_precision, kw["zero"])
+        kw.setdefault("dtype", dtype)
     global_batch = kw.pop("global_batch")
     vocab = kw.pop("vocab_size", None)
     if vocab:
@@ -110,8 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--virtual-stages", type=int)
     p.add_argument("--pipeline-schedule", choices=SCHEDULES)
-    p.add_argument("--precision", choices=PRECISIONS, help="default: bf16-zero with ZeRO >= 1, else autocast")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="compute dtype")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="default: from the config's train.precision as a GPU runs it: auto/bf16-mixed -> bf16-mixed "
+                        "(bf16-zero with ZeRO >= 1), bf16-autocast -> autocast, fp32 -> autocast with --dtype fp32")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="compute dtype (default: the precision's)")
     p.add_argument("--kernels", choices=KERNELS, default="cuda")
     p.add_argument("--vocab-size", type=int, help="override model.vocab_size (benchmarks use 32000)")
     p.add_argument("--return-logits", action="store_true",
@@ -140,5 +174,7 @@ def _main(argv: list[str]) -> int:
                      micro_chunk_len=o.micro_chunk_len, micro_chunk_mode=o.micro_chunk_mode,
                      offload_states=o.offload_states)
     est = estimate_config(o.config, dp=o.dp, **overrides)
+    train_precision = (read_config_tree(o.config).get("train", {}) or {}).get("precision", "auto")
+    print(precision_line(est, train_precision, o.precision))
     print(format_table(est, o.gpu_memory_gib, o.allowance_gib))
     return 0 if est.fits(o.gpu_memory_gib, o.allowance_gib) else 1

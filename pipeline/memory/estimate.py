@@ -7,14 +7,19 @@ model/attention.py, model/language_model.py), per GPU, for one pipeline rank, on
 path: `model(tokens, labels=..., return_logits=False)`, and the pipeline's last stage's `lm_loss`.
 
 - weights, gradients, optimizer, per parameter Ψ of the rank's shard. "autocast" (fp32 params,
-  bf16 autocast): 4Ψ, 4Ψ, Adam 8Ψ. "bf16-zero" (DeepSpeed bf16): 2Ψ, 2Ψ, 12Ψ (fp32 master, m, v),
+  bf16 autocast): 4Ψ, 4Ψ, Adam 8Ψ. "bf16-mixed" (train.precision's GPU default without ZeRO,
+  pipeline/training/precision.py): bf16 weights 2Ψ, fp32 gradient buffers 4Ψ allocated once (live
+  in every phase from the first step on), 12Ψ (fp32 master, m, v), plus the bf16 .grad tensors
+  alive before their hooks free them (`_weight_grad_bytes`); activations as under autocast.
+  "bf16-zero" (DeepSpeed bf16): 2Ψ, 2Ψ, 12Ψ (fp32 master, m, v),
   plus an fp32 gradient partition 4Ψ/DP at the step. ZeRO-1/2/3 divide the optimizer / also the
   gradients / also the weights by DP; `offload_optimizer` moves the optimizer and that partition
   to the host, and with ZeRO-3 also the gradient partition (DeepSpeed 0.19.8's stage 3 reduces
   it straight into a host buffer, `grad_partitions_flat_buffer`); torch rounds pinned host
   buffers up to a power of two (not counted). ZeRO ≥ 1 adds DeepSpeed's buckets (defaults:
   5e8-element reduce, 1e9 live ZeRO-3 params). Gradients exist in the forward only when they
-  accumulate (micro-batches, a pipeline) or DeepSpeed keeps them.
+  accumulate (micro-batches, a pipeline, micro-chunks), DeepSpeed keeps them, or bf16-mixed
+  allocated them once (its fp32 buffers).
 - activations, sequence parallelism, fam_state, the head and the block mask: per micro-batch, in
   pipeline/memory/terms.py. With micro-chunks (train.micro_chunk_len, docs/fam.md "Micro-chunks") they
   are one micro-chunk's, plus the passed state's K/V among its keys; exact mode adds its saved
@@ -33,7 +38,11 @@ model/fast_scan.py saves when run on CPU (fp32 and bf16) exactly. Against torch.
 on one H200 (training path, vocab 32000 unless said; measured before the scan's last changes,
 not re-measured since) within -3.3%..+11.4%: fam-1b 8k 42.34 (est. 40.92), 8k vocab 256000
 51.35 (51.18), dense-1b 32k 108.7 (110.2), fam-1b 65k recompute 35.62 (39.67), the same at vocab
-256000 44.59 (47.96).
+256000 44.59 (47.96) (all autocast). bf16-mixed (tests/test_memory_precision.py): weights,
+gradients and optimizer equal a real MixedPrecisionOptimizer's bytes after a step, exactly; on
+the H200 fam-1b 8k (vocab 32000, no recompute) measured 48.2 GiB (benchmarks/results/
+2026-11-29-1xH200), estimated 48.04 (autocast: 42.7 measured, 40.92 estimated); its 1M-token
+training run (truncated 16k micro-chunks, recompute) 27.64, estimated 28.42.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from model.config import ModelArgs
 from pipeline.config.rules import ParallelPlan, check_parallel, layer_counts
 from pipeline.memory.terms import (Bytes, HeadBytes, block_mask_bytes, element_bytes, embedding_saved_bytes,
-                                   head_bytes, layer_activation_terms, layer_held_bytes, stage_params)
+                                   head_bytes, layer_activation_terms, layer_held_bytes, layer_params, stage_params)
 
 GIB = 2**30
 ZERO_REDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size
@@ -75,7 +84,8 @@ def in_flight(schedule: str, pp: int, rank: int, virtual_stages: int, microbatch
 class Settings:
     """What is estimated: the parallel layout, the step's shape and the kernels.
     `microbatches`: per DP rank per step (default: P, the fewest that fill the pipeline);
-    `precision`: "autocast" (fp32 weights, bf16 autocast) or "bf16-zero" (DeepSpeed's bf16);
+    `precision`: "autocast" (fp32 weights, bf16 autocast), "bf16-mixed" (bf16 weights, fp32 masters and
+    gradient buffers: MixedPrecisionOptimizer, no ZeRO) or "bf16-zero" (DeepSpeed's bf16);
     `kernels`: "cuda" (FlexAttention, fused RMSNorm, compiled scan) or "cpu" (dense-mask SDPA);
     `return_logits`: the loss from whole logits (`model(..., return_logits=True)`), not lm_loss.
     None (recompute, schedule, microbatches): the model's, the default for virtual_stages, P."""
@@ -236,22 +246,42 @@ def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, 
     others = head_saved - sh.head.saved if last else 0  # after this micro-batch's loss backward
     fam_state = layers // v * sh.held_layer
     accumulate = s.microbatches > 1 or pp > 1 or s.precision == "bf16-zero" or s.micro_chunks > 1
+    grads_live = accumulate or e.grads_always_live  # bf16-mixed's fp32 buffers are allocated once, at build
+    layer_grads, end_grads = _weight_grad_bytes(m, e, tp, first)
     saved, state_grads = _boundary_bytes(s, layers // v * sh.held_layer)
     device_saved = 0 if s.offload_states else saved
     static = weights + optimizer + buffers + sh.block_mask
-    live = static + (gradients if accumulate else 0) + activations + fam_state + device_saved
+    live = static + (gradients if grads_live else 0) + activations + fam_state + device_saved
     recomputed = sh.full_layer if s.recompute else 0
     peaks = {"forward": live + head_saved + (sh.head.forward if last else 0)}
     if last:  # one loss chunk recomputed and its gradient, the output layer's weight gradient
         peaks["loss backward"] = live + head_saved + sh.head.backward
-    peaks["backward"] = live + others + recomputed + sh.workspace + state_grads
-    end = static + gradients + activations - int(per_mb) + current_end + fam_state + others + sh.workspace
+    peaks["backward"] = live + others + recomputed + sh.workspace + state_grads + layer_grads
+    end = static + gradients + activations - int(per_mb) + current_end + fam_state + others + sh.workspace + end_grads
     peaks["backward end"] = end
     peaks["step"] = static + gradients + step_grad
     head = sh.head.saved + max(sh.head.forward, sh.head.backward) if last else 0
     return RankMemory(rank, layers, params, flight, weights, gradients, optimizer, host, buffers, sh.block_mask,
-                      activations, fam_state, head, recomputed + sh.workspace + state_grads, peaks, device_saved,
+                      activations, fam_state, head, recomputed + sh.workspace + state_grads + layer_grads, peaks,
+                      device_saved,
                       saved - device_saved)
+
+
+def _weight_grad_bytes(m: ModelArgs, e: Bytes, tp: int, first: bool) -> tuple[int, int]:
+    """bf16-mixed's bf16 .grad tensors alive at once (in a layer's backward, at the backward's end);
+    0 for the other precisions, whose gradients are the `gradients` term itself. A weight used once
+    has its bf16 gradient from its GEMM's backward until the post-accumulate-grad hook, right after,
+    adds it to the fp32 buffer and frees it: one layer's weights at most. A FAM layer's four
+    matrices are used twice (the whole-sequence GEMM and the FAM scan): autograd keeps the partial
+    sums of those whose GEMM backward ran until the scan's backward adds its own for all four, so
+    up to twice the matrices. At the end, the first stage's embedding gradient. The output layer's
+    is in the head's loss backward (terms.py head_bytes)."""
+    if not e.weight_grad:
+        return 0, 0
+    params, matrices = layer_params(m, tp)
+    layer = (params + (matrices if m.uses_fam else 0)) * e.weight_grad
+    embedding = m.vocab_size * m.hidden_size // tp * e.weight_grad if first else 0
+    return layer, max(layer, embedding)
 
 
 def _boundary_bytes(s: Settings, state: int) -> tuple[int, int]:
@@ -275,6 +305,9 @@ def estimate(model_args: ModelArgs, settings: Settings = Settings()) -> MemoryEs
                         s.schedule, s.layout, s.seq_len, s.micro_batch, s.microbatches * s.micro_batch * s.dp,
                         micro_chunks=s.micro_chunks)
     check_parallel(m, plan)  # the training config's rules (pipeline/config/rules.py)
+    if s.precision == "bf16-mixed" and s.zero:
+        raise ValueError(f"precision='bf16-mixed' with zero={s.zero}: under ZeRO DeepSpeed's bf16 optimizer runs "
+                         "(pipeline/training/precision.py); estimate it with precision='bf16-zero'")
     e = element_bytes(s.precision, s.dtype)
     sh = _shapes(m, s, e)
     counts = layer_counts(m.num_layers, s.pp * s.virtual_stages, s.layout)

@@ -42,7 +42,7 @@ from model.masks import fam_key_rows
 
 FLEX_BLOCK = 128  # FlexAttention's default BlockMask block size
 BLOCK_MASK_BYTES_PER_BLOCK = 32  # 4 int32 index grids kept (kv/q, partial/full) + as much while built
-PRECISIONS = ("autocast", "bf16-zero")
+PRECISIONS = ("autocast", "bf16-mixed", "bf16-zero")
 
 
 @dataclass(frozen=True)
@@ -50,24 +50,35 @@ class Bytes:
     """Bytes per element of each kind of tensor, from (precision, dtype)."""
 
     param: int  # model weights
-    grad: int
-    optimizer: int  # per parameter, before ZeRO division
+    grad: int  # the gradients kept to the step (bf16-mixed: the fp32 buffers, allocated once)
+    optimizer: int  # per parameter, before ZeRO division (bf16-mixed and bf16-zero: fp32 master + AdamW m, v)
     act: int  # matmul/attention outputs (the compute dtype)
     resid: int  # residual stream, norm inputs/outputs (fp32 under autocast: bf16 + fp32 -> fp32)
     autocast: bool
+    casts_weights: bool = False  # autocast casts fp32 weights to bf16 at each use (not under bf16-mixed)
+    weight_grad: int = 0  # a weight's bf16 .grad before the hook adds it to its fp32 buffer (bf16-mixed)
+    grads_always_live: bool = False  # the gradients exist from the first step on, not only when accumulating
 
 
 def element_bytes(precision: str, dtype: str) -> Bytes:
+    """bf16-mixed (pipeline/training/precision.py): bf16 weights 2, fp32 gradient buffers 4, fp32
+    master + AdamW 12; activations as under autocast (the model's per-op policy runs there too).
+    Not exact: with bf16 weights the residual stream between layers is bf16 (seen on CPU), which
+    these fp32 `resid` bytes overcount; on CPU autocast a bf16-mixed model saves 5 % less than this
+    says (with resid 2: 10 % more). The GPU peaks agree better as it is (tests/test_memory_precision.py)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: must be one of {PRECISIONS}")
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype={dtype!r}: must be bf16 or fp32")
+    if precision in ("bf16-zero", "bf16-mixed") and dtype != "bf16":
+        raise ValueError(f"precision={precision!r} computes in bf16; dtype must be bf16")
     if precision == "bf16-zero":
-        if dtype != "bf16":
-            raise ValueError("precision='bf16-zero' computes in bf16; dtype must be bf16")
         return Bytes(param=2, grad=2, optimizer=12, act=2, resid=2, autocast=False)
+    if precision == "bf16-mixed":
+        return Bytes(param=2, grad=4, optimizer=12, act=2, resid=4, autocast=True, weight_grad=2,
+                     grads_always_live=True)
     act = 2 if dtype == "bf16" else 4
-    return Bytes(param=4, grad=4, optimizer=8, act=act, resid=4, autocast=act == 2)
+    return Bytes(param=4, grad=4, optimizer=8, act=act, resid=4, autocast=act == 2, casts_weights=act == 2)
 
 
 # ---------------------------------------------------------------- parameters per rank
@@ -193,8 +204,10 @@ def head_bytes(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequen
     normed = h * e.resid if kernels == "cpu" else 0
     saved = rows * (4 + normed + h * e.resid) // shard  # final norm: rstd, output
     weight = vocab * h
-    # the output layer's weight gradient (bf16, then fp32 under autocast) and the bf16 weight copy
-    weight_temps = weight * (2 + 2 + 4) if e.autocast else weight * e.grad
+    # the output layer's weight gradient: autocast, bf16 then fp32, and the bf16 weight copy; bf16-mixed, the
+    # running bf16 sum over the loss chunks and one chunk's bf16 gradient (the hook adds it to the fp32 buffer,
+    # counted as `gradients`); bf16-zero, the bf16 gradient
+    weight_temps = weight * (2 + 2 + 4) if e.casts_weights else weight * (2 * e.weight_grad or e.grad)
     softmax_kept = rows * vocab * 4 + rows * (1 + 8)  # fp32 softmax, target mask, target index
     if return_logits:
         logits = rows * vocab
@@ -207,7 +220,7 @@ def head_bytes(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequen
     if chunk == S:  # one chunk, not checkpointed: autograd saves what the loss needs
         saved += softmax_kept + (rows * h * e.act if e.autocast else 0)  # + the linear's bf16 input
     per_logit = e.act + (4 if e.act != 4 else 0)  # the logits and their fp32 copy
-    return HeadBytes(saved, chunk_logits * per_logit + (weight * 2 if e.autocast else 0),
+    return HeadBytes(saved, chunk_logits * per_logit + (weight * 2 if e.casts_weights else 0),
                      chunk_logits * per_logit + weight_temps)
 
 
