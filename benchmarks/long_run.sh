@@ -4,8 +4,12 @@
 # tokens per sample, one sample per step, micro-chunks of CHUNK tokens in MODE
 # (docs/fam.md "Micro-chunks"), every step's loss logged to MLflow (sqlite in WORK).
 #
-#   GPU machine, from the repo root, after the wheel install of ../shared/gpu/README.md
-#   (MLflow's wheels included):
+#   GPU machine, from the repo root, after the wheel install of ../shared/gpu/README.md, MLflow's
+#   wheels included (the GPU image lacks them; seen working there on 2026-11-29, 37 MB in all):
+#       EXTRA_WHEELS="mlflow==3.17.2 mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 alembic mako sqlalchemy
+#           cachetools==7.3.3 databricks-sdk fastapi gitpython gitdb smmap importlib_metadata==9.1.0
+#           opentelemetry-api opentelemetry-proto opentelemetry-sdk opentelemetry-semantic-conventions
+#           python-dotenv sqlparse starlette uvicorn cryptography cffi pycparser" bash ../shared/gpu/wheelhouse.sh
 #       bash benchmarks/long_run.sh first   # shards, then steps 1..FIRST (checkpoints every CHECK)
 #       bash benchmarks/long_run.sh rest    # resumes the newest checkpoint and trains to STEPS
 #       bash benchmarks/long_run.sh check   # resumes a copy of step CHECK's checkpoint, trains to
