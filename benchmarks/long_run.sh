@@ -36,7 +36,8 @@ INPUT=${INPUT:-stdlib}
 CONFIG=${CONFIG:-configs/recipes/fam-1b-1m-1x80gb.yaml}
 data=$WORK/data
 uri=sqlite:///$(realpath -m "$WORK")/mlflow.db
-check_uri=sqlite:///$(realpath -m "$WORK")/check/mlflow.db  # its own store: a resume reopens the checkpoint's MLflow run
+# the check has its own store: a resume reopens the checkpoint's MLflow run, which would skip steps it has
+check_uri=sqlite:///$(realpath -m "$WORK")/check/mlflow.db
 
 train() {
     # shellcheck disable=SC2086  # EXTRA is a list of overrides
@@ -83,7 +84,8 @@ check)
     step=$(printf 'step_%08d' "$CHECK")
     rm -rf "$WORK/check" && mkdir -p "$WORK/check/checkpoints"
     cp -al "$WORK/run/checkpoints/$step" "$WORK/check/checkpoints/"  # hard links: the first run may delete its copy
-    train --train.run_dir="$WORK/check" --tracking.run_name="long-resumed-at-$CHECK" --tracking.tracking_uri="$check_uri" \
+    train --train.run_dir="$WORK/check" --tracking.run_name="long-resumed-at-$CHECK" \
+        --tracking.tracking_uri="$check_uri" \
         --checkpoint.resume="$WORK/check/checkpoints/$step" --train.exit_after_steps=$((FIRST - CHECK)) \
         --checkpoint.save_interval_steps=0
     losses ;;

@@ -11,7 +11,8 @@ sequence on one GPU without a chunked loss); say so when quoting the numbers.
 `--recompute auto` recomputes activations at 64k and beyond, and wherever a cell would not fit without it.
 `--profile` adds one profiled step per cell (torch.profiler, CUDA activity only): kernels launched
 per step and the GPU-busy fraction, the time some kernel ran over the unprofiled step's wall time.
-`--json PATH` writes every cell's raw figures (top kernels included) as a JSON list.
+`--json PATH` writes every cell's raw figures as a JSON list (with --profile: every kernel by name,
+to diff two configs).
 `--anchor [PATH]` runs the shared plain-PyTorch anchor (default ../shared/gpu/anchor_gpt.py) in this
 process at each row's shape, attention and sequence, and prints each row's ratio to it
 (benchmarks/anchor_rows.py). The rows (with the anchor's beside them) are always saved as
@@ -35,8 +36,9 @@ from pipeline.training.flops import flops_per_token, peak_flops
 
 
 def profile_step(step) -> tuple[int, float, list]:
-    """(kernels launched, seconds during which a kernel ran, the 8 kernels that took longest in
-    total as (name, launches, milliseconds)) in one step."""
+    """(kernels launched, seconds during which a kernel ran, every kernel name as (name, launches,
+    milliseconds), longest total first) in one step: the whole list, so that two configs' profiles
+    can be diffed kernel by kernel from --json (the console shows the first 8)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -55,8 +57,8 @@ def profile_step(step) -> tuple[int, float, list]:
         entry = by_name.setdefault(e.name()[:60], [0, 0])
         entry[0] += 1
         entry[1] += e.duration_ns()
-    top = sorted(((name, n, ns / 1e6) for name, (n, ns) in by_name.items()), key=lambda row: -row[2])[:8]
-    return len(kernels), busy_ns / 1e9, top
+    ranked = sorted(((name, n, ns / 1e6) for name, (n, ns) in by_name.items()), key=lambda row: -row[2])
+    return len(kernels), busy_ns / 1e9, ranked
 
 
 def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False,
@@ -86,9 +88,9 @@ def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, step
     flops = flops_per_token(args, seq)
     profiled = {}
     if profile:
-        kernels, busy_seconds, top = profile_step(step)
+        kernels, busy_seconds, ranked = profile_step(step)
         profiled = {"kernels_per_step": kernels, "kernel_ms": busy_seconds * 1e3, "gpu_busy": busy_seconds / seconds,
-                    "top_kernels": top}
+                    "kernels": ranked}
     return {
         **profiled,
         "tokens_per_s": seq / seconds,
@@ -136,10 +138,10 @@ def main() -> None:
                     gc.collect()
                     torch.cuda.empty_cache()
             rows.append((name, seq, result))
-            print(name, seq, {k: v for k, v in result.items() if k != "top_kernels"}, flush=True)
+            print(name, seq, {k: v for k, v in result.items() if k != "kernels"}, flush=True)
             records.append(anchor_record(anchor, anchors, opts, name, seq, result))
             saved = write_records(records, opts.results_dir)  # after every cell: a killed run keeps its rows
-            for kernel, launches, ms in result.get("top_kernels", []):
+            for kernel, launches, ms in result.get("kernels", [])[:8]:
                 print(f"    {ms:8.1f} ms {launches:6d} x  {kernel}")
             if opts.json:
                 with open(opts.json, "w") as f:
@@ -190,7 +192,7 @@ def anchor_record(anchor, anchors: dict, opts, name: str, seq: int, result: dict
             anchors[key] = run_anchor(anchor, args, seq, result["recompute"], max(3, opts.steps))
             print("  anchor", anchors[key], flush=True)
         row = anchors[key]
-    return to_record(name, seq, opts.precision, {k: v for k, v in result.items() if k != "top_kernels"}, row)
+    return to_record(name, seq, opts.precision, {k: v for k, v in result.items() if k != "kernels"}, row)
 
 
 def print_anchor_ratios(records: list[dict]) -> None:
