@@ -3,19 +3,20 @@
     python -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens 8192 131072 1048576 \
         --micro-chunk-len 16384 --mode exact truncated --json micro_chunks.json
 
-Each cell: one sequence (micro-batch 1) through model/micro_chunks.py in the given mode (exact:
-the whole call's gradients, truncated: detached at every boundary), then the optimizer step, in
-the training step's precision (`--precision`, as train_step's rows: bf16-mixed by default, bf16
-weights with fp32 master weights and fp32 gradient buffers allocated once, as training runs it;
-benchmarks/step_optimizer.py), timed over `--steps` steps (one from 256k tokens on) after a
-warm-up step on a sequence of at most two micro-chunks (every micro-chunk has the same shape, so the warm-up compiles what the long
-sequence runs; a million-token warm-up would double the run). A dense config (no state to pass)
-runs whole calls, mode "whole", for contrast. Recompute is chosen per config and mode by the
-memory estimate (pipeline/memory/estimate.py) at the longest sequence: off when the estimate
-without it fits the GPU, so a config's rows compare (`--recompute on|off` fixes it instead). With --micro-chunk-len 8192 the 8k row is
-one micro-chunk of the same shape as every micro-chunk of the longer rows. Printed
-per row: tokens/s, model TFLOP/s, peak memory and the estimate's peak for that precision; the JSON
-records carry train_step.json's fields plus `mode`, `micro_chunk_len`, `estimate_gib` and `precision`.
+Each cell: one sequence (micro-batch 1) through model/micro_chunks.py in the given mode (exact: the
+whole call's gradients, truncated: detached at every boundary), then the optimizer step, in the
+training step's precision (`--precision`, as train_step's rows: bf16-mixed by default, bf16 weights
+with fp32 master weights and fp32 gradient buffers allocated once, as training runs it;
+benchmarks/step_optimizer.py), timed over `--steps` steps (one from 256k tokens on) after a warm-up
+step on a sequence of at most two micro-chunks (every micro-chunk has the same shape, so the warm-up
+compiles what the long sequence runs; a million-token warm-up would double the run). A dense config
+(no state to pass) runs whole calls, mode "whole", for contrast. Recompute is chosen per config and
+mode by the memory estimate (pipeline/memory/estimate.py) at the longest sequence: off when the
+estimate without it fits the GPU, so a config's rows compare (`--recompute on|off` fixes it
+instead). With --micro-chunk-len 8192 the 8k row is one micro-chunk of the same shape as every
+micro-chunk of the longer rows. Printed per row: tokens/s, model TFLOP/s, peak memory and the
+estimate's peak for that precision; the JSON records carry train_step.json's fields plus `mode`,
+`micro_chunk_len`, `estimate_gib` and `precision`.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ def micro_chunk_rows(opts) -> list[dict]:
                     result = run_chunk_cell(name, seq, opts.micro_chunk_len, mode, opts.vocab_size, recompute, steps,
                                             precision=opts.precision)
                 except torch.OutOfMemoryError:
-                    result = {"oom": True, "recompute": recompute, "mode": mode, "micro_chunk_len": opts.micro_chunk_len,
-                              "precision": opts.precision}
+                    result = {"oom": True, "recompute": recompute, "mode": mode,
+                              "micro_chunk_len": opts.micro_chunk_len, "precision": opts.precision}
                 finally:
                     scan_graphs.clear()
                     gc.collect()

@@ -29,7 +29,7 @@ import time
 import torch
 
 from benchmarks.micro_chunk_step import add_micro_chunk_arguments, run_micro_chunk_benchmark
-from benchmarks.step_optimizer import build_step_optimizer
+from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model import build_model, load_model_args, scan_graphs
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
 from pipeline.training.flops import flops_per_token, peak_flops
@@ -70,7 +70,7 @@ def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, step
     torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with step_autocast("cuda", precision):
             loss = model(tokens[:, :-1], labels=tokens[:, 1:]).loss
         loss.backward()
         opt.step()
