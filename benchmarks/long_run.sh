@@ -82,6 +82,9 @@ rest)
     train --train.run_dir="$WORK/run" --tracking.run_name=long ;;
 check)
     step=$(printf 'step_%08d' "$CHECK")
+    [ -d "$WORK/run/checkpoints/$step" ] || {
+        echo "long_run.sh check: no checkpoint $WORK/run/checkpoints/$step; run 'first' with the same CHECK" \
+            "(checkpoints every CHECK steps), or set CHECK to a step listed there" >&2; exit 1; }
     rm -rf "$WORK/check" && mkdir -p "$WORK/check/checkpoints"
     cp -al "$WORK/run/checkpoints/$step" "$WORK/check/checkpoints/"  # hard links: the first run may delete its copy
     train --train.run_dir="$WORK/check" --tracking.run_name="long-resumed-at-$CHECK" \
