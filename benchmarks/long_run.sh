@@ -14,6 +14,11 @@
 #       bash benchmarks/long_run.sh rest    # resumes the newest checkpoint and trains to STEPS
 #       bash benchmarks/long_run.sh check   # resumes a copy of step CHECK's checkpoint, trains to
 #                                           # FIRST, prints its losses beside the first run's
+#   On one H200 the 20 steps fit one process (15 min, 8k micro-chunks without recompute, 34k tokens/s;
+#   benchmarks/results/2026-11-30-1xH200), and the check can run beside it on a second GPU once step 10 is saved:
+#       CHUNK=8192 FIRST=20 CHECK=10 EXTRA="--model.recompute=false --train.eval_interval_steps=10" \
+#           bash benchmarks/long_run.sh first
+#       CUDA_VISIBLE_DEVICES=1 CHUNK=8192 FIRST=14 CHECK=10 EXTRA="..." bash benchmarks/long_run.sh check
 #   CPU dry run of the same path, the model and the sequence shrunk:
 #       PYTHON=.venv/bin/python SEQ=2048 CHUNK=512 STEPS=6 FIRST=4 CHECK=2 INPUT=/tmp/some-text-folder \
 #       EXTRA="--model.num_layers=2 --model.hidden_size=64 --model.num_attention_heads=2 --model.block_size=256 \

@@ -132,7 +132,16 @@ def micro_chunk_rows(opts) -> list[dict]:
                     torch.cuda.empty_cache()
                 rows.append({"config": name, "seq_len": seq, **result})
                 print(rows[-1], flush=True)
+                if opts.json:  # after every cell: a run stopped by its time limit keeps its rows
+                    save_rows(rows, opts.json)
     return rows
+
+
+def save_rows(rows: list[dict], path: str) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
 
 
 def format_micro_chunk_table(rows: list[dict], vocab: int, precision: str) -> str:
@@ -177,12 +186,7 @@ def acceptance_lines(rows: list[dict]) -> list[str]:
 
 def run_micro_chunk_benchmark(opts) -> None:
     """benchmarks.train_step with --micro-chunk-len: the rows, their JSON records, the table."""
-    import json
-
     rows = micro_chunk_rows(opts)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(rows, f, indent=1)
     print()
     print(format_micro_chunk_table(rows, opts.vocab_size, opts.precision))
     print("\n".join(acceptance_lines(rows)))

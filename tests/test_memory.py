@@ -39,8 +39,9 @@ RECIPE_SHAPES = {"fam-1b-8x80gb": (1, 8), "fam-8b-8x80gb": (4, 8), "fam-24b-8x80
 # (the training path: autocast, return_logits=False, fused AdamW, micro-batch 1, two steps, the
 # first building the block mask): (config, seq_len, recompute, vocab, micro-batches per step, GiB,
 # card). Measured on one H200 after the chunked loss, copied memory K/V and blockwise mask
-# build; the estimate is within -3.3%..+11.4% of each (over at 64k with recompute; under at fam-1b
-# 8k, where the fast scan's static buffers, model/scan_graphs.py, are not counted).
+# build; the estimate is within -3.3%..+2.9% of each (under at fam-1b 8k, where the fast scan's
+# static buffers, model/scan_graphs.py, are not counted). It was +11.4 % at 64k with recompute while
+# a layer's backward counted four FFN-wide gradients at once (two now, pipeline/memory/estimate.py).
 GPU_PEAKS = [
     ("fam-1b", 8192, False, 32000, 1, 42.34, "H200"),
     ("fam-1b", 8192, False, 256000, 1, 51.35, "H200"),
@@ -270,10 +271,12 @@ def test_sequence_parallel_shards_inputs_norms_and_fam_rows_by_tp():
 
 @pytest.mark.parametrize("name, seq, recompute, vocab, microbatches, measured_gib, card",
                          [c for c in GPU_PEAKS if c[5] is not None])
-def test_estimate_within_15pct_of_measured_gpu_peaks(name, seq, recompute, vocab, microbatches, measured_gib, card):
+def test_estimate_within_5pct_of_measured_gpu_peaks(name, seq, recompute, vocab, microbatches, measured_gib, card):
+    """Tighter than the project's 15 % bar, so that it can fail: four FFN-wide gradients in a
+    layer's backward instead of two put the recompute rows 7-11 % over."""
     args = load_model_args(name, vocab_size=vocab)
     est = estimate(args, Settings(seq_len=seq, recompute=recompute, microbatches=microbatches))
-    assert abs(est.peak / GIB - measured_gib) / measured_gib < 0.15, (est.peak / GIB, est.worst().peaks)
+    assert abs(est.peak / GIB - measured_gib) / measured_gib < 0.05, (est.peak / GIB, est.worst().peaks)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPE_SHAPES))

@@ -265,3 +265,26 @@ def test_bf16_mixed_dp2_skips_a_nan_step_without_touching_weights_masters_or_ada
         for step in BAD_STEPS:
             assert r["skipped"][step] and r["unchanged"][step], (rank, step)
         assert all(np.isfinite(w).all() for w in r["weights"].values())
+
+
+def test_a_dropped_model_and_its_mixed_precision_optimizer_are_freed():
+    """The gradient hooks live in autograd's C++ side, where the garbage collector sees no cycle: a
+    hook that held the optimizer kept every dropped model, its masters and AdamW's state alive (on
+    the H200, 21.6 GiB per benchmark cell of fam-1b, until the card ran out of memory)."""
+    import gc
+    import weakref
+
+    from model import load_model_args
+    from pipeline.config.tree import OptimConfig
+
+    args = load_model_args("tiny")
+    model = build_model(args, device="cpu")
+    opt = MixedPrecisionOptimizer(model, OptimConfig(lr=1e-4), "cpu")
+    tokens = torch.randint(0, args.vocab_size, (1, 65))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens[:, :-1], labels=tokens[:, 1:], return_logits=False).loss.backward()
+    opt.step()
+    alive = [weakref.ref(t) for t in (next(model.parameters()), opt.masters[0], opt.buffers[0], opt)]
+    del model, opt
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True] * len(alive)

@@ -35,14 +35,13 @@ Calibration (tests/test_memory.py): on CPU the activation terms equal autograd's
 of the real fp32 model (loss in one chunk or many; FAM, BSWA, dense; recompute) to 16 bytes, the
 eager FAM scan's (prompt step included) exactly, and the GPU scan's terms equal what
 model/fast_scan.py saves when run on CPU (fp32 and bf16) exactly. Against torch.cuda.max_memory_allocated
-on one H200 (training path, vocab 32000 unless said; measured before the scan's last changes,
-not re-measured since) within -3.3%..+11.4%: fam-1b 8k 42.34 (est. 40.92), 8k vocab 256000
-51.35 (51.18), dense-1b 32k 108.7 (110.2), fam-1b 65k recompute 35.62 (39.67), the same at vocab
-256000 44.59 (47.96) (all autocast). bf16-mixed (tests/test_memory_precision.py): weights,
-gradients and optimizer equal a real MixedPrecisionOptimizer's bytes after a step, exactly; on
-the H200 fam-1b 8k (vocab 32000, no recompute) measured 48.2 GiB (benchmarks/results/
-2026-11-29-1xH200), estimated 48.04 (autocast: 42.7 measured, 40.92 estimated); its 1M-token
-training run (truncated 16k micro-chunks, recompute) 27.64, estimated 28.42.
+on one H200 (training path, vocab 32000 unless said) within -3.3%..+2.9% for 12 autocast peaks
+(tests/test_memory.py GPU_PEAKS): fam-1b 8k 42.34 (est. 40.92), 8k vocab 256000 51.35 (51.18),
+dense-1b 32k 108.7 (108.7), fam-1b 65k recompute 35.62 (36.67), the same at vocab 256000 44.59
+(44.96). bf16-mixed (tests/test_memory_precision.py): weights, gradients and optimizer equal a real
+MixedPrecisionOptimizer's bytes after a step, exactly; 10 peaks on the H200 within -4.7%..+2.6%
+(MIXED_GPU_PEAKS): fam-1b 8k 48.2 (46.2), micro-chunk rows to 1M tokens in both modes (fam-1b
+exact 1M 89.8, est. 87.4), dense-1b 128k and 256k with recompute 53.5 and 85.2 (54.6, 87.5).
 """
 
 from __future__ import annotations
@@ -208,10 +207,15 @@ def _shapes(m: ModelArgs, s: Settings, e: Bytes) -> _Shapes:
         terms["state keys"] += S * memory * e.act if kernels == "cpu" else 0
     layer_input = (F + S) * b * m.hidden_size * e.resid // shard
     regather = S * b * m.hidden_size * e.resid if sp else 0  # an SP linear's input, gathered again
+    # a layer's backward holds two FFN-wide gradients beyond its saved tensors at once: the gate's and the up
+    # projection's, while the fc2 input's gradient they come from replaces that saved input, which fc2's backward
+    # freed. Four (each FFN-wide tensor of the MLP's backward) overcounted every recompute peak measured on the
+    # H200: +11 % at fam-1b 64k, +39 % at dense-1b 256k; two puts all 24 measured peaks within 4 %
+    # (tests/test_memory.py GPU_PEAKS, tests/test_memory_precision.py MIXED_GPU_PEAKS).
     return _Shapes(
         full_layer=sum(terms.values()), layer_input=layer_input, held_layer=layer_held_bytes(m, S, b, tp, sp, e),
         head=head_bytes(m, S, b, tp, sp, e, kernels, s.return_logits),
-        workspace=4 * S * b * (m.ffn_size // tp) * e.act + 2 * layer_input + regather,
+        workspace=2 * S * b * (m.ffn_size // tp) * e.act + 2 * layer_input + regather,
         positions=S * b * 4, embedding=embedding_saved_bytes(S, b), block_mask=block_mask_bytes(m, S, kernels),
     )
 

@@ -62,10 +62,11 @@ class Bytes:
 
 def element_bytes(precision: str, dtype: str) -> Bytes:
     """bf16-mixed (pipeline/training/precision.py): bf16 weights 2, fp32 gradient buffers 4, fp32
-    master + AdamW 12; activations as under autocast (the model's per-op policy runs there too).
-    Not exact: with bf16 weights the residual stream between layers is bf16 (seen on CPU), which
-    these fp32 `resid` bytes overcount; on CPU autocast a bf16-mixed model saves 5 % less than this
-    says (with resid 2: 10 % more). The GPU peaks agree better as it is (tests/test_memory_precision.py)."""
+    master + AdamW 12; activations as under autocast (the model's per-op policy runs there too), except
+    the residual stream, which is bf16 with bf16 weights (`resid` 2): the layer inputs that recompute
+    keeps are half autocast's. Measured on the H200, dense-1b 128k with recompute: 53.5 GiB under
+    bf16-mixed against 54.7 under autocast, whose weights alone are 2.4 GiB larger
+    (tests/test_memory_precision.py MIXED_GPU_PEAKS)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: must be one of {PRECISIONS}")
     if dtype not in ("bf16", "fp32"):
@@ -75,7 +76,7 @@ def element_bytes(precision: str, dtype: str) -> Bytes:
     if precision == "bf16-zero":
         return Bytes(param=2, grad=2, optimizer=12, act=2, resid=2, autocast=False)
     if precision == "bf16-mixed":
-        return Bytes(param=2, grad=4, optimizer=12, act=2, resid=4, autocast=True, weight_grad=2,
+        return Bytes(param=2, grad=4, optimizer=12, act=2, resid=2, autocast=True, weight_grad=2,
                      grads_always_live=True)
     act = 2 if dtype == "bf16" else 4
     return Bytes(param=4, grad=4, optimizer=8, act=act, resid=4, autocast=act == 2, casts_weights=act == 2)

@@ -76,8 +76,12 @@ class MixedPrecisionOptimizer:
         return master
 
     def _accumulate_hook(self, index: int):
+        # The hook holds its master and buffer, not the optimizer: the autograd engine keeps the hook
+        # alive from C++, where the garbage collector cannot see a cycle param -> hook -> optimizer ->
+        # param, so such a cycle kept every dropped model and its optimizer on the GPU for good.
+        master, buffer = self.masters[index], self.buffers[index]
+
         def hook(param: torch.nn.Parameter) -> None:
-            master, buffer = self.masters[index], self.buffers[index]
             if master.grad is None:  # the first micro-batch that reached it this step
                 buffer.copy_(param.grad)
                 master.grad = buffer
