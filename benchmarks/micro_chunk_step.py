@@ -35,6 +35,7 @@ from pipeline.memory.estimate import DEFAULT_ALLOWANCE_GIB, GIB, Settings, estim
 from pipeline.training.flops import flops_per_token, peak_flops
 
 MODES = ("exact", "truncated")
+LEAK_WARN_GIB = 0.25  # left allocated after a cell's cleanup: later cells' peaks would include it
 LONG = 262144  # sequences from here on are timed over one step (>= 16 micro-chunks of 16k)
 
 
@@ -120,21 +121,39 @@ def micro_chunk_rows(opts) -> list[dict]:
             for mode in ["whole"] if dense else opts.mode:
                 recompute = pick_recompute(opts, name, mode, gpu_gib)
                 steps = opts.steps if seq < LONG else 1  # one long step averages over its many micro-chunks
+                before = torch.cuda.memory_allocated()
                 try:
                     result = run_chunk_cell(name, seq, opts.micro_chunk_len, mode, opts.vocab_size, recompute, steps,
                                             precision=opts.precision)
                 except torch.OutOfMemoryError:
                     result = {"oom": True, "recompute": recompute, "mode": mode,
                               "micro_chunk_len": opts.micro_chunk_len, "precision": opts.precision}
-                finally:
-                    scan_graphs.clear()
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                rows.append({"config": name, "seq_len": seq, **result})
+                rows.append({"config": name, "seq_len": seq, **result, **leak_field(release_cell(before))})
                 print(rows[-1], flush=True)
                 if opts.json:  # after every cell: a run stopped by its time limit keeps its rows
                     save_rows(rows, opts.json)
     return rows
+
+
+def release_cell(before: int, allocated=torch.cuda.memory_allocated) -> float:
+    """Free what a finished cell built (the scan's static buffers and graphs, unreachable cycles,
+    cached blocks) and return the GiB still allocated beyond `before` (`allocated()` when the cell
+    began), printed when over LEAK_WARN_GIB: every later cell's peak would include it. (A leak of
+    21.6 GiB per cell, the model and optimizer of each, once filled the card by the fifth cell.)"""
+    scan_graphs.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    left = (allocated() - before) / GIB
+    if left > LEAK_WARN_GIB:
+        print(f"WARNING: the cell left {left:.1f} GiB allocated; the peaks of the cells after it include it",
+              flush=True)
+    return left
+
+
+def leak_field(left_gib: float) -> dict:
+    """The row's `leaked_gib` when release_cell found a leak, else nothing."""
+    return {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
 
 
 def save_rows(rows: list[dict], path: str) -> None:

@@ -22,15 +22,14 @@ process at each row's shape, attention and sequence, and prints each row's ratio
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 
 import torch
 
-from benchmarks.micro_chunk_step import add_micro_chunk_arguments, run_micro_chunk_benchmark
+from benchmarks.micro_chunk_step import add_micro_chunk_arguments, leak_field, release_cell, run_micro_chunk_benchmark
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
-from model import build_model, load_model_args, scan_graphs
+from model import build_model, load_model_args
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
 from pipeline.training.flops import flops_per_token, peak_flops
 
@@ -127,6 +126,7 @@ def main() -> None:
             auto = [True] if seq >= 65536 else [False, True]  # 64k+ never fits a 1B model without it
             tries = {"auto": auto, "on": [True], "off": [False]}[opts.recompute]
             for recompute in tries:
+                before = torch.cuda.memory_allocated()
                 try:
                     result = run_cell(name, seq, opts.vocab_size, recompute, opts.warmup, opts.steps, opts.profile,
                                       opts.precision)
@@ -134,9 +134,8 @@ def main() -> None:
                 except torch.OutOfMemoryError:
                     result = {"oom": True, "recompute": recompute}
                 finally:
-                    scan_graphs.clear()  # the FAM scan's static buffers and graphs of this cell
-                    gc.collect()
-                    torch.cuda.empty_cache()
+                    left = release_cell(before)  # the scan's buffers and graphs, cycles, the cache
+            result.update(leak_field(left))
             rows.append((name, seq, result))
             print(name, seq, {k: v for k, v in result.items() if k != "kernels"}, flush=True)
             records.append(anchor_record(anchor, anchors, opts, name, seq, result))

@@ -21,6 +21,25 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARD_SEQ_LEN = 64
 
 
+def pytest_addoption(parser):
+    parser.addoption("--order", default="file", metavar="ORDER",
+                     help="run the collected tests in this order: file (as written), reverse, or shuffle:SEED "
+                          "(issue 13: `pytest -m gpu --order reverse` and `--order shuffle:1` on one GPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = config.getoption("--order")
+    if order == "file":
+        return
+    if order == "reverse":
+        items.reverse()
+        return
+    kind, _, seed = order.partition(":")
+    if kind != "shuffle" or not seed.isdigit():
+        raise pytest.UsageError(f"--order {order!r}: use file, reverse or shuffle:SEED (SEED an integer)")
+    random.Random(int(seed)).shuffle(items)
+
+
 def _write_corpus(folder: Path, docs: int = 40) -> None:
     """Python-like text files, varied enough that a tiny model's loss falls but not to zero."""
     rng = random.Random(0)
