@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.micro_chunk_step import add_micro_chunk_arguments, leak_field, release_cell, run_micro_chunk_benchmark
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
-from model import build_model, load_model_args
+from model import build_model, fast_scan, load_model_args
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
 from pipeline.training.flops import flops_per_token, peak_flops
 
@@ -112,12 +112,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step: GPU-busy fraction, kernels per step, the costliest kernels")
     parser.add_argument("--json", help="write the raw rows to this file")
+    parser.add_argument("--scan-compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
+                        help="torch.compile mode of the FAM scan's steps (model/fast_scan.py COMPILE_MODE)")
     add_anchor_arguments(parser)
     add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
     anchor = load_anchor(opts.anchor) if opts.anchor else None  # a wrong path fails before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
+    fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
     if opts.micro_chunk_len:
         return run_micro_chunk_benchmark(opts)
     rows, records, anchors = [], [], {}
@@ -136,6 +139,8 @@ def main() -> None:
                 finally:
                     left = release_cell(before)  # the scan's buffers and graphs, cycles, the cache
             result.update(leak_field(left))
+            if fast_scan.COMPILE_MODE:
+                result["scan_compile_mode"] = fast_scan.COMPILE_MODE
             rows.append((name, seq, result))
             print(name, seq, {k: v for k, v in result.items() if k != "kernels"}, flush=True)
             records.append(anchor_record(anchor, anchors, opts, name, seq, result))

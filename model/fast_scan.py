@@ -69,18 +69,25 @@ class ScanSpec:
         return self.eps, self.groups, self.head_dim, self.dtype, self.enter, self.leave
 
 
-@functools.lru_cache(maxsize=4)
-def _compiled(fn, fullgraph: bool):
+# torch.compile's mode for the CUDA scan steps (None: its default). `benchmarks.train_step
+# --scan-compile-mode` sets it, to measure "max-autotune-no-cudagraphs" (Triton GEMM templates that
+# can take a step's elementwise work into their epilogues: fewer of its ~40 kernels) against the
+# default in one run; model/scan_graphs.py captures either. Set it before the first scan runs.
+COMPILE_MODE: str | None = None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(fn, fullgraph: bool, mode: str | None = None):
     # fullgraph where there are no collectives: a graph break would be a silent slow path, and
     # past the shape budget it raises instead of running eagerly.
-    return torch.compile(fn, dynamic=False, fullgraph=fullgraph)
+    return torch.compile(fn, dynamic=False, fullgraph=fullgraph, mode=mode)
 
 
 def _step_functions(device: torch.device, spec: ScanSpec):
     if device.type != "cuda":
         return step_forward, step_backward
     fullgraph = spec.enter is None
-    return _compiled(step_forward, fullgraph), _compiled(step_backward, fullgraph)
+    return _compiled(step_forward, fullgraph, COMPILE_MODE), _compiled(step_backward, fullgraph, COMPILE_MODE)
 
 
 def _slot(group, i: int):

@@ -75,3 +75,9 @@ def test_rows_are_saved_as_records_with_the_anchor_beside_them(tmp_path):
     saved = json.loads(path.read_text())
     assert [(r["config"], r["seq_len"], r["tokens_per_s"]) for r in saved] == [
         ("dense-1b", 131072, None), ("fam-1b", 8192, 31000.0), ("fam-1b", 32768, 30000.0)]
+    # The same cell with the scan compiled in another mode (--scan-compile-mode) is a row of its own.
+    autotuned = {**records[0], "tokens_per_s": 33000.0, "scan_compile_mode": "max-autotune-no-cudagraphs"}
+    write_records([autotuned], tmp_path / "results", day="2026-11-29", card="1xH200")
+    saved = json.loads(path.read_text())
+    assert [(r["seq_len"], r["tokens_per_s"]) for r in saved if r["config"] == "fam-1b"] == [
+        (8192, 31000.0), (32768, 30000.0), (8192, 33000.0)]
