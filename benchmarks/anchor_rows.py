@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.profiling import profile_kernels
 from model.config import ModelArgs
 from pipeline.training.flops import peak_flops
 
@@ -56,14 +57,17 @@ def anchor_attention(args: ModelArgs) -> dict:
     return {"mode": "bswa", "C": args.block_size, "m": args.mem_blocks}
 
 
-def run_anchor(anchor, args: ModelArgs, seq: int, recompute: bool, steps: int) -> dict:
+def run_anchor(anchor, args: ModelArgs, seq: int, recompute: bool, steps: int, profile: bool = False) -> dict:
     """One anchor row at famtron's shape, attention and sequence: tokens/s, MFU (its own FLOP count
-    over this card's peak, pipeline/training/flops.py), peak memory; {"oom": True} if it does not fit."""
+    over this card's peak, pipeline/training/flops.py), peak memory; {"oom": True} if it does not fit.
+    With `profile`, also its kernels per step, GPU-busy fraction and every kernel by name
+    (benchmarks/profiling.py), to diff against famtron's row."""
     anchor.SIZES[ANCHOR_SIZE] = anchor_shape(args)
     anchor.ATTN.update(anchor_attention(args))
     anchor._masks.clear()  # its block masks are cached per sequence length only: C and m may differ per row
     try:
         r = anchor.run(ANCHOR_SIZE, seq, recompute, False, steps=steps)
+        profiled = _profile_anchor(anchor, seq, recompute, r["step_s"]) if profile else {}
     except torch.OutOfMemoryError:
         return {"attention": anchor.ATTN["mode"], "oom": True, "recompute": recompute}
     finally:
@@ -71,7 +75,27 @@ def run_anchor(anchor, args: ModelArgs, seq: int, recompute: bool, steps: int) -
         torch.cuda.empty_cache()
     peak = peak_flops(torch.device("cuda"))
     return {"attention": r["attn"], "tokens_per_s": r["tok_s"], "tflops": r["tflops"],
-            "mfu": r["tflops"] * 1e12 / peak if peak else None, "peak_gib": r["peak_gib"], "recompute": recompute}
+            "mfu": r["tflops"] * 1e12 / peak if peak else None, "peak_gib": r["peak_gib"], "recompute": recompute,
+            **profiled}
+
+
+def _profile_anchor(anchor, seq: int, recompute: bool, step_seconds: float) -> dict:
+    """One profiled step of the anchor's model, built and stepped as its `run` does (bf16 weights,
+    fused AdamW, loss from the model), after two warm-up steps."""
+    layers, d, heads, kv_heads, ffn, vocab = anchor.SIZES[ANCHOR_SIZE]
+    model = anchor.GPT(layers, d, heads, kv_heads, ffn, vocab, recompute).cuda().bfloat16()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens, targets = (torch.randint(0, vocab, (1, seq), device="cuda") for _ in range(2))
+
+    def step():
+        model(tokens, targets).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    found = profile_kernels(step)
+    return {**found, "gpu_busy": found["kernel_ms"] / 1e3 / step_seconds}
 
 
 def card_name() -> str:

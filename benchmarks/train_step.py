@@ -15,8 +15,10 @@ per step and the GPU-busy fraction, the time some kernel ran over the unprofiled
 to diff two configs).
 `--anchor [PATH]` runs the shared plain-PyTorch anchor (default ../shared/gpu/anchor_gpt.py) in this
 process at each row's shape, attention and sequence, and prints each row's ratio to it
-(benchmarks/anchor_rows.py). The rows (with the anchor's beside them) are always saved as
-`<--results-dir>/<date>-<card>/train_step.json`.
+(benchmarks/anchor_rows.py); with --profile the anchor's step is profiled too, so a famtron row
+and its anchor can be diffed kernel by kernel. The rows (with the anchor's beside them) are always
+saved as `<--results-dir>/<date>-<card>/train_step.json`.
+`--scan-compile-mode` compiles the FAM scan's steps in another torch.compile mode (model/fast_scan.py).
 """
 
 from __future__ import annotations
@@ -28,36 +30,11 @@ import time
 import torch
 
 from benchmarks.micro_chunk_step import add_micro_chunk_arguments, leak_field, release_cell, run_micro_chunk_benchmark
+from benchmarks.profiling import profile_kernels
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model import build_model, fast_scan, load_model_args
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
 from pipeline.training.flops import flops_per_token, peak_flops
-
-
-def profile_step(step) -> tuple[int, float, list]:
-    """(kernels launched, seconds during which a kernel ran, every kernel name as (name, launches,
-    milliseconds), longest total first) in one step: the whole list, so that two configs' profiles
-    can be diffed kernel by kernel from --json (the console shows the first 8)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.profiler.kineto_results.events()
-               if e.device_type() == DeviceType.CUDA and not e.name().startswith(("Memcpy", "Memset"))]
-    busy_ns, covered_to = 0, 0
-    for start, end in sorted((e.start_ns(), e.end_ns()) for e in kernels):  # their union (streams may overlap)
-        busy_ns += max(0, end - max(start, covered_to))
-        covered_to = max(covered_to, end)
-    by_name: dict[str, list] = {}
-    for e in kernels:
-        entry = by_name.setdefault(e.name()[:60], [0, 0])
-        entry[0] += 1
-        entry[1] += e.duration_ns()
-    ranked = sorted(((name, n, ns / 1e6) for name, (n, ns) in by_name.items()), key=lambda row: -row[2])
-    return len(kernels), busy_ns / 1e9, ranked
 
 
 def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False,
@@ -87,9 +64,8 @@ def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, step
     flops = flops_per_token(args, seq)
     profiled = {}
     if profile:
-        kernels, busy_seconds, ranked = profile_step(step)
-        profiled = {"kernels_per_step": kernels, "kernel_ms": busy_seconds * 1e3, "gpu_busy": busy_seconds / seconds,
-                    "kernels": ranked}
+        profiled = profile_kernels(step)
+        profiled["gpu_busy"] = profiled["kernel_ms"] / 1e3 / seconds
     return {
         **profiled,
         "tokens_per_s": seq / seconds,
@@ -146,7 +122,7 @@ def main() -> None:
             records.append(anchor_record(anchor, anchors, opts, name, seq, result))
             saved = write_records(records, opts.results_dir)  # after every cell: a killed run keeps its rows
             for kernel, launches, ms in result.get("kernels", [])[:8]:
-                print(f"    {ms:8.1f} ms {launches:6d} x  {kernel}")
+                print(f"    {ms:8.1f} ms {launches:8,.0f} x  {kernel}")
             if opts.json:
                 with open(opts.json, "w") as f:
                     json.dump([dict(config=n, seq=q, **r) for n, q, r in rows], f, indent=1)
@@ -171,7 +147,7 @@ def print_table(rows: list, opts) -> None:
         line = (f"| {name} | {seq:,} | {r['tokens_per_s'] / 1e3:.1f}k | {ratio} | {r['tflops']:.0f} | {r['mfu']:.0%} "
                 f"| {r['peak_gib']:.1f} GiB | {r['recompute']} |")
         if opts.profile:
-            line += f" {r['gpu_busy']:.0%} | {r['kernels_per_step']:,} |"
+            line += f" {r['gpu_busy']:.0%} | {r['kernels_per_step']:,.0f} |"
         print(line)
 
 
@@ -193,8 +169,8 @@ def anchor_record(anchor, anchors: dict, opts, name: str, seq: int, result: dict
         args = load_model_args(name, vocab_size=opts.vocab_size)
         key = (args.attention == "dense", seq, result["recompute"])
         if key not in anchors:
-            anchors[key] = run_anchor(anchor, args, seq, result["recompute"], max(3, opts.steps))
-            print("  anchor", anchors[key], flush=True)
+            anchors[key] = run_anchor(anchor, args, seq, result["recompute"], max(3, opts.steps), opts.profile)
+            print("  anchor", {k: v for k, v in anchors[key].items() if k != "kernels"}, flush=True)
         row = anchors[key]
     return to_record(name, seq, opts.precision, {k: v for k, v in result.items() if k != "kernels"}, row)
 

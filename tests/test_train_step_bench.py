@@ -81,3 +81,26 @@ def test_rows_are_saved_as_records_with_the_anchor_beside_them(tmp_path):
     saved = json.loads(path.read_text())
     assert [(r["seq_len"], r["tokens_per_s"]) for r in saved if r["config"] == "fam-1b"] == [
         (8192, 31000.0), (32768, 30000.0), (8192, 33000.0)]
+
+
+def test_profile_counts_launches_per_step_and_ranks_names_by_time():
+    """benchmarks/profiling.py on the CPU's operators (the same counting as the GPU's kernels):
+    launches and time per step, every name with its launches, longest first; two steps profiled
+    at once give the same per-step figures."""
+    from benchmarks.profiling import profile_kernels
+
+    a = torch.randn(384, 384)
+
+    def step():
+        for _ in range(3):
+            a @ a
+        a.relu()
+
+    one = profile_kernels(step, steps=1, device="cpu")
+    two = profile_kernels(lambda: (step(), step()), steps=2, device="cpu")
+    for found in (one, two):
+        assert found["kernels_per_step"] == 4
+        names = {name: launches for name, launches, _ in found["kernels"]}
+        assert names == {"aten::matmul": 3, "aten::relu": 1}
+        assert found["kernels"][0][0] == "aten::matmul"  # three products outlast one relu
+        assert 0 < found["kernel_ms"] <= sum(ms for _, _, ms in found["kernels"]) + 1e-9

@@ -1,0 +1,60 @@
+"""Where a step's GPU time goes: kernels per step, the time some kernel ran, every kernel by name.
+
+    found = profile_kernels(step, steps=1)   # step() runs `steps` training steps; CUDA kernels
+    found["kernels_per_step"], found["kernel_ms"], found["kernels"][:8]
+
+Used by `benchmarks.train_step --profile` for famtron's cells and for the plain anchor's, so the
+two can be diffed kernel by kernel from --json. `device="cpu"` profiles the CPU's operators
+instead (the tests: the same counting, on this machine).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "cuda") -> dict:
+    """Run `step()` (`steps` training steps) under torch.profiler. Per step: launches, the union of
+    the kernels' intervals in ms (`kernel_ms`: streams may overlap), and every kernel name
+    (first 60 characters) as [name, launches, ms], longest total first. Copies and memsets are
+    left out. The first 8 of `kernels` are what the console shows."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    activity, kind = (ProfilerActivity.CUDA, DeviceType.CUDA) if cuda else (ProfilerActivity.CPU, DeviceType.CPU)
+    with profile(activities=[activity]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.device_type() == kind and not e.name().startswith(("Memcpy", "Memset"))]
+    if not cuda:  # operators nest on the CPU: count the outermost aten ones only
+        events = [e for e in events if e.name().startswith("aten::")]
+        events = _outermost(events)
+    busy_ns, covered_to = 0, 0
+    for start, end in sorted((e.start_ns(), e.end_ns()) for e in events):
+        busy_ns += max(0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
+    by_name: dict[str, list] = {}
+    for e in events:
+        entry = by_name.setdefault(e.name()[:60], [0, 0])
+        entry[0] += 1
+        entry[1] += e.duration_ns()
+    per_step = lambda n: n // steps if n % steps == 0 else n / steps  # noqa: E731  (counts stay ints when they can)
+    ranked = sorted(([name, per_step(n), ns / 1e6 / steps] for name, (n, ns) in by_name.items()), key=lambda r: -r[2])
+    return {"kernels_per_step": per_step(len(events)), "kernel_ms": busy_ns / 1e6 / steps, "kernels": ranked}
+
+
+def _outermost(events: list) -> list:
+    """Events not inside another of the list (CPU operators call operators)."""
+    out, end = [], -1
+    for e in sorted(events, key=lambda e: (e.start_ns(), -e.end_ns())):
+        if e.start_ns() >= end:
+            out.append(e)
+            end = e.end_ns()
+    return out
