@@ -210,7 +210,7 @@ def _shapes(m: ModelArgs, s: Settings, e: Bytes) -> _Shapes:
     # a layer's backward holds two FFN-wide gradients beyond its saved tensors at once: the gate's and the up
     # projection's, while the fc2 input's gradient they come from replaces that saved input, which fc2's backward
     # freed. Four (each FFN-wide tensor of the MLP's backward) overcounted every recompute peak measured on the
-    # H200: +11 % at fam-1b 64k, +39 % at dense-1b 256k; two puts all 24 measured peaks within 4 %
+    # H200: +11 % at fam-1b 64k, +39 % at dense-1b 256k; two puts all 22 measured peaks within 5 %
     # (tests/test_memory.py GPU_PEAKS, tests/test_memory_precision.py MIXED_GPU_PEAKS).
     return _Shapes(
         full_layer=sum(terms.values()), layer_input=layer_input, held_layer=layer_held_bytes(m, S, b, tp, sp, e),
