@@ -123,7 +123,8 @@ def write_records(records: list[dict], results_dir: str | os.PathLike, day: str 
                   card: str | None = None) -> Path:
     """`records` into `<results_dir>/<date>-<card>/train_step.json`, written whole (temp file, rename).
     Records already there are kept unless this run has one of the same config, seq_len, precision
-    and scan_compile_mode (absent: the default), so a benchmark split over several commands (one per sequence length) fills one file."""
+    and scan_compile_mode (absent: the default), so a benchmark split over several commands (one per
+    sequence length) fills one file."""
     folder = Path(results_dir) / f"{day or datetime.date.today().isoformat()}-{card or card_name()}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train_step.json"

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 
 import torch
 
-from model import build_model, load_model_args, scan_graphs
+from model import build_model, fast_scan, load_model_args, scan_graphs
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model.micro_chunks import micro_chunked_forward_backward
 from pipeline.memory.cli import estimated_precision
@@ -128,7 +129,7 @@ def micro_chunk_rows(opts) -> list[dict]:
                 except torch.OutOfMemoryError:
                     result = {"oom": True, "recompute": recompute, "mode": mode,
                               "micro_chunk_len": opts.micro_chunk_len, "precision": opts.precision}
-                rows.append({"config": name, "seq_len": seq, **result, **leak_field(release_cell(before))})
+                rows.append({"config": name, "seq_len": seq, **result, **row_notes(release_cell(before))})
                 print(rows[-1], flush=True)
                 if opts.json:  # after every cell: a run stopped by its time limit keeps its rows
                     save_rows(rows, opts.json)
@@ -151,14 +152,17 @@ def release_cell(before: int, allocated=torch.cuda.memory_allocated) -> float:
     return left
 
 
-def leak_field(left_gib: float) -> dict:
-    """The row's `leaked_gib` when release_cell found a leak, else nothing."""
-    return {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
+def row_notes(left_gib: float) -> dict:
+    """What a row records beside its figures, when it applies: `leaked_gib` (release_cell found a
+    leak) and `scan_compile_mode` (the FAM scan's steps were not compiled in the default mode)."""
+    notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
+    if fast_scan.COMPILE_MODE:
+        notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
+    return notes
 
 
 def save_rows(rows: list[dict], path: str) -> None:
-    import json
-
+    """The rows as a JSON list, written after every cell (a run stopped by its time limit keeps them)."""
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -24,12 +24,12 @@ saved as `<--results-dir>/<date>-<card>/train_step.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from benchmarks.micro_chunk_step import add_micro_chunk_arguments, leak_field, release_cell, run_micro_chunk_benchmark
+from benchmarks.micro_chunk_step import (add_micro_chunk_arguments, release_cell, row_notes, run_micro_chunk_benchmark,
+                                         save_rows)
 from benchmarks.profiling import profile_kernels
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model import build_model, fast_scan, load_model_args
@@ -114,9 +114,7 @@ def main() -> None:
                     result = {"oom": True, "recompute": recompute}
                 finally:
                     left = release_cell(before)  # the scan's buffers and graphs, cycles, the cache
-            result.update(leak_field(left))
-            if fast_scan.COMPILE_MODE:
-                result["scan_compile_mode"] = fast_scan.COMPILE_MODE
+            result.update(row_notes(left))
             rows.append((name, seq, result))
             print(name, seq, {k: v for k, v in result.items() if k != "kernels"}, flush=True)
             records.append(anchor_record(anchor, anchors, opts, name, seq, result))
@@ -124,8 +122,7 @@ def main() -> None:
             for kernel, launches, ms in result.get("kernels", [])[:8]:
                 print(f"    {ms:8.1f} ms {launches:8,.0f} x  {kernel}")
             if opts.json:
-                with open(opts.json, "w") as f:
-                    json.dump([dict(config=n, seq=q, **r) for n, q, r in rows], f, indent=1)
+                save_rows([dict(config=n, seq=q, **r) for n, q, r in rows], opts.json)
 
     print(f"rows saved in {saved}")
     print_anchor_ratios(records)

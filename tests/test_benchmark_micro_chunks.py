@@ -101,12 +101,14 @@ def test_acceptance_lines_compare_the_rows_the_issue_names():
     assert "estimate within 10% of every peak" in line
 
 
-def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys):
+def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monkeypatch):
     """release_cell measures what a finished cell left allocated (the leak that once carried 21.6 GiB
     from cell to cell); `allocated` stands in for torch.cuda.memory_allocated on this CPU machine."""
     gib = 2**30
     clean = micro_chunk_step.release_cell(10 * gib, allocated=lambda: 10 * gib + 4096)
-    assert micro_chunk_step.leak_field(clean) == {} and "WARNING" not in capsys.readouterr().out
+    assert micro_chunk_step.row_notes(clean) == {} and "WARNING" not in capsys.readouterr().out
     left = micro_chunk_step.release_cell(10 * gib, allocated=lambda: 31 * gib + gib // 2)
-    assert micro_chunk_step.leak_field(left) == {"leaked_gib": 21.5}
+    assert micro_chunk_step.row_notes(left) == {"leaked_gib": 21.5}
     assert "left 21.5 GiB allocated" in capsys.readouterr().out
+    monkeypatch.setattr(micro_chunk_step.fast_scan, "COMPILE_MODE", "max-autotune-no-cudagraphs")
+    assert micro_chunk_step.row_notes(clean) == {"scan_compile_mode": "max-autotune-no-cudagraphs"}
