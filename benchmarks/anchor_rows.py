@@ -122,13 +122,14 @@ def to_record(name: str, seq: int, precision: str, result: dict, anchor_row: dic
 def write_records(records: list[dict], results_dir: str | os.PathLike, day: str | None = None,
                   card: str | None = None) -> Path:
     """`records` into `<results_dir>/<date>-<card>/train_step.json`, written whole (temp file, rename).
-    Records already there are kept unless this run has one of the same config, seq_len, precision
-    and scan_compile_mode (absent: the default), so a benchmark split over several commands (one per
-    sequence length) fills one file."""
+    Records already there are kept unless this run has one of the same config, seq_len, precision,
+    scan_compile_mode (absent: the default) and loss_path (absent: whole logits, before 2026-12), so
+    a benchmark split over several commands (one per sequence length) fills one file."""
     folder = Path(results_dir) / f"{day or datetime.date.today().isoformat()}-{card or card_name()}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train_step.json"
-    key = lambda r: (r.get("config"), r.get("seq_len"), r.get("precision"), r.get("scan_compile_mode"))  # noqa: E731
+    key = lambda r: (r.get("config"), r.get("seq_len"), r.get("precision"), r.get("scan_compile_mode"),  # noqa: E731
+                     r.get("loss_path"))
     try:
         earlier = json.loads(path.read_text()) if path.is_file() else []
     except json.JSONDecodeError as err:

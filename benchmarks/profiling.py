@@ -1,10 +1,12 @@
 """Where a step's GPU time goes: kernels per step, the time some kernel ran, every kernel by name.
 
     found = profile_kernels(step, steps=1)   # step() runs `steps` training steps; CUDA kernels
-    found["kernels_per_step"], found["kernel_ms"], found["kernels"][:8]
+    found["kernels_per_step"], found["kernel_ms"], found["kernels"][:8], found["ops"][:8]
 
 Used by `benchmarks.train_step --profile` for famtron's cells and for the plain anchor's, so the
-two can be diffed kernel by kernel from --json. `device="cpu"` profiles the CPU's operators
+two can be diffed kernel by kernel from --json. `ops` names what launched the time: the operators
+(with their input shapes) ranked by the kernel time they launched themselves, so "365 copies of
+33 us" reads as "aten::copy_ of [24576, 1536] bf16 into fp32". `device="cpu"` profiles the CPU's operators
 instead (the tests: the same counting, on this machine).
 """
 
@@ -18,8 +20,10 @@ import torch
 def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "cuda") -> dict:
     """Run `step()` (`steps` training steps) under torch.profiler. Per step: launches, the union of
     the kernels' intervals in ms (`kernel_ms`: streams may overlap), and every kernel name
-    (first 60 characters) as [name, launches, ms], longest total first. Copies and memsets are
-    left out. The first 8 of `kernels` are what the console shows."""
+    (first 100 characters) as [name, launches, ms], longest total first. Copies and memsets are
+    left out. The first 8 of `kernels` are what the console shows. `ops`: the OPS operators with
+    the most self time on the device, as [name, input shapes, calls, ms] per step (kernels in a
+    CUDA graph replay count under the replay), from a second profiled run of `step`."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -27,7 +31,7 @@ def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "c
     if cuda:
         torch.cuda.synchronize()
     activity, kind = (ProfilerActivity.CUDA, DeviceType.CUDA) if cuda else (ProfilerActivity.CPU, DeviceType.CPU)
-    with profile(activities=[activity]) as prof:
+    with profile(activities=[activity]) as prof:  # the device's own events: no CPU annotations among kernels
         step()
         if cuda:
             torch.cuda.synchronize()
@@ -42,12 +46,37 @@ def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "c
         covered_to = max(covered_to, end)
     by_name: dict[str, list] = {}
     for e in events:
-        entry = by_name.setdefault(e.name()[:60], [0, 0])
+        entry = by_name.setdefault(e.name()[:100], [0, 0])
         entry[0] += 1
         entry[1] += e.duration_ns()
     per_step = lambda n: n // steps if n % steps == 0 else n / steps  # noqa: E731  (counts stay ints when they can)
     ranked = sorted(([name, per_step(n), ns / 1e6 / steps] for name, (n, ns) in by_name.items()), key=lambda r: -r[2])
-    return {"kernels_per_step": per_step(len(events)), "kernel_ms": busy_ns / 1e6 / steps, "kernels": ranked}
+    return {"kernels_per_step": per_step(len(events)), "kernel_ms": busy_ns / 1e6 / steps, "kernels": ranked,
+            "ops": _ops(step, steps, cuda)}
+
+
+OPS = 60
+
+
+def _ops(step: Callable[[], object], steps: int, cuda: bool) -> list:
+    """[operator, input shapes, calls, ms] per step, by the time of the kernels each launched itself:
+    a second profiled run, with the CPU's operators and their shapes (the first counts kernels
+    alone: with CPU activity, annotations such as "## Call CompiledFxGraph ##" show up on the
+    device's timeline too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    from torch.autograd import DeviceType
+
+    rows = []
+    for avg in prof.key_averages(group_by_input_shape=True):
+        us = avg.self_device_time_total if cuda else avg.self_cpu_time_total
+        if us > 0 and avg.device_type == DeviceType.CPU and not avg.key.startswith("ProfilerStep"):  # not kernels
+            rows.append([avg.key, str(avg.input_shapes)[:160], avg.count / steps, us / 1e3 / steps])
+    return sorted(rows, key=lambda r: -r[3])[:OPS]
 
 
 def _outermost(events: list) -> list:

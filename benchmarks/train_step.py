@@ -2,15 +2,18 @@
 
     python -m benchmarks.train_step --configs fam-1b bswa-1b dense-1b --seq-lens 8192 32768 65536
 
-Each cell: forward + backward + AdamW step, `--precision bf16-mixed` (default: bf16 weights, fp32
-master weights and AdamW, pipeline/training/precision.py) or `bf16-autocast` (fp32 weights cast at
-each use; fused AdamW), micro-batch 1, after warm-up steps (which also absorb torch.compile of FlexAttention). Prints
-tokens/s, model TFLOP/s (FLOPs counted for windowed attention + FAM tokens, pipeline/training/flops.py)
-and peak memory. The vocabulary defaults to 32k (the paper's 256k logits do not fit a 65k
-sequence on one GPU without a chunked loss); say so when quoting the numbers.
+Each cell: forward + backward + AdamW step of the trainer's path, micro-batch 1, after warm-up
+steps (which also absorb torch.compile of FlexAttention). `--loss chunked` (default) computes the
+loss as training does (lm_loss, no logits kept); `--loss whole` from whole logits, as the anchor
+does and as every row before 2026-12 was measured. `--precision bf16-mixed` (default: bf16
+weights, fp32 master weights and AdamW, pipeline/training/precision.py) or `bf16-autocast` (fp32
+weights cast at each use; fused AdamW). Prints tokens/s, model TFLOP/s (FLOPs counted for windowed
+attention + FAM tokens, pipeline/training/flops.py) and peak memory. The vocabulary defaults to
+32k; say so when quoting the numbers.
 `--recompute auto` recomputes activations at 64k and beyond, and wherever a cell would not fit without it.
-`--profile` adds one profiled step per cell (torch.profiler, CUDA activity only): kernels launched
-per step and the GPU-busy fraction, the time some kernel ran over the unprofiled step's wall time.
+`--profile` adds two profiled steps per cell (benchmarks/profiling.py): kernels launched per step
+and the GPU-busy fraction (the time some kernel ran over the unprofiled step's wall time), then the
+operators that launched the kernel time, with their input shapes.
 `--json PATH` writes every cell's raw figures as a JSON list (with --profile: every kernel by name,
 to diff two configs).
 `--anchor [PATH]` runs the shared plain-PyTorch anchor (default ../shared/gpu/anchor_gpt.py) in this
@@ -37,8 +40,16 @@ from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_r
 from pipeline.training.flops import flops_per_token, peak_flops
 
 
+def step_loss(model, tokens: torch.Tensor, loss_path: str = "chunked") -> torch.Tensor:
+    """The loss of one micro-batch as training computes it ("chunked": lm_loss, no logits kept,
+    pipeline/training/plain_step.py), or from whole logits ("whole": model(...) as an API user
+    calls it, the path of every train_step row before 2026-12)."""
+    return model(tokens[:, :-1], labels=tokens[:, 1:], return_logits=loss_path == "whole").loss
+
+
+# shape: one benchmark cell's settings, as the CLI gives them
 def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False,
-             precision: str = "bf16-mixed") -> dict:  # shape: one benchmark cell's settings, as the CLI gives them
+             precision: str = "bf16-mixed", loss_path: str = "chunked") -> dict:
     args = load_model_args(name, vocab_size=vocab, recompute=recompute)
     model = build_model(args, device="cuda")
     opt = build_step_optimizer(model, precision)
@@ -47,7 +58,7 @@ def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, step
 
     def step():
         with step_autocast("cuda", precision):
-            loss = model(tokens[:, :-1], labels=tokens[:, 1:]).loss
+            loss = step_loss(model, tokens, loss_path)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -74,6 +85,7 @@ def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, step
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "loss": loss.item(),
         "recompute": recompute,
+        "loss_path": loss_path,
     }
 
 
@@ -88,6 +100,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step: GPU-busy fraction, kernels per step, the costliest kernels")
     parser.add_argument("--json", help="write the raw rows to this file")
+    parser.add_argument("--loss", choices=["chunked", "whole"], default="chunked",
+                        help="chunked: the trainer's lm_loss (default); whole: the loss from whole logits, as "
+                             "train_step measured before 2026-12 and as the anchor computes it")
     parser.add_argument("--scan-compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
                         help="torch.compile mode of the FAM scan's steps (model/fast_scan.py COMPILE_MODE)")
     add_anchor_arguments(parser)
@@ -108,7 +123,7 @@ def main() -> None:
                 before = torch.cuda.memory_allocated()
                 try:
                     result = run_cell(name, seq, opts.vocab_size, recompute, opts.warmup, opts.steps, opts.profile,
-                                      opts.precision)
+                                      opts.precision, opts.loss)
                     break
                 except torch.OutOfMemoryError:
                     result = {"oom": True, "recompute": recompute}
@@ -116,11 +131,13 @@ def main() -> None:
                     left = release_cell(before)  # the scan's buffers and graphs, cycles, the cache
             result.update(row_notes(left))
             rows.append((name, seq, result))
-            print(name, seq, {k: v for k, v in result.items() if k != "kernels"}, flush=True)
+            print(name, seq, {k: v for k, v in result.items() if k not in ("kernels", "ops")}, flush=True)
             records.append(anchor_record(anchor, anchors, opts, name, seq, result))
             saved = write_records(records, opts.results_dir)  # after every cell: a killed run keeps its rows
             for kernel, launches, ms in result.get("kernels", [])[:8]:
                 print(f"    {ms:8.1f} ms {launches:8,.0f} x  {kernel}")
+            for op, shapes, calls, ms in result.get("ops", [])[:8]:
+                print(f"    {ms:8.1f} ms {calls:8,.0f} x  {op} {shapes[:100]}")
             if opts.json:
                 save_rows([dict(config=n, seq=q, **r) for n, q, r in rows], opts.json)
 
@@ -167,7 +184,7 @@ def anchor_record(anchor, anchors: dict, opts, name: str, seq: int, result: dict
         key = (args.attention == "dense", seq, result["recompute"])
         if key not in anchors:
             anchors[key] = run_anchor(anchor, args, seq, result["recompute"], max(3, opts.steps), opts.profile)
-            print("  anchor", {k: v for k, v in anchors[key].items() if k != "kernels"}, flush=True)
+            print("  anchor", {k: v for k, v in anchors[key].items() if k not in ("kernels", "ops")}, flush=True)
         row = anchors[key]
     return to_record(name, seq, opts.precision, {k: v for k, v in result.items() if k != "kernels"}, row)
 

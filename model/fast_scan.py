@@ -34,8 +34,11 @@ first version):
   first version (compiled steps uncaptured, recompute in backward, fp32 attention products):
       19.5k tokens/s, GPU busy 63 %, 12,334 kernels and 266 ms of kernels per step;
   this version: 30.9k tokens/s (0.77x bswa-1b), 92 % busy, 10,462 kernels, 243 ms, peak 42.7 GiB.
-At 64k the first version ran 23.6k tokens/s (bswa-1b 33.4k, 88,696 kernels, 2,551 ms); this
-version was not measured there. TODO(issue 13): 64k, and bswa-1b in the same run.
+At 64k the first version ran 23.6k tokens/s (bswa-1b 33.4k, 88,696 kernels, 2,551 ms).
+Under bf16-mixed, one run (benchmarks/results/2026-11-30-2xH200): 32.8k, 36.5k, 27.8k and 27.2k
+tokens/s at 8k, 32k, 64k and 128k, 0.76-0.80x bswa-1b. The scan's own kernels at 8k: 13 ms
+forward, 18 ms backward, about 2.5x the time to read the weights once per step and direction.
+Autotuned steps (COMPILE_MODE below) did not change that.
 """
 
 from __future__ import annotations

@@ -81,12 +81,37 @@ def test_rows_are_saved_as_records_with_the_anchor_beside_them(tmp_path):
     saved = json.loads(path.read_text())
     assert [(r["seq_len"], r["tokens_per_s"]) for r in saved if r["config"] == "fam-1b"] == [
         (8192, 31000.0), (32768, 30000.0), (8192, 33000.0)]
+    # So is the same cell on the other loss path (--loss; records without the key: whole logits).
+    chunked = {**records[0], "tokens_per_s": 29000.0, "loss_path": "chunked"}
+    write_records([chunked], tmp_path / "results", day="2026-11-29", card="1xH200")
+    saved = json.loads(path.read_text())
+    assert [(r["seq_len"], r["tokens_per_s"]) for r in saved if r["config"] == "fam-1b"] == [
+        (8192, 31000.0), (32768, 30000.0), (8192, 33000.0), (8192, 29000.0)]
+
+
+def test_the_benchmark_step_takes_the_trainers_loss_path_unless_asked_for_whole_logits(monkeypatch):
+    """train_step's default is the trainer's chunked lm_loss (no logits kept: the memory estimator's
+    path); --loss whole asks for the logits. Both give the same loss."""
+    from benchmarks.train_step import step_loss
+    from model import build_model
+    from tests.test_reference import small_args
+
+    model = build_model(small_args(), device="cpu")
+    tokens = torch.randint(0, 64, (1, 97))  # small_args: vocabulary 64; 96 tokens, a partial last block
+    seen = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: seen.append(k["return_logits"]) or
+                        forward(self, *a, **k))
+    chunked, whole = step_loss(model, tokens), step_loss(model, tokens, "whole")
+    assert seen == [False, True]
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-5)
 
 
 def test_profile_counts_launches_per_step_and_ranks_names_by_time():
     """benchmarks/profiling.py on the CPU's operators (the same counting as the GPU's kernels):
     launches and time per step, every name with its launches, longest first; two steps profiled
-    at once give the same per-step figures."""
+    at once give the same per-step figures; the operators that spent the time come with their
+    input shapes."""
     from benchmarks.profiling import profile_kernels
 
     a = torch.randn(384, 384)
@@ -104,3 +129,5 @@ def test_profile_counts_launches_per_step_and_ranks_names_by_time():
         assert names == {"aten::matmul": 3, "aten::relu": 1}
         assert found["kernels"][0][0] == "aten::matmul"  # three products outlast one relu
         assert 0 < found["kernel_ms"] <= sum(ms for _, _, ms in found["kernels"]) + 1e-9
+        name, shapes, calls, _ = found["ops"][0]  # what spent the time, with its input shapes
+        assert (name, shapes, calls) == ("aten::mm", "[[384, 384], [384, 384]]", 3)
