@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from model import build_model, fast_scan, load_model_args, scan_graphs
+from model import build_model, fast_scan, load_model_args, rope, scan_graphs
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model.micro_chunks import micro_chunked_forward_backward
 from pipeline.memory.cli import estimated_precision
@@ -154,10 +154,13 @@ def release_cell(before: int, allocated=torch.cuda.memory_allocated) -> float:
 
 def row_notes(left_gib: float) -> dict:
     """What a row records beside its figures, when it applies: `leaked_gib` (release_cell found a
-    leak) and `scan_compile_mode` (the FAM scan's steps were not compiled in the default mode)."""
+    leak), `scan_compile_mode` (the FAM scan's steps were not compiled in the default mode) and
+    `rope: "eager"` (the QKV split and RoPE ran as eager ops, not fused: model/rope.py FUSED)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     if fast_scan.COMPILE_MODE:
         notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
+    if not rope.FUSED:
+        notes["rope"] = "eager"
     return notes
 
 

@@ -25,7 +25,7 @@ from megatron.core.utils import divide
 from model.compile_limits import bounded_compiles
 from model.config import FAMConfig
 from model.masks import BlockLayout
-from model.rope import rope_sbnd
+from model.rope import split_qkv_rope
 
 
 def _to_bnsd(x: torch.Tensor) -> torch.Tensor:
@@ -98,10 +98,7 @@ class FAMSelfAttention(MegatronModule):
         mixed, _ = self.linear_qkv(x)
         s, b, _ = mixed.shape
         mixed = mixed.view(s, b, self.groups, self.heads_per_group + 2, self.head_dim)
-        q = mixed[:, :, :, : self.heads_per_group].reshape(s, b, self.heads, self.head_dim)
-        k, v = mixed[:, :, :, -2], mixed[:, :, :, -1]
-        base = self.config.rope_base
-        return rope_sbnd(q, q_positions, base), rope_sbnd(k, k_positions, base), v
+        return split_qkv_rope(mixed, q_positions, k_positions, self.config.rope_base)
 
     def project_out(self, context: torch.Tensor) -> torch.Tensor:
         out, _ = self.linear_proj(context)

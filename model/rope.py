@@ -8,7 +8,18 @@ Convention: rotate-half (GPT-NeoX / Llama), base 10000 by default.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from model.compile_limits import bounded_compiles
+
+# The QKV split and RoPE as one compiled kernel (and one for its backward) on CUDA: issue 13's
+# profile of bswa-1b at 8k found RoPE's eager ops (fp32 upcast, cat, two products, the add, the
+# cast back, and in backward the slices' zero-filled gradients) among the largest launches left
+# beside the GEMMs: 144 products, 127 cats and 180 copies of [8192, 1, 12, 128] per step, ~15 ms
+# of 186 (benchmarks/results/2026-11-30-2xH200). False: the eager ops on every device (A/B runs).
+FUSED = True
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,3 +42,34 @@ def rope_sbnd(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Te
     """RoPE for megatron's layout: x [s, b, n, d], positions [b, s] -> [s, b, n, d]."""
     cos, sin = rope_angles(positions.transpose(0, 1), x.shape[-1], base)  # [s, b, d]
     return apply_rope(x, cos[:, :, None, :], sin[:, :, None, :])
+
+
+def split_qkv_rope(mixed: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor, base: float):
+    """megatron's grouped QKV output [s, b, g, npg + 2, d] -> q [s, b, g * npg, d] and k [s, b, g, d]
+    with RoPE at positions [b, s], and v [s, b, g, d]. On CUDA (FUSED) one compiled kernel reads
+    `mixed` once and writes all three (its backward writes the whole gradient of `mixed` in one
+    kernel); elsewhere the same math in eager ops, v a view of `mixed`."""
+    cos_q, sin_q = rope_angles(q_positions.transpose(0, 1), mixed.shape[-1], base)  # [s, b, d]
+    cos_k, sin_k = rope_angles(k_positions.transpose(0, 1), mixed.shape[-1], base)
+    tables = (cos_q[:, :, None], sin_q[:, :, None], cos_k[:, :, None], sin_k[:, :, None])
+    if not (FUSED and mixed.is_cuda):
+        return _split_rope(mixed, *tables)
+    with bounded_compiles("the QKV split and RoPE (model/rope.py)"):
+        return _compiled_split_rope()(mixed, *tables, True)
+
+
+def _split_rope(mixed, cos_q, sin_q, cos_k, sin_k, own_v: bool = False):
+    s, b, g, rows, d = mixed.shape
+    q = apply_rope(mixed[:, :, :, :-2].reshape(s, b, g * (rows - 2), d), cos_q, sin_q)
+    k = apply_rope(mixed[:, :, :, -2], cos_k, sin_k)
+    v = mixed[:, :, :, -1]
+    # Compiled, v as an output of its own puts its gradient in the same backward kernel as q's and
+    # k's; as a view, autograd would add a zero-filled full-size gradient of `mixed` for it.
+    return q, k, v.clone() if own_v else v
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_split_rope():
+    # dynamic: one graph for every sequence length (a pointwise kernel gains nothing from static
+    # shapes); fullgraph: no silent eager fallback.
+    return torch.compile(_split_rope, dynamic=True, fullgraph=True)

@@ -195,3 +195,34 @@ def test_captured_scan_equals_uncaptured_and_replays_new_weights_and_inputs(monk
     _report("captured scan with stale weights, B from prompt", {"logits": errors["output 0"], **errors})
     assert errors["output 0"] > 1e4 * CAPTURE_TOLERANCE and errors["grad qkv"] > 1e4 * CAPTURE_TOLERANCE
     scan_graphs.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qkv_split_and_rope_equal_the_eager_ops_forward_and_backward(dtype, no_tf32):
+    """model/rope.py's compiled split + RoPE against its eager ops on the same GPU: q, k, v and the
+    gradient of the QKV output, at two lengths (one dynamic graph) and per-example positions. The
+    same fp32 math fused: equal up to one rounding (fp32) or one bf16 step where a product and sum
+    fuse into an FMA. Rotating by the wrong sign of sin gives errors of order 1."""
+    import model.rope as rope
+
+    def run(fused: bool, mixed, positions, flip_sin: bool = False):
+        m = mixed.clone().requires_grad_()
+        angles = rope.rope_angles
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(rope, "FUSED", fused)
+            if flip_sin:
+                patch.setattr(rope, "rope_angles", lambda *a: (angles(*a)[0], -angles(*a)[1]))
+            q, k, v = rope.split_qkv_rope(m, positions, positions + 0.5, 10000.0)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        sum((x.float() * torch.randn(x.shape, device="cuda", generator=g)).sum() for x in (q, k, v)).backward()
+        return {"q": q, "k": k, "v": v, "grad": m.grad}
+
+    bound = 1e-6 if dtype == torch.float32 else 2 ** -7
+    for s in (700, 1024):
+        mixed = torch.randn(s, 2, 3, 5, 64, device="cuda").to(dtype)  # 3 groups of 3 query heads, k, v
+        positions = torch.arange(s, device="cuda", dtype=torch.float32) + torch.tensor([[0.0], [1234.5]], device="cuda")
+        eager, fused = run(False, mixed, positions), run(True, mixed, positions)
+        errors = {n: ((fused[n].float() - eager[n].float()).norm() / eager[n].float().norm()).item() for n in eager}
+        assert all(e <= bound for e in errors.values()), (s, errors)
+        flipped = run(True, mixed, positions, flip_sin=True)
+        assert ((flipped["q"].float() - eager["q"].float()).norm() / eager["q"].float().norm()).item() > 0.1
