@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from model import build_model, fast_scan, load_model_args, rope, scan_graphs
+from model import build_model, fast_scan, load_model_args, mlp, rope, scan_graphs
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model.micro_chunks import micro_chunked_forward_backward
 from pipeline.memory.cli import estimated_precision
@@ -49,11 +49,11 @@ def add_micro_chunk_arguments(parser: argparse.ArgumentParser) -> None:
 
 def estimate_gib(args, seq: int, chunk: int, mode: str, precision: str = "bf16-mixed") -> float:
     """pipeline.memory's peak for this cell (train.precision `precision` as pipeline.memory
-    resolves it without ZeRO, CUDA kernels, micro-batch 1), GiB."""
+    resolves it without ZeRO, CUDA kernels as this process runs them, micro-batch 1), GiB."""
     estimator_precision, dtype = estimated_precision(precision, zero=0)
     settings = Settings(micro_batch=1, seq_len=seq, recompute=args.recompute, micro_chunk_len=chunk if
                         mode != "whole" else 0, micro_chunk_mode=mode if mode != "whole" else "exact",
-                        precision=estimator_precision, dtype=dtype)
+                        precision=estimator_precision, dtype=dtype, swiglu="fused" if mlp.FUSED else "eager")
     return estimate(args, settings).peak / GIB
 
 
@@ -155,12 +155,12 @@ def release_cell(before: int, allocated=torch.cuda.memory_allocated) -> float:
 def row_notes(left_gib: float) -> dict:
     """What a row records beside its figures, when it applies: `leaked_gib` (release_cell found a
     leak), `scan_compile_mode` (the FAM scan's steps were not compiled in the default mode) and
-    `rope: "eager"` (the QKV split and RoPE ran as eager ops, not fused: model/rope.py FUSED)."""
+    `eager_ops` (the QKV split, RoPE and SwiGLU ran as eager ops: model/rope.py, model/mlp.py FUSED)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     if fast_scan.COMPILE_MODE:
         notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
-    if not rope.FUSED:
-        notes["rope"] = "eager"
+    if not (rope.FUSED and mlp.FUSED):
+        notes["eager_ops"] = True
     return notes
 
 

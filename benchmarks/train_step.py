@@ -22,7 +22,8 @@ process at each row's shape, attention and sequence, and prints each row's ratio
 and its anchor can be diffed kernel by kernel. The rows (with the anchor's beside them) are always
 saved as `<--results-dir>/<date>-<card>/train_step.json`.
 `--scan-compile-mode` compiles the FAM scan's steps in another torch.compile mode (model/fast_scan.py).
-`--rope eager` runs the QKV split and RoPE as eager ops instead of one compiled kernel (model/rope.py).
+`--eager-ops` runs the QKV split, RoPE and SwiGLU as eager ops instead of compiled kernels (model/rope.py,
+model/mlp.py): the rows of before 2026-12, beside today's in one run.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from benchmarks.micro_chunk_step import (add_micro_chunk_arguments, release_cell
                                          save_rows)
 from benchmarks.profiling import profile_kernels
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
-from model import build_model, fast_scan, load_model_args, rope
+from model import build_model, fast_scan, load_model_args, mlp, rope
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
 from pipeline.training.flops import flops_per_token, peak_flops
 
@@ -106,8 +107,9 @@ def main() -> None:
                              "train_step measured before 2026-12 and as the anchor computes it")
     parser.add_argument("--scan-compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
                         help="torch.compile mode of the FAM scan's steps (model/fast_scan.py COMPILE_MODE)")
-    parser.add_argument("--rope", choices=["fused", "eager"], default="fused",
-                        help="the QKV split and RoPE as one compiled kernel (default) or as eager ops (model/rope.py)")
+    parser.add_argument("--eager-ops", action="store_true",
+                        help="the QKV split, RoPE and SwiGLU as eager ops, not compiled kernels "
+                             "(model/rope.py, model/mlp.py)")
     add_anchor_arguments(parser)
     add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
@@ -115,7 +117,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
     fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
-    rope.FUSED = opts.rope == "fused"
+    rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.micro_chunk_len:
         return run_micro_chunk_benchmark(opts)
     rows, records, anchors = [], [], {}

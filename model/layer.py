@@ -31,13 +31,14 @@ from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 
 from model.attention import FAMSelfAttention
 from model.config import FAMConfig
 from model.fast_scan import ScanSpec, fast_scan
 from model.masks import BlockLayout
+from model.mlp import FAMMLP
 from model.norm import build_norm
 from model.rope import rope_angles
 from model.scan import eager_scan, fam_step
@@ -55,7 +56,7 @@ class FAMLayer(MegatronModule):
         self.input_norm = build_norm(config, tp_group)
         self.attention = FAMSelfAttention(config, tp_group=tp_group)
         self.pre_mlp_norm = build_norm(config, tp_group)
-        self.mlp = MLP(
+        self.mlp = FAMMLP(
             config,
             MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
             tp_group=tp_group,

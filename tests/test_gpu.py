@@ -226,3 +226,39 @@ def test_fused_qkv_split_and_rope_equal_the_eager_ops_forward_and_backward(dtype
         assert all(e <= bound for e in errors.values()), (s, errors)
         flipped = run(True, mixed, positions, flip_sin=True)
         assert ((flipped["q"].float() - eager["q"].float()).norm() / eager["q"].float().norm()).item() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_swiglu_equals_megatrons_mlp_forward_and_backward(dtype, no_tf32):
+    """model/mlp.py's compiled SwiGLU against megatron's own MLP.forward (its eager ops) on the same
+    GPU and weights: the output and the gradients of the input, fc1 and fc2, at two lengths (one
+    dynamic graph). fp32: equal up to rounding; bf16: the fused kernel rounds once where the eager
+    ops round after silu and after the product. Swapping gate and up (a wrong chunk order) is
+    far outside the bound."""
+    import model.mlp as mlp_module
+
+    model = build_model(ARGS, device="cuda").to(dtype)
+    block = model.layers[0].mlp
+    assert isinstance(block, mlp_module.FAMMLP)
+
+    def run(fused: bool, x, swap: bool = False):
+        block.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(mlp_module, "FUSED", fused)
+            if swap:
+                patch.setattr(mlp_module, "_compiled_swiglu", lambda: lambda h: mlp_module.swiglu(
+                    torch.cat(h.chunk(2, dim=-1)[::-1], dim=-1)))
+            out, _ = block(x)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        (out.float() * torch.randn(out.shape, device="cuda", generator=g)).sum().backward()
+        return {"out": out, "x": x.grad, "fc1": block.linear_fc1.weight.grad, "fc2": block.linear_fc2.weight.grad}
+
+    bound = 1e-6 if dtype == torch.float32 else 2 ** -6  # bf16 on CPU's inductor: 3.6e-3
+    for s in (700, 1024):
+        x = torch.randn(s, 2, ARGS.hidden_size, device="cuda").to(dtype)
+        eager, fused = run(False, x), run(True, x)
+        errors = {n: ((fused[n].float() - eager[n].float()).norm() / eager[n].float().norm()).item() for n in eager}
+        assert all(e <= bound for e in errors.values()), (s, errors)
+        swapped = run(True, x, swap=True)
+        assert ((swapped["out"].float() - eager["out"].float()).norm() / eager["out"].float().norm()).item() > 0.1

@@ -275,7 +275,8 @@ def test_estimate_within_5pct_of_measured_gpu_peaks(name, seq, recompute, vocab,
     """Tighter than the project's 15 % bar, so that it can fail: four FFN-wide gradients in a
     layer's backward instead of two put the recompute rows 7-11 % over."""
     args = load_model_args(name, vocab_size=vocab)
-    est = estimate(args, Settings(seq_len=seq, recompute=recompute, microbatches=microbatches))
+    # measured before 2026-12, with megatron's eager SwiGLU (model/mlp.py: five FFN-wide tensors kept, not three)
+    est = estimate(args, Settings(seq_len=seq, recompute=recompute, microbatches=microbatches, swiglu="eager"))
     assert abs(est.peak / GIB - measured_gib) / measured_gib < 0.05, (est.peak / GIB, est.worst().peaks)
 
 

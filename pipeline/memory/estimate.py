@@ -86,7 +86,9 @@ class Settings:
     `precision`: "autocast" (fp32 weights, bf16 autocast), "bf16-mixed" (bf16 weights, fp32 masters and
     gradient buffers: MixedPrecisionOptimizer, no ZeRO) or "bf16-zero" (DeepSpeed's bf16);
     `kernels`: "cuda" (FlexAttention, fused RMSNorm, compiled scan) or "cpu" (dense-mask SDPA);
-    `return_logits`: the loss from whole logits (`model(..., return_logits=True)`), not lm_loss.
+    `return_logits`: the loss from whole logits (`model(..., return_logits=True)`), not lm_loss;
+    `swiglu`: "fused" (model/mlp.py's compiled SwiGLU, CUDA) or "eager" (megatron's ops: the CPU's,
+    and the GPU's before 2026-12, when every GPU peak in the tests was measured).
     None (recompute, schedule, microbatches): the model's, the default for virtual_stages, P."""
 
     tp: int = 1
@@ -106,6 +108,7 @@ class Settings:
     layout: list[int] | None = None
     kernels: str = "cuda"
     return_logits: bool = False
+    swiglu: str = "fused"
     micro_chunk_len: int = 0  # train.micro_chunk_len: 0 off
     micro_chunk_mode: str = "exact"  # train.micro_chunk_mode
     offload_states: bool = False  # train.micro_chunk_offload_states
@@ -197,7 +200,7 @@ def _shapes(m: ModelArgs, s: Settings, e: Bytes) -> _Shapes:
         s.kernels
     shard = tp if sp else 1
     F = m.fam_len if m.uses_fam else 0
-    terms = layer_activation_terms(m, S, b, tp, sp, e, kernels)
+    terms = layer_activation_terms(m, S, b, tp, sp, e, kernels, s.swiglu)
     if s.micro_chunks > 1 and m.attention != "dense":
         # a micro-chunk after the first attends to the passed state's m blocks too: their K/V join the saved keys
         # (and, on CPU, SDPA's mask copy widens by them); not exact: a micro-chunk after the first skips the
@@ -303,6 +306,8 @@ def estimate(model_args: ModelArgs, settings: Settings = Settings()) -> MemoryEs
     m, s = model_args, settings.resolved(model_args)
     if s.kernels not in KERNELS:
         raise ValueError(f"kernels={s.kernels!r}: must be one of {KERNELS}")
+    if s.swiglu not in ("fused", "eager"):
+        raise ValueError(f"swiglu={s.swiglu!r}: must be 'fused' (model/mlp.py on CUDA) or 'eager'")
     if s.return_logits and s.pp > 1:
         raise ValueError("return_logits=true: the pipeline's last stage always computes the loss with lm_loss")
     plan = ParallelPlan(s.tp, s.pp, s.dp, None, s.zero, s.offload_optimizer, s.sequence_parallel, s.virtual_stages,

@@ -8,7 +8,8 @@ pipeline/memory/estimate.py).
   input [F+S, b, h]; both RMSNorms (rstd, outputs saved by megatron's linears in the input dtype,
   fp32 under autocast; the CPU's composite norm also x·rstd); RoPE cos/sin, fp32; block
   attention's q [S], K and V [R + S, b, g, d] (R: the FAM keys padded to a tile, model/masks.py),
-  output and fp32 lse (CPU: SDPA's float mask); SwiGLU's intermediates; the FAM scan, T block steps
+  output and fp32 lse (CPU: SDPA's float mask); SwiGLU's intermediates (5 FFN-wide tensors in
+  megatron's eager ops, 3 in model/mlp.py's fused kernel on CUDA); the FAM scan, T block steps
   plus the soft-prompt stream's step (F rows, no block keys) and the FAM RoPE tables: on CPU
   (kernels="cpu") what autograd keeps of model/scan.py's eager steps, on GPU what
   model/fast_scan.py's one node saves (its inputs, the FAM K/V and each step's Activations). The
@@ -108,8 +109,11 @@ def stage_params(m: ModelArgs, layers: int, first: bool, last: bool, tp: int = 1
 
 
 def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
-                           bytes_: Bytes | None = None, kernels: str = "cuda") -> dict[str, int]:
+                           bytes_: Bytes | None = None, kernels: str = "cuda", swiglu: str = "fused") -> dict[str, int]:
     """Bytes autograd saves for one layer and one micro-batch, by part (no recompute)."""
+    # SwiGLU: megatron's eager ops keep fc1's output (2 FFN widths), silu(gate), up + 0.0 and fc2's input;
+    # model/mlp.py's compiled kernel on CUDA keeps fc1's output and fc2's input (silu recomputed in backward)
+    mlp_widths = 3 if swiglu == "fused" and kernels == "cuda" else 5
     e = bytes_ or element_bytes("autocast", "bf16")
     S, b, h, d, f = seq_len, micro_batch, m.hidden_size, m.head_dim, m.ffn_size
     n, g = m.num_attention_heads // tp, m.query_groups // tp
@@ -121,7 +125,7 @@ def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int
         "input": (F + S) * b * h * e.resid // shard,
         "norms": rows * (2 * 4 + 2 * normed + 3 * h * e.resid) // shard,  # rstd x2, outputs x2, residual
         "rope": 4 * rows * d * 4,  # cos, sin of q and k positions, fp32
-        "mlp": 5 * rows * (f // tp) * e.act,
+        "mlp": mlp_widths * rows * (f // tp) * e.act,
     }
     if m.attention == "dense":
         terms["attention"] = rows * ((n + 2 * g) + n + g + n) * d * e.act + b * n * S * 4
