@@ -10,8 +10,8 @@ FFN-wide tensors per layer. Compiled, the forward is one kernel that reads fc1's
 the backward one kernel that recomputes silu from it: three FFN-wide tensors kept instead of five
 (pipeline/memory/terms.py, `swiglu`).
 
-CPU (and FUSED = False): megatron's own forward, unchanged, the oracle of the fused one
-(tests/test_gpu.py).
+CPU, and CUDA while FUSED is False (the default until the kernel has run on a GPU): megatron's own
+forward, unchanged, the oracle of the fused one (tests/test_gpu.py, tests/test_fused_ops.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from megatron.core.transformer.mlp import MLP
 
 from model.compile_limits import bounded_compiles
 
-FUSED = True  # False: megatron's eager ops on every device (A/B runs, benchmarks.train_step --eager-ops)
+# Off until it has run on a GPU: checked so far on the CPU's inductor (tests/test_fused_ops.py);
+# benchmarks.train_step --fused-ops turns it on with model/rope.py's.
+FUSED = False
 
 
 class FAMMLP(MLP):

@@ -87,8 +87,8 @@ class Settings:
     gradient buffers: MixedPrecisionOptimizer, no ZeRO) or "bf16-zero" (DeepSpeed's bf16);
     `kernels`: "cuda" (FlexAttention, fused RMSNorm, compiled scan) or "cpu" (dense-mask SDPA);
     `return_logits`: the loss from whole logits (`model(..., return_logits=True)`), not lm_loss;
-    `swiglu`: "fused" (model/mlp.py's compiled SwiGLU, CUDA) or "eager" (megatron's ops: the CPU's,
-    and the GPU's before 2026-12, when every GPU peak in the tests was measured).
+    `swiglu`: "eager" (megatron's ops: the CPU's, and the GPU's unless model/mlp.py FUSED; every GPU
+    peak in the tests) or "fused" (model/mlp.py's compiled SwiGLU on CUDA).
     None (recompute, schedule, microbatches): the model's, the default for virtual_stages, P."""
 
     tp: int = 1
@@ -108,7 +108,7 @@ class Settings:
     layout: list[int] | None = None
     kernels: str = "cuda"
     return_logits: bool = False
-    swiglu: str = "fused"
+    swiglu: str = "eager"
     micro_chunk_len: int = 0  # train.micro_chunk_len: 0 off
     micro_chunk_mode: str = "exact"  # train.micro_chunk_mode
     offload_states: bool = False  # train.micro_chunk_offload_states
