@@ -14,8 +14,12 @@ Measured on 2 H200s (2026-11-30, 10 steps, lr 3e-4, benchmarks/results/2026-11-3
 Steps 1-3 agree within 3.8e-4 (losses) and 2.1e-3 (gradient norms). After the loss spike of step 3
 (8.0 -> 11.9: lr 3e-4, no warm-up) the gradient norms of TP=2 and PP=2 drift up to 7 % (step 7),
 and even plain DP=2, which differs from one GPU only in the order of an fp32 sum, drifts 1.3 %;
-the weight norms stay within 3e-7. Not yet told apart: amplified rounding (the hypothesis) or a
-real TP/PP difference. Next: the same cells at FAMTRON_PARITY_LR=1e-4, and a 4-GPU run."""
+the weight norms stay within 3e-7. Against amplified rounding alone: on 2026-11-26 (eager scan,
+other data: step-1 loss 10.838) the suite held losses within 5.2e-4 over 20 steps through a spike
+of the same kind. On CPU (fp32) the GPU's scan path under PP=2 (static buffers, interleaved
+micro-batches) and under TP=2 equals one process (tests/test_pipeline_parallel.py,
+tests/test_scan.py), so what differs is GPU-only: compiled kernels, bf16. Not yet told apart.
+Next: the same cells at FAMTRON_PARITY_LR=1e-4, and with the eager scan (layer.use_fast_scan)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Pipeline parallelism on gloo equals one process: loss and every gradient, PP=2 1F1B,
-PP=2 interleaved, and TP=2 x PP=2."""
+PP=2 interleaved, and TP=2 x PP=2. Also with the GPU's scan path (model/fast_scan.py over the
+static buffers its CUDA graphs replay, shared by every layer of a stage), here uncompiled: the
+schedules run a micro-batch's forward before an earlier one's backward, so the buffers serve
+interleaved calls."""
 
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ def _reference_weights(args):
     return megatron_state_from_reference(ReferenceFAM(args), args)
 
 
-def _worker(rank, world_size, tp, pp, virtual, schedule):
+def _worker(rank, world_size, tp, pp, virtual, schedule, gpu_scan=False):
     import torch.distributed as dist
+
+    import model.scan_graphs as scan_graphs
 
     from model.weights import merge_megatron_shards, shard_megatron_state
     from pipeline.parallel.groups import start_groups, stop_groups
@@ -43,6 +48,11 @@ def _worker(rank, world_size, tp, pp, virtual, schedule):
     groups = start_groups(tensor_parallel_size=tp, pipeline_parallel_size=pp)
     args = _args()
     stages = build_stages(args, groups.pp_rank, pp, virtual, device=torch.device("cpu"), tp_group=groups.tp_group)
+    if gpu_scan:
+        scan_graphs.MODE = "always"
+        for _, stage in stages:
+            for layer in stage.part.layers:
+                layer.use_fast_scan = True
     full = shard_megatron_state(_reference_weights(args), groups.tp_rank, tp)
     load_stage_state_dict(stages, full)
     sched = build_schedule(stages, pp, MICRO, schedule, groups.pp_group, torch.device("cpu"))
@@ -91,12 +101,13 @@ def _single_worker(rank, world_size):
 
 
 @pytest.mark.parametrize(
-    "tp, pp, virtual, schedule",
-    [(1, 2, 1, "1f1b"), (1, 2, 2, "interleaved_1f1b"), (2, 2, 1, "1f1b"), (1, 2, 1, "gpipe")],
+    "tp, pp, virtual, schedule, gpu_scan",
+    [(1, 2, 1, "1f1b", False), (1, 2, 2, "interleaved_1f1b", False), (2, 2, 1, "1f1b", False),
+     (1, 2, 1, "gpipe", False), (1, 2, 1, "1f1b", True), (1, 2, 2, "interleaved_1f1b", True)],
 )
-def test_pipeline_matches_one_process_loss_and_every_gradient(tp, pp, virtual, schedule):
+def test_pipeline_matches_one_process_loss_and_every_gradient(tp, pp, virtual, schedule, gpu_scan):
     one = run_on_ranks(_single_worker, 1)[0]
-    got = run_on_ranks(_worker, tp * pp, tp, pp, virtual, schedule)[0]
+    got = run_on_ranks(_worker, tp * pp, tp, pp, virtual, schedule, gpu_scan)[0]
     # fp32. The single process takes the mean over 4 x 37 tokens at once; the pipeline the mean
     # of 4 micro-batch means (equal sizes, so the same number) with gradients scaled by 1/4:
     # rounding differences only, relative 1e-5 of each tensor's largest entry.
