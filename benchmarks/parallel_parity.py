@@ -62,6 +62,10 @@ def build_cell(opts, groups, args, per_rank: int) -> dict:
         cell["model"] = build_model(args, device=device, seed=opts.seed, tp_group=groups.tp_group)
         params = list(cell["model"].parameters())
     cell["params"] = params
+    if opts.eager_scan:  # the CPU's per-step autograd scan on GPU too: tells the fast scan's share of a difference
+        parts = [s.part for _, s in cell["stages"]] if cell["stages"] else [cell["model"]]
+        for layer in (layer for part in parts for layer in part.layers):
+            layer.use_fast_scan = False
     cell["optimizer"] = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda)
     if opts.zero:
         from pipeline.config.load import load_config
@@ -183,6 +187,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--recompute", action="store_true")
+    parser.add_argument("--eager-scan", action="store_true",
+                        help="the per-step autograd FAM scan (model/scan.py) on GPU too, not model/fast_scan.py")
     parser.add_argument("--out")
     opts = parser.parse_args()
     result = run(opts)

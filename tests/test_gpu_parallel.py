@@ -8,7 +8,8 @@ norm and weight checksum within benchmarks/parity_suite.py BOUNDS of the one-GPU
 memory estimator within 15% of each layout's measured peak. The table is printed (and left in
 $FAMTRON_PARITY_OUT when set). Fewer steps or cells for a quick run (2 GPUs in about 4 minutes
 with a warm cache): FAMTRON_PARITY_STEPS=10 FAMTRON_PARITY_CELLS="1gpu tp2 pp2 dp2"; another learning
-rate: FAMTRON_PARITY_LR.
+rate: FAMTRON_PARITY_LR; more arguments of benchmarks/parallel_parity.py for every cell:
+FAMTRON_PARITY_ARGS (e.g. "--eager-scan").
 
 Measured on 2 H200s (2026-11-30, 10 steps, lr 3e-4, benchmarks/results/2026-11-30-2xH200): FAILS.
 Steps 1-3 agree within 3.8e-4 (losses) and 2.1e-3 (gradient norms). After the loss spike of step 3
@@ -19,7 +20,7 @@ other data: step-1 loss 10.838) the suite held losses within 5.2e-4 over 20 step
 of the same kind. On CPU (fp32) the GPU's scan path under PP=2 (static buffers, interleaved
 micro-batches) and under TP=2 equals one process (tests/test_pipeline_parallel.py,
 tests/test_scan.py), so what differs is GPU-only: compiled kernels, bf16. Not yet told apart.
-Next: the same cells at FAMTRON_PARITY_LR=1e-4, and with the eager scan (layer.use_fast_scan)."""
+Next: the same cells at FAMTRON_PARITY_LR=1e-4, and with FAMTRON_PARITY_ARGS=--eager-scan."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def test_layouts_match_one_gpu_and_the_estimator(tmp_path):
     steps = os.environ.get("FAMTRON_PARITY_STEPS", "20")
     names = os.environ.get("FAMTRON_PARITY_CELLS", "").split() or None
     lr = os.environ.get("FAMTRON_PARITY_LR")  # default: parallel_parity's 3e-4
-    cell_args = ["--steps", steps] + (["--lr", lr] if lr else [])
+    cell_args = ["--steps", steps] + (["--lr", lr] if lr else []) + os.environ.get("FAMTRON_PARITY_ARGS", "").split()
     paths = run_suite(out, gpus, serial=False, timeout=420, cell_args=cell_args, names=names)
     expected = [c.name for c in CELLS if c.gpus <= gpus and (names is None or c.name in names)]
     assert sorted(p.stem for p in paths) == sorted(expected), f"cells without a result: see the logs in {out}"

@@ -17,7 +17,7 @@ from tests.spawn import run_on_ranks
 
 # Tiny FAM (block 128, F = 16, vocabulary 256 = bytes), 2 blocks per sequence, 4 sequences per step.
 OPTS = dict(config="tiny", vocab_size=256, tp=1, pp=1, zero=0, seq_len=256, global_batch=4, steps=4, lr=3e-3,
-            seed=1234, recompute=False, out=None)
+            seed=1234, recompute=False, out=None, eager_scan=False)
 
 
 def _cell(rank: int, world_size: int, plant_summed_gradient: bool) -> dict:
