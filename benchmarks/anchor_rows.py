@@ -94,8 +94,7 @@ def _profile_anchor(anchor, seq: int, recompute: bool, step_seconds: float) -> d
 
     for _ in range(2):
         step()
-    found = profile_kernels(step)
-    return {**found, "gpu_busy": found["kernel_ms"] / 1e3 / step_seconds}
+    return profile_kernels(step, wall_seconds=step_seconds)
 
 
 def card_name() -> str:

@@ -17,13 +17,15 @@ from typing import Callable
 import torch
 
 
-def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "cuda") -> dict:
+def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "cuda",
+                    wall_seconds: float | None = None) -> dict:
     """Run `step()` (`steps` training steps) under torch.profiler. Per step: launches, the union of
     the kernels' intervals in ms (`kernel_ms`: streams may overlap), and every kernel name
     (first 100 characters) as [name, launches, ms], longest total first. Copies and memsets are
     left out. The first 8 of `kernels` are what the console shows. `ops`: the OPS operators with
     the most self time on the device, as [name, input shapes, calls, ms] per step (kernels in a
-    CUDA graph replay count under the replay), from a second profiled run of `step`."""
+    CUDA graph replay count under the replay), from a second profiled run of `step`. With
+    `wall_seconds` (one unprofiled step's), also `gpu_busy`: kernel time over wall time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -51,8 +53,11 @@ def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "c
         entry[1] += e.duration_ns()
     per_step = lambda n: n // steps if n % steps == 0 else n / steps  # noqa: E731  (counts stay ints when they can)
     ranked = sorted(([name, per_step(n), ns / 1e6 / steps] for name, (n, ns) in by_name.items()), key=lambda r: -r[2])
-    return {"kernels_per_step": per_step(len(events)), "kernel_ms": busy_ns / 1e6 / steps, "kernels": ranked,
-            "ops": _ops(step, steps, cuda)}
+    found = {"kernels_per_step": per_step(len(events)), "kernel_ms": busy_ns / 1e6 / steps, "kernels": ranked,
+             "ops": _ops(step, steps, cuda)}
+    if wall_seconds:
+        found["gpu_busy"] = found["kernel_ms"] / 1e3 / wall_seconds
+    return found
 
 
 OPS = 60
@@ -63,14 +68,13 @@ def _ops(step: Callable[[], object], steps: int, cuda: bool) -> list:
     a second profiled run, with the CPU's operators and their shapes (the first counts kernels
     alone: with CPU activity, annotations such as "## Call CompiledFxGraph ##" show up on the
     device's timeline too)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
         step()
         if cuda:
             torch.cuda.synchronize()
-    from torch.autograd import DeviceType
-
     rows = []
     for avg in prof.key_averages(group_by_input_shape=True):
         us = avg.self_device_time_total if cuda else avg.self_cpu_time_total

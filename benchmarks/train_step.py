@@ -77,8 +77,7 @@ def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, step
     flops = flops_per_token(args, seq)
     profiled = {}
     if profile:
-        profiled = profile_kernels(step)
-        profiled["gpu_busy"] = profiled["kernel_ms"] / 1e3 / seconds
+        profiled = profile_kernels(step, wall_seconds=seconds)
     return {
         **profiled,
         "tokens_per_s": seq / seconds,

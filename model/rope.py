@@ -39,12 +39,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def rope_sbnd(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """RoPE for megatron's layout: x [s, b, n, d], positions [b, s] -> [s, b, n, d]."""
-    cos, sin = rope_angles(positions.transpose(0, 1), x.shape[-1], base)  # [s, b, d]
-    return apply_rope(x, cos[:, :, None, :], sin[:, :, None, :])
-
-
 def split_qkv_rope(mixed: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor, base: float):
     """megatron's grouped QKV output [s, b, g, npg + 2, d] -> q [s, b, g * npg, d] and k [s, b, g, d]
     with RoPE at positions [b, s], and v [s, b, g, d]. On CUDA (FUSED) one compiled kernel reads

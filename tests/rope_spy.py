@@ -1,7 +1,7 @@
 """A spy on the RoPE angles the model code computes, for tests: the positions it really uses.
 
 `install(records)` rebinds every module attribute that holds model.rope.rope_angles (model.rope
-itself, whose rope_sbnd calls it for the block tokens; model.layer for the FAM rows; model.reference;
+itself, whose split_qkv_rope calls it for the block tokens; model.layer for the FAM rows; model.reference;
 any other module that imported the name) to a wrapper that appends (module name, positions as a
 float64 numpy array) to `records` and then computes the real angles. It returns the undo. Plain
 attribute setting, so it works inside spawned worker processes too. Positions on the meta device

@@ -179,7 +179,7 @@ def test_chunked_loss_without_logits_equals_loss_from_logits(fam_len, monkeypatc
 def record_megatron_layers(model, tokens, offsets, monkeypatch) -> list[dict]:
     """Run the megatron model with spies on the RoPE angles it computes (tests/rope_spy.py), on
     its block attention and on its FAM scan steps. Per layer, in call order: token query and key
-    positions [b, S] (rope_sbnd), FAM query and key tables [b, T, F] (FAMLayer._fam_rope), the
+    positions [b, S] (split_qkv_rope), FAM query and key tables [b, T, F] (FAMLayer._fam_rope), the
     BlockLayout the block queries attend with, and each scan step's number of block keys."""
     import model.scan as scan_module
     from model.attention import FAMSelfAttention

@@ -52,7 +52,7 @@ def _record_positions(records: list, block_size: int, fam_len: int, layers: int,
             calls.append((site, value))
             continue
         if step is not None:
-            tokens = [v.T for s, v in calls if s == "model.rope"]  # rope_sbnd: [S, b] -> [b, S]
+            tokens = [v.T for s, v in calls if s == "model.rope"]  # split_qkv_rope: [S, b] -> [b, S]
             tables = [v for s, v in calls if s == "model.layer"]  # FAM query, key tables [b, T, F]
             if shape_inference and step == 1:
                 tokens, tables = tokens[2 * layers :], tables[2 * layers :]

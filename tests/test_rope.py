@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from model.rope import apply_rope, rope_angles, rope_sbnd
+from model.rope import apply_rope, rope_angles, split_qkv_rope
 
 # model/rope.py rounds cos/sin to fp32 (relative 6e-8) and rotates in fp32: with |x| <= ~4
 # the result is within a few 1e-7 of the float64 rotation. A wrong frequency, pairing or sign
@@ -45,14 +45,20 @@ def test_apply_rope_is_the_complex_rotation_of_half_split_pairs(head_dim, base):
     assert (want - x.double()).abs().max() > 0.5  # the rotation is not the identity here
 
 
-def test_rope_sbnd_rotates_megatron_layout_at_per_example_positions():
+def test_the_qkv_split_rotates_megatron_layout_at_per_example_positions():
+    """split_qkv_rope on megatron's grouped QKV [s, b, g, npg + 2, d]: q's heads and k rotated at
+    their own positions [b, s], v untouched."""
     torch.manual_seed(1)
-    s, b, n, d = 9, 2, 3, 16
-    x = torch.randn(s, b, n, d)
+    s, b, g, npg, d = 9, 2, 3, 2, 16
+    mixed = torch.randn(s, b, g, npg + 2, d)
     positions = torch.tensor([[0.0], [4000.5]], dtype=torch.float64) + torch.arange(s, dtype=torch.float64)  # [b, s]
-    got = rope_sbnd(x, positions, 10000.0).double()
-    want = complex_rope(x.permute(1, 2, 0, 3), positions[:, None, :], 10000.0).permute(2, 0, 1, 3)  # [s, b, n, d]
-    assert (got - want).abs().max() < ATOL
+    q, k, v = split_qkv_rope(mixed, positions, positions + 7.0, 10000.0)
+    as_bnsd = lambda x: x.permute(1, 2, 0, 3)  # noqa: E731  [s, b, n, d] -> [b, n, s, d]
+    want_q = complex_rope(as_bnsd(mixed[:, :, :, :npg].reshape(s, b, g * npg, d)), positions[:, None, :], 10000.0)
+    want_k = complex_rope(as_bnsd(mixed[:, :, :, -2]), positions[:, None, :] + 7.0, 10000.0)
+    assert (as_bnsd(q).double() - want_q).abs().max() < ATOL
+    assert (as_bnsd(k).double() - want_k).abs().max() < ATOL
+    assert torch.equal(v, mixed[:, :, :, -1])
 
 
 def test_rope_keeps_the_dtype_and_rotates_bf16_in_fp32():

@@ -58,6 +58,7 @@ ZERO_REDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size
 ZERO3_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters
 DEFAULT_ALLOWANCE_GIB = 4.0  # CUDA context + NCCL buffers + allocator fragmentation
 KERNELS = ("cuda", "cpu")
+SWIGLU = ("eager", "fused")  # Settings.swiglu
 
 
 # ---------------------------------------------------------------- pipeline
@@ -306,8 +307,8 @@ def estimate(model_args: ModelArgs, settings: Settings = Settings()) -> MemoryEs
     m, s = model_args, settings.resolved(model_args)
     if s.kernels not in KERNELS:
         raise ValueError(f"kernels={s.kernels!r}: must be one of {KERNELS}")
-    if s.swiglu not in ("fused", "eager"):
-        raise ValueError(f"swiglu={s.swiglu!r}: must be 'fused' (model/mlp.py on CUDA) or 'eager'")
+    if s.swiglu not in SWIGLU:
+        raise ValueError(f"swiglu={s.swiglu!r}: must be one of {SWIGLU} ('fused': model/mlp.py on CUDA)")
     if s.return_logits and s.pp > 1:
         raise ValueError("return_logits=true: the pipeline's last stage always computes the loss with lm_loss")
     plan = ParallelPlan(s.tp, s.pp, s.dp, None, s.zero, s.offload_optimizer, s.sequence_parallel, s.virtual_stages,
