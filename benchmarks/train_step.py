@@ -22,8 +22,9 @@ process at each row's shape, attention and sequence, and prints each row's ratio
 and its anchor can be diffed kernel by kernel. The rows (with the anchor's beside them) are always
 saved as `<--results-dir>/<date>-<card>/train_step.json`.
 `--scan-compile-mode` compiles the FAM scan's steps in another torch.compile mode (model/fast_scan.py).
-`--fused-ops` runs the QKV split, RoPE and SwiGLU as compiled kernels instead of eager ops (model/rope.py,
-model/mlp.py; not yet the default), beside rows without it in one results file.
+The QKV split, RoPE and SwiGLU run as compiled kernels (model/rope.py, model/mlp.py FUSED, the default
+since 2026-12); `--eager-ops` runs megatron's eager ops instead, as the rows before it did (rows say which:
+`fused_ops`).
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ def main() -> None:
                              "train_step measured before 2026-12 and as the anchor computes it")
     parser.add_argument("--scan-compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
                         help="torch.compile mode of the FAM scan's steps (model/fast_scan.py COMPILE_MODE)")
-    parser.add_argument("--fused-ops", action="store_true",
-                        help="the QKV split, RoPE and SwiGLU as compiled kernels, not eager ops "
-                             "(model/rope.py, model/mlp.py; off by default until measured on a GPU)")
+    parser.add_argument("--eager-ops", action="store_true",
+                        help="the QKV split, RoPE and SwiGLU as eager ops (megatron's), not the default compiled "
+                             "kernels (model/rope.py, model/mlp.py FUSED), as train_step measured before 2026-12")
     add_anchor_arguments(parser)
     add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
@@ -116,7 +117,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
     fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
-    rope.FUSED = mlp.FUSED = opts.fused_ops
+    rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.micro_chunk_len:
         return run_micro_chunk_benchmark(opts)
     rows, records, anchors = [], [], {}

@@ -22,24 +22,37 @@ import torch
 
 SHAPE_LIMIT = 64  # graphs per compiled function and process
 
+# The SHAPE_LIMIT dynamo's config was last set to. The limits are set for the whole process on the
+# first compiled call (and again if SHAPE_LIMIT changes, as tests do), not patched in and out around
+# each call: `torch._dynamo.config.patch` costs ~110 us a call on a 2-core CPU, ~90 calls per fam-1b
+# step, and at 8k tokens and micro-batch 1 the GPU waits on the CPU's launches (issue 13). So every
+# torch.compile'd function in a famtron process fails past SHAPE_LIMIT instead of running eagerly.
+# Tests change the limit with `shape_limit`, which sets it back on the way out.
+_applied: int | None = None
+
 
 class CompileLimitError(RuntimeError):
     pass
 
 
+def _apply_limits() -> None:
+    global _applied
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = SHAPE_LIMIT
+    config.accumulated_recompile_limit = max(4 * SHAPE_LIMIT, config.accumulated_recompile_limit)
+    config.fail_on_recompile_limit_hit = True
+    _applied = SHAPE_LIMIT
+
+
 @contextlib.contextmanager
 def bounded_compiles(what: str):
     """Run compiled calls of `what` with dynamo's cache sized to SHAPE_LIMIT, failing past it."""
-    import torch._dynamo
-
-    limits = dict(
-        recompile_limit=SHAPE_LIMIT,
-        accumulated_recompile_limit=max(4 * SHAPE_LIMIT, torch._dynamo.config.accumulated_recompile_limit),
-        fail_on_recompile_limit_hit=True,
-    )
+    if _applied != SHAPE_LIMIT:
+        _apply_limits()
     try:
-        with torch._dynamo.config.patch(**limits):
-            yield
+        yield
     except torch._dynamo.exc.FailOnRecompileLimitHit as err:
         raise CompileLimitError(
             f"{what} has been compiled for {SHAPE_LIMIT} different input shapes in this process; an "
@@ -47,3 +60,15 @@ def bounded_compiles(what: str):
             "shapes (pad sequences to a few lengths, multiples of model.block_size) or raise "
             "model.compile_limits.SHAPE_LIMIT."
         ) from err
+
+
+@contextlib.contextmanager
+def shape_limit(limit: int):
+    """SHAPE_LIMIT = `limit` inside (tests), the previous limit applied again on the way out."""
+    global SHAPE_LIMIT
+    previous, SHAPE_LIMIT = SHAPE_LIMIT, limit
+    try:
+        yield
+    finally:
+        SHAPE_LIMIT = previous
+        _apply_limits()

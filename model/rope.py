@@ -18,9 +18,9 @@ from model.compile_limits import bounded_compiles
 # profile of bswa-1b at 8k found RoPE's eager ops (fp32 upcast, cat, two products, the add, the
 # cast back, and in backward the slices' zero-filled gradients) among the largest launches left
 # beside the GEMMs: 144 products, 127 cats and 180 copies of [8192, 1, 12, 128] per step, ~15 ms
-# of 186 (benchmarks/results/2026-11-30-2xH200). Off until it has run on a GPU: checked so far on
-# the CPU's inductor only (exact there); benchmarks.train_step --fused-ops turns it on with SwiGLU's.
-FUSED = False
+# of 186 (benchmarks/results/2026-11-30-2xH200). On by default since it ran on an H200 with
+# model/mlp.py's SwiGLU (figures there); `benchmarks.train_step --eager-ops` turns both off.
+FUSED = True
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:

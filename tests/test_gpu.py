@@ -122,12 +122,11 @@ def test_a_wrong_mask_on_gpu_exceeds_even_the_bf16_tolerance(monkeypatch, no_tf3
     assert len(_too_far(errors, "bf16")) > len(errors) // 2
 
 
-def test_flex_attention_fails_loudly_past_its_shape_budget_instead_of_running_eagerly(monkeypatch):
+def test_flex_attention_fails_loudly_past_its_shape_budget_instead_of_running_eagerly():
     """Eager flex_attention would materialise the S x S scores (64 GiB at 64k tokens): past the
     budget a new shape must raise, never warn and fall back, whatever ran before in the process."""
-    monkeypatch.setattr(compile_limits, "SHAPE_LIMIT", 1)
     attention = build_model(ARGS, device="cuda").layers[0].attention
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), compile_limits.shape_limit(1):
         warnings.filterwarnings("error", message=".*flex_attention called without torch.compile.*")
         with pytest.raises(CompileLimitError, match="has been compiled for 1 different input shapes"), torch.no_grad():
             for seq in (384, 640):  # two shapes no other test uses: the second is past a budget of 1

@@ -17,7 +17,7 @@ from tests.spawn import run_on_ranks
 
 # Tiny FAM (block 128, F = 16, vocabulary 256 = bytes), 2 blocks per sequence, 4 sequences per step.
 OPTS = dict(config="tiny", vocab_size=256, tp=1, pp=1, zero=0, seq_len=256, global_batch=4, steps=4, lr=3e-3,
-            seed=1234, recompute=False, out=None, eager_scan=False)
+            warmup_steps=2, seed=1234, recompute=False, out=None, eager_scan=False)
 
 
 def _cell(rank: int, world_size: int, plant_summed_gradient: bool) -> dict:
@@ -58,6 +58,14 @@ def test_parity_compare_passes_dp2_and_fails_a_summed_dp_gradient(tmp_path):
     assert not bad["parity_ok"] and "grad_norms" in bad["failed"], bad["diffs"]
     assert abs(bad["diffs"]["grad_norms"] - 1.0) < 0.05  # twice the norm from step 2 on
     assert bad["diffs"]["losses"] < BOUNDS["losses"]  # the loss curve alone would have passed it
+
+
+def test_the_warm_up_ramps_the_lr_linearly_then_holds_it():
+    from benchmarks.parallel_parity import warmup_lr
+
+    ramp = [warmup_lr(Namespace(lr=3e-4, warmup_steps=4), step) for step in range(6)]
+    assert ramp == [3e-4 * n / 4 for n in (1, 2, 3, 4)] + [3e-4, 3e-4]
+    assert warmup_lr(Namespace(lr=3e-4, warmup_steps=0), 0) == 3e-4
 
 
 def test_max_rel_diff_leaves_out_step_1_and_fails_missing_figures():

@@ -14,7 +14,7 @@ import model.masks as masks
 import model.scan_graphs as scan_graphs
 import model.scan_step as scan_step
 from model import FAMState, LayerState, build_model
-from model.compile_limits import CompileLimitError, bounded_compiles
+from model.compile_limits import SHAPE_LIMIT, CompileLimitError, bounded_compiles, shape_limit
 from tests.spawn import run_on_ranks
 from tests.test_reference import small_args
 
@@ -220,16 +220,18 @@ def test_block_attention_pays_one_key_tile_per_query_tile_for_the_fam(monkeypatc
     assert sum(unaligned_visited) > sum(fam_visited) and sum(unaligned_full) < sum(fam_full)
 
 
-def test_compiled_calls_fail_loudly_past_the_shape_budget(monkeypatch):
+def test_compiled_calls_fail_loudly_past_the_shape_budget():
     """Past model.compile_limits.SHAPE_LIMIT graphs a function raises instead of silently running
     eagerly (which, for FlexAttention, materialises the S x S scores)."""
-    import model.compile_limits as limits
-
-    monkeypatch.setattr(limits, "SHAPE_LIMIT", 2)
     double = torch.compile(lambda x: x * 2, dynamic=False, backend="eager")
-    with bounded_compiles("probe"):
-        double(torch.ones(1))
-        double(torch.ones(2))
-    with pytest.raises(CompileLimitError, match="probe has been compiled for 2 different input shapes"):
+    with shape_limit(2):
         with bounded_compiles("probe"):
-            double(torch.ones(3))
+            double(torch.ones(1))
+            double(torch.ones(2))
+        with pytest.raises(CompileLimitError, match="probe has been compiled for 2 different input shapes"):
+            with bounded_compiles("probe"):
+                double(torch.ones(3))
+    # set back for the rest of the process: a fourth shape compiles again under the default budget
+    with bounded_compiles("probe"):
+        double(torch.ones(4))
+    assert torch._dynamo.config.recompile_limit == SHAPE_LIMIT

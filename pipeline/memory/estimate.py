@@ -88,8 +88,9 @@ class Settings:
     gradient buffers: MixedPrecisionOptimizer, no ZeRO) or "bf16-zero" (DeepSpeed's bf16);
     `kernels`: "cuda" (FlexAttention, fused RMSNorm, compiled scan) or "cpu" (dense-mask SDPA);
     `return_logits`: the loss from whole logits (`model(..., return_logits=True)`), not lm_loss;
-    `swiglu`: "eager" (megatron's ops: the CPU's, and the GPU's unless model/mlp.py FUSED; every GPU
-    peak in the tests) or "fused" (model/mlp.py's compiled SwiGLU on CUDA).
+    `swiglu`: "fused" (model/mlp.py's compiled SwiGLU, the GPU's default; with kernels="cpu" it counts
+    as eager) or "eager" (megatron's ops: the CPU's, and the GPU's with FUSED off; every GPU peak
+    measured before 2026-12).
     None (recompute, schedule, microbatches): the model's, the default for virtual_stages, P."""
 
     tp: int = 1
@@ -109,7 +110,7 @@ class Settings:
     layout: list[int] | None = None
     kernels: str = "cuda"
     return_logits: bool = False
-    swiglu: str = "eager"
+    swiglu: str = "fused"
     micro_chunk_len: int = 0  # train.micro_chunk_len: 0 off
     micro_chunk_mode: str = "exact"  # train.micro_chunk_mode
     offload_states: bool = False  # train.micro_chunk_offload_states
