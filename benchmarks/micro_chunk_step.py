@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from model import build_model, fast_scan, load_model_args, mlp, rope, scan_graphs
+from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope, scan_graphs
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model.micro_chunks import micro_chunked_forward_backward
 from pipeline.memory.cli import estimated_precision
@@ -155,12 +155,15 @@ def release_cell(before: int, allocated=torch.cuda.memory_allocated) -> float:
 def row_notes(left_gib: float) -> dict:
     """What a row records beside its figures, when it applies: `leaked_gib` (release_cell found a
     leak), `scan_compile_mode` (the FAM scan's steps were not compiled in the default mode) and
-    `fused_ops` (the QKV split, RoPE and SwiGLU ran as compiled kernels: model/rope.py, model/mlp.py)."""
+    `fused_ops` (the QKV split, RoPE and SwiGLU ran as compiled kernels: model/rope.py, model/mlp.py)
+    and `fused_op_shapes` ("automatic" when they were not compiled for dynamic shapes)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     if fast_scan.COMPILE_MODE:
         notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
     if rope.FUSED or mlp.FUSED:
         notes["fused_ops"] = True
+        if compile_limits.POINTWISE_DYNAMIC is None:
+            notes["fused_op_shapes"] = "automatic"
     return notes
 
 

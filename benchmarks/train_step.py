@@ -11,8 +11,9 @@ weights cast at each use; fused AdamW). Prints tokens/s, model TFLOP/s (FLOPs co
 attention + FAM tokens, pipeline/training/flops.py) and peak memory. The vocabulary defaults to
 32k; say so when quoting the numbers.
 `--recompute auto` recomputes activations at 64k and beyond, and wherever a cell would not fit without it.
-`--profile` adds two profiled steps per cell (benchmarks/profiling.py): kernels launched per step
-and the GPU-busy fraction (the time some kernel ran over the unprofiled step's wall time), then the
+`--profile` adds three profiled steps per cell (benchmarks/profiling.py): kernels launched per step
+and the GPU-busy fraction (the time some kernel ran over the unprofiled step's wall time), the CPU's
+time to issue a step and the calls in it that waited for the GPU (benchmarks/profiling.py host_side), then the
 operators that launched the kernel time, with their input shapes.
 `--json PATH` writes every cell's raw figures as a JSON list (with --profile: every kernel by name,
 to diff two configs).
@@ -38,7 +39,7 @@ from benchmarks.micro_chunk_step import (add_micro_chunk_arguments, release_cell
                                          save_rows)
 from benchmarks.profiling import profile_kernels
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
-from model import build_model, fast_scan, load_model_args, mlp, rope
+from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
 from pipeline.training.flops import flops_per_token, peak_flops
 
@@ -110,6 +111,10 @@ def main() -> None:
     parser.add_argument("--eager-ops", action="store_true",
                         help="the QKV split, RoPE and SwiGLU as eager ops (megatron's), not the default compiled "
                              "kernels (model/rope.py, model/mlp.py FUSED), as train_step measured before 2026-12")
+    parser.add_argument("--fused-op-shapes", choices=["dynamic", "automatic"], default="dynamic",
+                        help="torch.compile shapes of the compiled QKV split + RoPE and SwiGLU: dynamic (one graph "
+                             "for every length, the default) or automatic (static until a second shape; "
+                             "model/compile_limits.py POINTWISE_DYNAMIC)")
     add_anchor_arguments(parser)
     add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
@@ -118,6 +123,7 @@ def main() -> None:
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
     fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
     rope.FUSED = mlp.FUSED = not opts.eager_ops
+    compile_limits.POINTWISE_DYNAMIC = True if opts.fused_op_shapes == "dynamic" else None
     if opts.micro_chunk_len:
         return run_micro_chunk_benchmark(opts)
     rows, records, anchors = [], [], {}
@@ -154,20 +160,21 @@ def main() -> None:
 def print_table(rows: list, opts) -> None:
     """The rows as a markdown table, each with its ratio to the bswa config of the same sequence."""
     print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch 1, vocab {opts.vocab_size}")
-    extra = " GPU busy | kernels/step |" if opts.profile else ""
+    extra = " GPU busy | kernels/step | CPU ms/step | waits |" if opts.profile else ""
     print("| config | sequence | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |" + extra)
-    print("|---|---|---|---|---|---|---|---|" + "---|---|" * opts.profile)
+    print("|---|---|---|---|---|---|---|---|" + "---|---|---|---|" * opts.profile)
     speed = {(name, seq): r.get("tokens_per_s") for name, seq, r in rows}
     for name, seq, r in rows:
         if r.get("oom"):
-            print(f"| {name} | {seq:,} | out of memory | | | | | {r['recompute']} |" + " | |" * opts.profile)
+            print(f"| {name} | {seq:,} | out of memory | | | | | {r['recompute']} |" + " | | | |" * opts.profile)
             continue
         bswa = speed.get((name.replace("fam", "bswa").replace("dense", "bswa"), seq))
         ratio = f"{r['tokens_per_s'] / bswa:.2f}" if bswa else ""
         line = (f"| {name} | {seq:,} | {r['tokens_per_s'] / 1e3:.1f}k | {ratio} | {r['tflops']:.0f} | {r['mfu']:.0%} "
                 f"| {r['peak_gib']:.1f} GiB | {r['recompute']} |")
         if opts.profile:
-            line += f" {r['gpu_busy']:.0%} | {r['kernels_per_step']:,.0f} |"
+            line += (f" {r['gpu_busy']:.0%} | {r['kernels_per_step']:,.0f} | {r['host_ms']:.0f} |"
+                     f" {sum(n for _, n in r['syncs']):.0f} |")
         print(line)
 
 

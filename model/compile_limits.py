@@ -17,6 +17,7 @@ compiled with fullgraph=True where they have no collectives, which fails on the 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -29,6 +30,25 @@ SHAPE_LIMIT = 64  # graphs per compiled function and process
 # torch.compile'd function in a famtron process fails past SHAPE_LIMIT instead of running eagerly.
 # Tests change the limit with `shape_limit`, which sets it back on the way out.
 _applied: int | None = None
+
+
+# torch.compile's `dynamic` for the pointwise ops (model/rope.py's QKV split + RoPE, model/mlp.py's
+# SwiGLU). True: one graph for every sequence length. None: torch's automatic dynamic shapes, the
+# first shape static (a training run's one length), a dynamic graph from the second shape on
+# (evaluation, generation). On an H200 (2026-11-30) the dynamic SwiGLU backward ran at about a
+# quarter of HBM bandwidth (1.26 ms for ~1 GB at bswa-1b 8k) and bswa-1b's step at 8k became
+# CPU-bound; whether static shapes help is for `benchmarks.train_step --fused-op-shapes` to tell.
+POINTWISE_DYNAMIC: bool | None = True
+
+
+def compiled_pointwise(fn):
+    """`fn` compiled whole (fullgraph: no silent eager fallback) with POINTWISE_DYNAMIC."""
+    return _compile_pointwise(fn, POINTWISE_DYNAMIC)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_pointwise(fn, dynamic: bool | None):
+    return torch.compile(fn, dynamic=dynamic, fullgraph=True)
 
 
 class CompileLimitError(RuntimeError):

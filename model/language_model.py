@@ -76,7 +76,10 @@ class FAMLanguageModel(MegatronModule):
     def positions(self, batch: int, seq: int, state: FAMState | None, position_offset, device) -> torch.Tensor:
         """Float positions [b, s]: offset (RPO) + tokens consumed before + arange."""
         start = 0 if state is None else state.position
-        offset = torch.as_tensor(position_offset, dtype=torch.float32, device=device).reshape(-1, 1).expand(batch, 1)
+        if isinstance(position_offset, torch.Tensor):  # RPO, per example
+            offset = position_offset.to(device, torch.float32).reshape(-1, 1).expand(batch, 1)
+        else:  # filled on the device: a tensor made from a Python number is a host copy the CPU waits for
+            offset = torch.full((batch, 1), float(position_offset), device=device)
         return offset + start + torch.arange(seq, dtype=torch.float32, device=device)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

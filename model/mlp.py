@@ -16,13 +16,11 @@ one (tests/test_gpu.py, tests/test_fused_ops.py).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F_
 from megatron.core.transformer.mlp import MLP
 
-from model.compile_limits import bounded_compiles
+from model.compile_limits import bounded_compiles, compiled_pointwise
 
 # On by default since it ran on an H200 (2026-11-30, benchmarks/results/2026-11-30-2xH200, with
 # model/rope.py's; `benchmarks.train_step --eager-ops` turns both off): tokens/s +3-9 % from 32k
@@ -55,7 +53,5 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F_.silu(gate) * up
 
 
-@functools.lru_cache(maxsize=1)
 def _compiled_swiglu():
-    # dynamic: one graph for every sequence length; fullgraph: no silent eager fallback.
-    return torch.compile(swiglu, dynamic=True, fullgraph=True)
+    return compiled_pointwise(swiglu)  # shapes: model/compile_limits.py POINTWISE_DYNAMIC

@@ -8,11 +8,9 @@ Convention: rotate-half (GPT-NeoX / Llama), base 10000 by default.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from model.compile_limits import bounded_compiles
+from model.compile_limits import bounded_compiles, compiled_pointwise
 
 # The QKV split and RoPE as one compiled kernel (and one for its backward) on CUDA: issue 13's
 # profile of bswa-1b at 8k found RoPE's eager ops (fp32 upcast, cat, two products, the add, the
@@ -63,8 +61,5 @@ def _split_rope(mixed, cos_q, sin_q, cos_k, sin_k, own_v: bool = False):
     return q, k, v.clone() if own_v else v
 
 
-@functools.lru_cache(maxsize=1)
 def _compiled_split_rope():
-    # dynamic: one graph for every sequence length (a pointwise kernel gains nothing from static
-    # shapes); fullgraph: no silent eager fallback.
-    return torch.compile(_split_rope, dynamic=True, fullgraph=True)
+    return compiled_pointwise(_split_rope)  # shapes: model/compile_limits.py POINTWISE_DYNAMIC

@@ -105,6 +105,8 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     """release_cell measures what a finished cell left allocated (the leak that once carried 21.6 GiB
     from cell to cell); `allocated` stands in for torch.cuda.memory_allocated on this CPU machine."""
     gib = 2**30
+    for module in (micro_chunk_step.rope, micro_chunk_step.mlp):  # megatron's eager ops: no note
+        monkeypatch.setattr(module, "FUSED", False)
     clean = micro_chunk_step.release_cell(10 * gib, allocated=lambda: 10 * gib + 4096)
     assert micro_chunk_step.row_notes(clean) == {} and "WARNING" not in capsys.readouterr().out
     left = micro_chunk_step.release_cell(10 * gib, allocated=lambda: 31 * gib + gib // 2)
@@ -112,3 +114,7 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     assert "left 21.5 GiB allocated" in capsys.readouterr().out
     monkeypatch.setattr(micro_chunk_step.fast_scan, "COMPILE_MODE", "max-autotune-no-cudagraphs")
     assert micro_chunk_step.row_notes(clean) == {"scan_compile_mode": "max-autotune-no-cudagraphs"}
+    monkeypatch.setattr(micro_chunk_step.mlp, "FUSED", True)  # the default: compiled ops, noted
+    monkeypatch.setattr(micro_chunk_step.compile_limits, "POINTWISE_DYNAMIC", None)
+    assert micro_chunk_step.row_notes(clean) == {"scan_compile_mode": "max-autotune-no-cudagraphs", "fused_ops": True,
+                                                 "fused_op_shapes": "automatic"}
