@@ -106,24 +106,14 @@ def main() -> None:
     parser.add_argument("--loss", choices=["chunked", "whole"], default="chunked",
                         help="chunked: the trainer's lm_loss (default); whole: the loss from whole logits, as "
                              "train_step measured before 2026-12 and as the anchor computes it")
-    parser.add_argument("--scan-compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
-                        help="torch.compile mode of the FAM scan's steps (model/fast_scan.py COMPILE_MODE)")
-    parser.add_argument("--eager-ops", action="store_true",
-                        help="the QKV split, RoPE and SwiGLU as eager ops (megatron's), not the default compiled "
-                             "kernels (model/rope.py, model/mlp.py FUSED), as train_step measured before 2026-12")
-    parser.add_argument("--fused-op-shapes", choices=["dynamic", "automatic"], default="dynamic",
-                        help="torch.compile shapes of the compiled QKV split + RoPE and SwiGLU: dynamic (one graph "
-                             "for every length, the default) or automatic (static until a second shape; "
-                             "model/compile_limits.py POINTWISE_DYNAMIC)")
+    add_kernel_arguments(parser)
     add_anchor_arguments(parser)
     add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
     anchor = load_anchor(opts.anchor) if opts.anchor else None  # a wrong path fails before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
-    fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
-    rope.FUSED = mlp.FUSED = not opts.eager_ops
-    compile_limits.POINTWISE_DYNAMIC = True if opts.fused_op_shapes == "dynamic" else None
+    apply_kernel_options(opts)
     if opts.micro_chunk_len:
         return run_micro_chunk_benchmark(opts)
     rows, records, anchors = [], [], {}
@@ -156,6 +146,26 @@ def main() -> None:
     print(f"rows saved in {saved}")
     print_anchor_ratios(records)
     print_table(rows, opts)
+
+
+def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the model's kernels are built: the scan's compile mode, the compiled or eager pointwise ops."""
+    parser.add_argument("--scan-compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
+                        help="torch.compile mode of the FAM scan's steps (model/fast_scan.py COMPILE_MODE)")
+    parser.add_argument("--eager-ops", action="store_true",
+                        help="the QKV split, RoPE and SwiGLU as eager ops (megatron's), not the default compiled "
+                             "kernels (model/rope.py, model/mlp.py FUSED), as train_step measured before 2026-12")
+    parser.add_argument("--fused-op-shapes", choices=["dynamic", "automatic"], default="dynamic",
+                        help="torch.compile shapes of the compiled QKV split + RoPE and SwiGLU: dynamic (one graph "
+                             "for every length, the default) or automatic (static until a second shape; "
+                             "model/compile_limits.py POINTWISE_DYNAMIC)")
+
+
+def apply_kernel_options(opts) -> None:
+    fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
+    rope.FUSED = mlp.FUSED = not opts.eager_ops
+    compile_limits.POINTWISE_DYNAMIC = True if opts.fused_op_shapes == "dynamic" else None
+
 
 def print_table(rows: list, opts) -> None:
     """The rows as a markdown table, each with its ratio to the bswa config of the same sequence."""
