@@ -109,7 +109,7 @@ def stage_params(m: ModelArgs, layers: int, first: bool, last: bool, tp: int = 1
 
 
 def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
-                           bytes_: Bytes | None = None, kernels: str = "cuda", swiglu: str = "eager") -> dict[str, int]:
+                           bytes_: Bytes | None = None, kernels: str = "cuda", swiglu: str = "fused") -> dict[str, int]:
     """Bytes autograd saves for one layer and one micro-batch, by part (no recompute)."""
     # SwiGLU: megatron's eager ops keep fc1's output (2 FFN widths), silu(gate), up + 0.0 and fc2's input;
     # model/mlp.py's compiled kernel on CUDA keeps fc1's output and fc2's input (silu recomputed in backward)
