@@ -203,6 +203,8 @@ def main() -> None:
                         help="the per-step autograd FAM scan (model/scan.py) on GPU too, not model/fast_scan.py")
     parser.add_argument("--out")
     opts = parser.parse_args()
+    if opts.warmup_steps < 0:
+        parser.error(f"--warmup-steps {opts.warmup_steps}: must be 0 (no warm-up) or a number of steps")
     result = run(opts)
     if dist.get_rank() == 0:
         print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "grad_norms", "weight_norms")}),
