@@ -156,14 +156,14 @@ def row_notes(left_gib: float) -> dict:
     """What a row records beside its figures, when it applies: `leaked_gib` (release_cell found a
     leak), `scan_compile_mode` (the FAM scan's steps were not compiled in the default mode) and
     `fused_ops` (the QKV split, RoPE and SwiGLU ran as compiled kernels: model/rope.py, model/mlp.py)
-    and `fused_op_shapes` ("automatic" when they were not compiled for dynamic shapes)."""
+    and `fused_op_shapes` ("dynamic" when they were compiled for dynamic shapes only)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     if fast_scan.COMPILE_MODE:
         notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
     if rope.FUSED or mlp.FUSED:
         notes["fused_ops"] = True
-        if compile_limits.POINTWISE_DYNAMIC is None:
-            notes["fused_op_shapes"] = "automatic"
+        if not compile_limits.STATIC_SHAPES:
+            notes["fused_op_shapes"] = "dynamic"
     return notes
 
 

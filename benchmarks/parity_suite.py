@@ -87,7 +87,7 @@ def run_suite(out: Path, gpus: int, serial: bool, timeout: float, cell_args: lis
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cell.gpus),
                    "--master_port", str(29600 + index), "-m", "benchmarks.parallel_parity", *cell.args,
                    *cell_args, "--out", str(out / f"{cell.name}.json")]
-            cell_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))} if gpus else env
+            cell_env = {**env, "CUDA_VISIBLE_DEVICES": visible_devices(devices, env)} if gpus else env
             log = open(out / f"{cell.name}.log", "w")  # folded into suite.log when the cell ends
             procs.append((cell, subprocess.Popen(cmd, env=cell_env, stdout=log, stderr=subprocess.STDOUT), log))
         for cell, proc, log in procs:
@@ -103,6 +103,13 @@ def run_suite(out: Path, gpus: int, serial: bool, timeout: float, cell_args: lis
             if (out / f"{cell.name}.json").is_file():
                 results.append(out / f"{cell.name}.json")
     return results
+
+
+def visible_devices(devices: list[int], env: dict) -> str:
+    """CUDA_VISIBLE_DEVICES of a cell on `devices`, indices among the GPUs this process sees: a suite
+    started with CUDA_VISIBLE_DEVICES=1 runs its one-GPU cell on GPU 1, not GPU 0."""
+    seen = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return ",".join(seen[i] if seen else str(i) for i in devices)
 
 
 def fold_log(out: Path, name: str, code, keep_chars: int = 4000) -> None:

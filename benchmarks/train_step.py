@@ -155,16 +155,17 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eager-ops", action="store_true",
                         help="the QKV split, RoPE and SwiGLU as eager ops (megatron's), not the default compiled "
                              "kernels (model/rope.py, model/mlp.py FUSED), as train_step measured before 2026-12")
-    parser.add_argument("--fused-op-shapes", choices=["dynamic", "automatic"], default="dynamic",
-                        help="torch.compile shapes of the compiled QKV split + RoPE and SwiGLU: dynamic (one graph "
-                             "for every length, the default) or automatic (static until a second shape; "
-                             "model/compile_limits.py POINTWISE_DYNAMIC)")
+    parser.add_argument("--fused-op-shapes", choices=["static", "dynamic"], default="static",
+                        help="torch.compile shapes of the compiled QKV split + RoPE and SwiGLU: static (a graph per "
+                             "length for the first 8 lengths, the default) or dynamic (one graph for every length, "
+                             "as train_step measured on 2026-11-30; model/compile_limits.py STATIC_SHAPES)")
 
 
 def apply_kernel_options(opts) -> None:
     fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
     rope.FUSED = mlp.FUSED = not opts.eager_ops
-    compile_limits.POINTWISE_DYNAMIC = True if opts.fused_op_shapes == "dynamic" else None
+    if opts.fused_op_shapes == "dynamic":
+        compile_limits.STATIC_SHAPES = 0
 
 
 def print_table(rows: list, opts) -> None:

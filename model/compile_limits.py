@@ -32,23 +32,43 @@ SHAPE_LIMIT = 64  # graphs per compiled function and process
 _applied: int | None = None
 
 
-# torch.compile's `dynamic` for the pointwise ops (model/rope.py's QKV split + RoPE, model/mlp.py's
-# SwiGLU). True: one graph for every sequence length. None: torch's automatic dynamic shapes, the
-# first shape static (a training run's one length), a dynamic graph from the second shape on
-# (evaluation, generation). On an H200 (2026-11-30) the dynamic SwiGLU backward ran at about a
-# quarter of HBM bandwidth (1.26 ms for ~1 GB at bswa-1b 8k) and bswa-1b's step at 8k became
-# CPU-bound; whether static shapes help is for `benchmarks.train_step --fused-op-shapes` to tell.
-POINTWISE_DYNAMIC: bool | None = True
+# The pointwise ops (model/rope.py's QKV split + RoPE, model/mlp.py's SwiGLU) are compiled for their
+# first STATIC_SHAPES input shapes one by one (static shapes: a training run meets one, its sequence
+# length), and for every later shape one graph compiled for dynamic shapes serves them all
+# (evaluation across many lengths, generation), so no count of shapes reaches SHAPE_LIMIT. 0: the
+# dynamic graph only. Why static first: on an H200 (2026-11-30, benchmarks/results/2026-11-30-2xH200)
+# the dynamic SwiGLU backward ran at about a quarter of HBM bandwidth (1.26 ms for ~1 GB at bswa-1b
+# 8k; 10.4 ms for ~8 GB at 64k), likely because its index arithmetic divides by sizes known only at
+# run time (in 64-bit where inductor cannot bound them); a static kernel's sizes are constants. torch's own automatic
+# dynamic shapes would not do: after a second shape (an evaluation at another length) its dynamic
+# graph also serves the training length from then on. `benchmarks.train_step --fused-op-shapes`
+# measures both.
+STATIC_SHAPES = 8
 
 
-def compiled_pointwise(fn):
-    """`fn` compiled whole (fullgraph: no silent eager fallback) with POINTWISE_DYNAMIC."""
-    return _compile_pointwise(fn, POINTWISE_DYNAMIC)
+class Pointwise:
+    """`fn` compiled whole (fullgraph: no silent eager fallback), static for its first STATIC_SHAPES
+    input shapes and dtypes, dynamic past them. The two torch.compile wrappers keep separate graphs
+    (dynamo matches a cached graph to the wrapper that compiled it), so the training shape keeps its
+    static graph whatever shapes come after."""
+
+    def __init__(self, fn):
+        self.static = torch.compile(fn, dynamic=False, fullgraph=True)
+        self.dynamic = torch.compile(fn, dynamic=True, fullgraph=True)
+        self.static_shapes: set = set()
+
+    def __call__(self, *args):
+        key = tuple((a.shape, a.dtype) for a in args if isinstance(a, torch.Tensor))
+        if STATIC_SHAPES and (key in self.static_shapes or len(self.static_shapes) < STATIC_SHAPES):
+            self.static_shapes.add(key)
+            return self.static(*args)
+        return self.dynamic(*args)
 
 
 @functools.lru_cache(maxsize=8)
-def _compile_pointwise(fn, dynamic: bool | None):
-    return torch.compile(fn, dynamic=dynamic, fullgraph=True)
+def compiled_pointwise(fn) -> Pointwise:
+    """The one Pointwise of `fn` in this process."""
+    return Pointwise(fn)
 
 
 class CompileLimitError(RuntimeError):

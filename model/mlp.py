@@ -54,4 +54,4 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 
 
 def _compiled_swiglu():
-    return compiled_pointwise(swiglu)  # shapes: model/compile_limits.py POINTWISE_DYNAMIC
+    return compiled_pointwise(swiglu)  # shapes: model/compile_limits.py STATIC_SHAPES

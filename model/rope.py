@@ -62,4 +62,4 @@ def _split_rope(mixed, cos_q, sin_q, cos_k, sin_k, own_v: bool = False):
 
 
 def _compiled_split_rope():
-    return compiled_pointwise(_split_rope)  # shapes: model/compile_limits.py POINTWISE_DYNAMIC
+    return compiled_pointwise(_split_rope)  # shapes: model/compile_limits.py STATIC_SHAPES

@@ -115,6 +115,7 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     monkeypatch.setattr(micro_chunk_step.fast_scan, "COMPILE_MODE", "max-autotune-no-cudagraphs")
     assert micro_chunk_step.row_notes(clean) == {"scan_compile_mode": "max-autotune-no-cudagraphs"}
     monkeypatch.setattr(micro_chunk_step.mlp, "FUSED", True)  # the default: compiled ops, noted
-    monkeypatch.setattr(micro_chunk_step.compile_limits, "POINTWISE_DYNAMIC", None)
+    assert micro_chunk_step.row_notes(clean) == {"scan_compile_mode": "max-autotune-no-cudagraphs", "fused_ops": True}
+    monkeypatch.setattr(micro_chunk_step.compile_limits, "STATIC_SHAPES", 0)
     assert micro_chunk_step.row_notes(clean) == {"scan_compile_mode": "max-autotune-no-cudagraphs", "fused_ops": True,
-                                                 "fused_op_shapes": "automatic"}
+                                                 "fused_op_shapes": "dynamic"}

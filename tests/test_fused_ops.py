@@ -9,6 +9,7 @@ import torch
 from megatron.core.transformer.mlp import MLP
 
 import model.mlp as mlp_module
+from model import compile_limits
 from model import build_model
 from pipeline.memory.estimate import Settings, estimate
 from pipeline.memory.terms import element_bytes, layer_activation_terms
@@ -50,3 +51,29 @@ def test_an_unknown_swiglu_setting_is_refused_by_name():
     with pytest.raises(ValueError, match="swiglu='triton'"):
         estimate(ARGS, Settings(seq_len=64, swiglu="triton"))
 
+
+
+def test_pointwise_ops_keep_a_static_graph_per_training_shape_and_share_one_dynamic_graph_past_the_limit(
+        monkeypatch):
+    """model/compile_limits.py's Pointwise: the first STATIC_SHAPES shapes each get their own graph,
+    every later shape the one dynamic graph, and a shape met first keeps its static graph after the
+    dynamic one exists (a training length after an evaluation at other lengths). Values equal the
+    eager function's throughout."""
+    from torch._dynamo.utils import counters
+
+    from model.compile_limits import Pointwise
+
+    monkeypatch.setattr(compile_limits, "STATIC_SHAPES", 2)
+    op = Pointwise(mlp_module.swiglu)
+    made = []
+    for rows in (8, 12, 20, 28, 8, 12):  # two static, two past the limit (one dynamic graph), the first two again
+        before = counters["stats"]["unique_graphs"]
+        x = torch.randn(rows, 1, 16)
+        torch.testing.assert_close(op(x), mlp_module.swiglu(x))
+        made.append(counters["stats"]["unique_graphs"] - before)
+    assert made == [1, 1, 1, 0, 0, 0]
+    assert op.static_shapes == {((torch.Size([r, 1, 16]), torch.float32),) for r in (8, 12)}
+    monkeypatch.setattr(compile_limits, "STATIC_SHAPES", 0)  # dynamic only, also for shapes seen before
+    before = counters["stats"]["unique_graphs"]
+    op(torch.randn(8, 1, 16))
+    assert counters["stats"]["unique_graphs"] == before

@@ -196,18 +196,17 @@ def test_captured_scan_equals_uncaptured_and_replays_new_weights_and_inputs(monk
     scan_graphs.clear()
 
 
-@pytest.mark.parametrize("shapes", [True, None])  # compile_limits.POINTWISE_DYNAMIC: dynamic, automatic
+@pytest.mark.parametrize("shapes", [10_000, 0])  # compile_limits.STATIC_SHAPES: static, dynamic only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_qkv_split_and_rope_equal_the_eager_ops_forward_and_backward(dtype, shapes, no_tf32, monkeypatch):
     """model/rope.py's compiled split + RoPE against its eager ops on the same GPU: q, k, v and the
-    gradient of the QKV output, at two lengths (compiled for dynamic shapes, or automatic ones:
-    static until a second shape; dynamo may reuse a graph another test compiled) and per-example
-    positions. The
+    gradient of the QKV output, at two lengths (compiled for each shape, or for dynamic shapes only;
+    dynamo may reuse a graph another test compiled) and per-example positions. The
     same fp32 math fused: equal up to one rounding (fp32) or one bf16 step where a product and sum
     fuse into an FMA. Rotating by the wrong sign of sin gives errors of order 1."""
     import model.rope as rope
 
-    monkeypatch.setattr(compile_limits, "POINTWISE_DYNAMIC", shapes)
+    monkeypatch.setattr(compile_limits, "STATIC_SHAPES", shapes)
 
     def run(fused: bool, mixed, positions, flip_sin: bool = False):
         m = mixed.clone().requires_grad_()
@@ -232,17 +231,17 @@ def test_fused_qkv_split_and_rope_equal_the_eager_ops_forward_and_backward(dtype
         assert ((flipped["q"].float() - eager["q"].float()).norm() / eager["q"].float().norm()).item() > 0.1
 
 
-@pytest.mark.parametrize("shapes", [True, None])  # compile_limits.POINTWISE_DYNAMIC: dynamic, automatic
+@pytest.mark.parametrize("shapes", [10_000, 0])  # compile_limits.STATIC_SHAPES: static, dynamic only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_swiglu_equals_megatrons_mlp_forward_and_backward(dtype, shapes, no_tf32, monkeypatch):
     """model/mlp.py's compiled SwiGLU against megatron's own MLP.forward (its eager ops) on the same
     GPU and weights: the output and the gradients of the input, fc1 and fc2, at two lengths
-    (dynamic or automatic shapes, as above). fp32: equal up to rounding; bf16: the fused kernel rounds once where the eager
+    (static or dynamic shapes, as above). fp32: equal up to rounding; bf16: the fused kernel rounds once where the eager
     ops round after silu and after the product. Swapping gate and up (a wrong chunk order) is
     far outside the bound."""
     import model.mlp as mlp_module
 
-    monkeypatch.setattr(compile_limits, "POINTWISE_DYNAMIC", shapes)
+    monkeypatch.setattr(compile_limits, "STATIC_SHAPES", shapes)
     model = build_model(ARGS, device="cuda").to(dtype)
     block = model.layers[0].mlp
     assert isinstance(block, mlp_module.FAMMLP)

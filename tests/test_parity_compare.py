@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.parity_suite import BOUNDS, compare, max_rel_diff
+from benchmarks.parity_suite import BOUNDS, compare, max_rel_diff, visible_devices
 from tests.spawn import run_on_ranks
 
 # Tiny FAM (block 128, F = 16, vocabulary 256 = bytes), 2 blocks per sequence, 4 sequences per step.
@@ -73,3 +73,11 @@ def test_max_rel_diff_leaves_out_step_1_and_fails_missing_figures():
     assert max_rel_diff([1.0, 1.1], [1.0, 1.0]) == max_rel_diff([5.0, 1.1], [1.0, 1.0])
     for values in (None, [1.0], [1.0, None]):
         assert not max_rel_diff(values, [1.0, 1.0]) <= 1.0  # NaN: a cell without the figure fails
+
+
+def test_a_cell_runs_on_the_gpus_this_process_sees():
+    """A suite started on GPU 1 (CUDA_VISIBLE_DEVICES=1, beside a benchmark on GPU 0) runs its cells
+    there, not on GPU 0; without the variable, indices are the GPUs."""
+    assert visible_devices([0], {"CUDA_VISIBLE_DEVICES": "1"}) == "1"
+    assert visible_devices([0, 1], {"CUDA_VISIBLE_DEVICES": "2,3"}) == "2,3"
+    assert visible_devices([2, 3], {}) == "2,3"
