@@ -19,8 +19,10 @@ ran 79-87 % busy against bswa-1b's 91-99 %.
 from __future__ import annotations
 
 import time
+import traceback
 import warnings
 from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -74,12 +76,21 @@ OPS = 60
 
 def host_side(step: Callable[[], object], steps: int, cuda: bool) -> dict:
     """`host_ms`: CPU time per step to run step() (the GPU's work issued, not waited for); `syncs`:
-    [Python file:line, calls per step] of every CUDA call that waited for the GPU, most first
-    (CUDA only; none is expected inside a training step)."""
+    [where, calls per step] of every CUDA call that waited for the GPU, most first (CUDA only; none
+    is expected inside a training step). `where` is the Python line that waited and, when that line
+    is torch's own, " <- " the innermost line outside torch that led to it (an H200 run found one
+    `torch.cuda.synchronize` per step that its line alone could not place)."""
     if cuda:
         torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    sites: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            sites[sync_site(filename, lineno, traceback.extract_stack()[:-1])] += 1
+
+    with warnings.catch_warnings():  # puts warnings.showwarning back on the way out
         warnings.simplefilter("always")
+        warnings.showwarning = record  # called where the wait happens: the stack is still there
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -91,8 +102,22 @@ def host_side(step: Callable[[], object], steps: int, cuda: bool) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
     if cuda:
         torch.cuda.synchronize()
-    sites = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     return {"host_ms": host * 1e3 / steps, "syncs": [[site, n / steps] for site, n in sites.most_common()]}
+
+
+def sync_site(filename: str, lineno: int, stack: list) -> str:
+    """"file:line" of a wait, with " <- file:line" of the innermost frame of `stack` outside torch
+    when the wait is in torch's own code."""
+    site = f"{filename}:{lineno}"
+    if _TORCH not in Path(filename).resolve().parents:
+        return site
+    outside = [f for f in stack if _TORCH not in Path(f.filename).resolve().parents
+               and Path(f.filename).resolve() not in _PLUMBING]
+    return site if not outside else f"{site} <- {outside[-1].filename}:{outside[-1].lineno}"
+
+
+_TORCH = Path(torch.__file__).resolve().parent
+_PLUMBING = {Path(warnings.__file__).resolve()}  # the warning's own way to `record`
 
 
 def _ops(step: Callable[[], object], steps: int, cuda: bool) -> list:

@@ -222,7 +222,7 @@ def print_anchor_ratios(records: list[dict]) -> None:
         a = r.get("anchor")
         if a is None or a.get("oom") or not r["tokens_per_s"]:
             state = "out of memory" if a and a.get("oom") else "n/a"
-            print(f"| {r['config']} | {r['seq_len']:,} | {r['tokens_per_s'] or 0:.0f} | {state} | | | | |")
+            print(f"| {r['config']} | {r['seq_len']:,} | {(r['tokens_per_s'] or 0) / 1e3:.1f}k | {state} | | | | |")
             continue
         mfu = f"{a['mfu']:.0%}" if a["mfu"] else "n/a"
         print(f"| {r['config']} | {r['seq_len']:,} | {r['tokens_per_s'] / 1e3:.1f}k | {a['attention']} | "

@@ -36,13 +36,13 @@ _applied: int | None = None
 # first STATIC_SHAPES input shapes one by one (static shapes: a training run meets one, its sequence
 # length), and for every later shape one graph compiled for dynamic shapes serves them all
 # (evaluation across many lengths, generation), so no count of shapes reaches SHAPE_LIMIT. 0: the
-# dynamic graph only. Why static first: on an H200 (2026-11-30, benchmarks/results/2026-11-30-2xH200)
-# the dynamic SwiGLU backward ran at about a quarter of HBM bandwidth (1.26 ms for ~1 GB at bswa-1b
-# 8k; 10.4 ms for ~8 GB at 64k), likely because its index arithmetic divides by sizes known only at
-# run time (in 64-bit where inductor cannot bound them); a static kernel's sizes are constants. torch's own automatic
-# dynamic shapes would not do: after a second shape (an evaluation at another length) its dynamic
-# graph also serves the training length from then on. `benchmarks.train_step --fused-op-shapes`
-# measures both.
+# dynamic graph only. Why static first: on an H200 (2026-11-30, benchmarks/results/2026-11-30-2xH200,
+# "Session 10") the kernels compiled for dynamic shapes ran 3-9x slower than those compiled for the
+# shape they met (the SwiGLU backward 22.7 against 7.7 ms, the RoPE backward 9.3 against 1.0 ms per
+# bswa-1b step at 8k), and bswa-1b ran 43.6k against 51.8k tokens/s; a static kernel's sizes are
+# constants in its index arithmetic. torch's own automatic dynamic shapes would not do: after a
+# second shape (an evaluation at another length) it compiles a dynamic graph that may then serve
+# the training length too; here the training length keeps its static graph (tests/test_fused_ops.py). `benchmarks.train_step --fused-op-shapes dynamic` measures the dynamic kernels.
 STATIC_SHAPES = 8
 
 

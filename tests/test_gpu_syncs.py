@@ -5,7 +5,9 @@ A call that waits for the GPU (a `.item()`, a copy from pageable host memory, a 
 shape) drains the GPU's queue, which then idles while the CPU issues the next kernels.
 benchmarks/profiling.py `host_side` lists such calls by Python line (torch.cuda.set_sync_debug_mode);
 here it must find the one planted in a step, and none in the training step of every attention
-kind, on the compiled, captured GPU path. Not yet run on a GPU (written 2026-11-30, session 9).
+kind, on the compiled, captured GPU path. First run on an H200 (2026-11-30, session 10): it found
+the FAM scan's `scales[0] = 0.0` (4 waits per step here; 36-54 per fam-1b step), fixed since, and one
+`torch.cuda.synchronize` per step in the BSWA case, whose caller is not known yet.
 """
 
 from __future__ import annotations

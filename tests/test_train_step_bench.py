@@ -150,3 +150,22 @@ def test_the_table_shows_each_rows_profile_and_an_out_of_memory_row(monkeypatch,
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2] == "| fam-1b | 8,192 | 30.0k | 0.75 | 250 | 25% | 40.0 GiB | False | 87% | 10,180 | 212 | 3 |"
     assert lines[-1].count("|") == lines[-2].count("|") == lines[2].count("|")
+
+
+def test_a_wait_inside_torch_is_placed_at_the_project_line_that_led_to_it():
+    """benchmarks/profiling.py sync_site: a wait in torch's own code (an H200 run found one
+    `torch.cuda.synchronize` per step) names the innermost frame outside torch and the warnings
+    machinery; a wait in the project's code is named as it is."""
+    import traceback
+    import warnings
+
+    from benchmarks.profiling import sync_site
+
+    synchronize = str(Path(torch.__file__).parent / "cuda" / "__init__.py")
+    stack = [traceback.FrameSummary("/work/main/benchmarks/profiling.py", 90, "host_side"),
+             traceback.FrameSummary("/work/main/model/layer.py", 77, "forward"),
+             traceback.FrameSummary(str(Path(torch.__file__).parent / "utils" / "checkpoint.py"), 12, "x"),
+             traceback.FrameSummary(synchronize, 1270, "synchronize"),
+             traceback.FrameSummary(warnings.__file__, 40, "_showwarnmsg")]
+    assert sync_site(synchronize, 1270, stack) == f"{synchronize}:1270 <- /work/main/model/layer.py:77"
+    assert sync_site("/work/main/model/fast_scan.py", 159, stack) == "/work/main/model/fast_scan.py:159"
