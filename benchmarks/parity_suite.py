@@ -30,13 +30,14 @@ from pathlib import Path
 # layout's update. bf16 keeps 8 mantissa bits; layouts change the order of bf16 reductions (TP
 # all-reduce, DP averaging, pipeline accumulation) and AdamW carries the difference forward.
 # Observed on 4 x H200 (20 steps, benchmarks/results/2026-11-26-4xH200/): losses within 5.2e-4, so
-# 2e-3. Gradient norms and the weight checksum (the weights' global L2 norm) were first recorded with
-# this suite and not yet observed on GPU: their bounds start near the losses' (bf16 rounding of each
-# gradient, 4e-3 per element, averages out over a norm of 1e9 elements) and are to be set to a few
-# times the first observed maxima, which the table prints. A DP gradient summed instead of averaged
-# doubles the gradient norm (relative difference 1.0) while AdamW leaves losses and weights nearly as
-# they are (tests/test_parity_compare.py plants it on CPU).
-BOUNDS = {"losses": 2e-3, "grad_norms": 5e-3, "weight_norms": 2e-3}
+# 2e-3. Gradient norms and the weight checksum (the weights' global L2 norm), first observed under the
+# test's regime (10-step LR warm-up, 10 steps) on 2 x H200 (benchmarks/results/2026-11-30-2xH200,
+# "Session 10"): TP=2 against one GPU 4.7e-3 (gradient norms) and 1.9e-7 (weights), losses 7.9e-4.
+# Their bounds are about twice the observed maxima: 1e-2 and 2e-3 (the weights' bound, set before they
+# were observed, stays: it is loose, not tight). A DP gradient summed instead of averaged doubles the
+# gradient norm (relative difference 1.0) while AdamW leaves losses and weights nearly as they are
+# (tests/test_parity_compare.py plants it on CPU).
+BOUNDS = {"losses": 2e-3, "grad_norms": 1e-2, "weight_norms": 2e-3}
 ESTIMATE_RTOL = 0.15  # the estimator's per-GPU peak against the measured one
 
 
