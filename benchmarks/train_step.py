@@ -51,10 +51,13 @@ def step_loss(model, tokens: torch.Tensor, loss_path: str = "chunked") -> torch.
     return model(tokens[:, :-1], labels=tokens[:, 1:], return_logits=loss_path == "whole").loss
 
 
+KEEP_FAM_SCAN = False  # --keep-fam-scan: model.recompute_fam_scan = False in every row (model/scan_stash.py)
+
+
 # shape: one benchmark cell's settings, as the CLI gives them
 def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False,
              precision: str = "bf16-mixed", loss_path: str = "chunked") -> dict:
-    args = load_model_args(name, vocab_size=vocab, recompute=recompute)
+    args = load_model_args(name, vocab_size=vocab, recompute=recompute, recompute_fam_scan=not KEEP_FAM_SCAN)
     model = build_model(args, device="cuda")
     opt = build_step_optimizer(model, precision)
     tokens = torch.randint(0, vocab, (1, seq + 1), device="cuda")
@@ -131,7 +134,7 @@ def main() -> None:
                     result = {"oom": True, "recompute": recompute}
                 finally:
                     left = release_cell(before)  # the scan's buffers and graphs, cycles, the cache
-            result.update(row_notes(left))
+            result.update(row_notes(left), **({"recompute_fam_scan": False} if KEEP_FAM_SCAN else {}))
             rows.append((name, seq, result))
             print(name, seq, {k: v for k, v in result.items() if k not in ("kernels", "ops")}, flush=True)
             records.append(anchor_record(anchor, anchors, opts, name, seq, result))
@@ -159,6 +162,9 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile shapes of the compiled QKV split + RoPE and SwiGLU: static (a graph per "
                              "length for the first 8 lengths, the default) or dynamic (one graph for every length, "
                              "as train_step measured on 2026-11-30; model/compile_limits.py STATIC_SHAPES)")
+    parser.add_argument("--keep-fam-scan", action="store_true",
+                        help="with recompute, keep the FAM scan's rows from the forward instead of recomputing the "
+                             "scan (model.recompute_fam_scan = false; model/scan_stash.py)")
 
 
 def apply_kernel_options(opts) -> None:
@@ -166,6 +172,8 @@ def apply_kernel_options(opts) -> None:
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":
         compile_limits.STATIC_SHAPES = 0
+    global KEEP_FAM_SCAN
+    KEEP_FAM_SCAN = opts.keep_fam_scan
 
 
 def print_table(rows: list, opts) -> None:

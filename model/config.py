@@ -50,6 +50,9 @@ class ModelArgs:
     norm_epsilon: float = _help(1e-5, "RMSNorm epsilon")
     init_method_std: float = _help(0.02, "standard deviation of the normal weight initialisation")
     recompute: bool = _help(False, "recompute each layer's activations in backward: less memory, one more forward")
+    recompute_fam_scan: bool = _help(True, "with recompute: recompute the FAM scan with the rest of the layer (true), "
+                                           "or keep its F rows per block from the forward (false: one scan fewer per "
+                                           "layer and step, for the scan's saved rows of every layer; GPU fast scan)")
 
     @property
     def head_dim(self) -> int:
@@ -169,6 +172,7 @@ class FAMConfig(TransformerConfig):
     mem_blocks = property(lambda self: self.args.mem_blocks)
     fam_len = property(lambda self: self.args.fam_len)
     rope_base = property(lambda self: self.args.rope_base)
+    recompute_fam_scan = property(lambda self: self.args.recompute_fam_scan)
 
 
 def to_fam_config(

@@ -21,7 +21,9 @@ On CUDA each step is torch.compile'd (one graph for every block and layer, one f
 step), and each layer's whole loop, forward and backward, replays as one CUDA graph over static
 buffers shared by all layers (model/scan_graphs.py; not under tensor parallelism, whose
 collectives run uncaptured). On CPU the same code runs uncompiled, over fresh buffers or (tests)
-the static ones; tests/test_scan.py checks it against the eager per-step autograd scan.
+the static ones; tests/test_scan.py checks it against the eager per-step autograd scan. Under
+layer recompute, model.recompute_fam_scan = false keeps the scan's outputs and activations from the
+forward instead of running the scan again in backward (model/scan_stash.py).
 
 Kept vs recomputed activations: per step the backward reads 8 tensors of F rows (fam-1b: 6.3 MB
 per block and layer, bf16 and fp32; a block's 1024 tokens keep ~25x that) instead of re-running
@@ -49,7 +51,7 @@ from typing import Callable
 
 import torch
 
-from model import scan_graphs
+from model import scan_graphs, scan_stash
 from model.compile_limits import bounded_compiles
 from model.scan_step import Activations, Gradients, step_backward, step_forward
 
@@ -280,27 +282,22 @@ class FAMScan(torch.autograd.Function):
         """fam0 [F, b, h]; k, v [S, b, g, d]; RoPE tables [T, F, b, 1, d] (FAM queries at each
         block's last F positions, FAM keys at the F before it); weights: norm1, qkv, proj, norm2,
         fc1, fc2. Returns F_T [F, b, h], FAM K, V [R, b, g, d] and, from the prompt, the
-        prompt stream's output [F, b, h]."""
+        prompt stream's output [F, b, h]. In a layer recompute that keeps the scan
+        (model/scan_stash.py), the first run's outputs and activations instead of running again."""
         rope = (cos_q, sin_q, cos_k, sin_k)
-        T, F, S = cos_q.shape[0], cos_q.shape[1], k.shape[0]
-        static = _static_scan(spec, fam0.shape, fam0.dtype, k, rope, weights)
-        inputs = dict(fam0=fam0, rope=rope, scales=_scales(k.device, spec.from_prompt),
-                      bias=_key_bias(T, F, spec.block_size, S, k.device))
-        b = _buffers(spec, static, inputs, weights, k, rope, fam0, backward=False)
-        _load_blocks(b["keys"], k, F)
-        _load_blocks(b["values"], v, F)
-        with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
-            if static is None:
-                fam, prompt_out = _forward_loop(spec, b)
-            else:
-                fam, prompt_out = static.loop("forward", functools.partial(_forward_loop, spec))()
-        own = torch.clone if static is not None else (lambda x: x)  # nothing static leaves
-        fam_k, fam_v = _fam_rows(b["keys"], F, spec.fam_rows), _fam_rows(b["values"], F, spec.fam_rows)
+        keep = any(ctx.needs_input_grad)
+        stash, replaying = scan_stash.current()
+        if replaying:
+            outputs, saved, prompt_kv = stash.entries.popleft()
+            outputs = tuple(x.clone() for x in outputs)  # new tensors of this node, as a run makes
+        else:
+            outputs, saved, prompt_kv = _run_forward(spec, fam0, k, v, rope, weights, keep)
+            if stash is not None:
+                stash.entries.append((tuple(x.detach().clone() for x in outputs), saved, prompt_kv))
         ctx.spec = spec
-        if any(ctx.needs_input_grad):
-            prompt_kv = (own(b["prompt_keys"]), own(b["prompt_values"])) if spec.from_prompt else ()
-            ctx.save_for_backward(k, v, fam_k, fam_v, *rope, *weights, *(own(x) for x in b["saved"]), *prompt_kv)
-        return (own(fam), fam_k, fam_v) + ((own(prompt_out),) if spec.from_prompt else ())
+        if keep:
+            ctx.save_for_backward(k, v, outputs[1], outputs[2], *rope, *weights, *saved, *prompt_kv)
+        return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -328,6 +325,30 @@ class FAMScan(torch.autograd.Function):
         d_k, d_v = (own(b[name].flatten(0, 1)[:S]) for name in ("d_keys", "d_values"))
         grads = _weight_gradients(b["saved"], b["grads"], weights)  # before any other replay
         return (None, own(d).to(saved.fam.dtype), d_k, d_v, None, None, None, None, *grads)
+
+
+def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool):
+    """The scan's forward loop: ((F_T, FAM K, FAM V[, prompt stream output]), the steps' kept
+    activations and the prompt step's K/V (empty unless `keep`), all owned by the caller."""
+    T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
+    static = _static_scan(spec, fam0.shape, fam0.dtype, k, rope, weights)
+    inputs = dict(fam0=fam0, rope=rope, scales=_scales(k.device, spec.from_prompt),
+                  bias=_key_bias(T, F, spec.block_size, S, k.device))
+    b = _buffers(spec, static, inputs, weights, k, rope, fam0, backward=False)
+    _load_blocks(b["keys"], k, F)
+    _load_blocks(b["values"], v, F)
+    with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
+        if static is None:
+            fam, prompt_out = _forward_loop(spec, b)
+        else:
+            fam, prompt_out = static.loop("forward", functools.partial(_forward_loop, spec))()
+    own = torch.clone if static is not None else (lambda x: x)  # nothing static leaves
+    fam_k, fam_v = _fam_rows(b["keys"], F, spec.fam_rows), _fam_rows(b["values"], F, spec.fam_rows)
+    outputs = (own(fam), fam_k, fam_v) + ((own(prompt_out),) if spec.from_prompt else ())
+    if not keep:
+        return outputs, (), ()
+    prompt_kv = (own(b["prompt_keys"]), own(b["prompt_values"])) if spec.from_prompt else ()
+    return outputs, tuple(own(x) for x in b["saved"]), prompt_kv
 
 
 def _weight_gradients(saved: Activations, grads: Gradients, weights):

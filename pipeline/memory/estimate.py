@@ -51,7 +51,8 @@ from dataclasses import dataclass, field, replace
 from model.config import ModelArgs
 from pipeline.config.rules import ParallelPlan, check_parallel, layer_counts
 from pipeline.memory.terms import (Bytes, HeadBytes, block_mask_bytes, element_bytes, embedding_saved_bytes,
-                                   head_bytes, layer_activation_terms, layer_held_bytes, layer_params, stage_params)
+                                   head_bytes, layer_activation_terms, layer_held_bytes, layer_params, scan_kept_bytes,
+                                   stage_params)
 
 GIB = 2**30
 ZERO_REDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size
@@ -188,6 +189,7 @@ class _Shapes:
 
     full_layer: int  # saved by one layer without recompute
     layer_input: int  # [F+S, b, h]: what recompute keeps per layer
+    scan_kept: int  # and, keeping the FAM scan (model.recompute_fam_scan false), the scan's rows per layer
     held_layer: int
     head: HeadBytes
     workspace: int  # activation gradients of one layer's backward
@@ -218,7 +220,8 @@ def _shapes(m: ModelArgs, s: Settings, e: Bytes) -> _Shapes:
     # H200: +11 % at fam-1b 64k, +39 % at dense-1b 256k; two puts all 22 measured peaks within 5 %
     # (tests/test_memory.py GPU_PEAKS, tests/test_memory_precision.py MIXED_GPU_PEAKS).
     return _Shapes(
-        full_layer=sum(terms.values()), layer_input=layer_input, held_layer=layer_held_bytes(m, S, b, tp, sp, e),
+        full_layer=sum(terms.values()), layer_input=layer_input, scan_kept=scan_kept_bytes(m, S, b, tp, sp, e, kernels),
+        held_layer=layer_held_bytes(m, S, b, tp, sp, e),
         head=head_bytes(m, S, b, tp, sp, e, kernels, s.return_logits),
         workspace=2 * S * b * (m.ffn_size // tp) * e.act + 2 * layer_input + regather,
         positions=S * b * 4, embedding=embedding_saved_bytes(S, b), block_mask=block_mask_bytes(m, S, kernels),
@@ -242,8 +245,8 @@ def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, 
     buffers = int(min(ZERO_REDUCE_BUCKET_ELEMENTS, params) * e.grad) if zero else 0
     buffers += int(min(ZERO3_LIVE_PARAMETERS, params) * e.param) if zero == 3 else 0
     flight = in_flight(s.schedule, pp, rank, v, s.microbatches * (s.micro_chunks if pp > 1 else 1))
-    if s.recompute:
-        per_mb = (layers + 1) * sh.layer_input + sh.positions  # checkpointed inputs, stage output
+    if s.recompute:  # checkpointed inputs (and kept scans), stage output
+        per_mb = (layers + 1) * sh.layer_input + layers * sh.scan_kept + sh.positions
         current_end = sh.layer_input + sh.positions + sh.full_layer  # layer 0, recomputed
     else:
         per_mb = layers * sh.full_layer + sh.layer_input
@@ -261,7 +264,7 @@ def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, 
     device_saved = 0 if s.offload_states else saved
     static = weights + optimizer + buffers + sh.block_mask
     live = static + (gradients if grads_live else 0) + activations + fam_state + device_saved
-    recomputed = sh.full_layer if s.recompute else 0
+    recomputed = sh.full_layer - sh.scan_kept if s.recompute else 0  # a kept scan is in `activations` already
     peaks = {"forward": live + head_saved + (sh.head.forward if last else 0)}
     if last:  # one loss chunk recomputed and its gradient, the output layer's weight gradient
         peaks["loss backward"] = live + head_saved + sh.head.backward

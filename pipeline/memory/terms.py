@@ -164,17 +164,36 @@ def _fast_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes
     `Activations` (model/scan_step.py), for the T blocks and the prompt step. Its weights are the
     parameters (the GEMM-dtype copies are per call, or in the static buffers of model/scan_graphs.py,
     one set per shape for all layers: not counted here)."""
+    d, n, g = m.head_dim, m.num_attention_heads // tp, m.query_groups // tp
+    # k (after RoPE) and v, a view that keeps the whole QKV output [S, b, (n + 2g) d]
+    inputs = S * b * g * d * e.act + S * b * (n + 2 * g) * d * e.act
+    return _scan_rows_bytes(m, S, b, tp, shard, e) + inputs
+
+
+def _scan_rows_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes) -> int:
+    """What FAMScan keeps besides its inputs: each step's `Activations` (T blocks and the prompt
+    step), the FAM K/V [R, b, g, d] and the prompt step's K/V [F, b, g, d]."""
     h, d, f, F = m.hidden_size, m.head_dim, m.ffn_size // tp, m.fam_len
     n, g = m.num_attention_heads // tp, m.query_groups // tp
     T = math.ceil(S / m.block_size)
     local = h * e.resid + h * 4  # the step's input FAM (stream dtype) and a (fp32): this rank's rows under SP
     whole = 2 * n * d * e.act + 2 * f * e.act + 2 * h * e.act + f * e.act  # q, x_proj; gate_up; x_qkv, x_fc1; x_fc2
     activations = (T + 1) * b * (F // shard * local + F * whole)
-    # k (after RoPE) and v, a view that keeps the whole QKV output [S, b, (n + 2g) d]; the FAM K/V [R, b, g, d];
-    # the prompt step's K/V [F, b, g, d]
-    inputs = S * b * g * d * e.act + S * b * (n + 2 * g) * d * e.act
-    fam_kv = 2 * (fam_key_rows(T, F) + F) * b * g * d * e.act
-    return activations + inputs + fam_kv
+    return activations + 2 * (fam_key_rows(T, F) + F) * b * g * d * e.act
+
+
+def scan_kept_bytes(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
+                    bytes_: Bytes | None = None, kernels: str = "cuda") -> int:
+    """Bytes one layer keeps from its forward to its backward besides its input, under recompute,
+    when recompute keeps the FAM scan (model.recompute_fam_scan false, model/scan_stash.py): the
+    scan's rows and its two F-row outputs. 0 when the scan is recomputed, without FAM, or on CPU
+    (the eager scan)."""
+    if m.recompute_fam_scan or not m.uses_fam or kernels != "cuda":
+        return 0
+    e = bytes_ or element_bytes("autocast", "bf16")
+    shard = tp if sequence_parallel else 1
+    outputs = 2 * (m.fam_len // shard) * micro_batch * m.hidden_size * e.resid  # F_T, the prompt stream's rows
+    return _scan_rows_bytes(m, seq_len, micro_batch, tp, shard, e) + outputs
 
 
 def layer_held_bytes(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
