@@ -42,7 +42,8 @@ _applied: int | None = None
 # bswa-1b step at 8k), and bswa-1b ran 43.6k against 51.8k tokens/s; a static kernel's sizes are
 # constants in its index arithmetic. torch's own automatic dynamic shapes would not do: after a
 # second shape (an evaluation at another length) it compiles a dynamic graph that may then serve
-# the training length too; here the training length keeps its static graph (tests/test_fused_ops.py). `benchmarks.train_step --fused-op-shapes dynamic` measures the dynamic kernels.
+# the training length too; here the training length keeps its static graph (tests/test_fused_ops.py).
+# `benchmarks.train_step --fused-op-shapes dynamic` measures the dynamic kernels.
 STATIC_SHAPES = 8
 
 

@@ -78,7 +78,8 @@ class FAMLanguageModel(MegatronModule):
         """Float positions [b, s]: offset (RPO) + tokens consumed before + arange."""
         start = 0 if state is None else state.position
         if isinstance(position_offset, torch.Tensor):  # RPO, per example
-            if position_offset.device.type == "cpu" and torch.device(device).type == "cuda":  # no wait for the GPU
+            if position_offset.device.type == "cpu" and torch.device(device).type == "cuda":
+                # from pinned memory, asynchronously: a pageable copy waits for the GPU to catch up
                 position_offset = position_offset.float().pin_memory().to(device, non_blocking=True)
             offset = position_offset.to(device, torch.float32).reshape(-1, 1).expand(batch, 1)
         else:  # filled on the device: a tensor made from a Python number is a host copy the CPU waits for
