@@ -10,7 +10,9 @@ Each cell is one `torchrun … -m benchmarks.parallel_parity` (same weights, sam
 autocast) on its own GPUs (CUDA_VISIBLE_DEVICES). Cells that fit side by side run together:
 with 4 GPUs the one-GPU baseline runs beside TP=2, then PP=2 beside ZeRO-2 DP=2, then the
 4-GPU cells. The cold torch.compile of FlexAttention and the FAM scan takes minutes, so all
-cells share one inductor cache: the first cell of each shape compiles, the others load.
+cells share one inductor cache (`parity-cells` inside $TORCHINDUCTOR_CACHE_DIR or
+runs/inductor-cache, apart from what other runs compiled there): the first cell of each shape
+compiles, the others load.
 Running side by side shares the host's CPUs; the GPUs, where the time goes, are not shared.
 """
 
@@ -77,8 +79,7 @@ def plan(gpus: int, serial: bool, names: list[str] | None = None) -> list[list[t
 def run_suite(out: Path, gpus: int, serial: bool, timeout: float, cell_args: list[str],
               names: list[str] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path("runs/inductor-cache").resolve()))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cells_inductor_cache(os.environ))
     results = []
     # No GPU: a CPU smoke run of the same cells on gloo, one at a time, as if there were 4.
     for number, phase in enumerate(plan(gpus or 4, serial or not gpus, names), 1):
@@ -104,6 +105,13 @@ def run_suite(out: Path, gpus: int, serial: bool, timeout: float, cell_args: lis
             if (out / f"{cell.name}.json").is_file():
                 results.append(out / f"{cell.name}.json")
     return results
+
+
+def cells_inductor_cache(env) -> str:
+    """The cells' own inductor cache, a folder inside the one set (or runs/inductor-cache): twice on
+    an H200 (2026-11-30) a one-GPU cell's compile of the block-mask kernel crashed on a Triton
+    `.source` file missing from a cache that `pytest -m gpu` had filled, and ran with one it had not."""
+    return str(Path(env.get("TORCHINDUCTOR_CACHE_DIR") or "runs/inductor-cache").resolve() / "parity-cells")
 
 
 def visible_devices(devices: list[int], env: dict) -> str:

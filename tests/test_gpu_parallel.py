@@ -25,9 +25,9 @@ With the default warm-up (lr 3e-4 reached at step 10), TP=2 against one GPU on 2
 (session 10, benchmarks.parity_suite --cells 1gpu tp2 dp2 --steps 10 --warmup-steps 10): losses
 7.9e-4, gradient norms 4.7e-3, weights 1.9e-7, all within bounds; the loss still rises at step 4
 (8.3 -> 11.4). PP=2 and DP=2 have not run with warm-up yet.
-Give this test an inductor cache that `pytest -m gpu` has not filled (TORCHINDUCTOR_CACHE_DIR): twice
-on an H200 the one-GPU cell's compile of the block-mask kernel crashed on a `.source` file missing
-from such a cache (benchmarks/results/2026-11-30-2xH200, "Session 10")."""
+The cells compile into their own inductor cache (benchmarks/parity_suite.py run_suite): twice on an
+H200 the one-GPU cell's compile of the block-mask kernel crashed on a `.source` file missing from a
+cache that `pytest -m gpu` had filled (benchmarks/results/2026-11-30-2xH200, "Session 10")."""
 
 from __future__ import annotations
 

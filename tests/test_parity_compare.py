@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.parity_suite import BOUNDS, compare, max_rel_diff, visible_devices
+from benchmarks.parity_suite import BOUNDS, cells_inductor_cache, compare, max_rel_diff, visible_devices
 from tests.spawn import run_on_ranks
 
 # Tiny FAM (block 128, F = 16, vocabulary 256 = bytes), 2 blocks per sequence, 4 sequences per step.
@@ -81,3 +81,9 @@ def test_a_cell_runs_on_the_gpus_this_process_sees():
     assert visible_devices([0], {"CUDA_VISIBLE_DEVICES": "1"}) == "1"
     assert visible_devices([0, 1], {"CUDA_VISIBLE_DEVICES": "2,3"}) == "2,3"
     assert visible_devices([2, 3], {}) == "2,3"
+
+
+def test_the_cells_compile_into_a_cache_of_their_own():
+    """Not the cache `pytest -m gpu` fills (a Triton file missing from it crashed a cell twice)."""
+    assert cells_inductor_cache({"TORCHINDUCTOR_CACHE_DIR": "/tmp/c"}) == "/tmp/c/parity-cells"
+    assert cells_inductor_cache({}).endswith("runs/inductor-cache/parity-cells")
