@@ -72,11 +72,21 @@ def pick_recompute(opts, name: str, mode: str, gpu_gib: float) -> bool:
                             opts.precision)
 
 
+# benchmarks.train_step --keep-fam-scan: every cell's model with model.recompute_fam_scan = False
+# (model/scan_stash.py), in whole calls and micro-chunks alike; rows say so (row_notes).
+KEEP_FAM_SCAN = False
+
+
+def cell_model_args(name: str, vocab: int, recompute: bool):
+    """A benchmark cell's ModelArgs: the named config at this vocabulary and recompute setting."""
+    return load_model_args(name, vocab_size=vocab, recompute=recompute, recompute_fam_scan=not KEEP_FAM_SCAN)
+
+
 # shape: one cell's settings as the CLI gives them, plus the device (cpu in tests)
 def run_chunk_cell(name: str, seq: int, chunk: int, mode: str, vocab: int, recompute: bool, steps: int,
                    device: str = "cuda", precision: str = "bf16-mixed") -> dict:
     """One cell's figures; `device` cpu runs the same code without timing the GPU (tests)."""
-    args = load_model_args(name, vocab_size=vocab, recompute=recompute)
+    args = cell_model_args(name, vocab, recompute)
     model = build_model(args, device=device)
     opt = build_step_optimizer(model, precision)  # the buffers of bf16-mixed are allocated here, once
     cuda = device == "cuda"
@@ -155,8 +165,9 @@ def release_cell(before: int, allocated=torch.cuda.memory_allocated) -> float:
 def row_notes(left_gib: float) -> dict:
     """What a row records beside its figures, when it applies: `leaked_gib` (release_cell found a
     leak), `scan_compile_mode` (the FAM scan's steps were not compiled in the default mode) and
-    `fused_ops` (the QKV split, RoPE and SwiGLU ran as compiled kernels: model/rope.py, model/mlp.py)
-    and `fused_op_shapes` ("dynamic" when they were compiled for dynamic shapes only)."""
+    `fused_ops` (the QKV split, RoPE and SwiGLU ran as compiled kernels: model/rope.py, model/mlp.py),
+    `fused_op_shapes` ("dynamic" when they were compiled for dynamic shapes only) and
+    `recompute_fam_scan` (False: recompute kept the FAM scan, KEEP_FAM_SCAN)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     if fast_scan.COMPILE_MODE:
         notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
@@ -164,6 +175,8 @@ def row_notes(left_gib: float) -> dict:
         notes["fused_ops"] = True
         if not compile_limits.STATIC_SHAPES:
             notes["fused_op_shapes"] = "dynamic"
+    if KEEP_FAM_SCAN:
+        notes["recompute_fam_scan"] = False
     return notes
 
 

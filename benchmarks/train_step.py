@@ -13,8 +13,8 @@ attention + FAM tokens, pipeline/training/flops.py) and peak memory. The vocabul
 `--recompute auto` recomputes activations at 64k and beyond, and wherever a cell would not fit without it.
 `--profile` adds three profiled steps per cell (benchmarks/profiling.py): kernels launched per step
 and the GPU-busy fraction (the time some kernel ran over the unprofiled step's wall time), the CPU's
-time to issue a step and the calls in it that waited for the GPU (benchmarks/profiling.py host_side), then the
-operators that launched the kernel time, with their input shapes.
+time to issue a step and the calls in it that waited for the GPU, then the operators that launched
+the kernel time, with their input shapes.
 `--json PATH` writes every cell's raw figures as a JSON list (with --profile: every kernel by name,
 to diff two configs).
 `--anchor [PATH]` runs the shared plain-PyTorch anchor (default ../shared/gpu/anchor_gpt.py) in this
@@ -35,8 +35,9 @@ import time
 
 import torch
 
-from benchmarks.micro_chunk_step import (add_micro_chunk_arguments, release_cell, row_notes, run_micro_chunk_benchmark,
-                                         save_rows)
+from benchmarks import micro_chunk_step
+from benchmarks.micro_chunk_step import (add_micro_chunk_arguments, cell_model_args, release_cell, row_notes,
+                                         run_micro_chunk_benchmark, save_rows)
 from benchmarks.profiling import profile_kernels
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope
@@ -51,13 +52,10 @@ def step_loss(model, tokens: torch.Tensor, loss_path: str = "chunked") -> torch.
     return model(tokens[:, :-1], labels=tokens[:, 1:], return_logits=loss_path == "whole").loss
 
 
-KEEP_FAM_SCAN = False  # --keep-fam-scan: model.recompute_fam_scan = False in every row (model/scan_stash.py)
-
-
 # shape: one benchmark cell's settings, as the CLI gives them
 def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False,
              precision: str = "bf16-mixed", loss_path: str = "chunked") -> dict:
-    args = load_model_args(name, vocab_size=vocab, recompute=recompute, recompute_fam_scan=not KEEP_FAM_SCAN)
+    args = cell_model_args(name, vocab, recompute)
     model = build_model(args, device="cuda")
     opt = build_step_optimizer(model, precision)
     tokens = torch.randint(0, vocab, (1, seq + 1), device="cuda")
@@ -134,7 +132,7 @@ def main() -> None:
                     result = {"oom": True, "recompute": recompute}
                 finally:
                     left = release_cell(before)  # the scan's buffers and graphs, cycles, the cache
-            result.update(row_notes(left), **({"recompute_fam_scan": False} if KEEP_FAM_SCAN else {}))
+            result.update(row_notes(left))
             rows.append((name, seq, result))
             print(name, seq, {k: v for k, v in result.items() if k not in ("kernels", "ops")}, flush=True)
             records.append(anchor_record(anchor, anchors, opts, name, seq, result))
@@ -172,8 +170,7 @@ def apply_kernel_options(opts) -> None:
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":
         compile_limits.STATIC_SHAPES = 0
-    global KEEP_FAM_SCAN
-    KEEP_FAM_SCAN = opts.keep_fam_scan
+    micro_chunk_step.KEEP_FAM_SCAN = opts.keep_fam_scan
 
 
 def print_table(rows: list, opts) -> None:
