@@ -288,11 +288,10 @@ class FAMScan(torch.autograd.Function):
         keep = any(ctx.needs_input_grad)
         stash, replaying = scan_stash.current()
         if replaying:
-            outputs, saved, prompt_kv = stash.entries.popleft()
-            outputs = tuple(x.clone() for x in outputs)  # new tensors of this node, as a run makes
+            outputs, saved, prompt_kv = stash.entries.popleft()  # the stash's own copies, handed over
         else:
             outputs, saved, prompt_kv = _run_forward(spec, fam0, k, v, rope, weights, keep)
-            if stash is not None:
+            if stash is not None:  # copies: what the first run returns may be changed in place before the recompute
                 stash.entries.append((tuple(x.detach().clone() for x in outputs), saved, prompt_kv))
         ctx.spec = spec
         if keep:

@@ -9,8 +9,7 @@ import torch
 from megatron.core.transformer.mlp import MLP
 
 import model.mlp as mlp_module
-from model import compile_limits
-from model import build_model
+from model import build_model, compile_limits
 from pipeline.memory.estimate import Settings, estimate
 from pipeline.memory.terms import element_bytes, layer_activation_terms
 from tests.test_reference import small_args
@@ -52,7 +51,6 @@ def test_an_unknown_swiglu_setting_is_refused_by_name():
         estimate(ARGS, Settings(seq_len=64, swiglu="triton"))
 
 
-
 def test_pointwise_ops_keep_a_static_graph_per_training_shape_and_share_one_dynamic_graph_past_the_limit(
         monkeypatch):
     """model/compile_limits.py's Pointwise: the first STATIC_SHAPES shapes each get their own graph,
@@ -61,10 +59,8 @@ def test_pointwise_ops_keep_a_static_graph_per_training_shape_and_share_one_dyna
     eager function's throughout."""
     from torch._dynamo.utils import counters
 
-    from model.compile_limits import Pointwise
-
     monkeypatch.setattr(compile_limits, "STATIC_SHAPES", 2)
-    op = Pointwise(mlp_module.swiglu)
+    op = compile_limits.Pointwise(mlp_module.swiglu)
     made = []
     for rows in (8, 12, 20, 28, 8, 12):  # two static, two past the limit (one dynamic graph), the first two again
         before = counters["stats"]["unique_graphs"]
