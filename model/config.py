@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F_
@@ -263,13 +265,70 @@ def read_config_tree(name_or_path: str | Path, _seen: tuple = ()) -> dict[str, A
     return _merge(read_config_tree(base_path, _seen + (path,)), tree)
 
 
-def model_args_from_dict(section: dict[str, Any], where: str = "model") -> ModelArgs:
-    """Build ModelArgs, rejecting unknown keys with the list of valid ones."""
-    valid = {f.name for f in dataclasses.fields(ModelArgs)}
-    unknown = sorted(set(section) - valid)
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def coerce_value(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the field type `hint`, or ValueError naming `where`. YAML 1.1 reads `3e-4`
+    as a string, so numeric strings are accepted for numeric fields."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce_value(value, option, where)
+            except ValueError:
+                pass
+        raise ValueError(f"{where}={value!r}: expected {_type_name(hint)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}={value!r}: expected a list like [a, b]")
+        return [coerce_value(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint in (int, float) and not isinstance(value, bool):
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if isinstance(number, (int, float)):
+            if hint is float:
+                return float(number)
+            if float(number).is_integer():
+                return int(number)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is dict:
+        if isinstance(value, dict):
+            return value
+    elif hint is Any:
+        return value
+    raise ValueError(f"{where}={value!r}: expected {_type_name(hint)}")
+
+
+def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"`{where}` must be a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in `{where}`; valid keys: {sorted(valid)}")
-    return ModelArgs(**section)
+    return cls(**{k: coerce_value(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def model_args_from_dict(section: dict[str, Any], where: str = "model") -> ModelArgs:
+    """Build ModelArgs, rejecting unknown keys with the list of valid ones and values of the wrong
+    type by name, as the training config does (the memory estimate, a checkpoint's saved config)."""
+    return build_section(ModelArgs, section, where)
 
 
 def load_model_args(name_or_path: str | Path, **overrides: Any) -> ModelArgs:

@@ -325,6 +325,17 @@ def test_command_line_prints_the_table_and_exits_zero_when_it_fits():
     assert bad.returncode == 2 and "num_query_groups" in bad.stderr
 
 
+def test_a_model_value_of_the_wrong_type_is_refused_by_name_as_in_training(tmp_path):
+    """The estimate reads the model section as the training config does: `recompute_fam_scan: maybe`
+    was once taken as true here while training refused it."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: fam-1b.yaml\nmodel:\n  recompute_fam_scan: maybe\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: model.recompute_fam_scan='maybe': expected bool"):
+        estimate_config(path)
+    path.write_text("base: fam-1b.yaml\nmodel:\n  init_method_std: 2e-2\n")  # YAML 1.1 reads a string
+    assert estimate_config(path).peak > 0
+
+
 @pytest.mark.parametrize("config, kwargs, words", [
     ("fam-1b", dict(tp=5), "num_attention_heads"),
     ("fam-24b", dict(tp=2), "num_query_groups"),

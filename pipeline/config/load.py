@@ -21,71 +21,8 @@ from typing import Any, Union
 
 import yaml
 
-from model.config import read_config_tree
+from model.config import build_section, coerce_value, read_config_tree
 from pipeline.config.tree import SECTIONS, Config
-
-
-# ---------------------------------------------------------------- typed values
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """`value` as the field type `hint`, or ValueError naming `where`. YAML 1.1 reads `3e-4`
-    as a string, so numeric strings are accepted for numeric fields."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, where)
-            except ValueError:
-                pass
-        raise ValueError(f"{where}={value!r}: expected {_type_name(hint)}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}={value!r}: expected a list like [a, b]")
-        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif hint in (int, float) and not isinstance(value, bool):
-        try:
-            number = float(value) if isinstance(value, str) else value
-        except ValueError:
-            number = None
-        if isinstance(number, (int, float)):
-            if hint is float:
-                return float(number)
-            if float(number).is_integer():
-                return int(number)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif hint is dict:
-        if isinstance(value, dict):
-            return value
-    elif hint is Any:
-        return value
-    raise ValueError(f"{where}={value!r}: expected {_type_name(hint)}")
-
-
-def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
-    if not isinstance(values, dict):
-        raise ValueError(f"`{where}` must be a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in `{where}`; valid keys: {sorted(valid)}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
 
 
 def parse_overrides(argv: list[str]) -> dict[str, dict[str, Any]]:
@@ -135,7 +72,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     sections = {}
     for name, cls in SECTIONS.items():
         values = {**(tree.get(name) or {}), **cli.get(name, {})}
-        sections[name] = _build_section(cls, values, name)
+        sections[name] = build_section(cls, values, name)
     return resolve_defaults(Config(**sections))
 
 
