@@ -133,7 +133,7 @@ def fold_log(out: Path, name: str, code, keep_chars: int = 4000) -> None:
 
 def compare(paths: list[Path]) -> list[dict]:
     """One row per layout: each per-step figure against the one-GPU cell's, estimate against the peak."""
-    cells = [json.loads(Path(p).read_text()) for p in paths]
+    cells = [read_cell(Path(p)) for p in paths]
     base = next((c for c in cells if c["gpus"] == 1), None)
     if base is None:
         raise SystemExit("no one-GPU cell among " + ", ".join(map(str, paths)))
@@ -146,6 +146,14 @@ def compare(paths: list[Path]) -> list[dict]:
                      "loss_rel_diff": diffs["losses"], "estimate_ratio": ratio,
                      "estimate_ok": abs(ratio - 1) <= ESTIMATE_RTOL or not c["peak_gib"]})  # CPU: no peak
     return rows
+
+
+def read_cell(path: Path) -> dict:
+    """One cell's result file, or SystemExit naming it (a cell killed while writing leaves a torn one)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"{path}: not a parity cell's result ({err}); run that cell again") from err
 
 
 def max_rel_diff(values: list | None, base: list | None) -> float:

@@ -10,6 +10,7 @@ import json
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.parity_suite import BOUNDS, cells_inductor_cache, compare, max_rel_diff, visible_devices
@@ -87,3 +88,10 @@ def test_the_cells_compile_into_a_cache_of_their_own():
     """Not the cache `pytest -m gpu` fills (a Triton file missing from it crashed a cell twice)."""
     assert cells_inductor_cache({"TORCHINDUCTOR_CACHE_DIR": "/tmp/c"}) == "/tmp/c/parity-cells"
     assert cells_inductor_cache({}).endswith("runs/inductor-cache/parity-cells")
+
+
+def test_a_torn_cell_file_is_refused_by_name(tmp_path):
+    torn = tmp_path / "tp2.json"
+    torn.write_text('{"gpus": 2, "losses": [1.0')
+    with pytest.raises(SystemExit, match="tp2.json: not a parity cell's result"):
+        compare([torn])
