@@ -78,8 +78,9 @@ def host_side(step: Callable[[], object], steps: int, cuda: bool) -> dict:
     """`host_ms`: CPU time per step to run step() (the GPU's work issued, not waited for); `syncs`:
     [where, calls per step] of every CUDA call that waited for the GPU, most first (CUDA only; none
     is expected inside a training step). `where` is the Python line that waited and, when that line
-    is torch's own, " <- " the innermost line outside torch that led to it (an H200 run found one
-    `torch.cuda.synchronize` per step that its line alone could not place)."""
+    is torch's own, " <- " the innermost line outside torch that led to it. That is how the one
+    `torch.cuda.synchronize` per step seen on an H200 (2026-11-30) was placed: it was this function's
+    own `set_sync_debug_mode("warn")` (torch 2.11), now outside the recording."""
     if cuda:
         torch.cuda.synchronize()
     sites: Counter = Counter()
@@ -88,11 +89,13 @@ def host_side(step: Callable[[], object], steps: int, cuda: bool) -> dict:
         if "synchroniz" in str(message):
             sites[sync_site(filename, lineno, traceback.extract_stack()[:-1])] += 1
 
+    if cuda:  # torch 2.11 reports a wait inside set_sync_debug_mode itself: not the step's
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings():  # puts warnings.showwarning back on the way out
         warnings.simplefilter("always")
         warnings.showwarning = record  # called where the wait happens: the stack is still there
-        if cuda:
-            torch.cuda.set_sync_debug_mode("warn")
         try:
             start = time.perf_counter()
             step()
