@@ -72,14 +72,18 @@ def pick_recompute(opts, name: str, mode: str, gpu_gib: float) -> bool:
                             opts.precision)
 
 
-# benchmarks.train_step --keep-fam-scan: every cell's model with model.recompute_fam_scan = False
-# (model/scan_stash.py), in whole calls and micro-chunks alike; rows say so (row_notes).
-KEEP_FAM_SCAN = False
+# benchmarks.train_step --recompute-fam-scan on|off: every cell's model with model.recompute_fam_scan
+# set (model/scan_stash.py; None: the config's), in whole calls and micro-chunks alike; rows say so (row_notes).
+RECOMPUTE_FAM_SCAN: bool | None = None
+# benchmarks.train_step --fam-scan-overlap: model.overlap_fam_scan of every cell (None: the config's).
+OVERLAP_FAM_SCAN: bool | None = None
 
 
 def cell_model_args(name: str, vocab: int, recompute: bool):
     """A benchmark cell's ModelArgs: the named config at this vocabulary and recompute setting."""
-    return load_model_args(name, vocab_size=vocab, recompute=recompute, recompute_fam_scan=not KEEP_FAM_SCAN)
+    settings = dict(recompute_fam_scan=RECOMPUTE_FAM_SCAN, overlap_fam_scan=OVERLAP_FAM_SCAN)
+    over = {key: value for key, value in settings.items() if value is not None}
+    return load_model_args(name, vocab_size=vocab, recompute=recompute, **over)
 
 
 # shape: one cell's settings as the CLI gives them, plus the device (cpu in tests)
@@ -167,7 +171,7 @@ def row_notes(left_gib: float) -> dict:
     leak), `scan_compile_mode` (the FAM scan's steps were not compiled in the default mode) and
     `fused_ops` (the QKV split, RoPE and SwiGLU ran as compiled kernels: model/rope.py, model/mlp.py),
     `fused_op_shapes` ("dynamic" when they were compiled for dynamic shapes only) and
-    `recompute_fam_scan` (False: recompute kept the FAM scan, KEEP_FAM_SCAN)."""
+    `recompute_fam_scan` and `overlap_fam_scan` (when RECOMPUTE_FAM_SCAN, OVERLAP_FAM_SCAN set them)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     if fast_scan.COMPILE_MODE:
         notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
@@ -175,8 +179,10 @@ def row_notes(left_gib: float) -> dict:
         notes["fused_ops"] = True
         if not compile_limits.STATIC_SHAPES:
             notes["fused_op_shapes"] = "dynamic"
-    if KEEP_FAM_SCAN:
-        notes["recompute_fam_scan"] = False
+    if RECOMPUTE_FAM_SCAN is not None:
+        notes["recompute_fam_scan"] = RECOMPUTE_FAM_SCAN
+    if OVERLAP_FAM_SCAN is not None:
+        notes["overlap_fam_scan"] = OVERLAP_FAM_SCAN
     return notes
 
 

@@ -160,9 +160,13 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile shapes of the compiled QKV split + RoPE and SwiGLU: static (a graph per "
                              "length for the first 8 lengths, the default) or dynamic (one graph for every length, "
                              "as train_step measured on 2026-11-30; model/compile_limits.py STATIC_SHAPES)")
-    parser.add_argument("--keep-fam-scan", action="store_true",
-                        help="with recompute, keep the FAM scan's rows from the forward instead of recomputing the "
-                             "scan (model.recompute_fam_scan = false; model/scan_stash.py)")
+    parser.add_argument("--recompute-fam-scan", choices=["config", "on", "off"], default="config",
+                        help="model.recompute_fam_scan: with recompute, run the FAM scan again (on) or keep its rows "
+                             "from the forward (off, the default; model/scan_stash.py); config: as the config says")
+    parser.add_argument("--fam-scan-overlap", choices=["config", "on", "off"], default="config",
+                        help="model.overlap_fam_scan: the FAM scan on a second CUDA stream beside the window part "
+                             "of the block attention (on) or one attention call after the scan (off); config: "
+                             "as the config says (model/split_attention.py)")
 
 
 def apply_kernel_options(opts) -> None:
@@ -170,7 +174,8 @@ def apply_kernel_options(opts) -> None:
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":
         compile_limits.STATIC_SHAPES = 0
-    micro_chunk_step.KEEP_FAM_SCAN = opts.keep_fam_scan
+    micro_chunk_step.RECOMPUTE_FAM_SCAN = {"config": None, "on": True, "off": False}[opts.recompute_fam_scan]
+    micro_chunk_step.OVERLAP_FAM_SCAN = {"config": None, "on": True, "off": False}[opts.fam_scan_overlap]
 
 
 def print_table(rows: list, opts) -> None:

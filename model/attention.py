@@ -22,9 +22,10 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
+from model import split_attention
 from model.compile_limits import bounded_compiles
 from model.config import FAMConfig
-from model.masks import BlockLayout
+from model.masks import BlockLayout, flex_block_mask
 from model.rope import split_qkv_rope
 
 
@@ -48,21 +49,6 @@ def _compiled_flex():
     # Static shapes (one graph per sequence length: the fastest kernels); fullgraph, so that
     # past model.compile_limits.SHAPE_LIMIT shapes it raises instead of running eagerly.
     return torch.compile(_flex, dynamic=False, fullgraph=True)
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_create_block_mask():
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    # Compiled, the mask is evaluated block by block instead of materialising the whole
-    # q_len x kv_len grid (tens of GiB at 64k tokens); bounded like the attention itself.
-    return torch.compile(create_block_mask)
-
-
-@functools.lru_cache(maxsize=32)
-def _flex_block_mask(layout: BlockLayout, device: str):
-    with bounded_compiles("create_block_mask (model/attention.py)"):
-        return _compiled_create_block_mask()(layout.mask_mod(), None, None, layout.q_len, layout.kv_len, device=device)
 
 
 class FAMSelfAttention(MegatronModule):
@@ -108,12 +94,25 @@ class FAMSelfAttention(MegatronModule):
         """Block queries [S, b, n, d] over keys [M + R + S, b, g, d] with the FAM mask (model/masks.py)."""
         q, k, v = _to_bnsd(q), _to_bnsd(k), _to_bnsd(v)
         if q.is_cuda:
-            block_mask = _flex_block_mask(layout, str(q.device))
+            block_mask = flex_block_mask(layout, str(q.device))
             with bounded_compiles("FlexAttention (model/attention.py)"):
                 out = _compiled_flex()(q, k.to(q.dtype), v.to(q.dtype), block_mask)
         else:
             out = F_.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(q.device), enable_gqa=True)
         return _from_bnsd(out)
+
+    def attend_window(self, q, mem_k, mem_v, k, v, layout: BlockLayout):
+        """The window part of `attend_blocks` (model/split_attention.py): block queries [S, b, n, d]
+        over [memory; block tokens] -> (out [b, n, S, d], lse [b, n, S])."""
+        if mem_k is not None:
+            k, v = torch.cat([mem_k, k]), torch.cat([mem_v, v])
+        return split_attention.attend(_to_bnsd(q), _to_bnsd(k), _to_bnsd(v), split_attention.parts(layout)[0])
+
+    def attend_fam_and_merge(self, q, fam_k, fam_v, window, layout: BlockLayout) -> torch.Tensor:
+        """The FAM part (each block's queries over its F_{t-1} keys [R, b, g, d]) merged with the
+        window part: `attend_blocks`'s result, [S, b, n*d]."""
+        fam = split_attention.attend(_to_bnsd(q), _to_bnsd(fam_k), _to_bnsd(fam_v), split_attention.parts(layout)[1])
+        return _from_bnsd(split_attention.merge(*window, *fam))
 
     def attend_causal(self, q, k, v) -> torch.Tensor:
         out = F_.scaled_dot_product_attention(_to_bnsd(q), _to_bnsd(k), _to_bnsd(v), is_causal=True, enable_gqa=True)

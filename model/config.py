@@ -52,9 +52,15 @@ class ModelArgs:
     norm_epsilon: float = _help(1e-5, "RMSNorm epsilon")
     init_method_std: float = _help(0.02, "standard deviation of the normal weight initialisation")
     recompute: bool = _help(False, "recompute each layer's activations in backward: less memory, one more forward")
-    recompute_fam_scan: bool = _help(True, "with recompute: recompute the FAM scan with the rest of the layer (true), "
-                                           "or keep its F rows per block from the forward (false: one scan fewer per "
-                                           "layer and step, for the scan's saved rows of every layer; GPU fast scan)")
+    recompute_fam_scan: bool = _help(False, "with recompute: keep the FAM scan's F rows per block from the forward "
+                                            "(false: one scan fewer per layer and step, for the scan's rows of every "
+                                            "layer; fam-1b on an H200 2026-11-30: 36.1k against 33.1k tokens/s at 64k, "
+                                            "43.3 against 36.6 GiB) or run the scan again with the rest of the layer "
+                                            "(true); GPU fast scan")
+    overlap_fam_scan: bool = _help(False, "GPU fast scan at tensor-parallel size 1: run the FAM scan on a second CUDA "
+                                          "stream beside the window part of the block attention, merged with its FAM "
+                                          "part by log-sum-exp (model/split_attention.py; measured no faster on an "
+                                          "H200, 2026-11-30); false: one attention call after the scan")
 
     @property
     def head_dim(self) -> int:
@@ -175,6 +181,7 @@ class FAMConfig(TransformerConfig):
     fam_len = property(lambda self: self.args.fam_len)
     rope_base = property(lambda self: self.args.rope_base)
     recompute_fam_scan = property(lambda self: self.args.recompute_fam_scan)
+    overlap_fam_scan = property(lambda self: self.args.overlap_fam_scan)
 
 
 def to_fam_config(

@@ -40,7 +40,10 @@ At 64k the first version ran 23.6k tokens/s (bswa-1b 33.4k, 88,696 kernels, 2,55
 Under bf16-mixed, one run (benchmarks/results/2026-11-30-2xH200): 32.8k, 36.5k, 27.8k and 27.2k
 tokens/s at 8k, 32k, 64k and 128k, 0.76-0.80x bswa-1b. The scan's own kernels at 8k: 13 ms
 forward, 18 ms backward, about 2.5x the time to read the weights once per step and direction.
-Autotuned steps (COMPILE_MODE below) did not change that.
+Autotuned steps (COMPILE_MODE below) did not change that. With `_scales`' host copy gone (2026-11-30,
+"Session 11"): 39.1k tokens/s at 8k (0.79x bswa-1b in the same process, GPU 91 % busy, 191 against
+152 ms of kernels); with layer recompute keeping the scan (model/scan_stash.py) 36.1k at 64k and
+35.8k at 128k.
 """
 
 from __future__ import annotations

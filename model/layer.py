@@ -43,6 +43,7 @@ from model.norm import build_norm
 from model.rope import rope_angles
 from model.scan import eager_scan, fam_step
 from model.state import LayerState
+from model.streams import Beside
 
 
 class FAMLayer(MegatronModule):
@@ -53,6 +54,7 @@ class FAMLayer(MegatronModule):
         sp = config.tensor_model_parallel_size if config.sequence_parallel else 1
         self.local_fam_rows = config.fam_len // sp  # FAM rows of the hidden tensor on this rank
         self.use_fast_scan: bool | None = None  # None: the fast scan on GPU, the eager one on CPU
+        self.split_attention: bool | None = None  # None: model.overlap_fam_scan on GPU (splits_attention)
         self.input_norm = build_norm(config, tp_group)
         self.attention = FAMSelfAttention(config, tp_group=tp_group)
         self.pre_mlp_norm = build_norm(config, tp_group)
@@ -79,20 +81,31 @@ class FAMLayer(MegatronModule):
         mem_k, mem_v = (state.mem_k, state.mem_v) if state is not None and state.mem_len else (None, None)
         layout = BlockLayout(0 if mem_k is None else mem_k.shape[0], S, cfg.block_size, F, cfg.mem_blocks)
 
-        fam, fam_k, fam_v, prompt_out = None, None, None, None
+        fam, fam_k, fam_v, prompt_out, window = None, None, None, None, None
+        split = F and self.splits_attention(x.device)
+        beside = Beside(x.device) if split else None
         if F:  # 2: the FAM scan (model/scan.py, model/fast_scan.py)
             prompt = hidden[: self.local_fam_rows]
             fam0 = prompt if state is None else state.fam.expand(-1, x.shape[1], -1)
             scan = fast_scan if self.uses_fast_scan(x.device) else eager_scan
-            fam, fam_k, fam_v, prompt_out = scan(self._scan_spec(state is None, layout.fam_rows), fam0, k, v,
-                                                 self._fam_rope(positions), self._scan_weights())
+            rope = self._fam_rope(positions)
+            args = (self._scan_spec(state is None, layout.fam_rows), fam0, k, v, rope, self._scan_weights())
+            if split:  # on a side stream, beside the window attention (model/split_attention.py)
+                fam, fam_k, fam_v, prompt_out = beside.run(scan, (fam0, k, v, *rope), *args)
+                window = self.attention.attend_window(q, mem_k, mem_v, k, v, layout)
+                beside.join((fam, fam_k, fam_v, prompt_out))
+            else:
+                fam, fam_k, fam_v, prompt_out = scan(*args)
             if prompt_out is None:  # a passed-in state replaces the prompt; no layer reads its rows
                 prompt_out = prompt
 
         # 3: all blocks at once over [memory; FAM keys; tokens] (model/masks.py)
-        keys = torch.cat([t for t in (mem_k, fam_k, k) if t is not None])
-        values = torch.cat([t for t in (mem_v, fam_v, v) if t is not None])
-        context = self.attention.attend_blocks(q, keys, values, layout)
+        if split:
+            context = self.attention.attend_fam_and_merge(q, fam_k, fam_v, window, layout)
+        else:
+            keys = torch.cat([t for t in (mem_k, fam_k, k) if t is not None])
+            values = torch.cat([t for t in (mem_v, fam_v, v) if t is not None])
+            context = self.attention.attend_blocks(q, keys, values, layout)
         x = self.ffn(self.attention.project_out(context) + x)  # 4
 
         new_state = LayerState(fam, *self._memory(mem_k, mem_v, k, v))
@@ -103,6 +116,17 @@ class FAMLayer(MegatronModule):
         """The fast scan on GPU, the eager per-step scan (its oracle) on CPU, unless
         `use_fast_scan` says otherwise (tests run the fast path on CPU)."""
         return device.type == "cuda" if self.use_fast_scan is None else self.use_fast_scan
+
+    def splits_attention(self, device: torch.device) -> bool:
+        """The block attention split in a window and a FAM part, the scan beside the first
+        (model/split_attention.py): with model.overlap_fam_scan (off by default: measured no faster)
+        and the fast scan on GPU at TP = 1 (the scan's collectives stay on the main stream), unless
+        `split_attention` says otherwise (tests run it on CPU, without a second stream)."""
+        if self.split_attention is not None:
+            return self.split_attention
+        cfg = self.config
+        return (cfg.overlap_fam_scan and device.type == "cuda" and self.uses_fast_scan(device)
+                and cfg.tensor_model_parallel_size == 1)
 
     def _fam_rope(self, positions: torch.Tensor):
         """cos/sin [T, F, b, 1, d] for every block's FAM queries (the block's last F positions)

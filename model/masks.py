@@ -16,10 +16,13 @@ so both paths share one definition.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
+
+from model.compile_limits import bounded_compiles
 
 FAM_ALIGN = 128  # FlexAttention's default key/value tile (BLOCK_SIZE)
 
@@ -81,3 +84,19 @@ class BlockLayout:
         q = torch.arange(self.q_len, device=device)[:, None]
         kv = torch.arange(self.kv_len, device=device)[None, :]
         return self.mask_mod()(None, None, q, kv)  # [q_len, kv_len] bool
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # Compiled, the mask is evaluated block by block instead of materialising the whole
+    # q_len x kv_len grid (tens of GiB at 64k tokens); bounded like the attention itself.
+    return torch.compile(create_block_mask)
+
+
+@functools.lru_cache(maxsize=32)
+def flex_block_mask(layout, device: str):
+    """FlexAttention's block mask of a layout (anything with mask_mod, q_len and kv_len), cached."""
+    with bounded_compiles("create_block_mask (model/masks.py)"):
+        return _compiled_create_block_mask()(layout.mask_mod(), None, None, layout.q_len, layout.kv_len, device=device)

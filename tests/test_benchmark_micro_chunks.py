@@ -119,6 +119,10 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     monkeypatch.setattr(micro_chunk_step.compile_limits, "STATIC_SHAPES", 0)
     assert micro_chunk_step.row_notes(clean) == {"scan_compile_mode": "max-autotune-no-cudagraphs", "fused_ops": True,
                                                  "fused_op_shapes": "dynamic"}
-    monkeypatch.setattr(micro_chunk_step, "KEEP_FAM_SCAN", True)  # --keep-fam-scan, noted and in every cell's model
-    assert micro_chunk_step.row_notes(clean)["recompute_fam_scan"] is False
-    assert micro_chunk_step.cell_model_args("fam-1b", 32000, True).recompute_fam_scan is False
+    assert micro_chunk_step.cell_model_args("fam-1b", 32000, True).recompute_fam_scan is False  # the default
+    monkeypatch.setattr(micro_chunk_step, "RECOMPUTE_FAM_SCAN", True)  # --recompute-fam-scan on: noted, in every model
+    assert micro_chunk_step.row_notes(clean)["recompute_fam_scan"] is True
+    assert micro_chunk_step.cell_model_args("fam-1b", 32000, True).recompute_fam_scan is True
+    monkeypatch.setattr(micro_chunk_step, "OVERLAP_FAM_SCAN", False)  # --fam-scan-overlap off
+    assert micro_chunk_step.row_notes(clean)["overlap_fam_scan"] is False
+    assert micro_chunk_step.cell_model_args("fam-1b", 32000, True).overlap_fam_scan is False

@@ -10,6 +10,7 @@ Every test builds its own shapes and leaves no setting behind, so any order pass
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -19,6 +20,7 @@ import model.compile_limits as compile_limits
 import model.fast_scan as fast_scan_module
 import model.layer as layer_module
 import model.scan_graphs as scan_graphs
+import model.split_attention as split_attention
 from model import build_model
 from model.fast_scan import fast_scan
 from model.compile_limits import CompileLimitError
@@ -47,12 +49,16 @@ def _too_far(errors: dict[str, float], dtype: str) -> dict[str, float]:
     return {name: e for name, e in errors.items() if not e <= (logits_bound if name == "logits" else grad_bound)}
 
 
-def _cpu_and_gpu_models():
+def _cpu_and_gpu_models(overlap: bool = True):
+    """overlap: model.overlap_fam_scan, the GPU's block attention in two parts with the scan beside
+    the window part (model/split_attention.py), or one attention call after the scan."""
     torch.manual_seed(0)
-    cpu = build_model(ARGS, device="cpu")
-    gpu = build_model(ARGS, device="cuda")
+    args = dataclasses.replace(ARGS, overlap_fam_scan=overlap)
+    cpu = build_model(args, device="cpu")
+    gpu = build_model(args, device="cuda")
     gpu.load_state_dict(cpu.state_dict())
     assert all(layer.uses_fast_scan(torch.device("cuda")) for layer in gpu.layers)
+    assert all(layer.splits_attention(torch.device("cuda")) == overlap for layer in gpu.layers)
     assert not any(layer.uses_fast_scan(torch.device("cpu")) for layer in cpu.layers)
     return cpu, gpu
 
@@ -84,15 +90,16 @@ def no_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["scan beside the window part", "one attention call"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_gpu_path_matches_cpu_fp32_logits_and_every_gradient(dtype, no_tf32):
+def test_gpu_path_matches_cpu_fp32_logits_and_every_gradient(dtype, overlap, no_tf32):
     """Two GPU calls: the first runs the scan's loops and captures them, the second replays."""
-    cpu, gpu = _cpu_and_gpu_models()
+    cpu, gpu = _cpu_and_gpu_models(overlap)
     expected = _logits_and_grads(cpu, "cpu", "fp32")
     for call in ("first call", "replay"):
         gpu.zero_grad(set_to_none=True)
         errors = _errors(_logits_and_grads(gpu, "cuda", dtype), expected)
-        _report(f"GPU {dtype} ({call}) vs CPU fp32", errors)
+        _report(f"GPU {dtype} ({call}, overlap {overlap}) vs CPU fp32", errors)
         assert len(errors) == 1 + len(list(cpu.parameters()))
         bad = _too_far(errors, dtype)
         assert not bad, (call, bad)
@@ -111,7 +118,7 @@ class _FAMKeysHidden(BlockLayout):
 
 
 def test_a_wrong_mask_on_gpu_exceeds_even_the_bf16_tolerance(monkeypatch, no_tf32):
-    cpu, gpu = _cpu_and_gpu_models()
+    cpu, gpu = _cpu_and_gpu_models(overlap=False)
     expected = _logits_and_grads(cpu, "cpu", "fp32")
     monkeypatch.setattr(layer_module, "BlockLayout", _FAMKeysHidden)
     errors = _errors(_logits_and_grads(gpu, "cuda", "bf16"), expected)
@@ -119,6 +126,24 @@ def test_a_wrong_mask_on_gpu_exceeds_even_the_bf16_tolerance(monkeypatch, no_tf3
     logits_bound, grad_bound = TOLERANCE["bf16"]
     assert errors["logits"] > 10 * logits_bound
     assert errors["fam_prompt"] > 10 * grad_bound
+    assert len(_too_far(errors, "bf16")) > len(errors) // 2
+
+
+def test_a_fam_part_that_shows_each_block_its_new_fam_exceeds_the_bf16_tolerance(monkeypatch, no_tf32):
+    """The split attention's FAM part (model/split_attention.py) with block t seeing F_t, the FAM
+    that has already read block t, instead of F_{t-1}: a leak of later tokens."""
+    cpu, gpu = _cpu_and_gpu_models(overlap=True)
+    expected = _logits_and_grads(cpu, "cpu", "fp32")
+
+    class OwnFam(split_attention.FamPartLayout):  # a class of its own: the cached block masks are keyed by layout
+        def mask_mod(self):
+            C, F = self.block_size, self.fam_len
+            return lambda b, h, q, kv: kv.div(F, rounding_mode="floor") == q.div(C, rounding_mode="floor") + 1
+
+    monkeypatch.setattr(split_attention, "FamPartLayout", OwnFam)
+    errors = _errors(_logits_and_grads(gpu, "cuda", "bf16"), expected)
+    _report("GPU bf16, FAM part shows F_t vs CPU fp32", errors)
+    assert errors["logits"] > 10 * TOLERANCE["bf16"][0]
     assert len(_too_far(errors, "bf16")) > len(errors) // 2
 
 

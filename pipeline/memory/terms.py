@@ -8,7 +8,8 @@ pipeline/memory/estimate.py).
   input [F+S, b, h]; both RMSNorms (rstd, outputs saved by megatron's linears in the input dtype,
   fp32 under autocast; the CPU's composite norm also x·rstd); RoPE cos/sin, fp32; block
   attention's q [S], K and V [R + S, b, g, d] (R: the FAM keys padded to a tile, model/masks.py),
-  output and fp32 lse (CPU: SDPA's float mask); SwiGLU's intermediates (5 FFN-wide tensors in
+  output and fp32 lse (CPU: SDPA's float mask; GPU with model.overlap_fam_scan at TP = 1: two
+  outputs and lses, the window and FAM parts', and no concatenated K/V); SwiGLU's intermediates (5 FFN-wide tensors in
   megatron's eager ops, 3 in model/mlp.py's fused kernel on CUDA); the FAM scan, T block steps
   plus the soft-prompt stream's step (F rows, no block keys) and the FAM RoPE tables: on CPU
   (kernels="cpu") what autograd keeps of model/scan.py's eager steps, on GPU what
@@ -134,6 +135,10 @@ def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int
     T = math.ceil(S / C)
     kv_len = fam_key_rows(T, F) + S  # keys [R + S]: FAM keys padded to a tile, then the tokens (model/masks.py)
     terms["attention"] = b * (2 * S * n + 2 * kv_len * g) * d * e.act + b * n * S * 4
+    if F and kernels == "cuda" and m.overlap_fam_scan and tp == 1:
+        # split (model/split_attention.py): no concatenated K/V (each part saves the scan's K/V or
+        # the block's, counted with the scan); a second output [S, b, n, d] and lse, the FAM part's
+        terms["attention"] = b * 3 * S * n * d * e.act + 2 * b * n * S * 4
     if kernels == "cpu":
         terms["attention"] += S * kv_len * e.act  # SDPA's float copy of the dense mask
     if F:
