@@ -141,8 +141,9 @@ def main() -> None:
                 print(f"    {ms:8.1f} ms {launches:8,.0f} x  {kernel}")
             for op, shapes, calls, ms in result.get("ops", [])[:8]:
                 print(f"    {ms:8.1f} ms {calls:8,.0f} x  {op} {shapes[:100]}")
-            if opts.json:
-                save_rows([dict(config=n, seq=q, **r) for n, q, r in rows], opts.json)
+            if opts.json:  # each row with its anchor's row beside it, as in the results folder's records
+                save_rows([dict(config=n, seq=q, **r, **_anchor_part(rec)) for (n, q, r), rec in zip(rows, records)],
+                          opts.json)
 
     print(f"rows saved in {saved}")
     print_anchor_ratios(records)
@@ -221,6 +222,14 @@ def anchor_record(anchor, anchors: dict, opts, name: str, seq: int, result: dict
             print("  anchor", {k: v for k, v in anchors[key].items() if k not in ("kernels", "ops")}, flush=True)
         row = anchors[key]
     return to_record(name, seq, opts.precision, {k: v for k, v in result.items() if k != "kernels"}, row)
+
+
+def _anchor_part(record: dict) -> dict:
+    """The anchor's row (its kernel and operator lists left out) and the ratio to it, if the row has one."""
+    if "anchor" not in record:
+        return {}
+    return {"anchor": {k: v for k, v in record["anchor"].items() if k not in ("kernels", "ops")},
+            "x_anchor": record["x_anchor"]}
 
 
 def print_anchor_ratios(records: list[dict]) -> None:

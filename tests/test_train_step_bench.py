@@ -169,3 +169,33 @@ def test_a_wait_inside_torch_is_placed_at_the_project_line_that_led_to_it():
              traceback.FrameSummary(warnings.__file__, 40, "_showwarnmsg")]
     assert sync_site(synchronize, 1270, stack) == f"{synchronize}:1270 <- /work/main/model/layer.py:77"
     assert sync_site("/work/main/model/fast_scan.py", 159, stack) == "/work/main/model/fast_scan.py:159"
+
+
+def test_the_json_rows_carry_the_anchor_row_beside_each_row():
+    """`--json` rows (what a GPU run brings back) hold the anchor as the results folder's records do."""
+    record = to_record("bswa-1b", 8192, "bf16-mixed", {"tokens_per_s": 50.0},
+                       {"tokens_per_s": 40.0, "kernels": [["k", 1, 1.0]], "ops": []})
+    assert train_step._anchor_part(record) == {"anchor": {"tokens_per_s": 40.0}, "x_anchor": 1.25}
+    assert train_step._anchor_part(to_record("fam-1b", 8192, "bf16-mixed", {"tokens_per_s": 1.0}, None)) == {}
+
+
+def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
+    """benchmarks/fam_speed.sh (issue 13's GPU phases): each train_step line, its shell variables
+    filled in, parses and stops only for want of a GPU; an unknown phase exits 2 naming it."""
+    import re
+    import subprocess
+
+    script = (ROOT / "benchmarks" / "fam_speed.sh").read_text()
+    fill = {'"${CONFIGS[@]}"': "fam-1b bswa-1b dense-1b", '"$@"': "8192", '"$ANCHOR"': DEFAULT_ANCHOR,
+            '"$OUT"': "runs/x", '"$OUT/$name.json"': "runs/x/short.json", '"$OUT/profile.json"': "runs/x/p.json"}
+    commands = re.findall(r"python3 -m benchmarks\.train_step (.*?)>", script.replace("\\\n", " "))
+    assert len(commands) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in commands:
+        for var, value in fill.items():
+            command = command.replace(var, value)
+        assert "$" not in command, command
+        assert _main(command.split(), monkeypatch) == "benchmarks.train_step measures GPU speed: no CUDA device here"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "fam_speed.sh"), str(tmp_path / "out"), "nonesuch"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown phase 'nonesuch'" in done.stdout, done

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Issue 13's GPU measurements in phases that each fit one device call (10 minutes), so that a
+# session spends its GPU time on measuring, not on rebuilding its run scripts.
+#
+#   GPU machine, from the repo root (carry .whl/, built by ../shared/gpu/wheelhouse.sh, with the anchor
+#   copied in: cp ../shared/gpu/anchor_gpt.py .whl/):
+#       bash benchmarks/fam_speed.sh OUT PHASE [PHASE ...]
+#   PHASE:
+#     short     fam-1b, bswa-1b, dense-1b at 8k and 32k, each with the anchor beside it    (~5 min cold)
+#     long      the same at 64k and 128k, recompute                                        (~6 min cold)
+#     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)         (~3 min cold)
+#     tests     pytest -m gpu, in a shuffled order (SEED, default 1)                       (~6 min)
+#     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)     (~8 min)
+#   The table phases add their records (with each anchor's row) to OUT/<date>-<card>/train_step.json,
+#   so short and long, run in two calls, fill one file; their logs and --json rows go to OUT too.
+#   GPU picks the device for one-GPU phases (default 0): on two GPUs, `tests` on GPU 1 beside a table
+#   on GPU 0 compiles on the same host, which slows the table's CPU-bound 8k rows (2026-11-30).
+# Each phase has its own inductor cache (.inductor-<phase>, git-ignored): one process's cache at a
+# time (a shared one lost Triton files on an H200, 2026-11-30).
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/fam_speed.sh OUT PHASE [PHASE ...]}
+shift
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "fam_speed.sh: the wheel install of .whl/ failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1 MLFLOW_TRACKING_URI=
+ANCHOR=${ANCHOR:-$( [ -f .whl/anchor_gpt.py ] && echo .whl/anchor_gpt.py || echo ../shared/gpu/anchor_gpt.py )}
+CONFIGS=(fam-1b bswa-1b dense-1b)
+
+table() {  # name, sequence lengths...
+    local name=$1; shift
+    CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs "${CONFIGS[@]}" --seq-lens "$@" \
+        --recompute auto --anchor "$ANCHOR" --results-dir "$OUT" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+    echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
+}
+
+for phase in "$@"; do
+    export TORCHINDUCTOR_CACHE_DIR=$PWD/.inductor-$phase
+    case $phase in
+        short) table short 8192 32768 ;;
+        long) table long 65536 131072 ;;
+        profile)
+            CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens 8192 \
+                --recompute auto --profile --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
+            echo "profile: rc $?"; grep -h "^|" "$OUT/profile.log" ;;
+        tests)
+            CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m pytest -m gpu -q -rs -p no:cacheprovider --order "shuffle:${SEED:-1}" \
+                tests > "$OUT/pytest_gpu.log" 2>&1
+            echo "tests: rc $?"; tail -n 3 "$OUT/pytest_gpu.log" ;;
+        parity)
+            # shellcheck disable=SC2086  # CELLS is a list of words
+            python3 -m benchmarks.parity_suite --out "$OUT/parity" --cells ${CELLS:-1gpu tp2 pp2 dp2} --steps 10 \
+                --warmup-steps 10 > "$OUT/parity.log" 2>&1
+            echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
+        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, profile, tests, parity)"; exit 2 ;;
+    esac
+done
