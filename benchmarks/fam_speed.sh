@@ -6,13 +6,17 @@
 #   copied in: cp ../shared/gpu/anchor_gpt.py .whl/):
 #       bash benchmarks/fam_speed.sh OUT PHASE [PHASE ...]
 #   PHASE:
-#     short     fam-1b, bswa-1b, dense-1b at 8k and 32k, each with the anchor beside it    (~5 min cold)
-#     long      the same at 64k and 128k, recompute                                        (~6 min cold)
-#     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)         (~3 min cold)
-#     tests     pytest -m gpu, in a shuffled order (SEED, default 1)                       (~6 min)
-#     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)     (~8 min)
+#     short     fam-1b, bswa-1b, dense-1b at 8k and 32k, each with the anchor beside it
+#     long      the same at 64k and 128k, recompute
+#     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)
+#     tests     pytest -m gpu, in a shuffled order (SEED, default 1)   (about 5.5 min on an H200, 2026-11-30)
+#     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)
 #   The table phases add their records (with each anchor's row) to OUT/<date>-<card>/train_step.json,
 #   so short and long, run in two calls, fill one file; their logs and --json rows go to OUT too.
+#   Times on an H200 (2026-11-30): cold compiles dominate. On a fresh machine `profile` did not finish
+#   fam-1b's 8k row in 210 s; with --profile and the anchor, 8k to 64k (9 rows, 6 anchors) took about
+#   520 s. So give each table phase a call of its own, and keep the machine warm between calls (it goes
+#   back after 30 s idle, and its inductor caches with it).
 #   GPU picks the device for one-GPU phases (default 0): on two GPUs, `tests` on GPU 1 beside a table
 #   on GPU 0 compiles on the same host, which slows the table's CPU-bound 8k rows (2026-11-30).
 # Each phase has its own inductor cache (.inductor-<phase>, git-ignored): one process's cache at a
