@@ -175,8 +175,9 @@ def apply_kernel_options(opts) -> None:
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":
         compile_limits.STATIC_SHAPES = 0
-    micro_chunk_step.RECOMPUTE_FAM_SCAN = {"config": None, "on": True, "off": False}[opts.recompute_fam_scan]
-    micro_chunk_step.OVERLAP_FAM_SCAN = {"config": None, "on": True, "off": False}[opts.fam_scan_overlap]
+    setting = {"config": None, "on": True, "off": False}
+    micro_chunk_step.RECOMPUTE_FAM_SCAN = setting[opts.recompute_fam_scan]
+    micro_chunk_step.OVERLAP_FAM_SCAN = setting[opts.fam_scan_overlap]
 
 
 def print_table(rows: list, opts) -> None:

@@ -68,10 +68,7 @@ class FamPartLayout:
 
         return visible
 
-    def dense_mask(self, device) -> torch.Tensor:
-        q = torch.arange(self.q_len, device=device)[:, None]
-        kv = torch.arange(self.kv_len, device=device)[None, :]
-        return self.mask_mod()(None, None, q, kv)
+    dense_mask = BlockLayout.dense_mask  # the same grid evaluation of mask_mod over q_len x kv_len
 
 
 def parts(layout: BlockLayout) -> tuple[BlockLayout, FamPartLayout]:

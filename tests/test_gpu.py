@@ -49,7 +49,7 @@ def _too_far(errors: dict[str, float], dtype: str) -> dict[str, float]:
     return {name: e for name, e in errors.items() if not e <= (logits_bound if name == "logits" else grad_bound)}
 
 
-def _cpu_and_gpu_models(overlap: bool = True):
+def _cpu_and_gpu_models(overlap: bool):
     """overlap: model.overlap_fam_scan, the GPU's block attention in two parts with the scan beside
     the window part (model/split_attention.py), or one attention call after the scan."""
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from typing import Any, Union
 
 import yaml
 
-from model.config import build_section, coerce_value, read_config_tree
+from model.config import build_section, read_config_tree
 from pipeline.config.tree import SECTIONS, Config
 
 
