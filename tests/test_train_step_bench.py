@@ -15,6 +15,7 @@ import torch
 from benchmarks import train_step
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, anchor_attention, anchor_shape, load_anchor, to_record, write_records
 from model import load_model_args
+from tests.time_bounds import HANG_GUARD_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 # The GPU command of README.md's "Measured" section, as argv.
@@ -197,5 +198,5 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
         assert "$" not in command, command
         assert _main(command.split(), monkeypatch) == "benchmarks.train_step measures GPU speed: no CUDA device here"
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "fam_speed.sh"), str(tmp_path / "out"), "nonesuch"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert done.returncode == 2 and "unknown phase 'nonesuch'" in done.stdout, done
