@@ -7,8 +7,9 @@
 #       bash benchmarks/fam_speed.sh OUT PHASE [PHASE ...]
 #   PHASE:
 #     short     fam-1b, bswa-1b, dense-1b at 8k and 32k, each with the anchor beside it
-#     long      the same at 64k and 128k, recompute
+#     long      the same at 64k and 128k, recompute (long64, long128: one length each, to run side by side)
 #     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)
+#     batch2    fam-1b and bswa-1b at 8k, micro-batch 2 (the scan's weight reads serve both sequences)
 #     tests     pytest -m gpu, in a shuffled order (SEED, default 1)   (about 5.5 min on an H200, 2026-11-30)
 #     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)
 #   The table phases add their records (with each anchor's row) to OUT/<date>-<card>/train_step.json,
@@ -17,17 +18,21 @@
 #   fam-1b's 8k row in 210 s; with --profile and the anchor, 8k to 64k (9 rows, 6 anchors) took about
 #   520 s. So give each table phase a call of its own, and keep the machine warm between calls (it goes
 #   back after 30 s idle, and its inductor caches with it).
+#   PROFILE=1 adds --profile to the table phases.
 #   GPU picks the device for one-GPU phases (default 0): on two GPUs, `tests` on GPU 1 beside a table
 #   on GPU 0 compiles on the same host, which slows the table's CPU-bound 8k rows (2026-11-30).
 # Each phase has its own inductor cache (.inductor-<phase>, git-ignored): one process's cache at a
-# time (a shared one lost Triton files on an H200, 2026-11-30).
+# time (a shared one lost Triton files on an H200, 2026-11-30). INDUCTOR_CACHE=DIR gives the phases
+# of one call, which run one after another, one cache.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/fam_speed.sh OUT PHASE [PHASE ...]}
 shift
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "fam_speed.sh: the wheel install of .whl/ failed"; exit 1; }
+if [ -d .whl ]; then  # once per machine: a second phase running beside the first must not rewrite its modules
+    if [ ! -f /tmp/site/.famtron-wheels ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && touch /tmp/site/.famtron-wheels || { echo "fam_speed.sh: the wheel install of .whl/ failed"; exit 1; }
+    fi
     export PYTHONPATH=/tmp/site:$PWD
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1 MLFLOW_TRACKING_URI=
@@ -37,15 +42,22 @@ CONFIGS=(fam-1b bswa-1b dense-1b)
 table() {  # name, sequence lengths...
     local name=$1; shift
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs "${CONFIGS[@]}" --seq-lens "$@" \
-        --recompute auto --anchor "$ANCHOR" --results-dir "$OUT" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+        --recompute auto --anchor "$ANCHOR" --results-dir "$OUT" --json "$OUT/$name.json" ${PROFILE:+--profile} \
+        > "$OUT/$name.log" 2>&1
     echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
 }
 
 for phase in "$@"; do
-    export TORCHINDUCTOR_CACHE_DIR=$PWD/.inductor-$phase
+    export TORCHINDUCTOR_CACHE_DIR=${INDUCTOR_CACHE:-$PWD/.inductor-$phase}
     case $phase in
         short) table short 8192 32768 ;;
         long) table long 65536 131072 ;;
+        long64) table long64 65536 ;;
+        long128) table long128 131072 ;;
+        batch2)
+            CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens 8192 \
+                --micro-batch 2 --recompute auto --results-dir "$OUT" --json "$OUT/batch2.json" > "$OUT/batch2.log" 2>&1
+            echo "batch2: rc $?"; grep -h "^|" "$OUT/batch2.log" ;;
         profile)
             CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens 8192 \
                 --recompute auto --profile --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
@@ -59,6 +71,7 @@ for phase in "$@"; do
             python3 -m benchmarks.parity_suite --out "$OUT/parity" --cells ${CELLS:-1gpu tp2 pp2 dp2} --steps 10 \
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
-        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, profile, tests, parity)"; exit 2 ;;
+        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, profile, batch2, tests, parity)"
+           exit 2 ;;
     esac
 done

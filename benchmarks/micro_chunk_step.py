@@ -171,7 +171,8 @@ def row_notes(left_gib: float) -> dict:
     leak), `scan_compile_mode` (the FAM scan's steps were not compiled in the default mode) and
     `fused_ops` (the QKV split, RoPE and SwiGLU ran as compiled kernels: model/rope.py, model/mlp.py),
     `fused_op_shapes` ("dynamic" when they were compiled for dynamic shapes only) and
-    `recompute_fam_scan` and `overlap_fam_scan` (when RECOMPUTE_FAM_SCAN, OVERLAP_FAM_SCAN set them)."""
+    `recompute_fam_scan` and `overlap_fam_scan` (when RECOMPUTE_FAM_SCAN, OVERLAP_FAM_SCAN set them),
+    `scan_weights` ("copied" when the scan's graphs copy the weights in, as before 2026-12)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     if fast_scan.COMPILE_MODE:
         notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
@@ -183,6 +184,8 @@ def row_notes(left_gib: float) -> dict:
         notes["recompute_fam_scan"] = RECOMPUTE_FAM_SCAN
     if OVERLAP_FAM_SCAN is not None:
         notes["overlap_fam_scan"] = OVERLAP_FAM_SCAN
+    if not fast_scan.WEIGHTS_IN_PLACE:
+        notes["scan_weights"] = "copied"
     return notes
 
 

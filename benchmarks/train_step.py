@@ -2,8 +2,8 @@
 
     python -m benchmarks.train_step --configs fam-1b bswa-1b dense-1b --seq-lens 8192 32768 65536
 
-Each cell: forward + backward + AdamW step of the trainer's path, micro-batch 1, after warm-up
-steps (which also absorb torch.compile of FlexAttention). `--loss chunked` (default) computes the
+Each cell: forward + backward + AdamW step of the trainer's path, micro-batch 1 (`--micro-batch`
+sets another; rows say so), after warm-up steps (which also absorb torch.compile of FlexAttention). `--loss chunked` (default) computes the
 loss as training does (lm_loss, no logits kept); `--loss whole` from whole logits, as the anchor
 does and as every row before 2026-12 was measured. `--precision bf16-mixed` (default: bf16
 weights, fp32 master weights and AdamW, pipeline/training/precision.py) or `bf16-autocast` (fp32
@@ -54,11 +54,11 @@ def step_loss(model, tokens: torch.Tensor, loss_path: str = "chunked") -> torch.
 
 # shape: one benchmark cell's settings, as the CLI gives them
 def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False,
-             precision: str = "bf16-mixed", loss_path: str = "chunked") -> dict:
+             precision: str = "bf16-mixed", loss_path: str = "chunked", micro_batch: int = 1) -> dict:
     args = cell_model_args(name, vocab, recompute)
     model = build_model(args, device="cuda")
     opt = build_step_optimizer(model, precision)
-    tokens = torch.randint(0, vocab, (1, seq + 1), device="cuda")
+    tokens = torch.randint(0, vocab, (micro_batch, seq + 1), device="cuda")
     torch.cuda.reset_peak_memory_stats()
 
     def step():
@@ -77,19 +77,20 @@ def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, step
         loss = step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    flops = flops_per_token(args, seq)
+    flops, tokens_per_step = flops_per_token(args, seq), micro_batch * seq
     profiled = {}
     if profile:
         profiled = profile_kernels(step, wall_seconds=seconds)
     return {
         **profiled,
-        "tokens_per_s": seq / seconds,
-        "tflops": seq * flops / seconds / 1e12,
-        "mfu": seq * flops / seconds / (peak_flops(torch.device("cuda")) or float("nan")),
+        "tokens_per_s": tokens_per_step / seconds,
+        "tflops": tokens_per_step * flops / seconds / 1e12,
+        "mfu": tokens_per_step * flops / seconds / (peak_flops(torch.device("cuda")) or float("nan")),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "loss": loss.item(),
         "recompute": recompute,
         "loss_path": loss_path,
+        **({"micro_batch": micro_batch} if micro_batch != 1 else {}),
     }
 
 
@@ -99,6 +100,9 @@ def main() -> None:
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 32768, 65536])
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--recompute", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--micro-batch", type=int, default=1,
+                        help="sequences per step (the FAM scan's weight reads serve all of them); the anchor runs "
+                             "micro-batch 1 only")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
@@ -111,6 +115,7 @@ def main() -> None:
     add_anchor_arguments(parser)
     add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
+    check_micro_batch(parser, opts)
     anchor = load_anchor(opts.anchor) if opts.anchor else None  # a wrong path fails before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
@@ -126,7 +131,7 @@ def main() -> None:
                 before = torch.cuda.memory_allocated()
                 try:
                     result = run_cell(name, seq, opts.vocab_size, recompute, opts.warmup, opts.steps, opts.profile,
-                                      opts.precision, opts.loss)
+                                      opts.precision, opts.loss, opts.micro_batch)
                     break
                 except torch.OutOfMemoryError:
                     result = {"oom": True, "recompute": recompute}
@@ -150,6 +155,12 @@ def main() -> None:
     print_table(rows, opts)
 
 
+def check_micro_batch(parser: argparse.ArgumentParser, opts) -> None:
+    if opts.micro_batch < 1 or (opts.micro_batch > 1 and (opts.anchor or opts.micro_chunk_len)):
+        parser.error(f"--micro-batch {opts.micro_batch}: must be >= 1, and 1 with --anchor or --micro-chunk-len "
+                     "(they measure micro-batch 1)")
+
+
 def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     """How the model's kernels are built: the scan's compile mode, the compiled or eager pointwise ops."""
     parser.add_argument("--scan-compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
@@ -164,6 +175,10 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recompute-fam-scan", choices=["config", "on", "off"], default="config",
                         help="model.recompute_fam_scan: with recompute, run the FAM scan again (on) or keep its rows "
                              "from the forward (off, the default; model/scan_stash.py); config: as the config says")
+    parser.add_argument("--scan-weights", choices=["in-place", "copied"], default="in-place",
+                        help="the FAM scan's CUDA graphs read bf16 weights in place, each layer's own graphs (the "
+                             "default), or copy them into buffers shared by all layers, as before 2026-12 "
+                             "(model/fast_scan.py WEIGHTS_IN_PLACE)")
     parser.add_argument("--fam-scan-overlap", choices=["config", "on", "off"], default="config",
                         help="model.overlap_fam_scan: the FAM scan on a second CUDA stream beside the window part "
                              "of the block attention (on) or one attention call after the scan (off); config: "
@@ -172,6 +187,7 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_kernel_options(opts) -> None:
     fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
+    fast_scan.WEIGHTS_IN_PLACE = opts.scan_weights == "in-place"
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":
         compile_limits.STATIC_SHAPES = 0
@@ -182,7 +198,7 @@ def apply_kernel_options(opts) -> None:
 
 def print_table(rows: list, opts) -> None:
     """The rows as a markdown table, each with its ratio to the bswa config of the same sequence."""
-    print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch 1, vocab {opts.vocab_size}")
+    print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch {opts.micro_batch}, vocab {opts.vocab_size}")
     extra = " GPU busy | kernels/step | CPU ms/step | waits |" if opts.profile else ""
     print("| config | sequence | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |" + extra)
     print("|---|---|---|---|---|---|---|---|" + "---|---|---|---|" * opts.profile)

@@ -20,7 +20,8 @@ compiled step as the others, on any length.
 On CUDA each step is torch.compile'd (one graph for every block and layer, one for the prompt
 step), and each layer's whole loop, forward and backward, replays as one CUDA graph over static
 buffers shared by all layers (model/scan_graphs.py; not under tensor parallelism, whose
-collectives run uncaptured). On CPU the same code runs uncompiled, over fresh buffers or (tests)
+collectives run uncaptured); weights already in the GEMM dtype are read in place, by each layer's
+own graphs (WEIGHTS_IN_PLACE). On CPU the same code runs uncompiled, over fresh buffers or (tests)
 the static ones; tests/test_scan.py checks it against the eager per-step autograd scan. Under
 layer recompute, model.recompute_fam_scan = false keeps the scan's outputs and activations from the
 forward instead of running the scan again in backward (model/scan_stash.py).
@@ -82,6 +83,12 @@ class ScanSpec:
 # can take a step's elementwise work into their epilogues: fewer of its ~40 kernels) against the
 # default in one run; model/scan_graphs.py captures either. Set it before the first scan runs.
 COMPILE_MODE: str | None = None
+
+
+# Where the weights are already in the GEMM dtype, each layer's captured loops read them in place
+# (model/scan_graphs.py); False copies them into the shared buffers as for fp32 weights
+# (`benchmarks.train_step --scan-weights copied`, to measure the two in one run).
+WEIGHTS_IN_PLACE = True
 
 
 @functools.lru_cache(maxsize=8)
@@ -195,13 +202,17 @@ def _new_group(cls, steps: int, shapes: dict, device) -> tuple:
                   shapes.items()})
 
 
-def _input_buffers(spec: ScanSpec, fam0, k, rope, weights) -> dict:
-    """Static copies of every input the loops read (weights in the GEMM dtype, norms as they are)."""
+def _input_buffers(spec: ScanSpec, fam0, k, rope, weights, in_place: bool) -> dict:
+    """Static copies of every input the loops read (weights in the GEMM dtype, norms as they are,
+    unless the loops read them in place)."""
     T, F = rope[0].shape[0], rope[0].shape[1]
     new = functools.partial(torch.empty, device=k.device)
-    w = tuple(new(x.shape, dtype=x.dtype if i in (0, 3) else spec.dtype) for i, x in enumerate(weights))
-    return dict(fam0=new(fam0.shape, dtype=fam0.dtype), rope=tuple(new(x.shape, dtype=x.dtype) for x in rope),
-                scales=new(2), bias=new(T, F + spec.block_size), weights=w)
+    buffers = dict(fam0=new(fam0.shape, dtype=fam0.dtype), rope=tuple(new(x.shape, dtype=x.dtype) for x in rope),
+                   scales=new(2), bias=new(T, F + spec.block_size))
+    if not in_place:
+        buffers["weights"] = tuple(new(x.shape, dtype=x.dtype if i in (0, 3) else spec.dtype)
+                                   for i, x in enumerate(weights))
+    return buffers
 
 
 def _block_buffers(spec: ScanSpec, k, rope) -> dict:
@@ -249,19 +260,33 @@ def _fam_rows(buffer: torch.Tensor, F: int, R: int) -> torch.Tensor:
 # ---- the autograd node ----
 
 
+def _reads_weights_in_place(spec: ScanSpec, weights) -> bool:
+    """Whether the captured loops can read the layer's weights where they are: matrices already in
+    the GEMM dtype, all contiguous, and not DeepSpeed ZeRO-3's (gathered into a new buffer at each
+    use, `ds_id`), whose addresses would make a new loop per call."""
+    matrices = (weights[1], weights[2], weights[4], weights[5])
+    return (WEIGHTS_IN_PLACE and all(w.dtype == spec.dtype for w in matrices)
+            and all(w.is_contiguous() and not hasattr(w, "ds_id") for w in weights))
+
+
 def _static_scan(spec: ScanSpec, fam_shape, fam_dtype, k, rope, weights):
-    """model/scan_graphs.py's StaticScan for these shapes, or None (another device, collectives)."""
+    """(model/scan_graphs.py's StaticScan for these shapes, or None (another device, collectives);
+    whether its loops read the weights in place)."""
     if spec.enter is not None or not scan_graphs.uses_static_buffers(k.device):
-        return None
+        return None, False
+    in_place = _reads_weights_in_place(spec, weights)
     key = (spec.block_size, spec.from_prompt, spec.fam_rows, spec.eps, spec.groups, spec.head_dim, spec.dtype,
            tuple(fam_shape), fam_dtype, tuple(k.shape[1:]), k.dtype, str(k.device), tuple(rope[0].shape),
-           rope[0].dtype, tuple((tuple(w.shape), w.dtype) for w in weights))
-    return scan_graphs.static_scan(key, k.device)
+           rope[0].dtype, tuple((tuple(w.shape), w.dtype) for w in weights), in_place)
+    return scan_graphs.static_scan(key, k.device), in_place
 
 
-def _buffers(spec: ScanSpec, static, inputs: dict, weights, k, rope, fam0_like, backward: bool) -> dict:
+# shape: the loop's inputs by name, plus what sizes the buffers made on first use
+def _buffers(spec: ScanSpec, static, inputs: dict, weights, k, rope, fam0_like, backward: bool,
+             in_place: bool = False) -> dict:
     """The loop's buffers holding this call's inputs: fresh ones around the inputs themselves, or
-    the static ones (made on first use) with the inputs copied in."""
+    the static ones (made on first use) with the inputs copied in (the weights too, unless the
+    loops read them in place)."""
     if static is None:
         if backward:  # the forward's kept activations come in; the keys/values buffers are rebuilt
             made = dict(_backward_outputs(spec, k, rope, weights), **_block_buffers(spec, k, rope))
@@ -270,12 +295,12 @@ def _buffers(spec: ScanSpec, static, inputs: dict, weights, k, rope, fam0_like, 
         return dict(inputs, weights=_gemm_dtype(weights, spec.dtype), **made)
     b = static.buffers
     if not b:
-        b.update(_input_buffers(spec, fam0_like, k, rope, weights), **_forward_outputs(spec, fam0_like, k, rope,
-                                                                                       weights))
+        b.update(_input_buffers(spec, fam0_like, k, rope, weights, in_place),
+                 **_forward_outputs(spec, fam0_like, k, rope, weights))
     if backward and "grads" not in b:
         grads_in = {name: torch.empty_like(x) for name, x in inputs.items() if name.startswith("d_")}
         b.update(grads_in, **_backward_outputs(spec, k, rope, weights))
-    _copy_into(b, dict(inputs, weights=weights))
+    _copy_into(b, inputs if in_place else dict(inputs, weights=weights))
     return b
 
 
@@ -308,13 +333,13 @@ class FAMScan(torch.autograd.Function):
         k, v, fam_k, fam_v, *rest = ctx.saved_tensors
         rope, weights, saved = tuple(rest[:4]), tuple(rest[4:10]), Activations(*rest[10:18])
         T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
-        static = _static_scan(spec, saved.fam.shape[1:], saved.fam.dtype, k, rope, weights)
+        static, in_place = _static_scan(spec, saved.fam.shape[1:], saved.fam.dtype, k, rope, weights)
         inputs = dict(rope=rope, scales=_scales(k.device, spec.from_prompt),
                       bias=_key_bias(T, F, spec.block_size, S, k.device), saved=saved, d_fam=d_fam,
                       d_fam_k=d_fam_k, d_fam_v=d_fam_v)
         if spec.from_prompt:
             inputs.update(prompt_keys=rest[18], prompt_values=rest[19], d_prompt=d_prompt_out[0])
-        b = _buffers(spec, static, inputs, weights, k, rope, saved.fam[0], backward=True)
+        b = _buffers(spec, static, inputs, weights, k, rope, saved.fam[0], backward=True, in_place=in_place)
         for name, blocks, fam_rows in (("keys", k, fam_k), ("values", v, fam_v)):
             _load_blocks(b[name], blocks, F)
             b[name][:, :F].copy_(fam_rows[: T * F].view(T, F, *fam_rows.shape[1:]))
@@ -322,7 +347,7 @@ class FAMScan(torch.autograd.Function):
             if static is None:
                 d = _backward_loop(spec, b)
             else:
-                d = static.loop("backward", functools.partial(_backward_loop, spec))()
+                d = static.loop("backward", functools.partial(_backward_loop, spec), weights if in_place else None)()
         own = torch.clone if static is not None else (lambda x: x)
         d_k, d_v = (own(b[name].flatten(0, 1)[:S]) for name in ("d_keys", "d_values"))
         grads = _weight_gradients(b["saved"], b["grads"], weights)  # before any other replay
@@ -333,17 +358,18 @@ def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool):
     """The scan's forward loop: ((F_T, FAM K, FAM V[, prompt stream output]), the steps' kept
     activations and the prompt step's K/V (empty unless `keep`), all owned by the caller."""
     T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
-    static = _static_scan(spec, fam0.shape, fam0.dtype, k, rope, weights)
+    static, in_place = _static_scan(spec, fam0.shape, fam0.dtype, k, rope, weights)
     inputs = dict(fam0=fam0, rope=rope, scales=_scales(k.device, spec.from_prompt),
                   bias=_key_bias(T, F, spec.block_size, S, k.device))
-    b = _buffers(spec, static, inputs, weights, k, rope, fam0, backward=False)
+    b = _buffers(spec, static, inputs, weights, k, rope, fam0, backward=False, in_place=in_place)
     _load_blocks(b["keys"], k, F)
     _load_blocks(b["values"], v, F)
     with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
         if static is None:
             fam, prompt_out = _forward_loop(spec, b)
         else:
-            fam, prompt_out = static.loop("forward", functools.partial(_forward_loop, spec))()
+            loop = static.loop("forward", functools.partial(_forward_loop, spec), weights if in_place else None)
+            fam, prompt_out = loop()
     own = torch.clone if static is not None else (lambda x: x)  # nothing static leaves
     fam_k, fam_v = _fam_rows(b["keys"], F, spec.fam_rows), _fam_rows(b["values"], F, spec.fam_rows)
     outputs = (own(fam), fam_k, fam_v) + ((own(prompt_out),) if spec.from_prompt else ())

@@ -12,12 +12,18 @@ How:
     later calls replay. Capturing right after the direct run keeps dynamo's guards (grad mode,
     strides) the same, so capture never recompiles. Off CUDA it re-runs the loop over the same
     buffers, so tests/test_scan.py checks the buffer plumbing (what is copied in and out) on CPU.
-  - `static_scan(key, ...)` keeps one set of buffers and loops per shape key (model/fast_scan.py:
-    the spec, the number of blocks T and the tensor shapes, not the exact length: a partial last
-    block is padded), shared by every layer: a layer copies its inputs in (FAM0, block K/V, RoPE
-    tables, the weights cast to the GEMM dtype, the cast the GEMMs need anyway), replays, and
-    copies out what outlives the call. At most CACHE_SIZE keys are kept (least recently used
-    goes first), so evaluation across many lengths does not pile up buffers.
+  - `static_scan(key, ...)` keeps one set of buffers per shape key (model/fast_scan.py: the spec,
+    the number of blocks T and the tensor shapes, not the exact length: a partial last block is
+    padded), shared by every layer: a layer copies its inputs in (FAM0, block K/V, RoPE tables),
+    replays, and copies out what outlives the call. At most CACHE_SIZE keys are kept (least
+    recently used goes first), so evaluation across many lengths does not pile up buffers.
+  - The weights: where they are already in the GEMM dtype (bf16-mixed's bf16 parameters), each
+    layer has its own pair of loops, chosen by its weights' addresses (`weights_key`), whose
+    graphs read the parameters in place; the optimizer updates them in place, so a replay reads
+    this step's values. Otherwise (fp32 weights under autocast) the weights are cast into the
+    shape key's buffers, the cast the GEMMs need anyway, and one pair of loops serves every layer.
+    Copying bf16 weights in cost 36 weight-sized copies per fam-1b step, 3.9 ms of 191 ms at 8k
+    tokens on an H200 (2026-11-30, "Session 11").
   - The captured loops share one memory pool: they replay one after another on one stream and
     each replay's outputs are copied out (or consumed) before the next replay, so a loop may
     reuse memory another used for its intermediates. The pool is taken from a graph still alive
@@ -37,6 +43,7 @@ from typing import Callable
 import torch
 
 CACHE_SIZE = 4  # shape keys with buffers and graphs (fam-1b: ~0.33 GB each at 8k, ~1.6 GB at 64k, counted)
+LOOPS_PER_SHAPE = 256  # a forward and a backward loop per layer whose weights are read in place (fam-24b: 56 layers)
 MODE = "cuda"  # "cuda": static buffers + graphs on CUDA; "always": static buffers on any device; "off"
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
@@ -47,20 +54,26 @@ def uses_static_buffers(device: torch.device) -> bool:
 
 
 class StaticLoop:
-    """A loop over fixed buffers: run directly once, then (CUDA) captured and replayed."""
+    """A loop over fixed buffers: run directly once, then (CUDA) captured and replayed. `weights`:
+    the layer's own weights, read in place (None: the buffers' copies). Like the graph, which
+    reads the addresses it captured, an uncaptured loop (CPU, a failed capture) re-runs over the
+    weights it was made with; once captured it drops them (the graph keeps no tensor alive)."""
 
-    def __init__(self, run: Callable, buffers: dict, device: torch.device):
-        self.run, self.buffers, self.device = run, buffers, device
+    def __init__(self, run: Callable, buffers: dict, device: torch.device, weights: tuple | None = None):
+        self.run, self.buffers, self.device, self.weights = run, buffers, device, weights
         self.graph, self.outputs, self.capturable = None, None, device.type == "cuda"
 
     def __call__(self):
         if self.graph is not None:
             self.graph.replay()
             return self.outputs
-        outputs = self.run(self.buffers)
+        outputs = self.run(self._inputs())
         if self.capturable:
             self._capture()
         return outputs
+
+    def _inputs(self) -> dict:
+        return self.buffers if self.weights is None else dict(self.buffers, weights=self.weights)
 
     def _capture(self):
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(self.device)
@@ -68,36 +81,49 @@ class StaticLoop:
             # thread_local: the backward captures on autograd's thread; another thread's
             # allocation (a data loader's pinned memory) must not invalidate the capture.
             with torch.cuda.graph(graph, pool=_live_pool(self.device), capture_error_mode="thread_local"):
-                outputs = self.run(self.buffers)
+                outputs = self.run(self._inputs())
         except RuntimeError as err:
             torch.cuda.set_stream(stream)  # a capture failing in torch.cuda.graph's __enter__ leaves its side stream
             self.capturable = False
             warnings.warn(f"the FAM scan's loop could not be captured in a CUDA graph and runs uncaptured: {err}")
             return
-        self.graph, self.outputs = graph, outputs
+        self.graph, self.outputs, self.weights = graph, outputs, None
 
 
 def _live_pool(device: torch.device):
     """The memory pool of a captured loop still alive on `device`, or None (a new pool)."""
     for scan in _CACHE.values():
-        for loop in (scan.forward, scan.backward):
-            if loop is not None and loop.graph is not None and loop.device == device:
+        for loop in scan.loops.values():
+            if loop.graph is not None and loop.device == device:
                 return loop.graph.pool()
     return None
 
 
+def weights_key(weights: tuple) -> tuple:
+    """Where a layer's weights are: a captured graph reads exactly these addresses and strides
+    (shapes and dtypes are in the shape key)."""
+    return tuple((w.data_ptr(), tuple(w.stride())) for w in weights)
+
+
 class StaticScan:
-    """One shape key's buffers (forward's, backward's added on first use) and its two loops."""
+    """One shape key's buffers (forward's, backward's added on first use) and its loops: one
+    forward and one backward for all layers (weights copied in), or one pair per layer (weights
+    read in place), at most LOOPS_PER_SHAPE (least recently used goes first)."""
 
     def __init__(self, device: torch.device):
         self.device, self.buffers = device, {}
-        self.forward: StaticLoop | None = None
-        self.backward: StaticLoop | None = None
+        self.loops: collections.OrderedDict = collections.OrderedDict()
 
-    def loop(self, name: str, run: Callable) -> StaticLoop:
-        if getattr(self, name) is None:
-            setattr(self, name, StaticLoop(run, self.buffers, self.device))
-        return getattr(self, name)
+    def loop(self, name: str, run: Callable, weights: tuple | None = None) -> StaticLoop:
+        """The loop `name` ("forward", "backward") for these weights read in place (None: copied in)."""
+        key = (name, None if weights is None else weights_key(weights))
+        if key in self.loops:
+            self.loops.move_to_end(key)
+            return self.loops[key]
+        self.loops[key] = StaticLoop(run, self.buffers, self.device, weights)
+        while len(self.loops) > LOOPS_PER_SHAPE:
+            self.loops.popitem(last=False)
+        return self.loops[key]
 
 
 def static_scan(key, device: torch.device) -> StaticScan:

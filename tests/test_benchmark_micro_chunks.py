@@ -126,3 +126,6 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     monkeypatch.setattr(micro_chunk_step, "OVERLAP_FAM_SCAN", False)  # --fam-scan-overlap off
     assert micro_chunk_step.row_notes(clean)["overlap_fam_scan"] is False
     assert micro_chunk_step.cell_model_args("fam-1b", 32000, True).overlap_fam_scan is False
+    assert "scan_weights" not in micro_chunk_step.row_notes(clean)  # the default: read in place
+    monkeypatch.setattr(micro_chunk_step.fast_scan, "WEIGHTS_IN_PLACE", False)  # --scan-weights copied
+    assert micro_chunk_step.row_notes(clean)["scan_weights"] == "copied"

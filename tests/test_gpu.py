@@ -188,12 +188,17 @@ def _scan_outputs_and_grads(layer, from_prompt: bool, seq: int, seed: int) -> di
     return found
 
 
-def test_captured_scan_equals_uncaptured_and_replays_new_weights_and_inputs(monkeypatch, no_tf32):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_captured_scan_equals_uncaptured_and_replays_new_weights_and_inputs(in_place, monkeypatch, no_tf32):
     """The CUDA graphs of model/scan_graphs.py against the same compiled steps run uncaptured:
     from the prompt and from a passed-in FAM, 700 tokens (5 whole blocks and a partial one).
     Layer A's first call captures, its second replays; layer B (other weights) with other inputs
-    replays A's graphs and must get B's results, not A's: a static buffer left with A's weights
-    goes red."""
+    must get B's results, not A's. With the weights read in place (fp32 is the GEMM dtype here,
+    as bf16 is under bf16-mixed) each layer has its own graphs, and a replay after an in-place
+    update of A's weights (as the optimizer's) must see the new values; with the weights copied in,
+    B replays A's graphs over the shared buffers. Broken variants: B replaying A's graphs read in
+    place, or a buffer left with A's weights, go red."""
+    monkeypatch.setattr(fast_scan_module, "WEIGHTS_IN_PLACE", in_place)
     model = build_model(ARGS, device="cuda")
     layers = [model.layers[0], model.layers[2]]  # A and B: different weights
     cases = [(layer, from_prompt, seed) for layer, seed in zip(layers, (1, 2)) for from_prompt in (True, False)]
@@ -203,7 +208,8 @@ def test_captured_scan_equals_uncaptured_and_replays_new_weights_and_inputs(monk
     scan_graphs.clear()
     for layer, p, seed in cases[:2]:
         _scan_outputs_and_grads(layer, p, SEQ, seed)  # runs directly, then captures
-    assert all(s.forward.graph is not None and s.backward.graph is not None for s in scan_graphs._CACHE.values())
+    loops = [loop for scan in scan_graphs._CACHE.values() for loop in scan.loops.values()]
+    assert len(loops) == 4 and all(loop.graph is not None for loop in loops)
     for name, (layer, p, seed), want in zip(("A from prompt", "A from state", "B from prompt", "B from state"),
                                             cases, expected):
         errors = _errors(_scan_outputs_and_grads(layer, p, SEQ, seed), want)
@@ -211,10 +217,24 @@ def test_captured_scan_equals_uncaptured_and_replays_new_weights_and_inputs(monk
         bad = {n: e for n, e in errors.items() if not e <= CAPTURE_TOLERANCE}
         assert len(errors) >= 12 and not bad, (name, bad)
     (a_layer, _, a_seed), (b_layer, _, b_seed) = cases[0], cases[2]
-    _scan_outputs_and_grads(a_layer, True, SEQ, a_seed)  # A's weights in the buffers
-    copy_into = fast_scan_module._copy_into  # the broken variant: weights not copied in any more
-    monkeypatch.setattr(fast_scan_module, "_copy_into", lambda buffers, values: copy_into(
-        buffers, {n: x for n, x in values.items() if n != "weights"}))
+    if in_place:  # A's weights updated in place: its replay reads the new values
+        with torch.no_grad():
+            for w in a_layer._scan_weights():
+                w.mul_(1.25)
+        monkeypatch.setattr(scan_graphs, "MODE", "off")
+        want = _scan_outputs_and_grads(a_layer, True, SEQ, a_seed)
+        monkeypatch.setattr(scan_graphs, "MODE", "cuda")
+        errors = _errors(_scan_outputs_and_grads(a_layer, True, SEQ, a_seed), want)
+        assert not {n: e for n, e in errors.items() if not e <= CAPTURE_TOLERANCE}, errors
+    _scan_outputs_and_grads(a_layer, True, SEQ, a_seed)  # A's weights in the buffers, or A's graphs the last used
+    if in_place:  # the broken variant: loops not told apart by the weights' addresses
+        monkeypatch.setattr(scan_graphs, "weights_key", lambda weights: ())
+        scan_graphs.clear()
+        _scan_outputs_and_grads(a_layer, True, SEQ, a_seed)  # captures A's graphs under the one key
+    else:  # the broken variant: weights not copied in any more
+        copy_into = fast_scan_module._copy_into
+        monkeypatch.setattr(fast_scan_module, "_copy_into", lambda buffers, values: copy_into(
+            buffers, {n: x for n, x in values.items() if n != "weights"}))
     errors = _errors(_scan_outputs_and_grads(b_layer, True, SEQ, b_seed), expected[2])
     _report("captured scan with stale weights, B from prompt", {"logits": errors["output 0"], **errors})
     assert errors["output 0"] > 1e4 * CAPTURE_TOLERANCE and errors["grad qkv"] > 1e4 * CAPTURE_TOLERANCE

@@ -132,31 +132,43 @@ def test_a_broken_fast_scan_goes_red(name, monkeypatch):
     assert max(diffs.values()) > 50 * RTOL, diffs
 
 
-STALE = {"weights": "weights", "partial-block mask": "bias"}
+# Broken variants of the static buffers: the weights not copied in any more (weights copied), every
+# layer replaying the first layer's loops (weights read in place: loops not told apart by the weights'
+# addresses), the partial last block's mask not copied in.
+STATIC_CASES = [(stale, in_place) for in_place in (True, False)
+                for stale in (None, "weights in place" if in_place else "weights copied", "partial-block mask")]
 
 
-@pytest.mark.parametrize("stale", [None, *STALE])
-def test_static_buffers_carry_each_calls_weights_inputs_and_length(stale, monkeypatch):
+@pytest.mark.parametrize("stale, in_place", STATIC_CASES)
+def test_static_buffers_carry_each_calls_weights_inputs_and_length(stale, in_place, monkeypatch):
     """The buffers the GPU's CUDA graphs replay over (model/scan_graphs.py), here on CPU: one set
     per shape key, shared by both layers, by two models with different weights and tokens, and
     by second calls of 21 and 19 tokens (3 blocks each, the last partial: the same key, another
-    mask), each from a passed-in state. Every call must see its own inputs; a buffer that keeps
-    the previous call's weights or mask goes red."""
+    mask), each from a passed-in state. The weights are read in place by each layer's own loops
+    (fp32 here is the GEMM dtype, as bf16 is under bf16-mixed), or copied into the shared buffers.
+    Every call must see its own inputs; a buffer or loop that keeps the previous call's weights or
+    mask goes red."""
     monkeypatch.setattr(scan_graphs, "MODE", "always")
+    monkeypatch.setattr(fast_scan_module, "WEIGHTS_IN_PLACE", in_place)
     scan_graphs.clear()
-    if stale:
+    if stale == "weights in place":
+        monkeypatch.setattr(scan_graphs, "weights_key", lambda weights: ())
+    elif stale:
+        name = "weights" if stale == "weights copied" else "bias"
         copy_into = fast_scan_module._copy_into
         monkeypatch.setattr(fast_scan_module, "_copy_into", lambda buffers, values: copy_into(
-            buffers, {name: x for name, x in values.items() if name != STALE[stale] or "grads" not in buffers}))
+            buffers, {n: x for n, x in values.items() if n != name or "grads" not in buffers}))
     # init std 0.1, not 0.02: attention sharp enough that the last block's mask moves the
     # returned FAM by ~1e-2 (a stale mask at 0.02 moved it by only 5e-4)
     args = small_args(num_layers=2, init_method_std=0.1)
     diffs = {seq: _differences(args, seq, with_state=True, seed=seq % 2) for seq in (37, 35)}
     assert len(scan_graphs._CACHE) == 2  # first calls (2 blocks), second calls (3), both from a state
+    loops = [len(scan.loops) for scan in scan_graphs._CACHE.values()]
     scan_graphs.clear()
     if stale:
         assert max(diffs[35].values()) > 50 * RTOL, diffs[35]
         return
+    assert loops == [8, 8] if in_place else [2, 2], loops  # 2 models x 2 layers x (forward, backward), or shared
     for seq, d in diffs.items():
         bad = {name: x for name, x in d.items() if not x <= RTOL}
         assert not bad, (seq, bad)

@@ -147,7 +147,7 @@ def test_the_table_shows_each_rows_profile_and_an_out_of_memory_row(monkeypatch,
                kernels_per_step=10180, host_ms=212.4, syncs=[["model/x.py:3", 2], ["model/y.py:9", 1]])
     rows = [("bswa-1b", 8192, dict(row, tokens_per_s=40e3)), ("fam-1b", 8192, row),
             ("dense-1b", 8192, {"oom": True, "recompute": True})]
-    train_step.print_table(rows, Namespace(precision="bf16-mixed", vocab_size=32000, profile=True))
+    train_step.print_table(rows, Namespace(precision="bf16-mixed", vocab_size=32000, profile=True, micro_batch=1))
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2] == "| fam-1b | 8,192 | 30.0k | 0.75 | 250 | 25% | 40.0 GiB | False | 87% | 10,180 | 212 | 3 |"
     assert lines[-1].count("|") == lines[-2].count("|") == lines[2].count("|")
@@ -188,9 +188,10 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
 
     script = (ROOT / "benchmarks" / "fam_speed.sh").read_text()
     fill = {'"${CONFIGS[@]}"': "fam-1b bswa-1b dense-1b", '"$@"': "8192", '"$ANCHOR"': DEFAULT_ANCHOR,
-            '"$OUT"': "runs/x", '"$OUT/$name.json"': "runs/x/short.json", '"$OUT/profile.json"': "runs/x/p.json"}
+            '"$OUT"': "runs/x", '"$OUT/$name.json"': "runs/x/short.json", '"$OUT/profile.json"': "runs/x/p.json",
+            '"$OUT/batch2.json"': "runs/x/b.json", "${PROFILE:+--profile}": "--profile"}
     commands = re.findall(r"python3 -m benchmarks\.train_step (.*?)>", script.replace("\\\n", " "))
-    assert len(commands) == 2
+    assert len(commands) == 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in commands:
         for var, value in fill.items():

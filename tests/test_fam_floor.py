@@ -1,0 +1,41 @@
+"""benchmarks/fam_floor.py: the arithmetic of FAM's cost floor against BSWA, checked by hand for
+fam-1b (18 layers, d=1536, 12 heads of 128, FFN 12288) at 8k tokens."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from benchmarks import fam_floor
+from benchmarks.fam_floor import floor_row, scan_weight_bytes
+from model import load_model_args
+
+FAM_1B_LAYER_WEIGHTS = 1536 * (12 + 2 * 12) * 128 + 12 * 128 * 1536 + 3 * 1536 * 12288  # QKV, proj, SwiGLU
+
+
+def test_the_scan_reads_every_layers_weights_per_block_and_prompt_step_both_ways():
+    args = load_model_args("fam-1b", vocab_size=32000)
+    assert scan_weight_bytes(args, 8192) == 2 * 18 * (8 + 1) * FAM_1B_LAYER_WEIGHTS * 2  # fwd+bwd, T+1 steps, bf16
+    assert scan_weight_bytes(args, 8193) == 2 * 18 * (9 + 1) * FAM_1B_LAYER_WEIGHTS * 2  # a partial block is a step
+
+
+def test_floor_lies_under_the_flop_ceiling_and_rises_with_the_micro_batch():
+    args = load_model_args("fam-1b", vocab_size=32000)
+    one = floor_row(args, 8192, 1, 4.8, 989e12, 0.42, bswa_tokens_per_s=49_700)
+    two = floor_row(args, 8192, 2, 4.8, 989e12, 0.42)
+    assert one.bswa_ms == pytest.approx(8192 / 49_700 * 1e3)
+    assert one.scan_ms == pytest.approx(scan_weight_bytes(args, 8192) / 4.8e12 * 1e3)
+    assert 0.94 < one.flop_ceiling < 0.95  # F/C = 6.25 % more GEMM rows, plus their attention
+    expected = one.bswa_ms / (one.bswa_ms / one.flop_ceiling + one.scan_ms)
+    assert one.floor == pytest.approx(expected) and 0.89 < one.floor < 0.91
+    assert one.floor < two.floor < two.flop_ceiling  # the weight reads serve both sequences
+
+
+def test_cli_refuses_a_dense_config_and_mismatched_measurements(monkeypatch, capsys):
+    for argv, says in ((["--config", "bswa-1b"], "not a FAM config"),
+                       (["--seq-lens", "8192", "32768", "--bswa-tokens-per-s", "1"], "one per sequence")):
+        monkeypatch.setattr(sys, "argv", ["fam_floor", *argv])
+        with pytest.raises(SystemExit) as done:
+            fam_floor.main()
+        assert done.value.code == 2 and says in capsys.readouterr().err
