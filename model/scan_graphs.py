@@ -22,8 +22,10 @@ How:
     graphs read the parameters in place; the optimizer updates them in place, so a replay reads
     this step's values. Otherwise (fp32 weights under autocast) the weights are cast into the
     shape key's buffers, the cast the GEMMs need anyway, and one pair of loops serves every layer.
-    Copying bf16 weights in cost 36 weight-sized copies per fam-1b step, 3.9 ms of 191 ms at 8k
-    tokens on an H200 (2026-11-30, "Session 11").
+    Copying bf16 weights in took 36 weight-sized copies per fam-1b step at 8k tokens on an H200,
+    3.9 ms of operator time ("Session 11"); read in place, the step's kernels took 189.2 against
+    191.0 ms ("Session 12", benchmarks/results/2026-11-30-2xH200): a small gain, within the
+    tokens/s noise between hosts, and one layer's weights less memory per shape key.
   - The captured loops share one memory pool: they replay one after another on one stream and
     each replay's outputs are copied out (or consumed) before the next replay, so a loop may
     reuse memory another used for its intermediates. The pool is taken from a graph still alive

@@ -15,7 +15,7 @@ pipeline/memory/estimate.py).
   (kernels="cpu") what autograd keeps of model/scan.py's eager steps, on GPU what
   model/fast_scan.py's one node saves (its inputs, the FAM K/V and each step's Activations). The
   GPU scan's static buffers (model/scan_graphs.py: one set per shape for all layers, incl. the
-  bf16 weight copies) are not counted. With recompute only each layer's input (and positions) is
+  bf16 weight copies where the graphs do not read the weights in place) are not counted. With recompute only each layer's input (and positions) is
   saved, and backward re-creates one layer's full set.
 - sequence parallelism shards by TP along the tokens what lies between the TP regions: layer
   input, norms, residuals (SP linears save their un-gathered input), and the FAM rows' (F/tp).
@@ -167,8 +167,8 @@ def _eager_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Byte
 def _fast_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes) -> int:
     """model/fast_scan.py `FAMScan` (GPU): no autograd inside; it saves its inputs and each step's
     `Activations` (model/scan_step.py), for the T blocks and the prompt step. Its weights are the
-    parameters (the GEMM-dtype copies are per call, or in the static buffers of model/scan_graphs.py,
-    one set per shape for all layers: not counted here)."""
+    parameters, read in place where they are in the GEMM dtype (else GEMM-dtype copies, per call or in
+    the static buffers of model/scan_graphs.py, one set per shape for all layers: not counted here)."""
     d, n, g = m.head_dim, m.num_attention_heads // tp, m.query_groups // tp
     # k (after RoPE) and v, a view that keeps the whole QKV output [S, b, (n + 2g) d]
     inputs = S * b * g * d * e.act + S * b * (n + 2 * g) * d * e.act
