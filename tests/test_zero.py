@@ -386,3 +386,20 @@ def test_deepspeed_config_sets_clipping_and_batch_sizes_and_merges_overrides():
         with_overrides({"gradient_clipping": 2.0})
     with pytest.raises(ValueError, match=r"zero_optimization.stage=3 contradicts"):
         with_overrides({"zero_optimization": {"stage": 3}})
+
+
+def test_zero_on_cpu_skips_deepspeeds_shared_memory_allreduce_build(monkeypatch):
+    """pipeline/parallel/zero.py marks DeepSpeed's CPU shared-memory all-reduce (a JIT C++ build of
+    about 60 s, used only by its inference all-reduce) unavailable: DeepSpeed's communication backend
+    then builds nothing and uses the process group. The name must still be DeepSpeed's, or the
+    mark would silently miss."""
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    from pipeline.parallel import zero
+
+    assert zero.SHM_ALLREDUCE_OP == ShareMemCommBuilder.NAME
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, ShareMemCommBuilder.NAME, True)  # as DeepSpeed finds it here
+    zero._use_cpu_accelerator_without_cuda()
+    assert build_shm_op() is None

@@ -119,8 +119,20 @@ def build_zero3_init(ds_config: dict, mpu: MegatronMPU):
 
 
 def _use_cpu_accelerator_without_cuda() -> None:
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """Without CUDA, DeepSpeed's CPU accelerator. Its communication backend would JIT-compile a
+    shared-memory all-reduce at its first start (C++ with OpenMP: about 60 s on 2 cores, once per
+    machine and environment), which only DeepSpeed's inference all-reduce uses; ZeRO's collectives
+    run on torch.distributed (gloo) either way. So the op is marked unavailable, and DeepSpeed
+    falls back to the process group, as it does where the op does not build."""
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_ALLREDUCE_OP] = False
+
+
+SHM_ALLREDUCE_OP = "deepspeed_shm_comm"  # deepspeed/ops/op_builder/cpu/comm.py ShareMemCommBuilder.NAME
 
 
 def apply_zero3_external_parameters(module: torch.nn.Module) -> None:
