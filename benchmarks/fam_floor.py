@@ -83,9 +83,11 @@ def main() -> None:
     if not args.uses_fam:
         parser.error(f"--config {opts.config}: not a FAM config (model.fam_len is 0)")
     measured = dict(zip(opts.seq_lens, opts.bswa_tokens_per_s or []))
+    bswa = "the measured tokens/s" if measured else f"{opts.bswa_mfu:.0%} MFU"
     print(f"{opts.config}: {layer_matmul_params(args) * 2 / 1e6:.0f} MB of bf16 matmul weights per layer, "
-          f"{opts.bandwidth_tbs} TB/s, BSWA at " + ("the measured tokens/s" if measured else f"{opts.bswa_mfu:.0%} MFU"))
-    print("| sequence | micro-batch | blocks | FLOP ceiling | scan weight reads | at full bandwidth | BSWA step | floor |")
+          f"{opts.bandwidth_tbs} TB/s, BSWA at {bswa}")
+    print("| sequence | micro-batch | blocks | FLOP ceiling | scan weight reads | at full bandwidth | BSWA step "
+          "| floor |")
     print("|---|---|---|---|---|---|---|---|")
     for seq in opts.seq_lens:
         for b in opts.micro_batch:

@@ -31,7 +31,8 @@ mkdir -p "$OUT"
 if [ -d .whl ]; then  # once per machine: a second phase running beside the first must not rewrite its modules
     if [ ! -f /tmp/site/.famtron-wheels ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/*.whl && touch /tmp/site/.famtron-wheels || { echo "fam_speed.sh: the wheel install of .whl/ failed"; exit 1; }
+            .whl/*.whl && touch /tmp/site/.famtron-wheels \
+            || { echo "fam_speed.sh: the wheel install of .whl/ failed"; exit 1; }
     fi
     export PYTHONPATH=/tmp/site:$PWD
 fi
@@ -47,6 +48,13 @@ table() {  # name, sequence lengths...
     echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
 }
 
+pair() {  # name, train_step flags...: fam-1b and bswa-1b at 8k, no anchor
+    local name=$1; shift
+    CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens 8192 \
+        --recompute auto --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+    echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
+}
+
 for phase in "$@"; do
     export TORCHINDUCTOR_CACHE_DIR=${INDUCTOR_CACHE:-$PWD/.inductor-$phase}
     case $phase in
@@ -54,14 +62,8 @@ for phase in "$@"; do
         long) table long 65536 131072 ;;
         long64) table long64 65536 ;;
         long128) table long128 131072 ;;
-        batch2)
-            CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens 8192 \
-                --micro-batch 2 --recompute auto --results-dir "$OUT" --json "$OUT/batch2.json" > "$OUT/batch2.log" 2>&1
-            echo "batch2: rc $?"; grep -h "^|" "$OUT/batch2.log" ;;
-        profile)
-            CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens 8192 \
-                --recompute auto --profile --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
-            echo "profile: rc $?"; grep -h "^|" "$OUT/profile.log" ;;
+        batch2) pair batch2 --micro-batch 2 --results-dir "$OUT" ;;
+        profile) pair profile --profile ;;
         tests)
             CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m pytest -m gpu -q -rs -p no:cacheprovider --order "shuffle:${SEED:-1}" \
                 tests > "$OUT/pytest_gpu.log" 2>&1

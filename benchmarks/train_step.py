@@ -3,12 +3,13 @@
     python -m benchmarks.train_step --configs fam-1b bswa-1b dense-1b --seq-lens 8192 32768 65536
 
 Each cell: forward + backward + AdamW step of the trainer's path, micro-batch 1 (`--micro-batch`
-sets another; rows say so), after warm-up steps (which also absorb torch.compile of FlexAttention). `--loss chunked` (default) computes the
-loss as training does (lm_loss, no logits kept); `--loss whole` from whole logits, as the anchor
-does and as every row before 2026-12 was measured. `--precision bf16-mixed` (default: bf16
-weights, fp32 master weights and AdamW, pipeline/training/precision.py) or `bf16-autocast` (fp32
-weights cast at each use; fused AdamW). Prints tokens/s, model TFLOP/s (FLOPs counted for windowed
-attention + FAM tokens, pipeline/training/flops.py) and peak memory. The vocabulary defaults to
+sets another; rows say so), after warm-up steps (which also absorb torch.compile of FlexAttention).
+`--loss chunked` (default) computes the loss as training does (lm_loss, no logits kept); `--loss
+whole` from whole logits, as the anchor does and as every row before 2026-12 was measured.
+`--precision bf16-mixed` (default: bf16 weights, fp32 master weights and AdamW,
+pipeline/training/precision.py) or `bf16-autocast` (fp32 weights cast at each use; fused AdamW).
+Prints tokens/s, model TFLOP/s (FLOPs counted for windowed attention + FAM tokens,
+pipeline/training/flops.py) and peak memory. The vocabulary defaults to
 32k; say so when quoting the numbers.
 `--recompute auto` recomputes activations at 64k and beyond, and wherever a cell would not fit without it.
 `--profile` adds three profiled steps per cell (benchmarks/profiling.py): kernels launched per step
@@ -198,7 +199,8 @@ def apply_kernel_options(opts) -> None:
 
 def print_table(rows: list, opts) -> None:
     """The rows as a markdown table, each with its ratio to the bswa config of the same sequence."""
-    print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch {opts.micro_batch}, vocab {opts.vocab_size}")
+    print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch {opts.micro_batch}, "
+          f"vocab {opts.vocab_size}")
     extra = " GPU busy | kernels/step | CPU ms/step | waits |" if opts.profile else ""
     print("| config | sequence | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |" + extra)
     print("|---|---|---|---|---|---|---|---|" + "---|---|---|---|" * opts.profile)

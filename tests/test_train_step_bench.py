@@ -187,11 +187,12 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
     import subprocess
 
     script = (ROOT / "benchmarks" / "fam_speed.sh").read_text()
-    fill = {'"${CONFIGS[@]}"': "fam-1b bswa-1b dense-1b", '"$@"': "8192", '"$ANCHOR"': DEFAULT_ANCHOR,
-            '"$OUT"': "runs/x", '"$OUT/$name.json"': "runs/x/short.json", '"$OUT/profile.json"': "runs/x/p.json",
-            '"$OUT/batch2.json"': "runs/x/b.json", "${PROFILE:+--profile}": "--profile"}
-    commands = re.findall(r"python3 -m benchmarks\.train_step (.*?)>", script.replace("\\\n", " "))
-    assert len(commands) == 3
+    fill = {'"${CONFIGS[@]}"': "fam-1b bswa-1b dense-1b", '"$ANCHOR"': DEFAULT_ANCHOR,
+            '"$OUT/$name.json"': "runs/x/short.json", '"$OUT"': "runs/x", "${PROFILE:+--profile}": "--profile"}
+    table, pair = re.findall(r"python3 -m benchmarks\.train_step (.*?)>", script.replace("\\\n", " "))
+    pair_flags = re.findall(r"\) pair \w+ (.*?) ;;", script)  # the phases that run pair(): their own flags
+    assert len(pair_flags) == 2
+    commands = [table.replace('"$@"', "8192")] + [pair.replace('"$@"', flags) for flags in pair_flags]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in commands:
         for var, value in fill.items():

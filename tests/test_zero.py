@@ -400,6 +400,7 @@ def test_zero_on_cpu_skips_deepspeeds_shared_memory_allreduce_build(monkeypatch)
     from pipeline.parallel import zero
 
     assert zero.SHM_ALLREDUCE_OP == ShareMemCommBuilder.NAME
-    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, ShareMemCommBuilder.NAME, True)  # as DeepSpeed finds it here
+    # as DeepSpeed finds it on this machine
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, ShareMemCommBuilder.NAME, True)
     zero._use_cpu_accelerator_without_cuda()
     assert build_shm_op() is None

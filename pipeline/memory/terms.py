@@ -15,8 +15,9 @@ pipeline/memory/estimate.py).
   (kernels="cpu") what autograd keeps of model/scan.py's eager steps, on GPU what
   model/fast_scan.py's one node saves (its inputs, the FAM K/V and each step's Activations). The
   GPU scan's static buffers (model/scan_graphs.py: one set per shape for all layers, incl. the
-  bf16 weight copies where the graphs do not read the weights in place) are not counted. With recompute only each layer's input (and positions) is
-  saved, and backward re-creates one layer's full set.
+  bf16 weight copies where the graphs do not read the weights in place) are not counted. With
+  recompute only each layer's input (and positions) is saved, and backward re-creates one layer's
+  full set.
 - sequence parallelism shards by TP along the tokens what lies between the TP regions: layer
   input, norms, residuals (SP linears save their un-gathered input), and the FAM rows' (F/tp).
   QKV/attention/FFN tensors stay whole in S. A linear's backward re-gathers its input.
