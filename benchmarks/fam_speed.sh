@@ -10,6 +10,8 @@
 #     long      the same at 64k and 128k, recompute (long64, long128: one length each, to run side by side)
 #     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)
 #     batch2    fam-1b and bswa-1b at 8k, micro-batch 2 (the scan's weight reads serve both sequences)
+#     batches   fam-1b and bswa-1b at SEQ (default 8192), one process per micro-batch in BATCHES
+#               (default "1 2 4"): where FAM's cost meets BSWA's as the scan's GEMMs get more rows
 #     tests     pytest -m gpu, in a shuffled order (SEED, default 1)   (about 5.5 min on an H200, 2026-11-30)
 #     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)
 #   The table phases add their records (with each anchor's row) to OUT/<date>-<card>/train_step.json,
@@ -48,9 +50,9 @@ table() {  # name, sequence lengths...
     echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
 }
 
-pair() {  # name, train_step flags...: fam-1b and bswa-1b at 8k, no anchor
+pair() {  # name, train_step flags...: fam-1b and bswa-1b at SEQ (default 8k), no anchor
     local name=$1; shift
-    CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens 8192 \
+    CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens "${SEQ:-8192}" \
         --recompute auto --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
     echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
 }
@@ -64,6 +66,8 @@ for phase in "$@"; do
         long128) table long128 131072 ;;
         batch2) pair batch2 --micro-batch 2 --results-dir "$OUT" ;;
         profile) pair profile --profile ;;
+        batches)
+            for b in ${BATCHES:-1 2 4}; do pair "batch-${SEQ:-8192}-$b" --micro-batch "$b" --results-dir "$OUT"; done ;;
         tests)
             CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m pytest -m gpu -q -rs -p no:cacheprovider --order "shuffle:${SEED:-1}" \
                 tests > "$OUT/pytest_gpu.log" 2>&1
@@ -73,7 +77,7 @@ for phase in "$@"; do
             python3 -m benchmarks.parity_suite --out "$OUT/parity" --cells ${CELLS:-1gpu tp2 pp2 dp2} --steps 10 \
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
-        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, profile, batch2, tests, parity)"
+        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, profile, batch2, batches, tests, parity)"
            exit 2 ;;
     esac
 done

@@ -45,8 +45,9 @@ Autotuned steps (COMPILE_MODE below) did not change that. With `_scales`' host c
 "Session 11"): 39.1k tokens/s at 8k (0.79x bswa-1b in the same process, GPU 91 % busy, 191 against
 152 ms of kernels); with layer recompute keeping the scan (model/scan_stash.py) 36.1k at 64k and
 35.8k at 128k. With the weights read in place ("Session 12"): 40.2k, 44.7k, 36.4k and 36.0k at 8k to
-128k, 0.79-0.84x bswa-1b in the same runs, against a floor of 0.90-0.91x set by the steps' weight
-reads and FAM's extra FLOPs (benchmarks/fam_floor.py).
+128k, 0.79-0.84x bswa-1b in the same runs, against a floor of 0.93-0.94x set by the steps' weight
+reads and FAM's FLOPs outside the scan (benchmarks/fam_floor.py): the scan's other kernels, not its
+reads, are most of the gap.
 """
 
 from __future__ import annotations
