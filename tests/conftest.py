@@ -154,6 +154,9 @@ def mlflow_server(tmp_path_factory) -> str:
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        # No job runner: MLflow 3 otherwise starts two huey consumer processes beside the server,
+        # which famtron never uses and which take CPU from the tests on CI's two cores.
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
     )
     uri = f"http://127.0.0.1:{port}"
     try:

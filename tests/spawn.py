@@ -8,8 +8,8 @@ Workers fork from a server process that imported torch, megatron-core and famtro
 which import them again in every worker: about 6.5 s of CPU per worker on CI's machine, the
 larger part of most distributed tests. The server runs no torch op, so no thread pool is forked.
 A worker takes the caller's environment, working folder and OMP_NUM_THREADS at the call, not the
-server's at its start. DeepSpeed is not preloaded: importing it fixes its accelerator from the
-environment of that moment.
+server's at its start. DeepSpeed is preloaded only for its CPU accelerator (tests/spawn_preload.py):
+importing it fixes its accelerator from the environment of that moment.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-PRELOAD = ["torch", "megatron.core", "model", "pipeline.train"]
+PRELOAD = ["torch", "megatron.core", "model", "pipeline.train", "tests.spawn_preload"]
 
 
 def _context():

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from tests.trained_checkpoints import copy_step, edit_model_config, one_line_error, run_command, train_tiny
+from tests.trained_checkpoints import (copy_step, edit_model_config, one_line_error, run_command, run_in_process,
+                                      train_tiny)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,7 +43,7 @@ def test_position_loss_cli_runs_on_a_trained_checkpoint(trained, shards, tmp_pat
     assert sum(line.startswith("positions") for line in result.stdout.splitlines()) == len(saved["buckets"])
 
 
-def test_evaluate_bad_checkpoint_or_tokenizer_is_one_line(trained, tmp_path):
+def test_evaluate_bad_checkpoint_or_tokenizer_is_one_line(trained, tmp_path, capsys):
     other = copy_step(trained, tmp_path / "other" / trained.name)
     edit_model_config(other, num_layers=3)
     common = ["--lengths", "260", "--trials", "1", "--device", "cpu", "--output", tmp_path / "out"]
@@ -51,7 +52,8 @@ def test_evaluate_bad_checkpoint_or_tokenizer_is_one_line(trained, tmp_path):
         (["--checkpoint", trained, "--tokenizer", "bpe-32k"],
          "tokenizer 'bpe-32k' is neither 'byte' nor an existing file"),
     ]
-    for argv, message in cases:
-        result = run_command("pipeline.evaluate", "passkey", *argv, *common)
+    for i, (argv, message) in enumerate(cases):  # the first as a process (the entry point), the second in this one
+        args = ["passkey", *argv, *common]
+        result = run_command("pipeline.evaluate", *args) if i == 0 else run_in_process("pipeline.evaluate", args, capsys)
         assert message in one_line_error(result, "pipeline.evaluate")
     assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ from pipeline.memory.terms import (
     stage_params,
 )
 from tests.time_bounds import HANG_GUARD_SECONDS
+from tests.trained_checkpoints import run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "configs" / "recipes"
@@ -320,13 +321,12 @@ def test_recipe_folder_has_exactly_the_tested_recipes():
     assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted([*RECIPE_SHAPES, *PASSKEY_RECIPES, *LONG_RECIPES])
 
 
-def test_command_line_prints_the_table_and_exits_zero_when_it_fits():
+def test_command_line_prints_the_table_and_exits_zero_when_it_fits(capsys):
     out = subprocess.run([sys.executable, "-m", "pipeline.memory", "--config", str(RECIPES / "fam-24b-8x80gb.yaml"),
                           "--dp", "4"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert out.returncode == 0, out.stderr
     assert "rank 7 (6 layers)" in out.stdout and "fits: peak" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "pipeline.memory", "--config", "fam-24b", "--tp", "2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
+    bad = run_in_process("pipeline.memory.cli", ["--config", "fam-24b", "--tp", "2"], capsys)  # no second import
     assert bad.returncode == 2 and "num_query_groups" in bad.stderr
 
 

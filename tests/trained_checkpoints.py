@@ -1,10 +1,13 @@
 """Tiny checkpoints trained by pipeline.train on the real shards (tests/conftest.py), for the tests of
 the commands that read checkpoints (pipeline.generate, export_hf, import_hf, evaluate), and the way
-those tests run a command: a subprocess whose bad input must end in one stderr line and exit 2."""
+those tests run a command: a subprocess whose bad input must end in one stderr line and exit 2, or,
+for a test's further bad inputs of a command one subprocess already ran, the command's `main` in
+this process (each new process spends ~9 s importing torch and megatron; CI has 2 cores)."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -38,6 +41,19 @@ def run_command(module: str, *args: str, cwd: Path = ROOT) -> subprocess.Complet
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=HANG_GUARD_SECONDS)
+
+
+def run_in_process(module: str, args: list, capsys) -> subprocess.CompletedProcess:
+    """`python -m module args` as its `main(argv)` in this process: the exit status and what it
+    printed, as run_command gives them (argparse's exit included)."""
+    argv = [str(a) for a in args]
+    capsys.readouterr()
+    try:
+        code = importlib.import_module(module).main(argv)
+    except SystemExit as done:
+        code = done.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([module, *argv], code, out, err)
 
 
 def run_commands(commands: list[tuple[str, list]], cwd: Path = ROOT) -> list[subprocess.CompletedProcess]:
