@@ -27,6 +27,7 @@ from pipeline.training.fault import read_sample_keys
 from tests.conftest import ROOT, _write_corpus, tiny_overrides
 from tests.slurm_cluster import GPU_PARTITION, KILL_WAIT_SECONDS, slurm_cluster  # noqa: F401  (session fixture)
 from tests.time_bounds import HANG_GUARD_SECONDS, LOAD_MARGIN_SECONDS
+from tests.trained_checkpoints import run_in_process
 
 STEPS, SAVE_EVERY = 100, 10  # ~50 ms a step on 2 idle cores; the interrupted runs freeze their ranks to signal them
 
@@ -321,6 +322,17 @@ def _submit(cluster, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
 
 
+@pytest.fixture
+def submit_here(slurm_cluster, monkeypatch, capsys):  # noqa: F811
+    """_submit as slurm.submit's main in this process, in the cluster's environment: for the checks
+    after the first, which runs the entry point (a process spends ~9 s on its imports)."""
+    for name, value in slurm_cluster.env.items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
+    monkeypatch.chdir(ROOT)
+    return lambda *args: run_in_process("slurm.submit", list(args), capsys)
+
+
 def test_fam24b_on_8_nodes_of_8_gpus_renders_a_script_sbatch_test_only_accepts(slurm_cluster, tmp_path):  # noqa: F811
     out = _submit(slurm_cluster, "--nodes", "8", "--gpus-per-node", "8", "--partition", GPU_PARTITION,
                   "--time", "2-00:00:00", "--account", "llm", "--dry-run", *FAM24B)
@@ -339,21 +351,21 @@ def test_fam24b_on_8_nodes_of_8_gpus_renders_a_script_sbatch_test_only_accepts(s
     assert too_big.returncode != 0 and "not available" in too_big.stderr
 
 
-def test_submit_names_the_numbers_when_the_shape_does_not_fit_the_parallel_sizes(slurm_cluster):  # noqa: F811
-    out = _submit(slurm_cluster, "--nodes", "3", "--gpus-per-node", "1", "--dry-run", "--config", "tiny",
+def test_submit_names_the_numbers_when_the_shape_does_not_fit_the_parallel_sizes(submit_here):
+    out = submit_here("--nodes", "3", "--gpus-per-node", "1", "--dry-run", "--config", "tiny",
                   "--data.train_manifest=x", "--data.seq_len=128", "--parallel.tensor_parallel_size=2")
     assert out.returncode == 2 and out.stdout == ""
     assert "3 processes cannot be split as parallel.tensor_parallel_size=2" in out.stderr, out.stderr
     assert "not a multiple of TP x PP = 2" in out.stderr
-    batch = _submit(slurm_cluster, "--nodes", "2", "--gpus-per-node", "8", "--dry-run", *FAM24B[:-1],
+    batch = submit_here("--nodes", "2", "--gpus-per-node", "8", "--dry-run", *FAM24B[:-1],
                     "--data.global_batch_size=24")
     assert batch.returncode == 2 and "16 processes" in batch.stderr and "data.global_batch_size=24" in batch.stderr
 
 
-def test_submit_reports_a_missing_config_and_passes_sbatch_errors_through(slurm_cluster, tmp_path):  # noqa: F811
-    missing = _submit(slurm_cluster, "--nodes", "1", "--gpus-per-node", "0", "--config", "configs/nope.yaml")
+def test_submit_reports_a_missing_config_and_passes_sbatch_errors_through(submit_here, tmp_path):
+    missing = submit_here("--nodes", "1", "--gpus-per-node", "0", "--config", "configs/nope.yaml")
     assert missing.returncode == 2 and "unknown config 'configs/nope.yaml'" in missing.stderr, missing.stderr
-    rejected = _submit(slurm_cluster, "--nodes", "2", "--gpus-per-node", "0", "--partition", "nopart",
+    rejected = submit_here("--nodes", "2", "--gpus-per-node", "0", "--partition", "nopart",
                        "--log-dir", str(tmp_path), "--config", "tiny", "--data.train_manifest=x", "--data.seq_len=128")
     assert rejected.returncode != 0
     assert "sbatch rejected the job" in rejected.stderr and "invalid partition specified: nopart" in rejected.stderr
