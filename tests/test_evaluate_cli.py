@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from tests.trained_checkpoints import (copy_step, edit_model_config, one_line_error, run_command, run_in_process,
-                                      train_tiny)
+from tests.trained_checkpoints import copy_step, edit_model_config, one_line_error, run_cases, run_command, train_tiny
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,8 +51,7 @@ def test_evaluate_bad_checkpoint_or_tokenizer_is_one_line(trained, tmp_path, cap
         (["--checkpoint", trained, "--tokenizer", "bpe-32k"],
          "tokenizer 'bpe-32k' is neither 'byte' nor an existing file"),
     ]
-    for i, (argv, message) in enumerate(cases):  # the first as a process (the entry point), the second in this one
-        args = ["passkey", *argv, *common]
-        result = run_command("pipeline.evaluate", *args) if i == 0 else run_in_process("pipeline.evaluate", args, capsys)
+    results = run_cases([("pipeline.evaluate", ["passkey", *argv, *common]) for argv, _ in cases], capsys)
+    for (_, message), result in zip(cases, results):
         assert message in one_line_error(result, "pipeline.evaluate")
     assert not (tmp_path / "out").exists()

@@ -15,8 +15,7 @@ from model import Sampling, build_model, generate
 from model.config import model_args_from_dict
 from pipeline.checkpointing.files import load_file
 from pipeline.generate import _main as generate_main
-from tests.trained_checkpoints import (copy_step, edit_model_config, one_line_error, run_command, run_in_process,
-                                      train_tiny)
+from tests.trained_checkpoints import copy_step, edit_model_config, one_line_error, run_cases, train_tiny
 
 PROMPT = "def memory_state(memory, state=3):\n    return memo"  # 50 bytes: 3 blocks of 16 and 2 tokens
 NEW = 40  # positions 50..89 cross the block edges at 64 and 80
@@ -104,9 +103,7 @@ def test_bad_input_is_one_line_each(trained, dense, tmp_path, capsys):
          "top_k / top_p have no effect with temperature=0"),
     ]
     argvs = [[*argv, *([] if "--prompt" in argv else ["--prompt", "def "]), "--max-new-tokens", "3"] for argv, _ in cases]
-    # The first as a process of its own (the entry point, and nothing else on stderr), the rest in this one.
-    results = [run_command("pipeline.generate", *argvs[0])]
-    results += [run_in_process("pipeline.generate", argv, capsys) for argv in argvs[1:]]
+    results = run_cases([("pipeline.generate", argv) for argv in argvs], capsys)
     for (_, message), result in zip(cases, results):
         line = one_line_error(result, "pipeline.generate")
         assert re.search(message, line), (message, line)

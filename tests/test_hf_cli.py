@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config.load import load_config
 from tests.conftest import SHARD_SEQ_LEN
-from tests.trained_checkpoints import one_line_error, run_command, run_commands, run_in_process, train_tiny
+from tests.trained_checkpoints import one_line_error, run_cases, run_command, train_tiny
 
 SEED = 1234  # train.seed (its default): the loader's and the RPO draws' seed in the resumed run
 
@@ -121,11 +121,7 @@ def test_bad_input_is_one_line_each(trained, round_trip, shards, tmp_path, capsy
         ("pipeline.import_hf", [existing, "--output", tmp_path / "ft", "--model.num_layers=3", *data_overrides(shards)],
          "--model.num_layers=3: the model comes from the Hugging Face folder's config.json"),
     ]
-    # Each command's first case as a process of its own (its entry point), the rest in this one.
-    first = {module: i for i, (module, _, _) in reversed(list(enumerate(cases)))}
-    spawned = dict(zip(first.values(), run_commands([cases[i][:2] for i in first.values()])))
-    results = [spawned[i] if i in spawned else run_in_process(module, argv, capsys)
-               for i, (module, argv, _) in enumerate(cases)]
+    results = run_cases([(module, argv) for module, argv, _ in cases], capsys)
     for (module, _, message), result in zip(cases, results):
         assert message in one_line_error(result, module)
     assert not (tmp_path / "out").exists() and not (tmp_path / "ft").exists()

@@ -56,6 +56,18 @@ def run_in_process(module: str, args: list, capsys) -> subprocess.CompletedProce
     return subprocess.CompletedProcess([module, *argv], code, out, err)
 
 
+def run_cases(commands: list[tuple[str, list]], capsys) -> list[subprocess.CompletedProcess]:
+    """Each (module, args) of a bad-input test: a command's first case as a process of its own (its
+    entry point, and that nothing else reaches stderr; all such started at once), its further cases
+    as its `main` in this process (run_in_process)."""
+    first: dict[str, int] = {}
+    for i, (module, _) in enumerate(commands):
+        first.setdefault(module, i)
+    spawned = dict(zip(first.values(), run_commands([commands[i] for i in first.values()])))
+    return [spawned[i] if i in spawned else run_in_process(module, args, capsys)
+            for i, (module, args) in enumerate(commands)]
+
+
 def run_commands(commands: list[tuple[str, list]], cwd: Path = ROOT) -> list[subprocess.CompletedProcess]:
     """run_command for each (module, args), all started at once: each spends its seconds importing
     torch in one thread, so together they use every core instead of one after the other."""
