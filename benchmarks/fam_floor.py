@@ -100,6 +100,11 @@ def main() -> None:
                         help="measured bswa tokens/s, one per --seq-lens: at the one --micro-batch given, or at "
                              "micro-batch 1 when several are")
     opts = parser.parse_args()
+    for flag in ("seq_lens", "micro_batch", "bandwidth_tbs", "peak_tflops", "bswa_mfu", "bswa_tokens_per_s"):
+        values = getattr(opts, flag)
+        values = values if isinstance(values, list) else [values]
+        if any(v is not None and v <= 0 for v in values):
+            parser.error(f"--{flag.replace('_', '-')} {' '.join(map(str, values))}: every value must be > 0")
     if opts.bswa_tokens_per_s and len(opts.bswa_tokens_per_s) != len(opts.seq_lens):
         parser.error(f"--bswa-tokens-per-s: {len(opts.bswa_tokens_per_s)} values for {len(opts.seq_lens)} "
                      "--seq-lens; give one per sequence")

@@ -45,10 +45,13 @@ def test_floor_counts_the_scan_gemms_once_and_rises_with_the_micro_batch():
     assert one.floor < two.floor < 1 / outside  # the weight reads serve both sequences; FAM's other FLOPs stay
 
 
-def test_cli_refuses_a_dense_config_and_mismatched_measurements(monkeypatch, capsys):
+def test_cli_refuses_a_dense_config_mismatched_measurements_and_non_positive_values(monkeypatch, capsys):
     for argv, says in ((["--config", "bswa-1b"], "not a FAM config"),
                        (["--seq-lens", "8192", "32768", "--bswa-tokens-per-s", "1"], "one per sequence"),
-                       (["--config", "nonesuch"], "unknown config 'nonesuch'")):
+                       (["--config", "nonesuch"], "unknown config 'nonesuch'"),
+                       (["--micro-batch", "1", "0"], "--micro-batch 1 0: every value must be > 0"),
+                       (["--seq-lens", "8192", "--bswa-tokens-per-s", "0"], "--bswa-tokens-per-s 0.0: every value"),
+                       (["--bandwidth-tbs", "-1"], "--bandwidth-tbs -1.0: every value must be > 0")):
         monkeypatch.setattr(sys, "argv", ["fam_floor", *argv])
         with pytest.raises(SystemExit) as done:
             fam_floor.main()
