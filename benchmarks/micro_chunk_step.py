@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope, scan_graphs
+from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope, scan_graphs, scan_step
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model.micro_chunks import micro_chunked_forward_backward
 from pipeline.memory.cli import estimated_precision
@@ -172,7 +172,8 @@ def row_notes(left_gib: float) -> dict:
     `fused_ops` (the QKV split, RoPE and SwiGLU ran as compiled kernels: model/rope.py, model/mlp.py),
     `fused_op_shapes` ("dynamic" when they were compiled for dynamic shapes only) and
     `recompute_fam_scan` and `overlap_fam_scan` (when RECOMPUTE_FAM_SCAN, OVERLAP_FAM_SCAN set them),
-    `scan_weights` ("copied" when the scan's graphs copy the weights in, as before 2026-12)."""
+    `scan_weights` ("copied" when the scan's graphs copy the weights in, as before 2026-12) and
+    `scan_attention` ("matmul" when the scan's steps ran without flash attention, as before 2026-12)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     if fast_scan.COMPILE_MODE:
         notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
@@ -186,6 +187,8 @@ def row_notes(left_gib: float) -> dict:
         notes["overlap_fam_scan"] = OVERLAP_FAM_SCAN
     if not fast_scan.WEIGHTS_IN_PLACE:
         notes["scan_weights"] = "copied"
+    if not scan_step.FLASH:
+        notes["scan_attention"] = "matmul"
     return notes
 
 

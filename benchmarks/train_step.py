@@ -41,7 +41,7 @@ from benchmarks.micro_chunk_step import (add_micro_chunk_arguments, cell_model_a
                                          run_micro_chunk_benchmark, save_rows)
 from benchmarks.profiling import profile_kernels
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
-from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope
+from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope, scan_step
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
 from pipeline.training.flops import flops_per_token, peak_flops
 
@@ -180,6 +180,10 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the FAM scan's CUDA graphs read bf16 weights in place, each layer's own graphs (the "
                              "default), or copy them into buffers shared by all layers, as before 2026-12 "
                              "(model/fast_scan.py WEIGHTS_IN_PLACE)")
+    parser.add_argument("--scan-attention", choices=["flash", "matmul"], default="flash",
+                        help="the FAM scan steps' attention: flash attention where it applies (the default since "
+                             "2026-12) or the matrix products and softmax everywhere, as before "
+                             "(model/scan_step.py FLASH)")
     parser.add_argument("--fam-scan-overlap", choices=["config", "on", "off"], default="config",
                         help="model.overlap_fam_scan: the FAM scan on a second CUDA stream beside the window part "
                              "of the block attention (on) or one attention call after the scan (off); config: "
@@ -189,6 +193,7 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_kernel_options(opts) -> None:
     fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
     fast_scan.WEIGHTS_IN_PLACE = opts.scan_weights == "in-place"
+    scan_step.FLASH = opts.scan_attention == "flash"
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":
         compile_limits.STATIC_SHAPES = 0

@@ -53,32 +53,13 @@ reads, are most of the gap.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from model import scan_graphs, scan_stash
+from model import scan_buffers, scan_graphs, scan_stash
 from model.compile_limits import bounded_compiles
+from model.scan_buffers import ScanSpec
 from model.scan_step import Activations, Gradients, step_backward, step_forward
-
-
-@dataclass
-class ScanSpec:
-    """What the scan needs besides its differentiable inputs."""
-
-    block_size: int  # C
-    from_prompt: bool  # no passed-in state: the prompt's own step runs, the first residual is zero
-    fam_rows: int  # R >= T*F rows of the FAM key/value buffer (model/masks.py)
-    eps: float
-    groups: int  # query groups on this rank
-    head_dim: int
-    dtype: torch.dtype  # the GEMMs' dtype (bf16 under autocast)
-    enter: Callable | None = None  # tensor-parallel mappings (model/scan_step.py); None at TP = 1
-    leave: Callable | None = None
-
-    def config(self) -> tuple:
-        return self.eps, self.groups, self.head_dim, self.dtype, self.enter, self.leave
 
 
 # torch.compile's mode for the CUDA scan steps (None: its default). `benchmarks.train_step
@@ -115,14 +96,21 @@ def _slot(group, i: int):
 # ---- the two loops, over a dict of buffers (fresh, or model/scan_graphs.py's static ones) ----
 
 
-def _forward_loop(spec: ScanSpec, b: dict):
-    """All T steps and the prompt step; returns (F_T, prompt stream output or None)."""
+def _bias(b: dict, t: int, partial: bool):
+    """Block t's key bias, or None where no key is masked (every block but a partial last one):
+    the step then runs flash attention on GPU (model/scan_step.py `uses_flash`)."""
+    return b["bias"][t] if partial and t == b["keys"].shape[0] - 1 else None
+
+
+def _forward_loop(spec: ScanSpec, partial: bool, b: dict):
+    """All T steps and the prompt step; returns (F_T, prompt stream output or None). partial: the
+    last block is shorter than C (its padding keys masked)."""
     step, _ = _step_functions(b["keys"].device, spec)
     cos_q, sin_q, cos_k, sin_k = b["rope"]
     first, rest = b["scales"][0], b["scales"][1]
     fam = b["fam0"]
     for t in range(b["keys"].shape[0]):
-        fam = step(fam, b["keys"][t], b["values"][t], b["bias"][t], cos_q[t], sin_q[t], cos_k[t], sin_k[t],
+        fam = step(fam, b["keys"][t], b["values"][t], _bias(b, t, partial), cos_q[t], sin_q[t], cos_k[t], sin_k[t],
                    first if t == 0 else rest, b["weights"], _slot(b["saved"], t), *spec.config())
     if not spec.from_prompt:
         return fam, None
@@ -131,7 +119,7 @@ def _forward_loop(spec: ScanSpec, b: dict):
     return fam, prompt_out
 
 
-def _backward_loop(spec: ScanSpec, b: dict):
+def _backward_loop(spec: ScanSpec, partial: bool, b: dict):
     """The steps in reverse; returns the gradient of the initial FAM."""
     _, step = _step_functions(b["keys"].device, spec)
     cos_q, sin_q, cos_k, sin_k = b["rope"]
@@ -140,124 +128,14 @@ def _backward_loop(spec: ScanSpec, b: dict):
     d = b["d_fam"]
     for t in reversed(range(T)):
         rows = slice(t * F, (t + 1) * F)
-        d = step(d, b["d_fam_k"][rows], b["d_fam_v"][rows], b["keys"][t], b["values"][t], b["bias"][t], cos_q[t],
-                 sin_q[t], cos_k[t], sin_k[t], first if t == 0 else rest, b["weights"], _slot(b["saved"], t),
+        d = step(d, b["d_fam_k"][rows], b["d_fam_v"][rows], b["keys"][t], b["values"][t], _bias(b, t, partial),
+                 cos_q[t], sin_q[t], cos_k[t], sin_k[t], first if t == 0 else rest, b["weights"], _slot(b["saved"], t),
                  _slot(b["grads"], t), b["d_keys"][t], b["d_values"][t], *spec.config())
     if spec.from_prompt:
         d = d + step(b["d_prompt"], None, None, b["prompt_keys"], b["prompt_values"], None, cos_k[0], sin_k[0],
                      cos_k[0], sin_k[0], rest, b["weights"], _slot(b["saved"], -1), _slot(b["grads"], -1), None, None,
                      *spec.config())
     return d
-
-
-# ---- buffers ----
-
-
-def _gemm_dtype(weights, dtype):
-    """Matrices in the GEMM dtype (one cast per layer and pass, not per block); norms as they are."""
-    n1w, qkv, proj, n2w, fc1, fc2 = weights
-    return n1w, qkv.to(dtype), proj.to(dtype), n2w, fc1.to(dtype), fc2.to(dtype)
-
-
-def _key_bias(T: int, F: int, C: int, S: int, device) -> torch.Tensor:
-    """[T, F + C] fp32: 0 for visible keys, -inf for the padding of a partial last block."""
-    bias = torch.zeros(T, F + C, device=device)
-    bias[-1, F + S - (T - 1) * C :].fill_(float("-inf"))  # fill_, not `= value`: see _scales
-    return bias
-
-
-def _scales(device, from_prompt: bool) -> torch.Tensor:
-    """The residual factor of the first update (0 from the prompt, paper B.1) and of the others.
-    Filled on the device. `torch.tensor(list, device=...)` and `scales[0] = 0.0` both copy from
-    pageable host memory, which waits for the GPU to catch up: on an H200 (2026-11-30) the item
-    assignment made every fam-1b step wait for the GPU 36 times at 8k tokens (54 at 64k, with
-    recompute), where the GPU was busy 78 % of the step (benchmarks/results/2026-11-30-2xH200,
-    "Session 10"). fill_ passes the value as a kernel argument."""
-    scales = torch.ones(2, device=device)
-    if from_prompt:
-        scales[:1].fill_(0.0)
-    return scales
-
-
-def _load_blocks(buffer: torch.Tensor, x: torch.Tensor, F: int) -> None:
-    """x [S, b, g, d] into rows F: of buffer [T, F + C, b, g, d], zero past S (never NaN garbage:
-    masked keys still meet p = 0 in p @ V)."""
-    T, C = buffer.shape[0], buffer.shape[1] - F
-    full = x.shape[0] // C
-    buffer[:full, F:].copy_(x[: full * C].view(full, C, *x.shape[1:]))
-    if full < T:
-        last = x.shape[0] - full * C
-        buffer[-1, F : F + last].copy_(x[full * C :])
-        buffer[-1, F + last :].zero_()
-
-
-def _copy_into(buffers: dict, values: dict) -> None:
-    for name, value in values.items():
-        if isinstance(value, tuple):
-            for dst, src in zip(buffers[name], value):
-                dst.copy_(src)
-        else:
-            buffers[name].copy_(value)
-
-
-def _new_group(cls, steps: int, shapes: dict, device) -> tuple:
-    return cls(**{name: torch.empty(steps, *shape, dtype=dtype, device=device) for name, (shape, dtype) in
-                  shapes.items()})
-
-
-def _input_buffers(spec: ScanSpec, fam0, k, rope, weights, in_place: bool) -> dict:
-    """Static copies of every input the loops read (weights in the GEMM dtype, norms as they are,
-    unless the loops read them in place)."""
-    T, F = rope[0].shape[0], rope[0].shape[1]
-    new = functools.partial(torch.empty, device=k.device)
-    buffers = dict(fam0=new(fam0.shape, dtype=fam0.dtype), rope=tuple(new(x.shape, dtype=x.dtype) for x in rope),
-                   scales=new(2), bias=new(T, F + spec.block_size))
-    if not in_place:
-        buffers["weights"] = tuple(new(x.shape, dtype=x.dtype if i in (0, 3) else spec.dtype)
-                                   for i, x in enumerate(weights))
-    return buffers
-
-
-def _block_buffers(spec: ScanSpec, k, rope) -> dict:
-    """keys, values [T, F + C, b, g, d]: each block's FAM rows then its tokens (model/scan_step.py)."""
-    T, F = rope[0].shape[0], rope[0].shape[1]
-    return {name: k.new_empty(T, F + spec.block_size, *k.shape[1:]) for name in ("keys", "values")}
-
-
-def _forward_outputs(spec: ScanSpec, fam0, k, rope, weights) -> dict:
-    """New buffers the forward loop writes: the per-block keys/values and the kept activations."""
-    T, F, b, kv = rope[0].shape[0], rope[0].shape[1], k.shape[1], k.shape[1:]
-    n1w, qkv, proj, n2w, fc1, fc2 = weights
-    heads_q = qkv.shape[0] // (spec.groups * spec.head_dim) - 2  # per group
-    gemm = lambda features: ((F, b, features), spec.dtype)  # noqa: E731 - all F rows (gathered under SP)
-    shapes = dict(fam=(fam0.shape, fam0.dtype), q=((b, spec.groups, heads_q * F, spec.head_dim), k.dtype),
-                  a=(fam0.shape, torch.float32), gate_up=gemm(fc1.shape[0]), x_qkv=gemm(qkv.shape[1]),
-                  x_proj=gemm(proj.shape[1]), x_fc1=gemm(fc1.shape[1]), x_fc2=gemm(fc2.shape[1]))
-    out = dict(_block_buffers(spec, k, rope), saved=_new_group(Activations, T + spec.from_prompt, shapes, k.device))
-    if spec.from_prompt:
-        out.update(prompt_keys=k.new_empty(F, *kv), prompt_values=k.new_empty(F, *kv))
-    return out
-
-
-def _backward_outputs(spec: ScanSpec, k, rope, weights) -> dict:
-    """New buffers the backward loop writes: the weight uses' output gradients, the block K/V's."""
-    T, F, C = rope[0].shape[0], rope[0].shape[1], spec.block_size
-    b, kv = k.shape[1], k.shape[1:]
-    n1w, qkv, proj, n2w, fc1, fc2 = weights
-    gemm = lambda w: ((F, b, w.shape[0]), spec.dtype)  # noqa: E731
-    shapes = dict(d_qkv=gemm(qkv), d_proj=gemm(proj), d_fc1=gemm(fc1), d_fc2=gemm(fc2),
-                  d_norm1=(n1w.shape, torch.float32), d_norm2=(n2w.shape, torch.float32))
-    return dict(grads=_new_group(Gradients, T + spec.from_prompt, shapes, k.device),
-                d_keys=k.new_empty(T, C, *kv), d_values=k.new_empty(T, C, *kv))
-
-
-def _fam_rows(buffer: torch.Tensor, F: int, R: int) -> torch.Tensor:
-    """The block attention's FAM keys or values [R, b, g, d]: each block's rows :F, zero past T*F."""
-    T, rest = buffer.shape[0], buffer.shape[2:]
-    out = buffer.new_empty(R, *rest)
-    out[: T * F].view(T, F, *rest).copy_(buffer[:, :F])
-    out[T * F :].zero_()
-    return out
 
 
 # ---- the autograd node ----
@@ -279,7 +157,8 @@ def _static_scan(spec: ScanSpec, fam_shape, fam_dtype, k, rope, weights):
         return None, False
     in_place = _reads_weights_in_place(spec, weights)
     key = (spec.block_size, spec.from_prompt, spec.fam_rows, spec.eps, spec.groups, spec.head_dim, spec.dtype,
-           tuple(fam_shape), fam_dtype, tuple(k.shape[1:]), k.dtype, str(k.device), tuple(rope[0].shape),
+           tuple(fam_shape), fam_dtype, tuple(k.shape[1:]),
+           k.shape[0] % spec.block_size != 0, k.dtype, str(k.device), tuple(rope[0].shape),
            rope[0].dtype, tuple((tuple(w.shape), w.dtype) for w in weights), in_place)
     return scan_graphs.static_scan(key, k.device), in_place
 
@@ -292,18 +171,19 @@ def _buffers(spec: ScanSpec, static, inputs: dict, weights, k, rope, fam0_like, 
     loops read them in place)."""
     if static is None:
         if backward:  # the forward's kept activations come in; the keys/values buffers are rebuilt
-            made = dict(_backward_outputs(spec, k, rope, weights), **_block_buffers(spec, k, rope))
+            made = dict(scan_buffers.backward_outputs(spec, k, rope, weights),
+                        **scan_buffers.block_buffers(spec, k, rope))
         else:
-            made = _forward_outputs(spec, fam0_like, k, rope, weights)
-        return dict(inputs, weights=_gemm_dtype(weights, spec.dtype), **made)
+            made = scan_buffers.forward_outputs(spec, fam0_like, k, rope, weights)
+        return dict(inputs, weights=scan_buffers.gemm_dtype(weights, spec.dtype), **made)
     b = static.buffers
     if not b:
-        b.update(_input_buffers(spec, fam0_like, k, rope, weights, in_place),
-                 **_forward_outputs(spec, fam0_like, k, rope, weights))
+        b.update(scan_buffers.input_buffers(spec, fam0_like, k, rope, weights, in_place),
+                 **scan_buffers.forward_outputs(spec, fam0_like, k, rope, weights))
     if backward and "grads" not in b:
         grads_in = {name: torch.empty_like(x) for name, x in inputs.items() if name.startswith("d_")}
-        b.update(grads_in, **_backward_outputs(spec, k, rope, weights))
-    _copy_into(b, inputs if in_place else dict(inputs, weights=weights))
+        b.update(grads_in, **scan_buffers.backward_outputs(spec, k, rope, weights))
+    scan_buffers.copy_into(b, inputs if in_place else dict(inputs, weights=weights))
     return b
 
 
@@ -334,23 +214,23 @@ class FAMScan(torch.autograd.Function):
     def backward(ctx, d_fam, d_fam_k, d_fam_v, *d_prompt_out):
         spec = ctx.spec
         k, v, fam_k, fam_v, *rest = ctx.saved_tensors
-        rope, weights, saved = tuple(rest[:4]), tuple(rest[4:10]), Activations(*rest[10:18])
+        rope, weights, saved = tuple(rest[:4]), tuple(rest[4:10]), Activations(*rest[10:19])
         T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
         static, in_place = _static_scan(spec, saved.fam.shape[1:], saved.fam.dtype, k, rope, weights)
-        inputs = dict(rope=rope, scales=_scales(k.device, spec.from_prompt),
-                      bias=_key_bias(T, F, spec.block_size, S, k.device), saved=saved, d_fam=d_fam,
+        inputs = dict(rope=rope, scales=scan_buffers.scales(k.device, spec.from_prompt),
+                      bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device), saved=saved, d_fam=d_fam,
                       d_fam_k=d_fam_k, d_fam_v=d_fam_v)
         if spec.from_prompt:
-            inputs.update(prompt_keys=rest[18], prompt_values=rest[19], d_prompt=d_prompt_out[0])
+            inputs.update(prompt_keys=rest[19], prompt_values=rest[20], d_prompt=d_prompt_out[0])
         b = _buffers(spec, static, inputs, weights, k, rope, saved.fam[0], backward=True, in_place=in_place)
-        for name, blocks, fam_rows in (("keys", k, fam_k), ("values", v, fam_v)):
-            _load_blocks(b[name], blocks, F)
-            b[name][:, :F].copy_(fam_rows[: T * F].view(T, F, *fam_rows.shape[1:]))
+        scan_buffers.load_blocks(b, k, v, fam_k, fam_v)
+        partial = S % spec.block_size != 0
         with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
             if static is None:
-                d = _backward_loop(spec, b)
+                d = _backward_loop(spec, partial, b)
             else:
-                d = static.loop("backward", functools.partial(_backward_loop, spec), weights if in_place else None)()
+                loop = functools.partial(_backward_loop, spec, partial)
+                d = static.loop("backward", loop, weights if in_place else None)()
         own = torch.clone if static is not None else (lambda x: x)
         d_k, d_v = (own(b[name].flatten(0, 1)[:S]) for name in ("d_keys", "d_values"))
         grads = _weight_gradients(b["saved"], b["grads"], weights)  # before any other replay
@@ -362,19 +242,20 @@ def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool):
     activations and the prompt step's K/V (empty unless `keep`), all owned by the caller."""
     T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
     static, in_place = _static_scan(spec, fam0.shape, fam0.dtype, k, rope, weights)
-    inputs = dict(fam0=fam0, rope=rope, scales=_scales(k.device, spec.from_prompt),
-                  bias=_key_bias(T, F, spec.block_size, S, k.device))
+    inputs = dict(fam0=fam0, rope=rope, scales=scan_buffers.scales(k.device, spec.from_prompt),
+                  bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device))
     b = _buffers(spec, static, inputs, weights, k, rope, fam0, backward=False, in_place=in_place)
-    _load_blocks(b["keys"], k, F)
-    _load_blocks(b["values"], v, F)
+    scan_buffers.load_blocks(b, k, v)
+    partial = S % spec.block_size != 0
     with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
         if static is None:
-            fam, prompt_out = _forward_loop(spec, b)
+            fam, prompt_out = _forward_loop(spec, partial, b)
         else:
-            loop = static.loop("forward", functools.partial(_forward_loop, spec), weights if in_place else None)
+            loop = functools.partial(_forward_loop, spec, partial)
+            loop = static.loop("forward", loop, weights if in_place else None)
             fam, prompt_out = loop()
     own = torch.clone if static is not None else (lambda x: x)  # nothing static leaves
-    fam_k, fam_v = _fam_rows(b["keys"], F, spec.fam_rows), _fam_rows(b["values"], F, spec.fam_rows)
+    fam_k, fam_v = (scan_buffers.fam_rows(b[name], F, spec.fam_rows) for name in ("keys", "values"))
     outputs = (own(fam), fam_k, fam_v) + ((own(prompt_out),) if spec.from_prompt else ())
     if not keep:
         return outputs, (), ()

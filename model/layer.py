@@ -36,12 +36,13 @@ from megatron.core.transformer.module import MegatronModule
 
 from model.attention import FAMSelfAttention
 from model.config import FAMConfig
-from model.fast_scan import ScanSpec, fast_scan
+from model.fast_scan import fast_scan
 from model.masks import BlockLayout
 from model.mlp import FAMMLP
 from model.norm import build_norm
 from model.rope import rope_angles
 from model.scan import eager_scan, fam_step
+from model.scan_buffers import ScanSpec
 from model.state import LayerState
 from model.streams import Beside
 

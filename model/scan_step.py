@@ -20,7 +20,8 @@ partial last block, so every block, partial or not, runs the same compiled step.
 Precision (what autocast does to `fam_step`, minus its per-op casts): the FAM stream, norms,
 RoPE, the softmax and the gate are fp32; the four GEMMs take `dtype` (bf16 under autocast);
 the attention's matrix products take the keys' dtype (bf16 under autocast, as autocast's SDPA
-does) with fp32 results (`_bmm32`), and a bf16 `p` as flash attention's. Shapes: fam [F, b, h]
+does) with fp32 results (`_bmm32`), and a bf16 `p` as flash attention's (which runs instead where it
+applies: `uses_flash`; its gradients come out in bf16 before the fp32 RoPE backward). Shapes: fam [F, b, h]
 (this rank's [F/tp, b, h] under SP), RoPE tables [F, b, 1, d]; n heads in g groups of npg,
 head size d.
 
@@ -49,6 +50,7 @@ class Activations(NamedTuple):
     x_proj: torch.Tensor
     x_fc1: torch.Tensor
     x_fc2: torch.Tensor
+    lse: torch.Tensor  # the attention's log-sum-exp [b, g, npg*F] fp32, written where flash attention ran
 
 
 class Gradients(NamedTuple):
@@ -136,6 +138,38 @@ def _attend_backward(d_ctx, p, q, keys, values, head_dim: int):
     return _bmm32(ds, keys), _bmm32(ds.transpose(-1, -2), q), _bmm32(p.to(low).transpose(-1, -2), d_ctx_low)
 
 
+# Flash attention for the steps' attention where it applies (CUDA, bf16/fp16 keys and GEMMs, no key
+# bias: every block but a partial last one, and the prompt step); the matrix products above
+# elsewhere (CPU, fp32, the partial block). Measured on one H200 (2026-12-01, torch 2.11), one
+# step's attention forward and backward over [F + C] = 1,088 keys, 12 heads of 128, in a CUDA
+# graph: flash 32.5 / 70.4 us at micro-batch 1 / 4, the products 32.5 / 89.1 us without the
+# backward's recompute of p (which flash does not need: it keeps the log-sum-exp). The mem-efficient
+# kernel, which takes the bias, took 136 / 278 us. `benchmarks.train_step --scan-attention matmul`
+# turns it off, to measure the two in one run.
+FLASH = True
+
+
+def uses_flash(q, keys, key_bias, dtype: torch.dtype) -> bool:
+    return (FLASH and q.is_cuda and key_bias is None and q.dtype in (torch.bfloat16, torch.float16)
+            and keys.dtype == q.dtype and dtype == q.dtype and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+
+
+def _flash(q, kh, vh, head_dim: int):
+    """(ctx [b, g, rows, d] in q's dtype, lse [b, g, rows] fp32) of softmax(q k^T / sqrt(d)) v."""
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, kh, vh, scale=head_dim**-0.5)
+    return out[0], out[1]
+
+
+def _flash_backward(d_ctx, q, kh, vh, ctx, lse, head_dim: int):
+    """(dq, d_keys, d_values) [b, g, rows or F + c, d] fp32 of `_flash` at (q, kh, vh), given its
+    output ctx and lse (no dropout: no random state; not variable-length: no cumulative lengths)."""
+    no_rng = q.new_empty(0, dtype=torch.int64)
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        d_ctx.to(q.dtype), q, kh, vh, ctx, lse, None, None, q.shape[2], kh.shape[2], 0.0, False, no_rng, no_rng,
+        scale=head_dim**-0.5)
+    return tuple(g.float() for g in grads)
+
+
 def _rows_to_context(ctx, n_f: int):
     """[b, g, npg*F, d] -> [F, b, n*d] (head index = group * npg + j, megatron's order)."""
     b, g, rows, d = ctx.shape
@@ -157,8 +191,11 @@ def step_forward(fam, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale,
     q = _heads(_rope(mixed[:, :, :, :-2], cos_q.unsqueeze(3), sin_q.unsqueeze(3))).to(keys.dtype)
     keys[:n_f] = _rope(mixed[:, :, :, -2], cos_k, sin_k)  # also the block queries' FAM keys
     values[:n_f] = mixed[:, :, :, -1]
-    p = _probabilities(q, _heads(keys), key_bias, head_dim)
-    ctx = _bmm32(p.to(values.dtype), _heads(values))
+    lse = None
+    if uses_flash(q, keys, key_bias, dtype):
+        ctx, lse = _flash(q, _heads(keys), _heads(values), head_dim)
+    else:
+        ctx = _bmm32(_probabilities(q, _heads(keys), key_bias, head_dim).to(values.dtype), _heads(values))
     context = _rows_to_context(ctx, n_f).to(dtype)  # [F, b, n*d]
     a = leave(F_.linear(context, wproj)).float() + scale * f32
     y = enter((_normalize(a, eps)[0] * n2w).to(dtype))
@@ -166,8 +203,9 @@ def step_forward(fam, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale,
     gate, up = gate_up.float().chunk(2, dim=-1)
     h_act = (F_.silu(gate) * up).to(dtype)
     new_fam = (leave(F_.linear(h_act, wfc2)).float() + a).to(fam.dtype)
-    for out, value in zip(saved, (fam, q, a, gate_up, x1, context, y, h_act)):
-        out.copy_(value)
+    for out, value in zip(saved, (fam, q, a, gate_up, x1, context, y, h_act, lse)):
+        if value is not None:
+            out.copy_(value)
     return new_fam
 
 
@@ -194,8 +232,12 @@ def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q,
     do = enter(da.to(dtype))
     d_ctx = _heads(F_.linear(do, wproj.t()).float().view(n_f, b, groups, -1, head_dim))
     kh, vh = _heads(keys), _heads(values)
-    p = _probabilities(saved.q, kh, key_bias, head_dim)  # one product: cheaper than keeping p
-    dq, d_keys, d_values = _attend_backward(d_ctx, p, saved.q, kh, vh, head_dim)
+    if uses_flash(saved.q, keys, key_bias, dtype):  # the forward's output is x_proj, in the heads' layout
+        ctx = _heads(saved.x_proj.view(n_f, b, groups, -1, head_dim))
+        dq, d_keys, d_values = _flash_backward(d_ctx, saved.q, kh, vh, ctx, saved.lse, head_dim)
+    else:
+        p = _probabilities(saved.q, kh, key_bias, head_dim)  # one product: cheaper than keeping p
+        dq, d_keys, d_values = _attend_backward(d_ctx, p, saved.q, kh, vh, head_dim)
     d_keys, d_values = d_keys.permute(2, 0, 1, 3), d_values.permute(2, 0, 1, 3)  # [F + c, b, g, d]
     if out_dk is not None:
         out_dk.copy_(d_keys[n_f:])

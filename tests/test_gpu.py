@@ -10,6 +10,7 @@ Every test builds its own shapes and leaves no setting behind, so any order pass
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 
@@ -19,7 +20,9 @@ import torch
 import model.compile_limits as compile_limits
 import model.fast_scan as fast_scan_module
 import model.layer as layer_module
+import model.scan_buffers as scan_buffers
 import model.scan_graphs as scan_graphs
+import model.scan_step as scan_step
 import model.split_attention as split_attention
 from model import build_model
 from model.fast_scan import fast_scan
@@ -169,23 +172,81 @@ def test_flex_attention_fails_loudly_past_its_shape_budget_instead_of_running_ea
 CAPTURE_TOLERANCE = 1e-5
 
 
-def _scan_outputs_and_grads(layer, from_prompt: bool, seq: int, seed: int) -> dict[str, torch.Tensor]:
-    """One layer's fast scan on random inputs (from the prompt, or from a passed-in FAM), its
-    outputs and the gradients of a random projection of them w.r.t. FAM0, K, V and the weights."""
+def _scan_outputs_and_grads(layer, from_prompt: bool, seq: int, seed: int, dtype=torch.float32,
+                            bf16_inputs: bool = False) -> dict:
+    """One layer's fast scan on random inputs (from the prompt, or from a passed-in FAM; in dtype,
+    bf16-representable with bf16_inputs), its outputs and the gradients of a random projection of
+    them w.r.t. FAM0, K, V and the weights."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     F, b, att = ARGS.fam_len, 2, layer.attention
-    fam0 = torch.randn(F, b, ARGS.hidden_size, device="cuda", generator=g).requires_grad_()
-    k, v = (torch.randn(seq, b, att.groups, att.head_dim, device="cuda", generator=g).requires_grad_() for _ in "kv")
+    rounded = torch.bfloat16 if bf16_inputs else dtype
+
+    def new(*shape):
+        return torch.randn(shape, device="cuda", generator=g).to(rounded).to(dtype).requires_grad_()
+
+    fam0 = new(F, b, ARGS.hidden_size)
+    k, v = (new(seq, b, att.groups, att.head_dim) for _ in "kv")
     positions = torch.arange(seq, device="cuda", dtype=torch.float32).expand(b, -1) + 100.0
     weights = layer._scan_weights()
     spec = layer._scan_spec(from_prompt, BlockLayout(0, seq, ARGS.block_size, F, ARGS.mem_blocks).fam_rows)
     outputs = [x for x in fast_scan(spec, fam0, k, v, layer._fam_rope(positions), weights) if x is not None]
-    loss = sum((x * torch.randn(x.shape, device="cuda", generator=g)).sum() for x in outputs)
+    loss = sum((x.float() * torch.randn(x.shape, device="cuda", generator=g)).sum() for x in outputs)
     inputs = {"fam0": fam0, "k": k, "v": v, **dict(zip(("n1", "qkv", "proj", "n2", "fc1", "fc2"), weights))}
     grads = torch.autograd.grad(loss, list(inputs.values()))
     found = {f"output {i}": x.detach() for i, x in enumerate(outputs)}
     found.update({f"grad {name}": grad for name, grad in zip(inputs, grads)})
     return found
+
+
+# Flash vs matrix-product steps in bf16 (model/scan_step.py `uses_flash`), each against the same
+# layer in fp32 (bf16-representable weights and inputs). Measured on one H200 (torch 2.11): flash vs
+# matrix products differ by up to 2.3e-2 (both round in bf16, in different places), as much as
+# either differs from fp32. So the bound is relative to the matrix products' own error. A backward
+# handed a wrong log-sum-exp (zero: p = exp(s), unnormalised) must be off by far more.
+FLASH_FACTOR = 1.5
+
+
+def _flash_kernels(run) -> tuple[list, int]:
+    """run()'s result, and the number of flash-attention kernels it launched."""
+    scan_graphs.clear()
+    torch._dynamo.reset()  # the steps recompile for the setting under test
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        found = run()
+        torch.cuda.synchronize()
+    return found, sum("flash" in e.name.lower() for e in prof.events())
+
+
+def _worst_error(got: list, want: list) -> float:
+    return max(((a[n].float() - r.float()).norm() / r.float().norm()).item()
+               for a, b in zip(got, want) for n, r in b.items())
+
+
+def test_flash_scan_steps_are_as_close_to_fp32_as_the_matrix_product_steps(monkeypatch, no_tf32):
+    """A bf16 layer's fast scan over 700 tokens (5 whole blocks: flash attention; a partial last
+    one: the matrix products), from the prompt and from a passed-in FAM: outputs and the gradients
+    of FAM0, K, V and every weight, with flash on and off, against the fp32 layer."""
+    model = build_model(ARGS, device="cuda").to(torch.bfloat16)
+    layer, reference = model.layers[1], copy.deepcopy(model.layers[1]).float()
+
+    def scans(layer, dtype):
+        return lambda: [_scan_outputs_and_grads(layer, p, SEQ, 3, dtype, bf16_inputs=True) for p in (True, False)]
+
+    want, _ = _flash_kernels(scans(reference, torch.float32))
+    runs = {}
+    for name, flash in (("matmul", False), ("flash", True)):
+        monkeypatch.setattr(scan_step, "FLASH", flash)
+        runs[name] = _flash_kernels(scans(layer, torch.bfloat16))
+    errors = {name: _worst_error(found, want) for name, (found, _) in runs.items()}
+    print(f"\nbf16 scan vs fp32, worst output or gradient: {errors}; flash kernels "
+          f"{ {name: count for name, (_, count) in runs.items()} }")
+    assert runs["matmul"][1] == 0 and runs["flash"][1] > 0
+    assert len(want[0]) >= 12 and errors["flash"] <= FLASH_FACTOR * errors["matmul"], errors
+    flash_backward = scan_step._flash_backward
+    monkeypatch.setattr(scan_step, "_flash_backward", lambda d_ctx, q, kh, vh, ctx, lse, head_dim: flash_backward(
+        d_ctx, q, kh, vh, ctx, lse * 0, head_dim))
+    broken, _ = _flash_kernels(scans(layer, torch.bfloat16))
+    assert _worst_error(broken, want) > 10 * FLASH_FACTOR * errors["matmul"], _worst_error(broken, want)
+    scan_graphs.clear()
 
 
 @pytest.mark.parametrize("in_place", [True, False])
@@ -232,8 +293,8 @@ def test_captured_scan_equals_uncaptured_and_replays_new_weights_and_inputs(in_p
         scan_graphs.clear()
         _scan_outputs_and_grads(a_layer, True, SEQ, a_seed)  # captures A's graphs under the one key
     else:  # the broken variant: weights not copied in any more
-        copy_into = fast_scan_module._copy_into
-        monkeypatch.setattr(fast_scan_module, "_copy_into", lambda buffers, values: copy_into(
+        copy_into = scan_buffers.copy_into
+        monkeypatch.setattr(scan_buffers, "copy_into", lambda buffers, values: copy_into(
             buffers, {n: x for n, x in values.items() if n != "weights"}))
     errors = _errors(_scan_outputs_and_grads(b_layer, True, SEQ, b_seed), expected[2])
     _report("captured scan with stale weights, B from prompt", {"logits": errors["output 0"], **errors})

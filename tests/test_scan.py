@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import model.fast_scan as fast_scan_module
+import model.scan_buffers as scan_buffers
 import model.masks as masks
 import model.scan_graphs as scan_graphs
 import model.scan_step as scan_step
@@ -155,8 +156,8 @@ def test_static_buffers_carry_each_calls_weights_inputs_and_length(stale, in_pla
         monkeypatch.setattr(scan_graphs, "weights_key", lambda weights: ())
     elif stale:
         name = "weights" if stale == "weights copied" else "bias"
-        copy_into = fast_scan_module._copy_into
-        monkeypatch.setattr(fast_scan_module, "_copy_into", lambda buffers, values: copy_into(
+        copy_into = scan_buffers.copy_into
+        monkeypatch.setattr(scan_buffers, "copy_into", lambda buffers, values: copy_into(
             buffers, {n: x for n, x in values.items() if n != name or "grads" not in buffers}))
     # init std 0.1, not 0.02: attention sharp enough that the last block's mask moves the
     # returned FAM by ~1e-2 (a stale mask at 0.02 moved it by only 5e-4)

@@ -184,6 +184,7 @@ def _scan_rows_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes
     T = math.ceil(S / m.block_size)
     local = h * e.resid + h * 4  # the step's input FAM (stream dtype) and a (fp32): this rank's rows under SP
     whole = 2 * n * d * e.act + 2 * f * e.act + 2 * h * e.act + f * e.act  # q, x_proj; gate_up; x_qkv, x_fc1; x_fc2
+    whole += n * 4  # the attention's log-sum-exp (fp32)
     activations = (T + 1) * b * (F // shard * local + F * whole)
     return activations + 2 * (fam_key_rows(T, F) + F) * b * g * d * e.act
 
