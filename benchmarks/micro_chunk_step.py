@@ -173,7 +173,8 @@ def row_notes(left_gib: float) -> dict:
     `fused_op_shapes` ("dynamic" when they were compiled for dynamic shapes only) and
     `recompute_fam_scan` and `overlap_fam_scan` (when RECOMPUTE_FAM_SCAN, OVERLAP_FAM_SCAN set them),
     `scan_weights` ("copied" when the scan's graphs copy the weights in, as before 2026-12) and
-    `scan_attention` ("matmul" when the scan's steps ran without flash attention, as before 2026-12)."""
+    `scan_attention` (always: "flash" where the scan's steps ran flash attention, "matmul" where they ran the
+    matrix products everywhere; rows without it ran the matrix products, as before 2026-12)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     if fast_scan.COMPILE_MODE:
         notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
@@ -187,8 +188,7 @@ def row_notes(left_gib: float) -> dict:
         notes["overlap_fam_scan"] = OVERLAP_FAM_SCAN
     if not fast_scan.WEIGHTS_IN_PLACE:
         notes["scan_weights"] = "copied"
-    if not scan_step.FLASH:
-        notes["scan_attention"] = "matmul"
+    notes["scan_attention"] = "flash" if scan_step.FLASH else "matmul"
     return notes
 
 

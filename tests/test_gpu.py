@@ -10,7 +10,6 @@ Every test builds its own shapes and leaves no setting behind, so any order pass
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 
@@ -225,8 +224,9 @@ def test_flash_scan_steps_are_as_close_to_fp32_as_the_matrix_product_steps(monke
     """A bf16 layer's fast scan over 700 tokens (5 whole blocks: flash attention; a partial last
     one: the matrix products), from the prompt and from a passed-in FAM: outputs and the gradients
     of FAM0, K, V and every weight, with flash on and off, against the fp32 layer."""
-    model = build_model(ARGS, device="cuda").to(torch.bfloat16)
-    layer, reference = model.layers[1], copy.deepcopy(model.layers[1]).float()
+    model, fp32 = build_model(ARGS, device="cuda").to(torch.bfloat16), build_model(ARGS, device="cuda")
+    fp32.load_state_dict(model.state_dict())  # the bf16 weights, in fp32
+    layer, reference = model.layers[1], fp32.layers[1]
 
     def scans(layer, dtype):
         return lambda: [_scan_outputs_and_grads(layer, p, SEQ, 3, dtype, bf16_inputs=True) for p in (True, False)]
