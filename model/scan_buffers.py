@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F_
 
-from model.compile_limits import bounded_compiles
+from model.compile_limits import bounded_compiles, compiled_pointwise
 from model.scan_step import Activations, Gradients
 
 
@@ -62,28 +63,30 @@ def scales(device, from_prompt: bool) -> torch.Tensor:
     return scales
 
 
-def fill_blocks(buffers, blocks, fam_rows, F: int) -> None:
-    """Each buffer [T, F + C, b, g, d] gets, per block t, F rows (fam_rows' rows t*F:(t+1)*F; zeros
-    for None, where the steps write them) then block t's rows of blocks [S, b, g, d], zero past S
+def fill_blocks(keys, values, k, v, fam_k, fam_v, F: int) -> None:
+    """keys, values [T, F + C, b, g, d] get, per block t, F rows (fam_k's / fam_v's rows t*F:(t+1)*F;
+    zeros for None, where the steps write them) then block t's rows of k, v [S, b, g, d], zero past S
     (never NaN garbage: masked keys still meet p = 0 in p @ V). One whole-buffer write per buffer:
-    compiled on CUDA, it is one kernel for keys and values at the copy's bandwidth, where copying
-    the blocks into the strided rows F: took a generic strided copy at about a third of it (fam-1b,
-    8k, micro-batch 4, H200: 12.3 ms per step for 163 copies, "Session 13")."""
-    for buffer, x, head in zip(buffers, blocks, fam_rows):
+    compiled on CUDA, keys and values in one kernel at the copy's bandwidth, where copying the blocks
+    into the strided rows F: ran a generic strided copy at about a third of it (fam-1b, 8k,
+    micro-batch 4, H200: 12.3 ms per step for 163 copies, "Session 13")."""
+    for buffer, x, head in ((keys, k, fam_k), (values, v, fam_v)):
         T, C, rest = buffer.shape[0], buffer.shape[1] - F, x.shape[1:]
-        x = torch.cat([x, x.new_zeros(T * C - x.shape[0], *rest)]).view(T, C, *rest)
+        x = F_.pad(x, (0, 0) * len(rest) + (0, T * C - x.shape[0])).view(T, C, *rest)
         head = x.new_zeros(T, F, *rest) if head is None else head[: T * F].view(T, F, *rest)
         buffer.copy_(torch.cat([head, x], dim=1))
 
 
 def load_blocks(b: dict, k, v, fam_k=None, fam_v=None) -> None:
-    """The block K/V (and, in the backward, the FAM K/V) into the loop's keys/values buffers."""
-    F = b["rope"][0].shape[1]
-    args = ((b["keys"], b["values"]), (k, v), (fam_k, fam_v), F)
+    """The block K/V (and, in the backward, the FAM K/V) into the loop's keys/values buffers. On CUDA
+    compiled like the pointwise ops (model/compile_limits.py `Pointwise`: static for the first
+    lengths, one dynamic graph past them), so evaluation across many lengths never meets the
+    compile limit for what is only a copy."""
+    args = (b["keys"], b["values"], k, v, fam_k, fam_v, b["rope"][0].shape[1])
     if not k.is_cuda:
         return fill_blocks(*args)
     with bounded_compiles("the FAM scan's block loads (model/scan_buffers.py)"):
-        _compiled_fill()(*args)
+        compiled_pointwise(fill_blocks)(*args)
 
 
 def copy_into(buffers: dict, values: dict) -> None:
@@ -154,8 +157,3 @@ def fam_rows(buffer: torch.Tensor, F: int, R: int) -> torch.Tensor:
     out[: T * F].view(T, F, *rest).copy_(buffer[:, :F])
     out[T * F :].zero_()
     return out
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_fill():
-    return torch.compile(fill_blocks, dynamic=False, fullgraph=True)

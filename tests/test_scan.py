@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import model.compile_limits as compile_limits
 import model.fast_scan as fast_scan_module
-import model.scan_buffers as scan_buffers
 import model.masks as masks
+import model.scan_buffers as scan_buffers
 import model.scan_graphs as scan_graphs
 import model.scan_step as scan_step
 from model import FAMState, LayerState, build_model
@@ -248,3 +249,28 @@ def test_compiled_calls_fail_loudly_past_the_shape_budget():
     with bounded_compiles("probe"):
         double(torch.ones(4))
     assert torch._dynamo.config.recompile_limit == SHAPE_LIMIT
+
+
+@pytest.mark.parametrize("static_shapes", [2, 0], ids=["static, then dynamic", "dynamic only"])
+def test_compiled_block_loads_equal_the_eager_ones_at_every_length(static_shapes, monkeypatch):
+    """The scan's block loads (model/scan_buffers.py `fill_blocks`) compiled as on GPU, like the
+    pointwise ops (static graphs for the first lengths, one dynamic graph past them), on this
+    machine's inductor: every element written (the buffers start as NaN) and equal to the eager
+    loads, at lengths with a whole and a partial last block, with the backward's FAM rows and
+    without; more lengths than the compile limit allows graphs, and no CompileLimitError."""
+    monkeypatch.setattr(compile_limits, "STATIC_SHAPES", static_shapes)
+    loads = compile_limits.Pointwise(scan_buffers.fill_blocks)  # this test's own graphs
+    F, C, b, g, d = 4, 8, 2, 2, 4
+    lengths = (16, 13, 24, 5, 30, 8, 21, 40, 37, 48)
+    with compile_limits.shape_limit(9):
+        for i, S in enumerate(lengths):
+            T = -(-S // C)
+            k, v = torch.randn(S, b, g, d), torch.randn(S, b, g, d)
+            fam = (torch.randn(T * F + 3, b, g, d), torch.randn(T * F + 3, b, g, d)) if i % 2 else (None, None)
+            want = [torch.full((T, F + C, b, g, d), float("nan")) for _ in "kv"]
+            got = [x.clone() for x in want]
+            scan_buffers.fill_blocks(*want, k, v, *fam, F)
+            with compile_limits.bounded_compiles("the test's block loads"):
+                loads(*got, k, v, *fam, F)
+            for a, e in zip(got, want):
+                assert not a.isnan().any() and torch.equal(a, e), (S, fam[0] is None)
