@@ -124,7 +124,8 @@ def write_records(records: list[dict], results_dir: str | os.PathLike, day: str 
     Records already there are kept unless this run has one of the same config, seq_len, precision,
     scan_compile_mode (absent: the default), loss_path (absent: whole logits, before 2026-12),
     fused_ops (absent: eager RoPE and SwiGLU), scan_weights (absent: read in place), scan_attention
-    (absent: the matrix products, as before 2026-12) and micro_batch (absent: 1), so a benchmark split over several commands (one per sequence length) fills one file."""
+    (absent: the matrix products, as before 2026-12) and micro_batch (absent: 1), so a benchmark split
+    over several commands (one per sequence length) fills one file."""
     folder = Path(results_dir) / f"{day or datetime.date.today().isoformat()}-{card or card_name()}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train_step.json"
