@@ -1,0 +1,102 @@
+"""The fast scan's flash-attention path (model/scan_step.py `uses_flash`) on CPU, where flash does
+not run: a reference "flash" in plain matrix products, with the same contract as the kernels the
+GPU calls (the forward returns its output and log-sum-exp; the backward gets them back, the output
+as the step's kept `x_proj` read in the heads' layout), is put in their place. So the path's
+plumbing (which steps take it, the kept log-sum-exp, the output read back from `x_proj`, the
+gradients it hands on) is checked against the eager scan here, with grouped and multi-query heads
+and under tensor and sequence parallelism, which the GPU tests do not cover. The kernels
+themselves are checked on GPU (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model.scan_step as scan_step
+from tests.spawn import run_on_ranks
+from tests.test_reference import small_args
+from tests.test_scan import CASES, RTOL, _differences, _tp_worker
+
+
+def reference_flash(q, kh, vh, head_dim: int):
+    """(softmax(q k^T / sqrt(d)) v in q's dtype, its log-sum-exp fp32): the forward kernel's contract."""
+    s = q.float() @ kh.float().transpose(-1, -2) * head_dim**-0.5
+    lse = torch.logsumexp(s, dim=-1)
+    return (torch.exp(s - lse[..., None]) @ vh.float()).to(q.dtype), lse
+
+
+def reference_flash_backward(d_ctx, q, kh, vh, ctx, lse, head_dim: int):
+    """(dq, d_keys, d_values) fp32 from the forward's output ctx and lse, as flash's backward."""
+    scale = head_dim**-0.5
+    q, kh, vh, ctx, d_ctx = q.float(), kh.float(), vh.float(), ctx.float(), d_ctx.float()
+    p = torch.exp(q @ kh.transpose(-1, -2) * scale - lse[..., None])
+    ds = p * (d_ctx @ vh.transpose(-1, -2) - (d_ctx * ctx).sum(-1, keepdim=True))
+    return ds @ kh * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ d_ctx
+
+
+def _uses_flash_anywhere(q, keys, key_bias, dtype):
+    return scan_step.FLASH and key_bias is None
+
+
+BREAKS = {
+    "log-sum-exp not kept": lambda d_ctx, q, kh, vh, ctx, lse, head_dim: reference_flash_backward(
+        d_ctx, q, kh, vh, ctx, lse * 0, head_dim),
+    "output not read back": lambda d_ctx, q, kh, vh, ctx, lse, head_dim: reference_flash_backward(
+        d_ctx, q, kh, vh, ctx * 0, lse, head_dim),
+}
+
+
+def use_reference_flash(patch, broken: str | None = None) -> list:
+    """Puts the reference kernels in place (patch: monkeypatch.setattr or setattr); returns a list
+    that counts the steps that ran them."""
+    calls = []
+
+    def flash(*args):
+        calls.append(1)
+        return reference_flash(*args)
+
+    patch(scan_step, "uses_flash", _uses_flash_anywhere)
+    patch(scan_step, "_flash", flash)
+    patch(scan_step, "_flash_backward", BREAKS[broken] if broken else reference_flash_backward)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["whole blocks", "partial last block", "multi-query"])
+def test_the_flash_path_matches_the_eager_scan(case, monkeypatch):
+    calls = use_reference_flash(monkeypatch.setattr)
+    over, seq = CASES[case]
+    diffs = _differences(small_args(num_layers=3, **over), seq)
+    assert calls and len(diffs) > 20
+    bad = {name: d for name, d in diffs.items() if not d <= RTOL}
+    assert not bad, bad
+
+
+def test_the_flash_path_takes_a_passed_in_state():
+    with pytest.MonkeyPatch.context() as mp:
+        calls = use_reference_flash(mp.setattr)
+        diffs = _differences(small_args(num_layers=2), 37, with_state=True)
+    assert calls
+    bad = {name: d for name, d in diffs.items() if not d <= RTOL}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("broken", BREAKS)
+def test_a_flash_backward_without_its_kept_tensors_goes_red(broken, monkeypatch):
+    use_reference_flash(monkeypatch.setattr, broken)
+    diffs = _differences(small_args(num_layers=2), 37)
+    assert max(diffs.values()) > 50 * RTOL, diffs
+
+
+def _flash_tp_worker(rank, world_size, sequence_parallel):
+    calls = use_reference_flash(setattr)
+    diffs = _tp_worker(rank, world_size, sequence_parallel)
+    assert calls
+    return diffs
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_the_flash_path_matches_the_eager_scan_under_tensor_parallelism(sequence_parallel):
+    for rank, diffs in enumerate(run_on_ranks(_flash_tp_worker, 2, sequence_parallel)):
+        assert len(diffs) > 15
+        bad = {name: d for name, d in diffs.items() if not d <= RTOL}
+        assert not bad, (rank, bad)
