@@ -140,12 +140,13 @@ def _attend_backward(d_ctx, p, q, keys, values, head_dim: int):
 
 # Flash attention for the steps' attention where it applies (CUDA, bf16/fp16 keys and GEMMs, no key
 # bias: every block but a partial last one, and the prompt step); the matrix products above
-# elsewhere (CPU, fp32, the partial block). Measured on one H200 (2026-12-01, torch 2.11), one
+# elsewhere (CPU, fp32, the partial block). Measured on one H200 (2026-11-30, torch 2.11), one
 # step's attention forward and backward over [F + C] = 1,088 keys, 12 heads of 128, in a CUDA
 # graph: flash 32.5 / 70.4 us at micro-batch 1 / 4, the products 32.5 / 89.1 us without the
 # backward's recompute of p (which flash does not need: it keeps the log-sum-exp). The mem-efficient
-# kernel, which takes the bias, took 136 / 278 us. `benchmarks.train_step --scan-attention matmul`
-# turns it off, to measure the two in one run.
+# kernel, which takes the bias, took 136 / 278 us. A fam-1b step at 8k, micro-batch 4, ran about 1 %
+# faster with it (benchmarks/results/2026-11-30-2xH200, "Session 14"). `benchmarks.train_step
+# --scan-attention matmul` turns it off, to measure the two in one run.
 FLASH = True
 
 
