@@ -71,10 +71,9 @@ def test_the_flash_path_matches_the_eager_scan(case, monkeypatch):
     assert not bad, bad
 
 
-def test_the_flash_path_takes_a_passed_in_state():
-    with pytest.MonkeyPatch.context() as mp:
-        calls = use_reference_flash(mp.setattr)
-        diffs = _differences(small_args(num_layers=2), 37, with_state=True)
+def test_the_flash_path_takes_a_passed_in_state(monkeypatch):
+    calls = use_reference_flash(monkeypatch.setattr)
+    diffs = _differences(small_args(num_layers=2), 37, with_state=True)
     assert calls
     bad = {name: d for name, d in diffs.items() if not d <= RTOL}
     assert not bad, bad

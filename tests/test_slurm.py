@@ -353,12 +353,12 @@ def test_fam24b_on_8_nodes_of_8_gpus_renders_a_script_sbatch_test_only_accepts(s
 
 def test_submit_names_the_numbers_when_the_shape_does_not_fit_the_parallel_sizes(submit_here):
     out = submit_here("--nodes", "3", "--gpus-per-node", "1", "--dry-run", "--config", "tiny",
-                  "--data.train_manifest=x", "--data.seq_len=128", "--parallel.tensor_parallel_size=2")
+                      "--data.train_manifest=x", "--data.seq_len=128", "--parallel.tensor_parallel_size=2")
     assert out.returncode == 2 and out.stdout == ""
     assert "3 processes cannot be split as parallel.tensor_parallel_size=2" in out.stderr, out.stderr
     assert "not a multiple of TP x PP = 2" in out.stderr
     batch = submit_here("--nodes", "2", "--gpus-per-node", "8", "--dry-run", *FAM24B[:-1],
-                    "--data.global_batch_size=24")
+                        "--data.global_batch_size=24")
     assert batch.returncode == 2 and "16 processes" in batch.stderr and "data.global_batch_size=24" in batch.stderr
 
 
@@ -366,7 +366,7 @@ def test_submit_reports_a_missing_config_and_passes_sbatch_errors_through(submit
     missing = submit_here("--nodes", "1", "--gpus-per-node", "0", "--config", "configs/nope.yaml")
     assert missing.returncode == 2 and "unknown config 'configs/nope.yaml'" in missing.stderr, missing.stderr
     rejected = submit_here("--nodes", "2", "--gpus-per-node", "0", "--partition", "nopart",
-                       "--log-dir", str(tmp_path), "--config", "tiny", "--data.train_manifest=x", "--data.seq_len=128")
+                           "--log-dir", str(tmp_path), "--config", "tiny", "--data.train_manifest=x", "--data.seq_len=128")
     assert rejected.returncode != 0
     assert "sbatch rejected the job" in rejected.stderr and "invalid partition specified: nopart" in rejected.stderr
 
