@@ -162,19 +162,67 @@ def _flash(q, kh, vh, head_dim: int):
 
 
 def _flash_backward(d_ctx, q, kh, vh, ctx, lse, head_dim: int):
-    """(dq, d_keys, d_values) [b, g, rows or F + c, d] fp32 of `_flash` at (q, kh, vh), given its
-    output ctx and lse (no dropout: no random state; not variable-length: no cumulative lengths)."""
+    """(dq fp32, d_keys, d_values in flash's dtype) [b, g, rows or F + c, d] of `_flash` at (q, kh, vh),
+    given its output ctx and lse (no dropout: no random state; not variable-length: no cumulative
+    lengths). The block rows' key/value gradients go to their buffers in flash's dtype as they are;
+    only the FAM rows' are taken to fp32 (`_attend_rows_backward`)."""
     no_rng = q.new_empty(0, dtype=torch.int64)
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+    dq, d_keys, d_values = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         d_ctx.to(q.dtype), q, kh, vh, ctx, lse, None, None, q.shape[2], kh.shape[2], 0.0, False, no_rng, no_rng,
         scale=head_dim**-0.5)
-    return tuple(g.float() for g in grads)
+    return dq.float(), d_keys, d_values
 
 
 def _rows_to_context(ctx, n_f: int):
     """[b, g, npg*F, d] -> [F, b, n*d] (head index = group * npg + j, megatron's order)."""
     b, g, rows, d = ctx.shape
     return ctx.view(b, g, rows // n_f, n_f, d).permute(3, 0, 1, 2, 4).reshape(n_f, b, -1)
+
+
+# ---- a step in three parts (FAM rows -> Q/K/V; attention; projection + FFN), each way ----
+
+
+def _project(fam, n1w, wqkv, eps: float, groups: int, head_dim: int, dtype, enter):
+    """(fam in fp32, x1 = the QKV GEMM's input, mixed = its output [F, b, g, npg + 2, d] fp32)."""
+    f32 = fam.float()
+    x1 = enter((_normalize(f32, eps)[0] * n1w).to(dtype))  # [F, b, h]: all F rows (gathered under SP)
+    mixed = F_.linear(x1, wqkv).view(x1.shape[0], x1.shape[1], groups, -1, head_dim).float()
+    return f32, x1, mixed
+
+
+def _fam_keys(mixed, cos_k, sin_k):
+    """The FAM rows' keys (after RoPE) and values [F, b, g, d], fp32."""
+    return _rope(mixed[:, :, :, -2], cos_k, sin_k), mixed[:, :, :, -1]
+
+
+# shape: the queries' RoPE tables beside the keys, the bias and the dtypes the kernel choice reads
+def _attend_rows(mixed, keys, values, key_bias, cos_q, sin_q, head_dim: int, dtype):
+    """The FAM rows' queries (RoPE at cos_q, sin_q) over keys/values [F + c, b, g, d]: (q [b, g,
+    npg*F, d] in the keys' dtype, context [F, b, n*d] in dtype, lse or None)."""
+    q = _heads(_rope(mixed[:, :, :, :-2], cos_q.unsqueeze(3), sin_q.unsqueeze(3))).to(keys.dtype)
+    lse = None
+    if uses_flash(q, keys, key_bias, dtype):
+        ctx, lse = _flash(q, _heads(keys), _heads(values), head_dim)
+    else:
+        ctx = _bmm32(_probabilities(q, _heads(keys), key_bias, head_dim).to(values.dtype), _heads(values))
+    return q, _rows_to_context(ctx, mixed.shape[0]).to(dtype), lse
+
+
+def _update(context, residual, weights, eps: float, dtype, enter, leave):
+    """Projection, residual, norm and SwiGLU FFN: (a, y, gate_up, h_act, the new rows in fp32)."""
+    _, _, wproj, n2w, wfc1, wfc2 = weights
+    a = leave(F_.linear(context, wproj)).float() + residual
+    y = enter((_normalize(a, eps)[0] * n2w).to(dtype))
+    gate_up = F_.linear(y, wfc1)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    h_act = (F_.silu(gate) * up).to(dtype)
+    return a, y, gate_up, h_act, leave(F_.linear(h_act, wfc2)).float() + a
+
+
+def _keep(saved: Activations, *values) -> None:
+    for out, value in zip(saved, values):
+        if value is not None:
+            out.copy_(value)
 
 
 def step_forward(fam, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale, weights, saved: Activations,
@@ -184,30 +232,58 @@ def step_forward(fam, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale,
     F_{t-1}'s K/V into keys[:F], values[:F] and the step's activations into `saved`. Returns F_t
     shaped and typed like fam."""
     enter, leave = enter or _same, leave or _same
-    n1w, wqkv, wproj, n2w, wfc1, wfc2 = weights
-    f32 = fam.float()
-    x1 = enter((_normalize(f32, eps)[0] * n1w).to(dtype))  # [F, b, h]: all F rows (gathered under SP)
-    n_f, b = x1.shape[0], x1.shape[1]
-    mixed = F_.linear(x1, wqkv).view(n_f, b, groups, -1, head_dim).float()  # [F, b, g, npg + 2, d]
-    q = _heads(_rope(mixed[:, :, :, :-2], cos_q.unsqueeze(3), sin_q.unsqueeze(3))).to(keys.dtype)
-    keys[:n_f] = _rope(mixed[:, :, :, -2], cos_k, sin_k)  # also the block queries' FAM keys
-    values[:n_f] = mixed[:, :, :, -1]
-    lse = None
-    if uses_flash(q, keys, key_bias, dtype):
-        ctx, lse = _flash(q, _heads(keys), _heads(values), head_dim)
-    else:
-        ctx = _bmm32(_probabilities(q, _heads(keys), key_bias, head_dim).to(values.dtype), _heads(values))
-    context = _rows_to_context(ctx, n_f).to(dtype)  # [F, b, n*d]
-    a = leave(F_.linear(context, wproj)).float() + scale * f32
-    y = enter((_normalize(a, eps)[0] * n2w).to(dtype))
-    gate_up = F_.linear(y, wfc1)
+    f32, x1, mixed = _project(fam, weights[0], weights[1], eps, groups, head_dim, dtype, enter)
+    n_f = x1.shape[0]
+    keys[:n_f], values[:n_f] = _fam_keys(mixed, cos_k, sin_k)  # also the block queries' FAM keys
+    q, context, lse = _attend_rows(mixed, keys, values, key_bias, cos_q, sin_q, head_dim, dtype)
+    a, y, gate_up, h_act, new = _update(context, scale * f32, weights, eps, dtype, enter, leave)
+    _keep(saved, fam, q, a, gate_up, x1, context, y, h_act, lse)
+    return new.to(fam.dtype)
+
+
+# shape: what the forward kept, read back in the backward's order
+def _update_backward(d_out, a, gate_up, weights, eps: float, dtype, enter, leave):
+    """From the gradient of the step's new rows (fp32) back through `_update`: (da, dz, d_gu, dy, xh2,
+    do, d_context); dz, d_gu, do are the FFN and projection GEMMs' output gradients."""
+    _, _, wproj, n2w, wfc1, wfc2 = weights
+    xh2, r2 = _normalize(a, eps)
     gate, up = gate_up.float().chunk(2, dim=-1)
-    h_act = (F_.silu(gate) * up).to(dtype)
-    new_fam = (leave(F_.linear(h_act, wfc2)).float() + a).to(fam.dtype)
-    for out, value in zip(saved, (fam, q, a, gate_up, x1, context, y, h_act, lse)):
-        if value is not None:
-            out.copy_(value)
-    return new_fam
+    dz = enter(d_out.to(dtype))  # adjoint of leave
+    d_gate, d_up = _gate_backward(F_.linear(dz, wfc2.t()).float(), gate, up)
+    d_gu = torch.cat([d_gate, d_up], dim=-1).to(dtype)
+    dy = leave(F_.linear(d_gu, wfc1.t())).float()  # adjoint of enter
+    da = d_out + _normalize_backward(dy * n2w, xh2, r2)
+    do = enter(da.to(dtype))
+    return da, dz, d_gu, dy, xh2, do, F_.linear(do, wproj.t()).float()
+
+
+# shape: `_attend_rows`' inputs and what it kept (its output x_proj and lse)
+def _attend_rows_backward(d_context, q, keys, values, key_bias, x_proj, lse, groups: int, head_dim: int, dtype):
+    """Back through `_attend_rows`: (dq [F, b, g, npg, d] fp32 before RoPE's backward, d_keys,
+    d_values [F + c, b, g, d], fp32 or, from flash, in its dtype)."""
+    n_f, b = d_context.shape[0], d_context.shape[1]
+    d_ctx = _heads(d_context.view(n_f, b, groups, -1, head_dim))
+    kh, vh = _heads(keys), _heads(values)
+    if uses_flash(q, keys, key_bias, dtype):  # the forward's output is x_proj, in the heads' layout
+        ctx = _heads(x_proj.view(n_f, b, groups, -1, head_dim))
+        dq, d_keys, d_values = _flash_backward(d_ctx, q, kh, vh, ctx, lse, head_dim)
+    else:
+        p = _probabilities(q, kh, key_bias, head_dim)  # one product: cheaper than keeping p
+        dq, d_keys, d_values = _attend_backward(d_ctx, p, q, kh, vh, head_dim)
+    dq = dq.view(b, groups, -1, n_f, head_dim).permute(3, 0, 1, 2, 4)
+    return dq, d_keys.permute(2, 0, 1, 3), d_values.permute(2, 0, 1, 3)
+
+
+# shape: the three gradients and both RoPE tables
+def _mixed_gradient(dq, d_k, d_v, cos_q, sin_q, cos_k, sin_k):
+    """The QKV GEMM's output gradient [F, b, g * (npg + 2) * d], fp32, from those of the queries
+    (before RoPE's backward), the keys and the values [F, b, g, d] of the FAM rows."""
+    n_f, b = dq.shape[0], dq.shape[1]
+    return torch.cat([
+        _rope_backward(dq, cos_q.unsqueeze(3), sin_q.unsqueeze(3)),
+        _rope_backward(d_k, cos_k, sin_k).unsqueeze(3),
+        d_v.unsqueeze(3),
+    ], dim=3).reshape(n_f, b, -1)
 
 
 def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale, weights,
@@ -219,42 +295,20 @@ def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q,
     [c, b, g, d] (when given) and the weight uses' output gradients into `out`; returns the grad
     of the step's input FAM."""
     enter, leave = enter or _same, leave or _same
-    n1w, wqkv, wproj, n2w, wfc1, wfc2 = weights
-    n_f, b = saved.gate_up.shape[0], saved.gate_up.shape[1]
-    xh1, r1 = _normalize(saved.fam.float(), eps)
-    xh2, r2 = _normalize(saved.a, eps)
-    gate, up = saved.gate_up.float().chunk(2, dim=-1)
-    d_new = d_new.float()
-    dz = enter(d_new.to(dtype))  # adjoint of leave
-    d_gate, d_up = _gate_backward(F_.linear(dz, wfc2.t()).float(), gate, up)
-    d_gu = torch.cat([d_gate, d_up], dim=-1).to(dtype)
-    dy = leave(F_.linear(d_gu, wfc1.t())).float()  # adjoint of enter
-    da = d_new + _normalize_backward(dy * n2w, xh2, r2)
-    do = enter(da.to(dtype))
-    d_ctx = _heads(F_.linear(do, wproj.t()).float().view(n_f, b, groups, -1, head_dim))
-    kh, vh = _heads(keys), _heads(values)
-    if uses_flash(saved.q, keys, key_bias, dtype):  # the forward's output is x_proj, in the heads' layout
-        ctx = _heads(saved.x_proj.view(n_f, b, groups, -1, head_dim))
-        dq, d_keys, d_values = _flash_backward(d_ctx, saved.q, kh, vh, ctx, saved.lse, head_dim)
-    else:
-        p = _probabilities(saved.q, kh, key_bias, head_dim)  # one product: cheaper than keeping p
-        dq, d_keys, d_values = _attend_backward(d_ctx, p, saved.q, kh, vh, head_dim)
-    d_keys, d_values = d_keys.permute(2, 0, 1, 3), d_values.permute(2, 0, 1, 3)  # [F + c, b, g, d]
+    da, dz, d_gu, dy, xh2, do, d_context = _update_backward(d_new.float(), saved.a, saved.gate_up, weights, eps,
+                                                           dtype, enter, leave)
+    dq, d_keys, d_values = _attend_rows_backward(d_context, saved.q, keys, values, key_bias, saved.x_proj, saved.lse,
+                                                 groups, head_dim, dtype)
+    n_f = dq.shape[0]
     if out_dk is not None:
         out_dk.copy_(d_keys[n_f:])
         out_dv.copy_(d_values[n_f:])
-    d_k_fam, d_v_fam = d_keys[:n_f], d_values[:n_f]
+    d_k_fam, d_v_fam = d_keys[:n_f].float(), d_values[:n_f].float()
     if d_fam_k is not None:
         d_k_fam, d_v_fam = d_k_fam + d_fam_k.float(), d_v_fam + d_fam_v.float()
-    npg = dq.shape[2] // n_f
-    dq = dq.view(b, groups, npg, n_f, head_dim).permute(3, 0, 1, 2, 4)  # [F, b, g, npg, d]
-    d_mixed = torch.cat([
-        _rope_backward(dq, cos_q.unsqueeze(3), sin_q.unsqueeze(3)),
-        _rope_backward(d_k_fam, cos_k, sin_k).unsqueeze(3),
-        d_v_fam.unsqueeze(3),
-    ], dim=3).reshape(n_f, b, -1).to(dtype)
-    dx1 = leave(F_.linear(d_mixed, wqkv.t())).float()
-    d_fam = scale * da + _normalize_backward(dx1 * n1w, xh1, r1)
-    for buffer, value in zip(out, (d_mixed, do, d_gu, dz, (dx1 * xh1).sum((0, 1)), (dy * xh2).sum((0, 1)))):
-        buffer.copy_(value)
+    d_mixed = _mixed_gradient(dq, d_k_fam, d_v_fam, cos_q, sin_q, cos_k, sin_k).to(dtype)
+    dx1 = leave(F_.linear(d_mixed, weights[1].t())).float()
+    xh1, r1 = _normalize(saved.fam.float(), eps)
+    d_fam = scale * da + _normalize_backward(dx1 * weights[0], xh1, r1)
+    _keep(out, d_mixed, do, d_gu, dz, (dx1 * xh1).sum((0, 1)), (dy * xh2).sum((0, 1)))
     return d_fam
