@@ -174,8 +174,7 @@ def row_notes(left_gib: float) -> dict:
     `recompute_fam_scan` and `overlap_fam_scan` (when RECOMPUTE_FAM_SCAN, OVERLAP_FAM_SCAN set them),
     `scan_weights` ("copied" when the scan's graphs copy the weights in, as before 2026-12) and
     `scan_attention` (always: "flash" where the scan's steps ran flash attention, "matmul" where they ran the
-    matrix products everywhere; rows without it ran the matrix products, as before 2026-12) and
-    `first_step` ("apart" when block 0's FAM step and the prompt's ran as two steps, as before 2026-12)."""
+    matrix products everywhere; rows without it ran the matrix products, as before 2026-12)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     if fast_scan.COMPILE_MODE:
         notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
@@ -190,8 +189,6 @@ def row_notes(left_gib: float) -> dict:
     if not fast_scan.WEIGHTS_IN_PLACE:
         notes["scan_weights"] = "copied"
     notes["scan_attention"] = "flash" if scan_step.FLASH else "matmul"
-    if not fast_scan.MERGE_FIRST_STEP:
-        notes["first_step"] = "apart"
     return notes
 
 

@@ -184,9 +184,6 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the FAM scan steps' attention: flash attention where it applies (the default since "
                              "2026-12) or the matrix products and softmax everywhere, as before "
                              "(model/scan_step.py FLASH)")
-    parser.add_argument("--first-step", choices=["merged", "apart"], default="merged",
-                        help="from the prompt, block 0's FAM step and the prompt stream's run as one step over 2F rows "
-                             "(the default since 2026-12) or apart, as before (model/fast_scan.py MERGE_FIRST_STEP)")
     parser.add_argument("--fam-scan-overlap", choices=["config", "on", "off"], default="config",
                         help="model.overlap_fam_scan: the FAM scan on a second CUDA stream beside the window part "
                              "of the block attention (on) or one attention call after the scan (off); config: "
@@ -197,7 +194,6 @@ def apply_kernel_options(opts) -> None:
     fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
     fast_scan.WEIGHTS_IN_PLACE = opts.scan_weights == "in-place"
     scan_step.FLASH = opts.scan_attention == "flash"
-    fast_scan.MERGE_FIRST_STEP = opts.first_step == "merged"
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":
         compile_limits.STATIC_SHAPES = 0

@@ -13,8 +13,7 @@ then adds up, T times per weight and layer. `FAMScan` instead:
     after the loop each weight's gradient is ONE GEMM over all T*F*b rows (norm weights: one
     sum), as cuDNN's RNNs do.
 The soft-prompt stream's step (the prompt rows attending among themselves, model/layer.py) is a
-step over no block, run inside the same node so its weight uses join the same GEMMs; at TP = 1 it runs
-as one step with block 0's, which starts from the same rows (model/scan_first_step.py). A partial
+step over no block, run inside the same node so its weight uses join the same GEMMs. A partial
 last block is padded to C with masked keys (model/scan_step.py `key_bias`), so it runs the same
 compiled step as the others, on any length.
 
@@ -62,7 +61,6 @@ import torch
 from model import scan_buffers, scan_graphs, scan_stash
 from model.compile_limits import bounded_compiles
 from model.scan_buffers import ScanSpec
-from model.scan_first_step import first_step_backward, first_step_forward
 from model.scan_step import Activations, Gradients, step_backward, step_forward
 
 
@@ -71,12 +69,6 @@ from model.scan_step import Activations, Gradients, step_backward, step_forward
 # can take a step's elementwise work into their epilogues: fewer of its ~40 kernels) against the
 # default in one run; model/scan_graphs.py captures either. Set it before the first scan runs.
 COMPILE_MODE: str | None = None
-
-
-# From the prompt at TP = 1, block 0's step and the prompt stream's run as one step over 2F rows
-# (model/scan_first_step.py); False runs them apart (`benchmarks.train_step --first-step apart`, to
-# measure the two in one run).
-MERGE_FIRST_STEP = True
 
 
 # Where the weights are already in the GEMM dtype, each layer's captured loops read them in place
@@ -93,17 +85,10 @@ def _compiled(fn, fullgraph: bool, mode: str | None = None):
 
 
 def _step_functions(device: torch.device, spec: ScanSpec):
-    """(step forward, step backward, first step forward, first step backward), compiled on CUDA."""
-    functions = (step_forward, step_backward, first_step_forward, first_step_backward)
     if device.type != "cuda":
-        return functions
+        return step_forward, step_backward
     fullgraph = spec.enter is None
-    return tuple(_compiled(fn, fullgraph, COMPILE_MODE) for fn in functions)
-
-
-def _merges_first_step(spec: ScanSpec) -> bool:
-    """From the prompt at TP = 1, block 0's step and the prompt's run as one (model/scan_first_step.py)."""
-    return MERGE_FIRST_STEP and spec.from_prompt and spec.enter is None
+    return _compiled(step_forward, fullgraph, COMPILE_MODE), _compiled(step_backward, fullgraph, COMPILE_MODE)
 
 
 def _slot(group, i: int):
@@ -122,43 +107,32 @@ def _bias(b: dict, t: int, partial: bool):
 def _forward_loop(spec: ScanSpec, partial: bool, b: dict):
     """All T steps and the prompt step; returns (F_T, prompt stream output or None). partial: the
     last block is shorter than C (its padding keys masked)."""
-    step, _, first_step, _ = _step_functions(b["keys"].device, spec)
+    step, _ = _step_functions(b["keys"].device, spec)
     cos_q, sin_q, cos_k, sin_k = b["rope"]
     first, rest = b["scales"][0], b["scales"][1]
-    fam, prompt_out, start = b["fam0"], None, 0
-    if _merges_first_step(spec):
-        fam, prompt_out = first_step(fam, b["keys"][0], b["values"][0], _bias(b, 0, partial), b["prompt_keys"],
-                                     b["prompt_values"], cos_q[0], sin_q[0], cos_k[0], sin_k[0], b["scales"],
-                                     b["weights"], _slot(b["saved"], 0), _slot(b["saved"], -1), *spec.config()[:4])
-        start = 1
-    for t in range(start, b["keys"].shape[0]):
+    fam = b["fam0"]
+    for t in range(b["keys"].shape[0]):
         fam = step(fam, b["keys"][t], b["values"][t], _bias(b, t, partial), cos_q[t], sin_q[t], cos_k[t], sin_k[t],
                    first if t == 0 else rest, b["weights"], _slot(b["saved"], t), *spec.config())
-    if spec.from_prompt and prompt_out is None:
-        prompt_out = step(b["fam0"], b["prompt_keys"], b["prompt_values"], None, cos_k[0], sin_k[0], cos_k[0],
-                          sin_k[0], rest, b["weights"], _slot(b["saved"], -1), *spec.config())
+    if not spec.from_prompt:
+        return fam, None
+    prompt_out = step(b["fam0"], b["prompt_keys"], b["prompt_values"], None, cos_k[0], sin_k[0], cos_k[0], sin_k[0],
+                      rest, b["weights"], _slot(b["saved"], -1), *spec.config())
     return fam, prompt_out
 
 
 def _backward_loop(spec: ScanSpec, partial: bool, b: dict):
     """The steps in reverse; returns the gradient of the initial FAM."""
-    _, step, _, first_step = _step_functions(b["keys"].device, spec)
+    _, step = _step_functions(b["keys"].device, spec)
     cos_q, sin_q, cos_k, sin_k = b["rope"]
     first, rest = b["scales"][0], b["scales"][1]
     T, F = b["keys"].shape[0], cos_q.shape[1]
-    merged = _merges_first_step(spec)
     d = b["d_fam"]
-    for t in reversed(range(int(merged), T)):
+    for t in reversed(range(T)):
         rows = slice(t * F, (t + 1) * F)
         d = step(d, b["d_fam_k"][rows], b["d_fam_v"][rows], b["keys"][t], b["values"][t], _bias(b, t, partial),
                  cos_q[t], sin_q[t], cos_k[t], sin_k[t], first if t == 0 else rest, b["weights"], _slot(b["saved"], t),
                  _slot(b["grads"], t), b["d_keys"][t], b["d_values"][t], *spec.config())
-    if merged:
-        return first_step(d, b["d_prompt"], b["d_fam_k"][:F], b["d_fam_v"][:F], b["keys"][0], b["values"][0],
-                          _bias(b, 0, partial), b["prompt_keys"], b["prompt_values"], cos_q[0], sin_q[0], cos_k[0],
-                          sin_k[0], b["scales"], b["weights"], _slot(b["saved"], 0), _slot(b["saved"], -1),
-                          _slot(b["grads"], 0), _slot(b["grads"], -1), b["d_keys"][0], b["d_values"][0],
-                          *spec.config()[:4])
     if spec.from_prompt:
         d = d + step(b["d_prompt"], None, None, b["prompt_keys"], b["prompt_values"], None, cos_k[0], sin_k[0],
                      cos_k[0], sin_k[0], rest, b["weights"], _slot(b["saved"], -1), _slot(b["grads"], -1), None, None,

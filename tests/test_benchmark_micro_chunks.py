@@ -133,6 +133,3 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     assert micro_chunk_step.row_notes(clean)["scan_weights"] == "copied"
     monkeypatch.setattr(micro_chunk_step.scan_step, "FLASH", False)  # --scan-attention matmul
     assert micro_chunk_step.row_notes(clean)["scan_attention"] == "matmul"
-    assert "first_step" not in micro_chunk_step.row_notes(clean)  # the default: merged
-    monkeypatch.setattr(micro_chunk_step.fast_scan, "MERGE_FIRST_STEP", False)  # --first-step apart
-    assert micro_chunk_step.row_notes(clean)["first_step"] == "apart"

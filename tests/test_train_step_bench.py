@@ -88,11 +88,6 @@ def test_rows_are_saved_as_records_with_the_anchor_beside_them(tmp_path):
     saved = json.loads(path.read_text())
     assert [(r["seq_len"], r["tokens_per_s"]) for r in saved if r["config"] == "fam-1b"] == [
         (8192, 31000.0), (32768, 30000.0), (8192, 33000.0), (8192, 29000.0)]
-    # And the same cell with block 0's FAM step and the prompt's apart (--first-step apart).
-    apart = {**records[0], "tokens_per_s": 28000.0, "first_step": "apart"}
-    write_records([apart], tmp_path / "results", day="2026-11-29", card="1xH200")
-    assert [r["tokens_per_s"] for r in json.loads(path.read_text()) if r["config"] == "fam-1b"] == [
-        31000.0, 30000.0, 33000.0, 29000.0, 28000.0]
 
 
 def test_the_benchmark_step_takes_the_trainers_loss_path_unless_asked_for_whole_logits(monkeypatch):
