@@ -195,7 +195,6 @@ def _fam_keys(mixed, cos_k, sin_k):
     return _rope(mixed[:, :, :, -2], cos_k, sin_k), mixed[:, :, :, -1]
 
 
-# shape: the queries' RoPE tables beside the keys, the bias and the dtypes the kernel choice reads
 def _attend_rows(mixed, keys, values, key_bias, cos_q, sin_q, head_dim: int, dtype):
     """The FAM rows' queries (RoPE at cos_q, sin_q) over keys/values [F + c, b, g, d]: (q [b, g,
     npg*F, d] in the keys' dtype, context [F, b, n*d] in dtype, lse or None)."""
@@ -241,7 +240,6 @@ def step_forward(fam, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale,
     return new.to(fam.dtype)
 
 
-# shape: what the forward kept, read back in the backward's order
 def _update_backward(d_out, a, gate_up, weights, eps: float, dtype, enter, leave):
     """From the gradient of the step's new rows (fp32) back through `_update`: (da, dz, d_gu, dy, xh2,
     do, d_context); dz, d_gu, do are the FFN and projection GEMMs' output gradients."""
@@ -274,7 +272,6 @@ def _attend_rows_backward(d_context, q, keys, values, key_bias, x_proj, lse, gro
     return dq, d_keys.permute(2, 0, 1, 3), d_values.permute(2, 0, 1, 3)
 
 
-# shape: the three gradients and both RoPE tables
 def _mixed_gradient(dq, d_k, d_v, cos_q, sin_q, cos_k, sin_k):
     """The QKV GEMM's output gradient [F, b, g * (npg + 2) * d], fp32, from those of the queries
     (before RoPE's backward), the keys and the values [F, b, g, d] of the FAM rows."""
