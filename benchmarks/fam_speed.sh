@@ -20,7 +20,8 @@
 #   fam-1b's 8k row in 210 s; with --profile and the anchor, 8k to 64k (9 rows, 6 anchors) took about
 #   520 s. So give each table phase a call of its own, and keep the machine warm between calls (it goes
 #   back after 30 s idle, and its inductor caches with it).
-#   PROFILE=1 adds --profile to the table phases.
+#   PROFILE=1 adds --profile to the table phases. COMPILE_CACHE=DIR passes --compile-cache DIR to every
+#   train_step (benchmarks/compile_cache.py): carry DIR from an earlier call and the compiles are skipped.
 #   GPU picks the device for one-GPU phases (default 0): on two GPUs, `tests` on GPU 1 beside a table
 #   on GPU 0 compiles on the same host, which slows the table's CPU-bound 8k rows (2026-11-30).
 # Each phase has its own inductor cache (.inductor-<phase>, git-ignored): one process's cache at a
@@ -46,14 +47,15 @@ table() {  # name, sequence lengths...
     local name=$1; shift
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs "${CONFIGS[@]}" --seq-lens "$@" \
         --recompute auto --anchor "$ANCHOR" --results-dir "$OUT" --json "$OUT/$name.json" ${PROFILE:+--profile} \
-        > "$OUT/$name.log" 2>&1
+        ${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"} > "$OUT/$name.log" 2>&1
     echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
 }
 
 pair() {  # name, train_step flags...: fam-1b and bswa-1b at SEQ (default 8k), no anchor
     local name=$1; shift
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens "${SEQ:-8192}" \
-        --recompute auto --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+        --recompute auto --json "$OUT/$name.json" ${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"} "$@" \
+        > "$OUT/$name.log" 2>&1
     echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
 }
 

@@ -23,6 +23,8 @@ process at each row's shape, attention and sequence, and prints each row's ratio
 (benchmarks/anchor_rows.py); with --profile the anchor's step is profiled too, so a famtron row
 and its anchor can be diffed kernel by kernel. The rows (with the anchor's beside them) are always
 saved as `<--results-dir>/<date>-<card>/train_step.json`.
+`--compile-cache DIR` starts from the compiled graphs and kernels of earlier runs in DIR and adds this
+run's (benchmarks/compile_cache.py): a fresh machine with the same torch and card skips the compiling.
 `--scan-compile-mode` compiles the FAM scan's steps in another torch.compile mode (model/fast_scan.py).
 The QKV split, RoPE and SwiGLU run as compiled kernels (model/rope.py, model/mlp.py FUSED, the default
 since 2026-12); `--eager-ops` runs megatron's eager ops instead, as the rows before it did (rows say which:
@@ -39,6 +41,7 @@ import torch
 from benchmarks import micro_chunk_step
 from benchmarks.micro_chunk_step import (add_micro_chunk_arguments, cell_model_args, release_cell, row_notes,
                                          run_micro_chunk_benchmark, save_rows)
+from benchmarks.compile_cache import CompileCache
 from benchmarks.profiling import profile_kernels
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope, scan_step
@@ -95,7 +98,7 @@ def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, step
     }
 
 
-def main() -> None:
+def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["fam-1b", "bswa-1b", "dense-1b"])
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 32768, 65536])
@@ -109,6 +112,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step: GPU-busy fraction, kernels per step, the costliest kernels")
     parser.add_argument("--json", help="write the raw rows to this file")
+    parser.add_argument("--compile-cache", metavar="DIR",
+                        help="load the torch.compile caches of earlier runs from DIR and add this run's "
+                             "(benchmarks/compile_cache.py); DIR is made if missing")
     parser.add_argument("--loss", choices=["chunked", "whole"], default="chunked",
                         help="chunked: the trainer's lm_loss (default); whole: the loss from whole logits, as "
                              "train_step measured before 2026-12 and as the anchor computes it")
@@ -117,12 +123,24 @@ def main() -> None:
     add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
     check_micro_batch(parser, opts)
+    return opts
+
+
+def main() -> None:
+    opts = parse_options()
     anchor = load_anchor(opts.anchor) if opts.anchor else None  # a wrong path fails before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.train_step measures GPU speed: no CUDA device here")
     apply_kernel_options(opts)
+    cache = CompileCache(opts.compile_cache) if opts.compile_cache else None
+    if cache:
+        cache.load()
     if opts.micro_chunk_len:
-        return run_micro_chunk_benchmark(opts)
+        try:
+            return run_micro_chunk_benchmark(opts)
+        finally:
+            if cache:
+                cache.save()
     rows, records, anchors = [], [], {}
     for seq in opts.seq_lens:
         for name in opts.configs:
@@ -143,6 +161,8 @@ def main() -> None:
             print(name, seq, {k: v for k, v in result.items() if k not in ("kernels", "ops")}, flush=True)
             records.append(anchor_record(anchor, anchors, opts, name, seq, result))
             saved = write_records(records, opts.results_dir)  # after every cell: a killed run keeps its rows
+            if cache:
+                cache.save()  # likewise its compiled graphs
             for kernel, launches, ms in result.get("kernels", [])[:8]:
                 print(f"    {ms:8.1f} ms {launches:8,.0f} x  {kernel}")
             for op, shapes, calls, ms in result.get("ops", [])[:8]:
