@@ -190,11 +190,6 @@ def _project(fam, n1w, wqkv, eps: float, groups: int, head_dim: int, dtype, ente
     return f32, x1, mixed
 
 
-def _fam_keys(mixed, cos_k, sin_k):
-    """The FAM rows' keys (after RoPE) and values [F, b, g, d], fp32."""
-    return _rope(mixed[:, :, :, -2], cos_k, sin_k), mixed[:, :, :, -1]
-
-
 def _attend_rows(mixed, keys, values, key_bias, cos_q, sin_q, head_dim: int, dtype):
     """The FAM rows' queries (RoPE at cos_q, sin_q) over keys/values [F + c, b, g, d]: (q [b, g,
     npg*F, d] in the keys' dtype, context [F, b, n*d] in dtype, lse or None)."""
@@ -233,7 +228,8 @@ def step_forward(fam, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale,
     enter, leave = enter or _same, leave or _same
     f32, x1, mixed = _project(fam, weights[0], weights[1], eps, groups, head_dim, dtype, enter)
     n_f = x1.shape[0]
-    keys[:n_f], values[:n_f] = _fam_keys(mixed, cos_k, sin_k)  # also the block queries' FAM keys
+    keys[:n_f] = _rope(mixed[:, :, :, -2], cos_k, sin_k)  # also the block queries' FAM keys
+    values[:n_f] = mixed[:, :, :, -1]
     q, context, lse = _attend_rows(mixed, keys, values, key_bias, cos_q, sin_q, head_dim, dtype)
     a, y, gate_up, h_act, new = _update(context, scale * f32, weights, eps, dtype, enter, leave)
     _keep(saved, fam, q, a, gate_up, x1, context, y, h_act, lse)
