@@ -39,6 +39,8 @@ class CompileCache:
 
     def load(self) -> int:
         """Every blob's artifacts into this process's caches; returns how many artifacts."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise SystemExit(f"--compile-cache {self.folder}: not a folder; give a folder (made if missing)")
         self.folder.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.folder.glob("*.bin")):
             try:  # torch logs a corrupt blob and returns None; other failures raise

@@ -63,8 +63,11 @@ def test_a_fresh_process_compiles_from_the_folder_and_new_graphs_add_a_blob(tmp_
     assert len(list(folder.glob("*.bin"))) == 2
 
 
-def test_a_blob_that_is_not_a_cache_names_itself(tmp_path):
+def test_a_blob_that_is_not_a_cache_or_a_file_for_the_folder_names_itself(tmp_path):
     (tmp_path / "20261201-0-1.bin").write_bytes(b"not a cache")
     with pytest.raises(SystemExit, match=r"20261201-0-1.bin is not a torch.compile cache blob .* delete it or give "
                                          r"another --compile-cache"):
         CompileCache(tmp_path).load()
+    assert (tmp_path / "20261201-0-1.bin").read_bytes() == b"not a cache"  # left as it was
+    with pytest.raises(SystemExit, match=r"--compile-cache .*20261201-0-1.bin: not a folder"):
+        CompileCache(tmp_path / "20261201-0-1.bin").load()
