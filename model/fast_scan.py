@@ -5,11 +5,15 @@ layer, each producing a weight-sized gradient per weight (a GEMM with K = F rows
 then adds up, T times per weight and layer. `FAMScan` instead:
   - forward: runs the T steps of model/scan_step.py without autograd over one keys/values buffer
     per block ([F + C, b, g, d]: the step writes the FAM keys into rows :F), keeping each step's
-    activations (`Activations`, F rows per block); the block attention's FAM K/V [R, b, g, d]
-    (R = T*F padded to a tile, model/masks.py) are the buffers' first F rows;
+    activations (`Activations`, F rows per block); it returns the block attention's keys and
+    values [R + S, b, g, d] whole: the buffers' first F rows of every block, zeros up to R (T*F
+    padded to a tile, model/masks.py), then k or v, so the layer concatenates nothing, and
+    saves these instead of k and v (v is a view that would keep the whole QKV output alive);
   - backward: walks the blocks in reverse over the kept activations (no recompute) and
     back-propagates activation gradients only (to the previous FAM, to the block's K/V, to the
     initial FAM: the prompt rows or a passed-in state), writing each weight use's output gradient;
+    the block attention's gradients of k and v arrive through the joined keys/values and are added
+    to the steps' in one pass (autograd would add a copy of the static buffer to them);
     after the loop each weight's gradient is ONE GEMM over all T*F*b rows (norm weights: one
     sum), as cuDNN's RNNs do.
 The soft-prompt stream's step (the prompt rows attending among themselves, model/layer.py) is a
@@ -194,38 +198,44 @@ class FAMScan(torch.autograd.Function):
     def forward(ctx, spec: ScanSpec, fam0, k, v, cos_q, sin_q, cos_k, sin_k, *weights):
         """fam0 [F, b, h]; k, v [S, b, g, d]; RoPE tables [T, F, b, 1, d] (FAM queries at each
         block's last F positions, FAM keys at the F before it); weights: norm1, qkv, proj, norm2,
-        fc1, fc2. Returns F_T [F, b, h], FAM K, V [R, b, g, d] and, from the prompt, the
-        prompt stream's output [F, b, h]. In a layer recompute that keeps the scan
-        (model/scan_stash.py), the first run's outputs and activations instead of running again."""
+        fc1, fc2. Returns F_T [F, b, h], the block attention's keys and values [R + S, b, g, d] (the
+        FAM K/V padded to R rows, then k or v: `scan_buffers.join`) and, from the prompt, the prompt
+        stream's output [F, b, h]. In a layer recompute that keeps the scan (model/scan_stash.py),
+        the first run's outputs and activations instead of running again."""
         rope = (cos_q, sin_q, cos_k, sin_k)
         keep = any(ctx.needs_input_grad)
         stash, replaying = scan_stash.current()
-        if replaying:
-            outputs, saved, prompt_kv = stash.entries.popleft()  # the stash's own copies, handed over
+        if replaying:  # the stash's own copies, handed over; it keeps the FAM rows of the keys/values only
+            (fam, fam_k, fam_v, *prompt_out), saved, prompt_kv = stash.entries.popleft()
+            outputs = (fam, scan_buffers.join(fam_k, k), scan_buffers.join(fam_v, v), *prompt_out)
         else:
             outputs, saved, prompt_kv = _run_forward(spec, fam0, k, v, rope, weights, keep)
             if stash is not None:  # copies: what the first run returns may be changed in place before the recompute
-                stash.entries.append((tuple(x.detach().clone() for x in outputs), saved, prompt_kv))
+                rows = (outputs[0], outputs[1][: spec.fam_rows], outputs[2][: spec.fam_rows], *outputs[3:])
+                stash.entries.append((tuple(x.detach().clone() for x in rows), saved, prompt_kv))
         ctx.spec = spec
-        if keep:
-            ctx.save_for_backward(k, v, outputs[1], outputs[2], *rope, *weights, *saved, *prompt_kv)
+        if keep:  # the joined keys/values, not k and v: v is a view that would keep the whole QKV output
+            ctx.save_for_backward(outputs[1], outputs[2], *rope, *weights, *saved, *prompt_kv)
         return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_fam, d_fam_k, d_fam_v, *d_prompt_out):
-        spec = ctx.spec
-        k, v, fam_k, fam_v, *rest = ctx.saved_tensors
+    def backward(ctx, d_fam, d_keys, d_values, *d_prompt_out):
+        """d_keys, d_values [R + S, b, g, d]: the FAM rows' gradients go into the steps, the block rows' are
+        added to the steps' own gradients of k and v (one add, no copy out of the static buffers)."""
+        spec, R = ctx.spec, ctx.spec.fam_rows
+        keys, values, *rest = ctx.saved_tensors
+        k, v = keys[R:], values[R:]
         rope, weights, saved = tuple(rest[:4]), tuple(rest[4:10]), Activations(*rest[10:19])
         T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
         static, in_place = _static_scan(spec, saved.fam.shape[1:], saved.fam.dtype, k, rope, weights)
         inputs = dict(rope=rope, scales=scan_buffers.scales(k.device, spec.from_prompt),
                       bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device), saved=saved, d_fam=d_fam,
-                      d_fam_k=d_fam_k, d_fam_v=d_fam_v)
+                      d_fam_k=d_keys[:R], d_fam_v=d_values[:R])
         if spec.from_prompt:
             inputs.update(prompt_keys=rest[19], prompt_values=rest[20], d_prompt=d_prompt_out[0])
         b = _buffers(spec, static, inputs, weights, k, rope, saved.fam[0], backward=True, in_place=in_place)
-        scan_buffers.load_blocks(b, k, v, fam_k, fam_v)
+        scan_buffers.load_blocks(b, k, v, keys[:R], values[:R])
         partial = S % spec.block_size != 0
         with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
             if static is None:
@@ -234,13 +244,14 @@ class FAMScan(torch.autograd.Function):
                 loop = functools.partial(_backward_loop, spec, partial)
                 d = static.loop("backward", loop, weights if in_place else None)()
         own = torch.clone if static is not None else (lambda x: x)
-        d_k, d_v = (own(b[name].flatten(0, 1)[:S]) for name in ("d_keys", "d_values"))
+        d_k, d_v = (scan_buffers.add_block_rows(outer[R:], b[name]) for outer, name in ((d_keys, "d_keys"),
+                                                                                        (d_values, "d_values")))
         grads = _weight_gradients(b["saved"], b["grads"], weights)  # before any other replay
         return (None, own(d).to(saved.fam.dtype), d_k, d_v, None, None, None, None, *grads)
 
 
 def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool):
-    """The scan's forward loop: ((F_T, FAM K, FAM V[, prompt stream output]), the steps' kept
+    """The scan's forward loop: ((F_T, keys, values [R + S][, prompt stream output]), the steps' kept
     activations and the prompt step's K/V (empty unless `keep`), all owned by the caller."""
     T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
     static, in_place = _static_scan(spec, fam0.shape, fam0.dtype, k, rope, weights)
@@ -257,8 +268,8 @@ def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool):
             loop = static.loop("forward", loop, weights if in_place else None)
             fam, prompt_out = loop()
     own = torch.clone if static is not None else (lambda x: x)  # nothing static leaves
-    fam_k, fam_v = (scan_buffers.fam_rows(b[name], F, spec.fam_rows) for name in ("keys", "values"))
-    outputs = (own(fam), fam_k, fam_v) + ((own(prompt_out),) if spec.from_prompt else ())
+    keys, values = (scan_buffers.join_blocks(b[name], x, F, spec.fam_rows) for name, x in (("keys", k), ("values", v)))
+    outputs = (own(fam), keys, values) + ((own(prompt_out),) if spec.from_prompt else ())
     if not keep:
         return outputs, (), ()
     prompt_kv = (own(b["prompt_keys"]), own(b["prompt_values"])) if spec.from_prompt else ()
@@ -275,6 +286,6 @@ def _weight_gradients(saved: Activations, grads: Gradients, weights):
 
 
 def fast_scan(spec: ScanSpec, fam0, k, v, rope, weights):
-    """(F_T, FAM K [R, b, g, d], FAM V, prompt stream output or None); see FAMScan.forward."""
+    """(F_T, keys [R + S, b, g, d], values, prompt stream output or None); see FAMScan.forward."""
     out = FAMScan.apply(spec, fam0, k, v, *rope, *weights)
     return out[0], out[1], out[2], (out[3] if spec.from_prompt else None)

@@ -57,8 +57,8 @@ def fam_step(
 
 def eager_scan(spec, fam0, k, v, rope, weights):
     """The scan block by block under autograd, the CPU path and the oracle of model/fast_scan.py
-    (same arguments and results as `fast_scan`): FAM K/V of every block in one [R, b, g, d]
-    tensor, rows past T*F zero."""
+    (same arguments and results as `fast_scan`): the block attention's keys and values [R + S, b,
+    g, d], every block's FAM K/V, zero rows up to R, then k or v."""
     cos_q, sin_q, cos_k, sin_k = rope
     C, S, T, F = spec.block_size, k.shape[0], cos_q.shape[0], cos_q.shape[1]
     step_args = (*weights, spec.eps, spec.groups, spec.head_dim, spec.enter, spec.leave)
@@ -73,4 +73,4 @@ def eager_scan(spec, fam0, k, v, rope, weights):
         fam_k.append(fk)
         fam_v.append(fv)
     pad = [k.new_zeros(spec.fam_rows - T * F, *k.shape[1:])]
-    return fam, torch.cat(fam_k + pad), torch.cat(fam_v + pad), prompt_out
+    return fam, torch.cat(fam_k + pad + [k]), torch.cat(fam_v + pad + [v]), prompt_out

@@ -150,10 +150,35 @@ def backward_outputs(spec: ScanSpec, k, rope, weights) -> dict:
                 d_keys=k.new_empty(T, C, *kv), d_values=k.new_empty(T, C, *kv))
 
 
-def fam_rows(buffer: torch.Tensor, F: int, R: int) -> torch.Tensor:
-    """The block attention's FAM keys or values [R, b, g, d]: each block's rows :F, zero past T*F."""
+def _join_blocks(buffer, x, F: int, R: int):
     T, rest = buffer.shape[0], buffer.shape[2:]
-    out = buffer.new_empty(R, *rest)
-    out[: T * F].view(T, F, *rest).copy_(buffer[:, :F])
-    out[T * F :].zero_()
-    return out
+    return torch.cat([buffer[:, :F].reshape(T * F, *rest), x.new_zeros(R - T * F, *rest), x])
+
+
+def join_blocks(buffer: torch.Tensor, x: torch.Tensor, F: int, R: int) -> torch.Tensor:
+    """The block attention's keys or values [R + S, b, g, d] (model/masks.py): each block's F FAM rows
+    (rows :F of buffer [T, F + C, b, g, d]), zeros up to R, then the tokens' x [S, b, g, d]. One write,
+    compiled on CUDA like `load_blocks`."""
+    if not x.is_cuda:
+        return _join_blocks(buffer, x, F, R)
+    with bounded_compiles("the FAM scan's keys and values (model/scan_buffers.py)"):
+        return compiled_pointwise(_join_blocks)(buffer, x, F, R)
+
+
+def join(fam_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[R + S, b, g, d] from the FAM rows [R, b, g, d] and x [S, b, g, d] (a recompute's stashed rows)."""
+    return torch.cat([fam_rows, x])
+
+
+def _add_block_rows(outer, buffer):
+    return outer + buffer.flatten(0, 1)[: outer.shape[0]]
+
+
+def add_block_rows(outer: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """outer [S, b, g, d] plus the blocks' rows of buffer [T, C, b, g, d] (C * T >= S), a new tensor:
+    the gradient of k or v from the block attention and from the scan, added where autograd would
+    have added the scan's copy of its static buffer."""
+    if not outer.is_cuda:
+        return _add_block_rows(outer, buffer)
+    with bounded_compiles("the FAM scan's K/V gradients (model/scan_buffers.py)"):
+        return compiled_pointwise(_add_block_rows)(outer, buffer)

@@ -9,11 +9,13 @@ pipeline/memory/estimate.py).
   fp32 under autocast; the CPU's composite norm also x·rstd); RoPE cos/sin, fp32; block
   attention's q [S], K and V [R + S, b, g, d] (R: the FAM keys padded to a tile, model/masks.py),
   output and fp32 lse (CPU: SDPA's float mask; GPU with model.overlap_fam_scan at TP = 1: two
-  outputs and lses, the window and FAM parts', and no concatenated K/V); SwiGLU's intermediates (5 FFN-wide tensors in
-  megatron's eager ops, 3 in model/mlp.py's fused kernel on CUDA); the FAM scan, T block steps
+  outputs and lses, the window and FAM parts', and the window part's k and v, which keeps the QKV
+  output); SwiGLU's intermediates (5 FFN-wide tensors in megatron's eager ops, 3 in model/mlp.py's
+  fused kernel on CUDA); the FAM scan, T block steps
   plus the soft-prompt stream's step (F rows, no block keys) and the FAM RoPE tables: on CPU
   (kernels="cpu") what autograd keeps of model/scan.py's eager steps, on GPU what
-  model/fast_scan.py's one node saves (its inputs, the FAM K/V and each step's Activations). The
+  model/fast_scan.py's one node saves (its outputs, the block attention's K and V [R + S], which the
+  attention then saves without new bytes; the prompt step's K/V and each step's Activations). The
   GPU scan's static buffers (model/scan_graphs.py: one set per shape for all layers, incl. the
   bf16 weight copies where the graphs do not read the weights in place) are not counted. With
   recompute only each layer's input (and positions) is saved, and backward re-creates one layer's
@@ -136,10 +138,12 @@ def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int
     T = math.ceil(S / C)
     kv_len = fam_key_rows(T, F) + S  # keys [R + S]: FAM keys padded to a tile, then the tokens (model/masks.py)
     terms["attention"] = b * (2 * S * n + 2 * kv_len * g) * d * e.act + b * n * S * 4
+    if F and kernels == "cuda":  # the keys and values [R + S] are the fast scan's outputs, counted with it
+        terms["attention"] = b * 2 * S * n * d * e.act + b * n * S * 4
     if F and kernels == "cuda" and m.overlap_fam_scan and tp == 1:
-        # split (model/split_attention.py): no concatenated K/V (each part saves the scan's K/V or
-        # the block's, counted with the scan); a second output [S, b, n, d] and lse, the FAM part's
-        terms["attention"] = b * 3 * S * n * d * e.act + 2 * b * n * S * 4
+        # split (model/split_attention.py): the FAM part reads the scan's keys/values; the window part
+        # saves k and v, a view that keeps the whole QKV output; a second output [S, b, n, d] and lse
+        terms["attention"] = b * 3 * S * n * d * e.act + 2 * b * n * S * 4 + _block_kv_bytes(S, b, n, g, d, e)
     if kernels == "cpu":
         terms["attention"] += S * kv_len * e.act  # SDPA's float copy of the dense mask
     if F:
@@ -170,15 +174,19 @@ def _fast_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes
     `Activations` (model/scan_step.py), for the T blocks and the prompt step. Its weights are the
     parameters, read in place where they are in the GEMM dtype (else GEMM-dtype copies, per call or in
     the static buffers of model/scan_graphs.py, one set per shape for all layers: not counted here)."""
-    d, n, g = m.head_dim, m.num_attention_heads // tp, m.query_groups // tp
-    # k (after RoPE) and v, a view that keeps the whole QKV output [S, b, (n + 2g) d]
-    inputs = S * b * g * d * e.act + S * b * (n + 2 * g) * d * e.act
-    return _scan_rows_bytes(m, S, b, tp, shard, e) + inputs
+    d, g, T = m.head_dim, m.query_groups // tp, math.ceil(S / m.block_size)
+    joined = 2 * (fam_key_rows(T, m.fam_len) + S) * b * g * d * e.act  # its outputs keys, values [R + S, b, g, d]
+    return _scan_rows_bytes(m, S, b, tp, shard, e, fam_rows=False) + joined
 
 
-def _scan_rows_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes) -> int:
-    """What FAMScan keeps besides its inputs: each step's `Activations` (T blocks and the prompt
-    step), the FAM K/V [R, b, g, d] and the prompt step's K/V [F, b, g, d]."""
+def _block_kv_bytes(S: int, b: int, n: int, g: int, d: int, e: Bytes) -> int:
+    """k (after RoPE) and v, a view that keeps the whole QKV output [S, b, (n + 2g) d]."""
+    return S * b * g * d * e.act + S * b * (n + 2 * g) * d * e.act
+
+
+def _scan_rows_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes, fam_rows: bool = True) -> int:
+    """What FAMScan keeps besides its keys and values: each step's `Activations` (T blocks and the
+    prompt step), the prompt step's K/V [F, b, g, d] and (fam_rows) the FAM K/V [R, b, g, d]."""
     h, d, f, F = m.hidden_size, m.head_dim, m.ffn_size // tp, m.fam_len
     n, g = m.num_attention_heads // tp, m.query_groups // tp
     T = math.ceil(S / m.block_size)
@@ -186,7 +194,7 @@ def _scan_rows_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes
     whole = 2 * n * d * e.act + 2 * f * e.act + 2 * h * e.act + f * e.act  # q, x_proj; gate_up; x_qkv, x_fc1; x_fc2
     whole += n * 4  # the attention's log-sum-exp (fp32)
     activations = (T + 1) * b * (F // shard * local + F * whole)
-    return activations + 2 * (fam_key_rows(T, F) + F) * b * g * d * e.act
+    return activations + 2 * ((fam_key_rows(T, F) if fam_rows else 0) + F) * b * g * d * e.act
 
 
 def scan_kept_bytes(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
