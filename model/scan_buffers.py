@@ -146,8 +146,9 @@ def backward_outputs(spec: ScanSpec, k, rope, weights) -> dict:
     gemm = lambda w: ((F, b, w.shape[0]), spec.dtype)  # noqa: E731
     shapes = dict(d_qkv=gemm(qkv), d_proj=gemm(proj), d_fc1=gemm(fc1), d_fc2=gemm(fc2),
                   d_norm1=(n1w.shape, torch.float32), d_norm2=(n2w.shape, torch.float32))
+    g, d = kv[1], kv[2]  # the block K/V gradients in the attention kernels' layout, [b, g, C, d] per block
     return dict(grads=new_group(Gradients, T + spec.from_prompt, shapes, k.device),
-                d_keys=k.new_empty(T, C, *kv), d_values=k.new_empty(T, C, *kv))
+                d_keys=k.new_empty(T, b, g, C, d), d_values=k.new_empty(T, b, g, C, d))
 
 
 def _join_blocks(buffer, x, F: int, R: int):
@@ -171,11 +172,11 @@ def join(fam_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _add_block_rows(outer, buffer):
-    return outer + buffer.flatten(0, 1)[: outer.shape[0]]
+    return outer + buffer.permute(0, 3, 1, 2, 4).flatten(0, 1)[: outer.shape[0]]
 
 
 def add_block_rows(outer: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """outer [S, b, g, d] plus the blocks' rows of buffer [T, C, b, g, d] (C * T >= S), a new tensor:
+    """outer [S, b, g, d] plus the blocks' rows of buffer [T, b, g, C, d] (C * T >= S), a new tensor:
     the gradient of k or v from the block attention and from the scan, added where autograd would
     have added the scan's copy of its static buffer."""
     if not outer.is_cuda:

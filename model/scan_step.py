@@ -254,7 +254,7 @@ def _update_backward(d_out, a, gate_up, weights, eps: float, dtype, enter, leave
 # shape: `_attend_rows`' inputs and what it kept (its output x_proj and lse)
 def _attend_rows_backward(d_context, q, keys, values, key_bias, x_proj, lse, groups: int, head_dim: int, dtype):
     """Back through `_attend_rows`: (dq [F, b, g, npg, d] fp32 before RoPE's backward, d_keys,
-    d_values [F + c, b, g, d], fp32 or, from flash, in its dtype)."""
+    d_values [b, g, F + c, d] as the kernels write them, fp32 or, from flash, in its dtype)."""
     n_f, b = d_context.shape[0], d_context.shape[1]
     d_ctx = _heads(d_context.view(n_f, b, groups, -1, head_dim))
     kh, vh = _heads(keys), _heads(values)
@@ -264,8 +264,7 @@ def _attend_rows_backward(d_context, q, keys, values, key_bias, x_proj, lse, gro
     else:
         p = _probabilities(q, kh, key_bias, head_dim)  # one product: cheaper than keeping p
         dq, d_keys, d_values = _attend_backward(d_ctx, p, q, kh, vh, head_dim)
-    dq = dq.view(b, groups, -1, n_f, head_dim).permute(3, 0, 1, 2, 4)
-    return dq, d_keys.permute(2, 0, 1, 3), d_values.permute(2, 0, 1, 3)
+    return dq.view(b, groups, -1, n_f, head_dim).permute(3, 0, 1, 2, 4), d_keys, d_values
 
 
 def _mixed_gradient(dq, d_k, d_v, cos_q, sin_q, cos_k, sin_k):
@@ -285,8 +284,8 @@ def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q,
     """Back-propagate d_new (grad of F_t) and d_fam_k, d_fam_v (grads of F_{t-1}'s K/V as the block
     queries read them [F, b, g, d], or None) through the step `step_forward` ran (its `saved`
     activations, the same keys/values). Writes block t's K/V gradients into out_dk, out_dv
-    [c, b, g, d] (when given) and the weight uses' output gradients into `out`; returns the grad
-    of the step's input FAM."""
+    [b, g, c, d] (when given; the attention kernels' layout, so a contiguous copy) and the weight
+    uses' output gradients into `out`; returns the grad of the step's input FAM."""
     enter, leave = enter or _same, leave or _same
     da, dz, d_gu, dy, xh2, do, d_context = _update_backward(d_new.float(), saved.a, saved.gate_up, weights, eps,
                                                            dtype, enter, leave)
@@ -294,9 +293,9 @@ def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q,
                                                  groups, head_dim, dtype)
     n_f = dq.shape[0]
     if out_dk is not None:
-        out_dk.copy_(d_keys[n_f:])
-        out_dv.copy_(d_values[n_f:])
-    d_k_fam, d_v_fam = d_keys[:n_f].float(), d_values[:n_f].float()
+        out_dk.copy_(d_keys[:, :, n_f:])
+        out_dv.copy_(d_values[:, :, n_f:])
+    d_k_fam, d_v_fam = (x[:, :, :n_f].permute(2, 0, 1, 3).float() for x in (d_keys, d_values))
     if d_fam_k is not None:
         d_k_fam, d_v_fam = d_k_fam + d_fam_k.float(), d_v_fam + d_fam_v.float()
     d_mixed = _mixed_gradient(dq, d_k_fam, d_v_fam, cos_q, sin_q, cos_k, sin_k).to(dtype)
