@@ -17,6 +17,13 @@ How: DIR holds blobs, one per process that compiled something new.
     rewrites the blob whole (a temp file, then a rename). A process that met nothing new writes
     nothing.
   - Different shapes in different processes add blobs side by side: the folder is their union.
+
+Tried on GPU once (one H200, 2026-12-01, benchmarks/results/2026-12-01-1xH200, session 16): it did not
+save time. Call B compiled fam-1b and bswa-1b at 8k, micro-batch 4, from nothing in about 170 s and
+saved a 55 MiB blob (70 artifacts; 7.9 MB gzipped, so it can be carried to the next machine). Call C
+loaded that blob on a fresh machine. The load reported 7 artifacts, and the same run had not finished
+its first row after 200 s. Why only 7 of the 70 loaded, and whether the cache hit at all, was not
+found out.
 """
 
 from __future__ import annotations

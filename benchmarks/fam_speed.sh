@@ -21,7 +21,8 @@
 #   520 s. So give each table phase a call of its own, and keep the machine warm between calls (it goes
 #   back after 30 s idle, and its inductor caches with it).
 #   PROFILE=1 adds --profile to the table phases. COMPILE_CACHE=DIR passes --compile-cache DIR to every
-#   train_step (benchmarks/compile_cache.py): carry DIR from an earlier call and the compiles are skipped.
+#   train_step (benchmarks/compile_cache.py), meant to skip the compiles when DIR is carried from an earlier
+#   call; tried once on an H200 (2026-12-01), it did not (see that file).
 #   GPU picks the device for one-GPU phases (default 0): on two GPUs, `tests` on GPU 1 beside a table
 #   on GPU 0 compiles on the same host, which slows the table's CPU-bound 8k rows (2026-11-30).
 # Each phase has its own inductor cache (.inductor-<phase>, git-ignored): one process's cache at a

@@ -24,7 +24,8 @@ process at each row's shape, attention and sequence, and prints each row's ratio
 and its anchor can be diffed kernel by kernel. The rows (with the anchor's beside them) are always
 saved as `<--results-dir>/<date>-<card>/train_step.json`.
 `--compile-cache DIR` starts from the compiled graphs and kernels of earlier runs in DIR and adds this
-run's (benchmarks/compile_cache.py): a fresh machine with the same torch and card skips the compiling.
+run's (benchmarks/compile_cache.py), so that a fresh machine with the same torch and card would skip the
+compiling; tried once on an H200, it did not (see benchmarks/compile_cache.py).
 `--scan-compile-mode` compiles the FAM scan's steps in another torch.compile mode (model/fast_scan.py).
 The QKV split, RoPE and SwiGLU run as compiled kernels (model/rope.py, model/mlp.py FUSED, the default
 since 2026-12); `--eager-ops` runs megatron's eager ops instead, as the rows before it did (rows say which:
