@@ -13,7 +13,8 @@ pipeline/training/flops.py) and peak memory. The vocabulary defaults to
 32k; say so when quoting the numbers.
 `--recompute auto` recomputes activations at 64k and beyond, and wherever a cell would not fit without it.
 `--profile` adds three profiled steps per cell (benchmarks/profiling.py): kernels launched per step
-and the GPU-busy fraction (the time some kernel ran over the unprofiled step's wall time), the CPU's
+and the GPU-busy fraction (the time some kernel ran over the unprofiled step's wall time; the table adds
+kernel and idle ms per step and the kernel-time ratio to bswa), the CPU's
 time to issue a step and the calls in it that waited for the GPU, then the operators that launched
 the kernel time, with their input shapes.
 `--json PATH` writes every cell's raw figures as a JSON list (with --profile: every kernel by name,
@@ -224,23 +225,29 @@ def apply_kernel_options(opts) -> None:
 
 
 def print_table(rows: list, opts) -> None:
-    """The rows as a markdown table, each with its ratio to the bswa config of the same sequence."""
+    """The rows as a markdown table, each with its ratio to the bswa config of the same sequence. With
+    --profile also the GPU's view of a step: its kernel time, the time the GPU idles between kernels
+    (kernel time / GPU busy - kernel time) and the kernel-time ratio to bswa, which is what the
+    tokens/s ratio would be if both kept the GPU equally busy (issue 13, session 16)."""
     print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch {opts.micro_batch}, "
           f"vocab {opts.vocab_size}")
-    extra = " GPU busy | kernels/step | CPU ms/step | waits |" if opts.profile else ""
-    print("| config | sequence | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |" + extra)
-    print("|---|---|---|---|---|---|---|---|" + "---|---|---|---|" * opts.profile)
-    speed = {(name, seq): r.get("tokens_per_s") for name, seq, r in rows}
+    extra = " GPU busy | kernel ms | idle ms | x bswa, kernels | kernels/step | CPU ms/step | waits |"
+    print("| config | sequence | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |"
+          + extra * opts.profile)
+    print("|---|---|---|---|---|---|---|---|" + "---|---|---|---|---|---|---|" * opts.profile)
+    found = {(name, seq): r for name, seq, r in rows if not r.get("oom")}
     for name, seq, r in rows:
         if r.get("oom"):
-            print(f"| {name} | {seq:,} | out of memory | | | | | {r['recompute']} |" + " | | | |" * opts.profile)
+            print(f"| {name} | {seq:,} | out of memory | | | | | {r['recompute']} |" + " | | | | | | |" * opts.profile)
             continue
-        bswa = speed.get((name.replace("fam", "bswa").replace("dense", "bswa"), seq))
-        ratio = f"{r['tokens_per_s'] / bswa:.2f}" if bswa else ""
+        bswa = found.get((name.replace("fam", "bswa").replace("dense", "bswa"), seq))
+        ratio = f"{r['tokens_per_s'] / bswa['tokens_per_s']:.2f}" if bswa else ""
         line = (f"| {name} | {seq:,} | {r['tokens_per_s'] / 1e3:.1f}k | {ratio} | {r['tflops']:.0f} | {r['mfu']:.0%} "
                 f"| {r['peak_gib']:.1f} GiB | {r['recompute']} |")
         if opts.profile:
-            line += (f" {r['gpu_busy']:.0%} | {r['kernels_per_step']:,.0f} | {r['host_ms']:.0f} |"
+            kernels = f"{bswa['kernel_ms'] / r['kernel_ms']:.3f}" if bswa else ""
+            line += (f" {r['gpu_busy']:.0%} | {r['kernel_ms']:.1f} | {r['kernel_ms'] * (1 / r['gpu_busy'] - 1):.1f} |"
+                     f" {kernels} | {r['kernels_per_step']:,.0f} | {r['host_ms']:.0f} |"
                      f" {sum(n for _, n in r['syncs']):.0f} |")
         print(line)
 

@@ -136,20 +136,23 @@ def test_profile_counts_launches_per_step_and_ranks_names_by_time():
 
 
 def test_the_table_shows_each_rows_profile_and_an_out_of_memory_row(monkeypatch, capsys):
-    """The console table of a --profile run: GPU busy, kernels, the CPU's ms per step and the waits
-    for the GPU per row (benchmarks/profiling.py), blank cells for a row that ran out of memory."""
+    """The console table of a --profile run: GPU busy, kernel and idle ms per step, the kernel-time
+    ratio to bswa, kernels, the CPU's ms per step and the waits for the GPU per row
+    (benchmarks/profiling.py), blank cells for a row that ran out of memory."""
     from argparse import Namespace
 
     from benchmarks import train_step
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
-    row = dict(tokens_per_s=30e3, tflops=250.0, mfu=0.25, peak_gib=40.0, recompute=False, gpu_busy=0.87,
-               kernels_per_step=10180, host_ms=212.4, syncs=[["model/x.py:3", 2], ["model/y.py:9", 1]])
-    rows = [("bswa-1b", 8192, dict(row, tokens_per_s=40e3)), ("fam-1b", 8192, row),
+    row = dict(tokens_per_s=30e3, tflops=250.0, mfu=0.25, peak_gib=40.0, recompute=False, gpu_busy=0.8,
+               kernel_ms=200.0, kernels_per_step=10180, host_ms=212.4, syncs=[["model/x.py:3", 2], ["model/y.py:9", 1]])
+    rows = [("bswa-1b", 8192, dict(row, tokens_per_s=40e3, kernel_ms=170.0)), ("fam-1b", 8192, row),
             ("dense-1b", 8192, {"oom": True, "recompute": True})]
     train_step.print_table(rows, Namespace(precision="bf16-mixed", vocab_size=32000, profile=True, micro_batch=1))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-2] == "| fam-1b | 8,192 | 30.0k | 0.75 | 250 | 25% | 40.0 GiB | False | 87% | 10,180 | 212 | 3 |"
+    # 200 ms of kernels at 80 % busy: 50 ms idle; bswa's 170 ms of kernels against fam's 200: 0.850
+    assert lines[-2] == ("| fam-1b | 8,192 | 30.0k | 0.75 | 250 | 25% | 40.0 GiB | False | 80% | 200.0 | 50.0 | 0.850 |"
+                         " 10,180 | 212 | 3 |")
     assert lines[-1].count("|") == lines[-2].count("|") == lines[2].count("|")
 
 
