@@ -60,6 +60,7 @@ ZERO3_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters
 DEFAULT_ALLOWANCE_GIB = 4.0  # CUDA context + NCCL buffers + allocator fragmentation
 KERNELS = ("cuda", "cpu")
 SWIGLU = ("eager", "fused")  # Settings.swiglu
+SCAN_KEYS = ("joined", "block")  # Settings.scan_keys
 
 
 # ---------------------------------------------------------------- pipeline
@@ -91,7 +92,10 @@ class Settings:
     `return_logits`: the loss from whole logits (`model(..., return_logits=True)`), not lm_loss;
     `swiglu`: "fused" (model/mlp.py's compiled SwiGLU, the GPU's default; with kernels="cpu" it counts
     as eager) or "eager" (megatron's ops: the CPU's, and the GPU's with FUSED off; every GPU peak
-    measured before 2026-12).
+    measured before 2026-12);
+    `scan_keys`: what the GPU's fast scan saves of the block K/V: "joined" (the block attention's keys and
+    values [R + S], which it returns; since session 16) or "block" (k and v, whose view kept the QKV output,
+    beside the FAM K/V, which the layer then concatenated: every GPU peak measured before session 16).
     None (recompute, schedule, microbatches): the model's, the default for virtual_stages, P."""
 
     tp: int = 1
@@ -112,6 +116,7 @@ class Settings:
     kernels: str = "cuda"
     return_logits: bool = False
     swiglu: str = "fused"
+    scan_keys: str = "joined"
     micro_chunk_len: int = 0  # train.micro_chunk_len: 0 off
     micro_chunk_mode: str = "exact"  # train.micro_chunk_mode
     offload_states: bool = False  # train.micro_chunk_offload_states
@@ -204,7 +209,7 @@ def _shapes(m: ModelArgs, s: Settings, e: Bytes) -> _Shapes:
         s.kernels
     shard = tp if sp else 1
     F = m.fam_len if m.uses_fam else 0
-    terms = layer_activation_terms(m, S, b, tp, sp, e, kernels, s.swiglu)
+    terms = layer_activation_terms(m, S, b, tp, sp, e, kernels, s.swiglu, s.scan_keys)
     if s.micro_chunks > 1 and m.attention != "dense":
         # a micro-chunk after the first attends to the passed state's m blocks too: their K/V join the saved keys
         # (and, on CPU, SDPA's mask copy widens by them); not exact: a micro-chunk after the first skips the
@@ -313,6 +318,8 @@ def estimate(model_args: ModelArgs, settings: Settings = Settings()) -> MemoryEs
         raise ValueError(f"kernels={s.kernels!r}: must be one of {KERNELS}")
     if s.swiglu not in SWIGLU:
         raise ValueError(f"swiglu={s.swiglu!r}: must be one of {SWIGLU} ('fused': model/mlp.py on CUDA)")
+    if s.scan_keys not in SCAN_KEYS:
+        raise ValueError(f"scan_keys={s.scan_keys!r}: must be one of {SCAN_KEYS} ('joined': model/fast_scan.py now)")
     if s.return_logits and s.pp > 1:
         raise ValueError("return_logits=true: the pipeline's last stage always computes the loss with lm_loss")
     plan = ParallelPlan(s.tp, s.pp, s.dp, None, s.zero, s.offload_optimizer, s.sequence_parallel, s.virtual_stages,

@@ -112,9 +112,12 @@ def stage_params(m: ModelArgs, layers: int, first: bool, last: bool, tp: int = 1
 # ---------------------------------------------------------------- activations
 
 
+# shape: the layer's shape, then each estimate setting that changes what a layer saves (estimate.py Settings)
 def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
-                           bytes_: Bytes | None = None, kernels: str = "cuda", swiglu: str = "fused") -> dict[str, int]:
-    """Bytes autograd saves for one layer and one micro-batch, by part (no recompute)."""
+                           bytes_: Bytes | None = None, kernels: str = "cuda", swiglu: str = "fused",
+                           scan_keys: str = "joined") -> dict[str, int]:
+    """Bytes autograd saves for one layer and one micro-batch, by part (no recompute). scan_keys: what
+    the GPU's fast scan saves of the block K/V (pipeline/memory/estimate.py Settings)."""
     # SwiGLU: megatron's eager ops keep fc1's output (2 FFN widths), silu(gate), up + 0.0 and fc2's input;
     # model/mlp.py's compiled kernel on CUDA keeps fc1's output and fc2's input (silu recomputed in backward)
     mlp_widths = 3 if swiglu == "fused" and kernels == "cuda" else 5
@@ -138,17 +141,19 @@ def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int
     T = math.ceil(S / C)
     kv_len = fam_key_rows(T, F) + S  # keys [R + S]: FAM keys padded to a tile, then the tokens (model/masks.py)
     terms["attention"] = b * (2 * S * n + 2 * kv_len * g) * d * e.act + b * n * S * 4
-    if F and kernels == "cuda":  # the keys and values [R + S] are the fast scan's outputs, counted with it
+    joined = bool(F) and kernels == "cuda" and scan_keys == "joined"
+    if joined:  # the keys and values [R + S] are the fast scan's outputs, counted with it
         terms["attention"] = b * 2 * S * n * d * e.act + b * n * S * 4
     if F and kernels == "cuda" and m.overlap_fam_scan and tp == 1:
         # split (model/split_attention.py): the FAM part reads the scan's keys/values; the window part
         # saves k and v, a view that keeps the whole QKV output; a second output [S, b, n, d] and lse
-        terms["attention"] = b * 3 * S * n * d * e.act + 2 * b * n * S * 4 + _block_kv_bytes(S, b, n, g, d, e)
+        window_kv = _block_kv_bytes(S, b, n, g, d, e) if joined else 0  # (before: counted with the scan)
+        terms["attention"] = b * 3 * S * n * d * e.act + 2 * b * n * S * 4 + window_kv
     if kernels == "cpu":
         terms["attention"] += S * kv_len * e.act  # SDPA's float copy of the dense mask
     if F:
         scan = _eager_scan_bytes(m, S, b, tp, shard, e, normed) if kernels == "cpu" else _fast_scan_bytes(m, S, b, tp,
-                                                                                                           shard, e)
+                                                                                                           shard, e, joined)
         terms["fam_scan"] = scan + 4 * T * F * b * d * 4  # + the FAM RoPE tables [T, F, b, 1, d] x 4, fp32
     return terms
 
@@ -169,14 +174,16 @@ def _eager_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Byte
     return steps * b * (F // shard * local + F * whole) + inputs + keys
 
 
-def _fast_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes) -> int:
+def _fast_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes, joined: bool = True) -> int:
     """model/fast_scan.py `FAMScan` (GPU): no autograd inside; it saves its inputs and each step's
     `Activations` (model/scan_step.py), for the T blocks and the prompt step. Its weights are the
     parameters, read in place where they are in the GEMM dtype (else GEMM-dtype copies, per call or in
     the static buffers of model/scan_graphs.py, one set per shape for all layers: not counted here)."""
-    d, g, T = m.head_dim, m.query_groups // tp, math.ceil(S / m.block_size)
-    joined = 2 * (fam_key_rows(T, m.fam_len) + S) * b * g * d * e.act  # its outputs keys, values [R + S, b, g, d]
-    return _scan_rows_bytes(m, S, b, tp, shard, e, fam_rows=False) + joined
+    d, n, g, T = m.head_dim, m.num_attention_heads // tp, m.query_groups // tp, math.ceil(S / m.block_size)
+    if not joined:  # before session 16: its inputs k and v, and its FAM K/V [R] (the layer concatenated them)
+        return _scan_rows_bytes(m, S, b, tp, shard, e) + _block_kv_bytes(S, b, n, g, d, e)
+    keys = 2 * (fam_key_rows(T, m.fam_len) + S) * b * g * d * e.act  # its outputs keys, values [R + S, b, g, d]
+    return _scan_rows_bytes(m, S, b, tp, shard, e, fam_rows=False) + keys
 
 
 def _block_kv_bytes(S: int, b: int, n: int, g: int, d: int, e: Bytes) -> int:
