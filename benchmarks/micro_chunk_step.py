@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope, scan_graphs, scan_step
+from model import (build_model, compile_limits, fast_scan, load_model_args, mlp, rope, scan_graphs, scan_slots,
+                   scan_step)
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
 from model.micro_chunks import micro_chunked_forward_backward
 from pipeline.memory.cli import estimated_precision
@@ -172,7 +173,8 @@ def row_notes(left_gib: float) -> dict:
     `fused_ops` (the QKV split, RoPE and SwiGLU ran as compiled kernels: model/rope.py, model/mlp.py),
     `fused_op_shapes` ("dynamic" when they were compiled for dynamic shapes only) and
     `recompute_fam_scan` and `overlap_fam_scan` (when RECOMPUTE_FAM_SCAN, OVERLAP_FAM_SCAN set them),
-    `scan_weights` ("copied" when the scan's graphs copy the weights in, as before 2026-12) and
+    `scan_weights` ("copied" when the scan's graphs copy the weights in, as before 2026-12),
+    `scan_slots` ("off" when the scan's kept activations went through the shared buffers, as before 2026-12-01) and
     `scan_attention` (always: "flash" where the scan's steps ran flash attention, "matmul" where they ran the
     matrix products everywhere; rows without it ran the matrix products, as before 2026-12)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
@@ -188,6 +190,8 @@ def row_notes(left_gib: float) -> dict:
         notes["overlap_fam_scan"] = OVERLAP_FAM_SCAN
     if not fast_scan.WEIGHTS_IN_PLACE:
         notes["scan_weights"] = "copied"
+    if not scan_slots.MAX_SLOTS:
+        notes["scan_slots"] = "off"
     notes["scan_attention"] = "flash" if scan_step.FLASH else "matmul"
     return notes
 

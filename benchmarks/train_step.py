@@ -46,7 +46,7 @@ from benchmarks.micro_chunk_step import (add_micro_chunk_arguments, cell_model_a
 from benchmarks.compile_cache import CompileCache
 from benchmarks.profiling import profile_kernels
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
-from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope, scan_step
+from model import build_model, compile_limits, fast_scan, load_model_args, mlp, rope, scan_slots, scan_step
 from benchmarks.anchor_rows import DEFAULT_ANCHOR, load_anchor, run_anchor, to_record, write_records
 from pipeline.training.flops import flops_per_token, peak_flops
 
@@ -202,6 +202,10 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the FAM scan's CUDA graphs read bf16 weights in place, each layer's own graphs (the "
                              "default), or copy them into buffers shared by all layers, as before 2026-12 "
                              "(model/fast_scan.py WEIGHTS_IN_PLACE)")
+    parser.add_argument("--scan-slots", choices=["on", "off"], default="on",
+                        help="each FAM scan call keeps its activations in its own slot, read in place by the "
+                             "backward (on, the default since 2026-12-01), or in the shared buffers, cloned out and "
+                             "copied back, as before (model/scan_slots.py MAX_SLOTS = 0)")
     parser.add_argument("--scan-attention", choices=["flash", "matmul"], default="flash",
                         help="the FAM scan steps' attention: flash attention where it applies (the default since "
                              "2026-12) or the matrix products and softmax everywhere, as before "
@@ -215,6 +219,7 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_kernel_options(opts) -> None:
     fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
     fast_scan.WEIGHTS_IN_PLACE = opts.scan_weights == "in-place"
+    scan_slots.MAX_SLOTS = scan_slots.DEFAULT_MAX_SLOTS if opts.scan_slots == "on" else 0
     scan_step.FLASH = opts.scan_attention == "flash"
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":

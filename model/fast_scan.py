@@ -25,7 +25,8 @@ On CUDA each step is torch.compile'd (one graph for every block and layer, one f
 step), and each layer's whole loop, forward and backward, replays as one CUDA graph over static
 buffers shared by all layers (model/scan_graphs.py; not under tensor parallelism, whose
 collectives run uncaptured); weights already in the GEMM dtype are read in place, by each layer's
-own graphs (WEIGHTS_IN_PLACE). On CPU the same code runs uncompiled, over fresh buffers or (tests)
+own graphs (WEIGHTS_IN_PLACE); each call's kept activations stay in its own slot from the forward
+to the backward (model/scan_slots.py). On CPU the same code runs uncompiled, over fresh buffers or (tests)
 the static ones; tests/test_scan.py checks it against the eager per-step autograd scan. Under
 layer recompute, model.recompute_fam_scan = false keeps the scan's outputs and activations from the
 forward instead of running the scan again in backward (model/scan_stash.py).
@@ -229,9 +230,10 @@ class FAMScan(torch.autograd.Function):
         rope, weights, saved = tuple(rest[:4]), tuple(rest[4:10]), Activations(*rest[10:19])
         T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
         static, in_place = _static_scan(spec, saved.fam.shape[1:], saved.fam.dtype, k, rope, weights)
+        slot = static.slots.find(saved) if static is not None else None  # None: copied into the shared buffers
         inputs = dict(rope=rope, scales=scan_buffers.scales(k.device, spec.from_prompt),
-                      bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device), saved=saved, d_fam=d_fam,
-                      d_fam_k=d_keys[:R], d_fam_v=d_values[:R])
+                      bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device), d_fam=d_fam,
+                      d_fam_k=d_keys[:R], d_fam_v=d_values[:R], **({} if slot is not None else dict(saved=saved)))
         if spec.from_prompt:
             inputs.update(prompt_keys=rest[19], prompt_values=rest[20], d_prompt=d_prompt_out[0])
         b = _buffers(spec, static, inputs, weights, k, rope, saved.fam[0], backward=True, in_place=in_place)
@@ -241,8 +243,9 @@ class FAMScan(torch.autograd.Function):
             if static is None:
                 d = _backward_loop(spec, partial, b)
             else:
+                b = static.buffers_for(slot)
                 loop = functools.partial(_backward_loop, spec, partial)
-                d = static.loop("backward", loop, weights if in_place else None)()
+                d = static.loop("backward", loop, weights if in_place else None, slot)()
         own = torch.clone if static is not None else (lambda x: x)
         d_k, d_v = (scan_buffers.add_block_rows(outer[R:], b[name]) for outer, name in ((d_keys, "d_keys"),
                                                                                         (d_values, "d_values")))
@@ -260,12 +263,13 @@ def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool):
     b = _buffers(spec, static, inputs, weights, k, rope, fam0, backward=False, in_place=in_place)
     scan_buffers.load_blocks(b, k, v)
     partial = S % spec.block_size != 0
+    slot = _take_slot(spec, static, in_place, keep, fam0, k, rope, weights)
     with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
         if static is None:
             fam, prompt_out = _forward_loop(spec, partial, b)
         else:
             loop = functools.partial(_forward_loop, spec, partial)
-            loop = static.loop("forward", loop, weights if in_place else None)
+            loop = static.loop("forward", loop, weights if in_place else None, slot)
             fam, prompt_out = loop()
     own = torch.clone if static is not None else (lambda x: x)  # nothing static leaves
     keys, values = (scan_buffers.join_blocks(b[name], x, F, spec.fam_rows) for name, x in (("keys", k), ("values", v)))
@@ -273,7 +277,18 @@ def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool):
     if not keep:
         return outputs, (), ()
     prompt_kv = (own(b["prompt_keys"]), own(b["prompt_values"])) if spec.from_prompt else ()
-    return outputs, tuple(own(x) for x in b["saved"]), prompt_kv
+    saved = static.slots[slot].lend() if slot is not None else tuple(own(x) for x in b["saved"])
+    return outputs, tuple(saved), prompt_kv
+
+
+def _take_slot(spec: ScanSpec, static, in_place: bool, keep: bool, fam0, k, rope, weights) -> int | None:
+    """The slot (model/scan_slots.py) this call's loop keeps its activations in, where they stay
+    for the backward; None: the shared buffers (no static buffers, or nothing to keep, or no slot
+    left), cloned out if kept."""
+    if static is None or not keep:
+        return None
+    owner = scan_graphs.weights_key(weights) if in_place else None
+    return static.slots.take(owner, lambda: scan_buffers.kept_buffers(spec, fam0, k, rope, weights))
 
 
 def _weight_gradients(saved: Activations, grads: Gradients, weights):

@@ -122,9 +122,9 @@ def block_buffers(spec: ScanSpec, k, rope) -> dict:
     return {name: k.new_empty(T, F + spec.block_size, *k.shape[1:]) for name in ("keys", "values")}
 
 
-def forward_outputs(spec: ScanSpec, fam0, k, rope, weights) -> dict:
-    """New buffers the forward loop writes: the per-block keys/values and the kept activations."""
-    T, F, b, kv = rope[0].shape[0], rope[0].shape[1], k.shape[1], k.shape[1:]
+def kept_buffers(spec: ScanSpec, fam0, k, rope, weights) -> Activations:
+    """New buffers for the steps' kept activations, one row per step (and the prompt step's last)."""
+    T, F, b = rope[0].shape[0], rope[0].shape[1], k.shape[1]
     n1w, qkv, proj, n2w, fc1, fc2 = weights
     heads_q = qkv.shape[0] // (spec.groups * spec.head_dim) - 2  # per group
     gemm = lambda features: ((F, b, features), spec.dtype)  # noqa: E731 - all F rows (gathered under SP)
@@ -132,7 +132,13 @@ def forward_outputs(spec: ScanSpec, fam0, k, rope, weights) -> dict:
                   a=(fam0.shape, torch.float32), gate_up=gemm(fc1.shape[0]), x_qkv=gemm(qkv.shape[1]),
                   x_proj=gemm(proj.shape[1]), x_fc1=gemm(fc1.shape[1]), x_fc2=gemm(fc2.shape[1]),
                   lse=((b, spec.groups, heads_q * F), torch.float32))
-    out = dict(block_buffers(spec, k, rope), saved=new_group(Activations, T + spec.from_prompt, shapes, k.device))
+    return new_group(Activations, T + spec.from_prompt, shapes, k.device)
+
+
+def forward_outputs(spec: ScanSpec, fam0, k, rope, weights) -> dict:
+    """New buffers the forward loop writes: the per-block keys/values and the kept activations."""
+    F, kv = rope[0].shape[1], k.shape[1:]
+    out = dict(block_buffers(spec, k, rope), saved=kept_buffers(spec, fam0, k, rope, weights))
     if spec.from_prompt:
         out.update(prompt_keys=k.new_empty(F, *kv), prompt_values=k.new_empty(F, *kv))
     return out

@@ -15,7 +15,9 @@ How:
   - `static_scan(key, ...)` keeps one set of buffers per shape key (model/fast_scan.py: the spec,
     the number of blocks T and the tensor shapes, not the exact length: a partial last block is
     padded), shared by every layer: a layer copies its inputs in (FAM0, block K/V, RoPE tables),
-    replays, and copies out what outlives the call. At most CACHE_SIZE keys are kept (least
+    replays, and copies out what outlives the call, except the kept activations: each call in flight
+    has its own set of those, a slot (model/scan_slots.py), that its backward reads where the forward
+    wrote it, with a loop pair per slot. At most CACHE_SIZE keys are kept (least
     recently used goes first), so evaluation across many lengths does not pile up buffers.
   - The weights: where they are already in the GEMM dtype (bf16-mixed's bf16 parameters), each
     layer has its own pair of loops, chosen by its weights' addresses (`weights_key`), whose
@@ -44,8 +46,10 @@ from typing import Callable
 
 import torch
 
+from model.scan_slots import Slots
+
 CACHE_SIZE = 4  # shape keys with buffers and graphs (fam-1b: ~0.33 GB each at 8k, ~1.6 GB at 64k, counted)
-LOOPS_PER_SHAPE = 256  # a forward and a backward loop per layer whose weights are read in place (fam-24b: 56 layers)
+LOOPS_PER_SHAPE = 256  # a forward and a backward loop per layer (weights read in place) and slot (fam-24b: 56 layers)
 MODE = "cuda"  # "cuda": static buffers + graphs on CUDA; "always": static buffers on any device; "off"
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
@@ -108,21 +112,28 @@ def weights_key(weights: tuple) -> tuple:
 
 
 class StaticScan:
-    """One shape key's buffers (forward's, backward's added on first use) and its loops: one
-    forward and one backward for all layers (weights copied in), or one pair per layer (weights
-    read in place), at most LOOPS_PER_SHAPE (least recently used goes first)."""
+    """One shape key's buffers (forward's, backward's added on first use), its kept-activation
+    slots (model/scan_slots.py) and its loops: one forward and one backward for all layers (weights
+    copied in), or one pair per layer (weights read in place), each per slot, at most
+    LOOPS_PER_SHAPE (least recently used goes first)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.buffers = device, {}
+        self.device, self.buffers, self.slots = device, {}, Slots()
         self.loops: collections.OrderedDict = collections.OrderedDict()
 
-    def loop(self, name: str, run: Callable, weights: tuple | None = None) -> StaticLoop:
-        """The loop `name` ("forward", "backward") for these weights read in place (None: copied in)."""
-        key = (name, None if weights is None else weights_key(weights))
+    def buffers_for(self, slot: int | None) -> dict:
+        """The buffers a loop of `slot` runs over: the shared ones, with the slot's kept activations
+        (None: the shared ones, which are copied in or cloned out)."""
+        return self.buffers if slot is None else dict(self.buffers, saved=self.slots[slot].buffers)
+
+    def loop(self, name: str, run: Callable, weights: tuple | None = None, slot: int | None = None) -> StaticLoop:
+        """The loop `name` ("forward", "backward") for these weights read in place (None: copied in)
+        over `slot`'s kept activations (None: the shared buffers')."""
+        key = (name, None if weights is None else weights_key(weights), slot)
         if key in self.loops:
             self.loops.move_to_end(key)
             return self.loops[key]
-        self.loops[key] = StaticLoop(run, self.buffers, self.device, weights)
+        self.loops[key] = StaticLoop(run, self.buffers_for(slot), self.device, weights)
         while len(self.loops) > LOOPS_PER_SHAPE:
             self.loops.popitem(last=False)
         return self.loops[key]

@@ -131,5 +131,8 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     assert "scan_weights" not in micro_chunk_step.row_notes(clean)  # the default: read in place
     monkeypatch.setattr(micro_chunk_step.fast_scan, "WEIGHTS_IN_PLACE", False)  # --scan-weights copied
     assert micro_chunk_step.row_notes(clean)["scan_weights"] == "copied"
+    assert "scan_slots" not in micro_chunk_step.row_notes(clean)  # the default: a slot per call
+    monkeypatch.setattr(micro_chunk_step.scan_slots, "MAX_SLOTS", 0)  # --scan-slots off
+    assert micro_chunk_step.row_notes(clean)["scan_slots"] == "off"
     monkeypatch.setattr(micro_chunk_step.scan_step, "FLASH", False)  # --scan-attention matmul
     assert micro_chunk_step.row_notes(clean)["scan_attention"] == "matmul"

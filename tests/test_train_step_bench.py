@@ -192,12 +192,12 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
     script = (ROOT / "benchmarks" / "fam_speed.sh").read_text()
     fill = {'"${CONFIGS[@]}"': "fam-1b bswa-1b dense-1b", '"$ANCHOR"': DEFAULT_ANCHOR,
             '"$OUT/$name.json"': "runs/x/short.json", '"$OUT"': "runs/x", "${PROFILE:+--profile}": "--profile",
-            '"${SEQ:-8192}"': "8192", '"$b"': "4",
+            '"${SEQ:-8192}"': "8192", '"$b"': "4", '"${MB:-4}"': "4",
             '${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"}': "--compile-cache runs/x/compile-cache"}
     table, pair = re.findall(r"python3 -m benchmarks\.train_step (.*?)>", script.replace("\\\n", " "))
-    pair_flags = re.findall(r"\) pair \w+ (.*?) ;;", script)  # the phases that run pair(): their own flags
+    pair_flags = re.findall(r"\) pair [\w-]+ (.*?) ;;", script)  # the phases that run pair(): their own flags
     pair_flags += re.findall(r'pair "batch-[^"]*" (.*?); done', script)  # `batches`: one pair per micro-batch
-    assert len(pair_flags) == 3
+    assert len(pair_flags) == 4
     commands = [table.replace('"$@"', "8192")] + [pair.replace('"$@"', flags) for flags in pair_flags]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in commands:
@@ -208,3 +208,21 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "fam_speed.sh"), str(tmp_path / "out"), "nonesuch"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert done.returncode == 2 and "unknown phase 'nonesuch'" in done.stdout, done
+
+
+def test_scan_slots_off_turns_the_slots_off_and_on_brings_the_default_back(monkeypatch):
+    import argparse
+
+    from benchmarks import micro_chunk_step
+    from model import compile_limits, fast_scan, mlp, rope, scan_slots, scan_step
+
+    for module, name in ((scan_slots, "MAX_SLOTS"), (fast_scan, "COMPILE_MODE"), (fast_scan, "WEIGHTS_IN_PLACE"),
+                         (scan_step, "FLASH"), (rope, "FUSED"), (mlp, "FUSED"), (compile_limits, "STATIC_SHAPES"),
+                         (micro_chunk_step, "RECOMPUTE_FAM_SCAN"), (micro_chunk_step, "OVERLAP_FAM_SCAN")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    parser = argparse.ArgumentParser()
+    train_step.add_kernel_arguments(parser)
+    train_step.apply_kernel_options(parser.parse_args(["--scan-slots", "off"]))
+    assert scan_slots.MAX_SLOTS == 0
+    train_step.apply_kernel_options(parser.parse_args([]))
+    assert scan_slots.MAX_SLOTS == scan_slots.DEFAULT_MAX_SLOTS > 0

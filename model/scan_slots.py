@@ -1,0 +1,93 @@
+"""Where the captured FAM scan keeps each call's activations for its backward: slots (issue 13).
+
+Why: the scan's loops replay over static buffers shared by every layer (model/scan_graphs.py), so
+each call's kept activations (model/scan_step.py `Activations`, F rows per block) were cloned out
+of them after the forward and copied back in before the backward. On one H200 (fam-1b, 8k tokens,
+micro-batch 4, "Session 16") that round trip was 252 copies and 4.0 ms of a step's kernels. A slot
+is one call's own set of those buffers: the forward loop writes them and the backward loop reads
+them where they are, so neither copy runs.
+
+How:
+  - A slot is busy while anything besides the slot references its memory: the aliases the forward
+    hands out (saved by FAMScan's ctx, held by a recompute's stash, or a checkpoint's detached
+    copy of them) keep it busy until autograd frees them after the backward; if the backward never
+    runs, until the graph is dropped; under retain_graph, until the last backward is done. That is
+    the storage's use count, so a slot is never written while anything can still read it, whatever
+    order the micro-batches' backwards run in (1F1B keeps several forwards of a layer in flight).
+  - A captured graph reads fixed addresses, so each slot has its own loops (model/scan_graphs.py
+    keys them by slot). A layer takes back the slot it had last where that is free: in steady
+    training each layer uses one slot per call in flight, and one pair of graphs per slot.
+  - At most MAX_SLOTS per shape key (0: none, the copies as before). Past it (more calls in flight:
+    micro-chunks kept for one backward) a call's activations go through the shared buffers and are
+    cloned out, as before.
+  - The slots stay allocated between steps, as the static buffers do: what they hold at the peak is
+    what the clones held. `scan_graphs.clear()` gives them back.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+DEFAULT_MAX_SLOTS = 128  # per shape key: layers x calls in flight (fam-1b: 18 layers; 1F1B: x the stages ahead)
+MAX_SLOTS = DEFAULT_MAX_SLOTS  # benchmarks.train_step --scan-slots off sets 0
+
+
+# How many tensors (and storage objects) share a storage's memory: what torch's own CUDA-graph trees
+# ask to know whether a graph's output is still alive. Without it (another build), no slots.
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _uses(t: torch.Tensor) -> int:
+    return _USE_COUNT(t.untyped_storage()._cdata)
+
+
+class Slot:
+    def __init__(self, buffers: tuple):
+        self.buffers = buffers
+        self.idle = tuple(_uses(t) for t in buffers)
+
+    def free(self) -> bool:
+        return all(_uses(t) == n for t, n in zip(self.buffers, self.idle))
+
+    def holds(self, kept: tuple) -> bool:
+        return len(kept) == len(self.buffers) and all(
+            x.data_ptr() == t.data_ptr() and x.shape == t.shape and x.stride() == t.stride()
+            for x, t in zip(kept, self.buffers))
+
+    def lend(self) -> tuple:
+        """Aliases of the buffers, which keep the slot busy while they (or aliases of them) live."""
+        return type(self.buffers)(*(t.detach() for t in self.buffers))
+
+
+class Slots:
+    """One shape key's slots, and the slot each owner (a layer's weights, or None) took last."""
+
+    def __init__(self):
+        self.slots: list[Slot] = []
+        self.last: dict = {}
+
+    def take(self, owner, make: Callable[[], tuple]) -> int | None:
+        """A free slot for `owner`: its last one if free, else the first free, else a new one made by
+        `make`; None past MAX_SLOTS."""
+        if _USE_COUNT is None:
+            return None
+        mine = self.last.get(owner)
+        if mine is not None and self.slots[mine].free():
+            return mine
+        index = next((i for i, slot in enumerate(self.slots) if slot.free()), None)
+        if index is None:
+            if len(self.slots) >= MAX_SLOTS:
+                return None
+            self.slots.append(Slot(make()))
+            index = len(self.slots) - 1
+        self.last[owner] = index
+        return index
+
+    def find(self, kept: tuple) -> int | None:
+        """The slot whose buffers `kept` are (a backward's saved activations), or None (clones)."""
+        return next((i for i, slot in enumerate(self.slots) if slot.holds(kept)), None)
+
+    def __getitem__(self, index: int) -> Slot:
+        return self.slots[index]

@@ -1,0 +1,88 @@
+"""GPU: the captured scan's kept-activation slots (model/scan_slots.py; marked `gpu`).
+
+Three calls of one layer in flight (as 1F1B's first stage keeps them), then their backwards in
+reverse: each captured loop must read its own slot, against the same compiled steps uncaptured
+over fresh buffers. And step after step each call takes its slot back: nothing the compiled
+steps or the capture keep must hold a slot busy (that would take a new slot per call, up to
+MAX_SLOTS, and hold their memory). A slot handed out while still read goes red (on the GPU a
+replay writes over it silently: only the numbers show it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model.scan_graphs as scan_graphs
+import model.scan_slots as scan_slots
+from model import build_model
+from model.fast_scan import fast_scan
+from model.masks import BlockLayout
+from tests.test_gpu import ARGS, CAPTURE_TOLERANCE, SEQ, _errors, _report, no_tf32  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.gpu
+
+
+def _forward(layer, seed: int):
+    """One scan call from a passed-in FAM: (a random projection of its outputs, its inputs)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    F, b, att = ARGS.fam_len, 2, layer.attention
+    new = lambda *shape: torch.randn(shape, device="cuda", generator=g).requires_grad_()  # noqa: E731
+    fam0, k, v = new(F, b, ARGS.hidden_size), new(SEQ, b, att.groups, att.head_dim), new(SEQ, b, att.groups,
+                                                                                         att.head_dim)
+    positions = torch.arange(SEQ, device="cuda", dtype=torch.float32).expand(b, -1) + 100.0
+    spec = layer._scan_spec(False, BlockLayout(0, SEQ, ARGS.block_size, F, ARGS.mem_blocks).fam_rows)
+    outputs = [x for x in fast_scan(spec, fam0, k, v, layer._fam_rope(positions), layer._scan_weights())
+               if x is not None]
+    loss = sum((x.float() * torch.randn(x.shape, device="cuda", generator=g)).sum() for x in outputs)
+    return loss, [fam0, k, v, *layer._scan_weights()]
+
+
+def _in_flight(layer, seeds=(1, 2, 3)) -> dict:
+    calls = [_forward(layer, seed) for seed in seeds]
+    found = {}
+    for seed, (loss, inputs) in reversed(list(zip(seeds, calls))):
+        for i, grad in enumerate(torch.autograd.grad(loss, inputs)):
+            found[f"call {seed} grad {i}"] = grad
+    found["logits"] = found["call 1 grad 0"]  # _report's first entry
+    return found
+
+
+def _slots() -> list[int]:
+    return [len(scan.slots.slots) for scan in scan_graphs._CACHE.values()]
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["slots", "a slot handed out while read"])
+def test_captured_calls_in_flight_each_read_their_own_slot(broken, monkeypatch, no_tf32):
+    layer = build_model(ARGS, device="cuda").layers[0]
+    monkeypatch.setattr(scan_graphs, "MODE", "off")
+    want = _in_flight(layer)
+    monkeypatch.setattr(scan_graphs, "MODE", "cuda")
+    scan_graphs.clear()
+    for round_ in range(2):  # the first round runs directly and captures a loop pair per slot, the second replays
+        if broken and round_ == 1:  # replays write over slot 0 without autograd seeing it (no version bump)
+            monkeypatch.setattr(scan_slots.Slot, "free", lambda self: True)
+        errors = _errors(_in_flight(layer), want)
+    _report(f"captured calls in flight{', broken' if broken else ''}", errors)
+    slots = _slots()
+    scan_graphs.clear()
+    if broken:
+        assert max(errors.values()) > 1e4 * CAPTURE_TOLERANCE, errors
+        return
+    assert slots == [3], slots
+    bad = {n: e for n, e in errors.items() if not e <= CAPTURE_TOLERANCE}
+    assert len(errors) >= 27 and not bad, bad
+
+
+def test_each_step_takes_its_slots_back(no_tf32, monkeypatch):
+    """A two-layer model, five captured steps (forward and backward): one slot per layer."""
+    monkeypatch.setattr(scan_graphs, "MODE", "cuda")
+    scan_graphs.clear()
+    model = build_model(ARGS, device="cuda")
+    tokens = torch.randint(0, ARGS.vocab_size, (2, SEQ), device="cuda", generator=torch.Generator(
+        device="cuda").manual_seed(0))
+    for _ in range(5):
+        model(tokens, labels=tokens).loss.backward()
+    slots, loops = _slots(), [len(scan.loops) for scan in scan_graphs._CACHE.values()]
+    scan_graphs.clear()
+    assert slots == [ARGS.num_layers] and loops == [2 * ARGS.num_layers], (slots, loops)

@@ -1,0 +1,149 @@
+"""The scan's kept-activation slots (model/scan_slots.py) on the CPU path over the static buffers the
+GPU's CUDA graphs replay (model/scan_graphs.py MODE "always"): several micro-batches of one layer
+in flight, a graph dropped without its backward, a backward with retain_graph, slots running out;
+each against the eager per-step scan (model/scan.py), every gradient. The round trip they remove
+is counted: 18 copies per call fewer. A slot handed out while still read goes red."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import model.scan_graphs as scan_graphs
+import model.scan_slots as scan_slots
+from model import build_model
+from tests.test_reference import small_args
+from tests.test_scan import RTOL, _tokens, rel_diff, use_fast_scan
+
+ARGS = small_args(num_layers=2, init_method_std=0.1)
+SEQ = 37  # 5 blocks, the last partial
+
+
+@pytest.fixture(autouse=True)
+def static_buffers(monkeypatch):
+    monkeypatch.setattr(scan_graphs, "MODE", "always")
+    scan_graphs.clear()
+    yield
+    scan_graphs.clear()
+
+
+def _model(fast: bool):
+    torch.manual_seed(0)
+    model = build_model(ARGS)
+    use_fast_scan(model, fast)
+    return model
+
+
+def _loss(model, seed: int, labels: bool = True):
+    """The LM loss, or (labels False: megatron's cross entropy cannot back-propagate twice) a fixed
+    random projection of the logits."""
+    tokens = _tokens(2, SEQ, seed=seed)
+    if labels:
+        return model(tokens, labels=tokens).loss
+    logits = model(tokens).logits
+    return (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed))).sum()
+
+
+def _grads(model) -> dict:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _worst(got: dict, want: dict) -> float:
+    return max(rel_diff(got[name], g) for name, g in want.items())
+
+
+def _micro_batches_in_flight(model, seeds=(1, 2, 3)) -> dict:
+    """Every micro-batch's forward before any backward (as 1F1B's first stage runs them), then the
+    backwards in reverse order: each layer has len(seeds) calls in flight."""
+    losses = [_loss(model, seed) for seed in seeds]
+    for loss in reversed(losses):
+        loss.backward()
+    return _grads(model)
+
+
+def _slots() -> list[int]:
+    return [len(scan.slots.slots) for scan in scan_graphs._CACHE.values()]
+
+
+@pytest.mark.parametrize("max_slots", [128, 4, 0], ids=["a slot per call", "slots run out", "no slots"])
+def test_micro_batches_in_flight_each_read_their_own_slot(max_slots, monkeypatch):
+    """Three micro-batches of two layers in flight: six slots, or four and two calls through the
+    shared buffers, or none; the same gradients as the eager scan either way."""
+    monkeypatch.setattr(scan_slots, "MAX_SLOTS", max_slots)
+    want = _micro_batches_in_flight(_model(fast=False))
+    got = _micro_batches_in_flight(_model(fast=True))
+    assert _slots() == [min(6, max_slots)]
+    assert len(want) >= 10 and _worst(got, want) <= RTOL, _worst(got, want)
+
+
+def test_a_slot_handed_out_while_still_read_goes_red(monkeypatch):
+    """The broken variant: every slot counted free, so the second micro-batch's forward writes over
+    the first's activations before the first's backward reads them."""
+    monkeypatch.setattr(scan_slots.Slot, "free", lambda self: True)
+    want = _micro_batches_in_flight(_model(fast=False))
+    try:
+        got = _micro_batches_in_flight(_model(fast=True))
+    except RuntimeError as err:  # on CPU autograd sees the write (the GPU's graph replay would not)
+        assert "modified by an inplace operation" in str(err)
+        return
+    assert _worst(got, want) > 1e3 * RTOL
+
+
+def test_slots_come_back_after_the_backward_and_when_the_graph_is_dropped():
+    """Step after step each layer takes its slot back (no new slots, no new loops); a forward whose
+    graph is dropped without a backward gives its slots back too."""
+    model = _model(fast=True)
+    counts = []
+    for seed in (1, 2, 3):
+        _loss(model, seed).backward()
+        counts.append((_slots(), [len(scan.loops) for scan in scan_graphs._CACHE.values()]))
+    assert counts == [([2], [4])] * 3, counts
+    loss = _loss(model, 4)
+    del loss
+    _loss(model, 5).backward()
+    assert _slots() == [2]
+
+
+def test_retain_graph_keeps_the_slots_busy_until_the_last_backward():
+    """backward(retain_graph=True), then another micro-batch's forward and backward, then the first
+    graph's backward again: it must still read its own activations (the slots stay busy)."""
+    models = {fast: _model(fast) for fast in (False, True)}
+    grads = {}
+    for fast, model in models.items():
+        first = _loss(model, 1, labels=False)
+        first.backward(retain_graph=True)
+        _loss(model, 2, labels=False).backward()
+        first.backward()
+        grads[fast] = _grads(model)
+    assert _slots() == [4]
+    assert _worst(grads[True], grads[False]) <= RTOL, _worst(grads[True], grads[False])
+
+
+class _Copies(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.copy_.default, torch.ops.aten.clone.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _copies_per_step(model) -> int:
+    _loss(model, 1).backward()  # the first step makes the buffers
+    with _Copies() as copies:
+        _loss(model, 2).backward()
+    return copies.count
+
+
+def test_slots_remove_the_kept_activations_round_trip(monkeypatch):
+    """With slots, a call's 9 kept tensors are neither cloned out after the forward nor copied back
+    before the backward: 18 copies fewer per layer call, exactly."""
+    counts = {}
+    for max_slots in (0, 128):
+        monkeypatch.setattr(scan_slots, "MAX_SLOTS", max_slots)
+        scan_graphs.clear()
+        counts[max_slots] = _copies_per_step(_model(fast=True))
+    assert counts[0] - counts[128] == 18 * ARGS.num_layers, counts
