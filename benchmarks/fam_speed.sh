@@ -12,8 +12,8 @@
 #     batch2    fam-1b and bswa-1b at 8k, micro-batch 2 (the scan's weight reads serve both sequences)
 #     batches   fam-1b and bswa-1b at SEQ (default 8192), one process per micro-batch in BATCHES
 #               (default "1 2 4"): where FAM's cost meets BSWA's as the scan's GEMMs get more rows
-#     slots-off fam-1b and bswa-1b at SEQ, micro-batch MB (default 4), --profile, --scan-slots off: the kept
-#               activations through the shared buffers as before 2026-12-01, to set beside `batches` (slots on)
+#     slots     fam-1b and bswa-1b at SEQ, micro-batch MB (default 4), --profile, one process with the scan's
+#               kept-activation slots (the default), one without (--scan-slots off, as before 2026-12-01)
 #     tests     pytest -m gpu, in a shuffled order (SEED, default 1)   (about 5.5 min on an H200, 2026-11-30)
 #     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)
 #   The table phases add their records (with each anchor's row) to OUT/<date>-<card>/train_step.json,
@@ -71,7 +71,8 @@ for phase in "$@"; do
         long128) table long128 131072 ;;
         batch2) pair batch2 --micro-batch 2 --results-dir "$OUT" ;;
         profile) pair profile --profile ;;
-        slots-off) pair slots-off --micro-batch "${MB:-4}" --profile --scan-slots off ;;
+        slots)
+            for s in on off; do pair "slots-$s" --micro-batch "${MB:-4}" --profile --scan-slots "$s"; done ;;
         batches)
             for b in ${BATCHES:-1 2 4}; do pair "batch-${SEQ:-8192}-$b" --micro-batch "$b" --results-dir "$OUT"; done ;;
         tests)
@@ -83,7 +84,7 @@ for phase in "$@"; do
             python3 -m benchmarks.parity_suite --out "$OUT/parity" --cells ${CELLS:-1gpu tp2 pp2 dp2} --steps 10 \
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
-        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, profile, batch2, slots-off, batches, tests, parity)"
+        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, profile, batch2, slots, batches, tests, parity)"
            exit 2 ;;
     esac
 done

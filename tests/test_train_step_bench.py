@@ -192,11 +192,12 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
     script = (ROOT / "benchmarks" / "fam_speed.sh").read_text()
     fill = {'"${CONFIGS[@]}"': "fam-1b bswa-1b dense-1b", '"$ANCHOR"': DEFAULT_ANCHOR,
             '"$OUT/$name.json"': "runs/x/short.json", '"$OUT"': "runs/x", "${PROFILE:+--profile}": "--profile",
-            '"${SEQ:-8192}"': "8192", '"$b"': "4", '"${MB:-4}"': "4",
+            '"${SEQ:-8192}"': "8192", '"$b"': "4", '"${MB:-4}"': "4", '"$s"': "off",
             '${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"}': "--compile-cache runs/x/compile-cache"}
     table, pair = re.findall(r"python3 -m benchmarks\.train_step (.*?)>", script.replace("\\\n", " "))
     pair_flags = re.findall(r"\) pair [\w-]+ (.*?) ;;", script)  # the phases that run pair(): their own flags
     pair_flags += re.findall(r'pair "batch-[^"]*" (.*?); done', script)  # `batches`: one pair per micro-batch
+    pair_flags += re.findall(r'pair "slots-[^"]*" (.*?); done', script)  # `slots`: on and off
     assert len(pair_flags) == 4
     commands = [table.replace('"$@"', "8192")] + [pair.replace('"$@"', flags) for flags in pair_flags]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
