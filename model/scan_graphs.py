@@ -49,7 +49,9 @@ import torch
 from model.scan_slots import Slots
 
 CACHE_SIZE = 4  # shape keys with buffers and graphs (fam-1b: ~0.33 GB each at 8k, ~1.6 GB at 64k, counted)
-LOOPS_PER_SHAPE = 256  # a forward and a backward loop per layer (weights read in place) and slot (fam-24b: 56 layers)
+# a forward and a backward loop per slot (model/scan_slots.py MAX_SLOTS) and per layer without one (fam-24b: 56
+# layers): least recently used goes first, so too few would capture again and again
+LOOPS_PER_SHAPE = 512
 MODE = "cuda"  # "cuda": static buffers + graphs on CUDA; "always": static buffers on any device; "off"
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()

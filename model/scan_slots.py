@@ -15,11 +15,14 @@ How:
     the storage's use count, so a slot is never written while anything can still read it, whatever
     order the micro-batches' backwards run in (1F1B keeps several forwards of a layer in flight).
   - A captured graph reads fixed addresses, so each slot has its own loops (model/scan_graphs.py
-    keys them by slot). A layer takes back the slot it had last where that is free: in steady
-    training each layer uses one slot per call in flight, and one pair of graphs per slot.
-  - At most MAX_SLOTS per shape key (0: none, the copies as before). Past it (more calls in flight:
-    micro-chunks kept for one backward) a call's activations go through the shared buffers and are
-    cloned out, as before.
+    keys them by slot). Slots belong to a layer (its weights' addresses; one owner for all where the
+    weights are copied in), and a layer's k-th call in flight takes its k-th slot: the same calls
+    take the same slots, and replay the same graphs, step after step. (Slots shared by all layers,
+    each taking the first free one, would pair layers and slots anew each step when more than one
+    call of a layer is in flight, and capture a new graph for each new pair.)
+  - At most MAX_SLOTS_PER_OWNER per layer and MAX_SLOTS per shape key (0: none, the copies as
+    before). Past them (more calls in flight: micro-chunks kept for one backward) a call's
+    activations go through the shared buffers and are cloned out, as before.
   - The slots stay allocated between steps, as the static buffers do: what they hold at the peak is
     what the clones held. `scan_graphs.clear()` gives them back.
 """
@@ -32,6 +35,7 @@ import torch
 
 DEFAULT_MAX_SLOTS = 128  # per shape key: layers x calls in flight (fam-1b: 18 layers; 1F1B: x the stages ahead)
 MAX_SLOTS = DEFAULT_MAX_SLOTS  # benchmarks.train_step --scan-slots off sets 0
+MAX_SLOTS_PER_OWNER = 8  # a layer's calls in flight: 1F1B's first stage keeps up to the pipeline's depth
 
 
 # How many tensors (and storage objects) share a storage's memory: what torch's own CUDA-graph trees
@@ -62,27 +66,22 @@ class Slot:
 
 
 class Slots:
-    """One shape key's slots, and the slot each owner (a layer's weights, or None) took last."""
+    """One shape key's slots, and which of them each owner (a layer's weights, or None) has."""
 
     def __init__(self):
         self.slots: list[Slot] = []
-        self.last: dict = {}
+        self.owned: dict = {}
 
     def take(self, owner, make: Callable[[], tuple]) -> int | None:
-        """A free slot for `owner`: its last one if free, else the first free, else a new one made by
-        `make`; None past MAX_SLOTS."""
+        """The owner's first free slot, or a new one made by `make`; None past the limits."""
         if _USE_COUNT is None:
             return None
-        mine = self.last.get(owner)
-        if mine is not None and self.slots[mine].free():
-            return mine
-        index = next((i for i, slot in enumerate(self.slots) if slot.free()), None)
-        if index is None:
-            if len(self.slots) >= MAX_SLOTS:
-                return None
+        mine = self.owned.setdefault(owner, [])
+        index = next((i for i in mine if self.slots[i].free()), None)
+        if index is None and len(mine) < MAX_SLOTS_PER_OWNER and len(self.slots) < MAX_SLOTS:
             self.slots.append(Slot(make()))
             index = len(self.slots) - 1
-        self.last[owner] = index
+            mine.append(index)
         return index
 
     def find(self, kept: tuple) -> int | None:

@@ -147,3 +147,27 @@ def test_slots_remove_the_kept_activations_round_trip(monkeypatch):
         scan_graphs.clear()
         counts[max_slots] = _copies_per_step(_model(fast=True))
     assert counts[0] - counts[128] == 18 * ARGS.num_layers, counts
+
+
+def test_the_same_calls_take_the_same_slots_and_graphs_every_step():
+    """Three micro-batches in flight, three steps: each layer's k-th call takes its k-th slot, so
+    the second and third steps make no slot and no loop (a loop is a CUDA graph to capture on GPU)."""
+    model = _model(fast=True)
+    counts = []
+    for _ in range(3):
+        _micro_batches_in_flight(model)
+        counts.append((_slots(), [len(scan.loops) for scan in scan_graphs._CACHE.values()]))
+    assert counts == [([6], [12])] * 3, counts
+
+
+def test_a_forward_without_gradients_keeps_nothing_and_takes_no_slot():
+    """Evaluation between steps: nothing to keep, so the shared buffers (no slot, no clone); the
+    same logits as the eager scan, and the training step after it takes its slots back."""
+    models = {fast: _model(fast) for fast in (False, True)}
+    _loss(models[True], 1).backward()
+    tokens = _tokens(2, SEQ, seed=5)
+    with torch.no_grad():
+        logits = {fast: model(tokens).logits for fast, model in models.items()}
+    assert _slots() == [2]
+    _loss(models[True], 2).backward()
+    assert _slots() == [2] and rel_diff(logits[True], logits[False]) <= RTOL
