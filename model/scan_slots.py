@@ -20,9 +20,9 @@ How:
     take the same slots, and replay the same graphs, step after step. (Slots shared by all layers,
     each taking the first free one, would pair layers and slots anew each step when more than one
     call of a layer is in flight, and capture a new graph for each new pair.)
-  - At most MAX_SLOTS_PER_OWNER per layer and MAX_SLOTS per shape key (0: none, the copies as
-    before). Past them (more calls in flight: micro-chunks kept for one backward) a call's
-    activations go through the shared buffers and are cloned out, as before.
+  - At most MAX_SLOTS_PER_OWNER per layer (where the weights are read in place) and MAX_SLOTS per
+    shape key (0: none, the copies as before). Past them (more calls in flight: micro-chunks kept
+    for one backward) a call's activations go through the shared buffers and are cloned out.
   - The slots stay allocated between steps, as the static buffers do: what they hold at the peak is
     what the clones held. `scan_graphs.clear()` gives them back.
 """
@@ -78,7 +78,8 @@ class Slots:
             return None
         mine = self.owned.setdefault(owner, [])
         index = next((i for i in mine if self.slots[i].free()), None)
-        if index is None and len(mine) < MAX_SLOTS_PER_OWNER and len(self.slots) < MAX_SLOTS:
+        cap = MAX_SLOTS if owner is None else MAX_SLOTS_PER_OWNER  # None: every layer's calls
+        if index is None and len(mine) < cap and len(self.slots) < MAX_SLOTS:
             self.slots.append(Slot(make()))
             index = len(self.slots) - 1
             mine.append(index)

@@ -171,3 +171,18 @@ def test_a_forward_without_gradients_keeps_nothing_and_takes_no_slot():
     assert _slots() == [2]
     _loss(models[True], 2).backward()
     assert _slots() == [2] and rel_diff(logits[True], logits[False]) <= RTOL
+
+
+@pytest.mark.parametrize("owner, expected", [("layer", scan_slots.MAX_SLOTS_PER_OWNER), (None, 12)])
+def test_a_layer_has_up_to_its_own_limit_and_shared_loops_up_to_the_shapes(owner, expected, monkeypatch):
+    """A layer reading its weights in place has at most MAX_SLOTS_PER_OWNER slots; where the weights
+    are copied in, one owner (None) stands for every layer and has up to MAX_SLOTS."""
+    monkeypatch.setattr(scan_slots, "MAX_SLOTS", 12)
+    slots, held, taken = scan_slots.Slots(), [], []
+    for _ in range(20):
+        taken.append(slots.take(owner, lambda: (torch.zeros(2),)))
+        if taken[-1] is not None:
+            held.append(slots[taken[-1]].lend())  # in flight: its aliases alive
+    assert taken[:expected] == list(range(expected)) and taken[expected:] == [None] * (20 - expected)
+    del held
+    assert slots.take(owner, lambda: (torch.zeros(2),)) == 0  # all free again: the first comes back
