@@ -171,11 +171,10 @@ def test_flex_attention_fails_loudly_past_its_shape_budget_instead_of_running_ea
 CAPTURE_TOLERANCE = 1e-5
 
 
-def _scan_outputs_and_grads(layer, from_prompt: bool, seq: int, seed: int, dtype=torch.float32,
-                            bf16_inputs: bool = False) -> dict:
+def scan_call(layer, from_prompt: bool, seq: int, seed: int, dtype=torch.float32, bf16_inputs: bool = False):
     """One layer's fast scan on random inputs (from the prompt, or from a passed-in FAM; in dtype,
-    bf16-representable with bf16_inputs), its outputs and the gradients of a random projection of
-    them w.r.t. FAM0, K, V and the weights."""
+    bf16-representable with bf16_inputs): (its outputs, a random projection of them, the inputs
+    by name: FAM0, K, V and the weights)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     F, b, att = ARGS.fam_len, 2, layer.attention
     rounded = torch.bfloat16 if bf16_inputs else dtype
@@ -191,6 +190,13 @@ def _scan_outputs_and_grads(layer, from_prompt: bool, seq: int, seed: int, dtype
     outputs = [x for x in fast_scan(spec, fam0, k, v, layer._fam_rope(positions), weights) if x is not None]
     loss = sum((x.float() * torch.randn(x.shape, device="cuda", generator=g)).sum() for x in outputs)
     inputs = {"fam0": fam0, "k": k, "v": v, **dict(zip(("n1", "qkv", "proj", "n2", "fc1", "fc2"), weights))}
+    return outputs, loss, inputs
+
+
+def _scan_outputs_and_grads(layer, from_prompt: bool, seq: int, seed: int, dtype=torch.float32,
+                            bf16_inputs: bool = False) -> dict:
+    """`scan_call`'s outputs and the gradients of its projection w.r.t. its inputs."""
+    outputs, loss, inputs = scan_call(layer, from_prompt, seq, seed, dtype, bf16_inputs)
     grads = torch.autograd.grad(loss, list(inputs.values()))
     found = {f"output {i}": x.detach() for i, x in enumerate(outputs)}
     found.update({f"grad {name}": grad for name, grad in zip(inputs, grads)})

@@ -16,35 +16,18 @@ import torch
 import model.scan_graphs as scan_graphs
 import model.scan_slots as scan_slots
 from model import build_model
-from model.fast_scan import fast_scan
-from model.masks import BlockLayout
-from tests.test_gpu import ARGS, CAPTURE_TOLERANCE, SEQ, _errors, _report, no_tf32  # noqa: F401 - a fixture
+from tests.test_gpu import ARGS, CAPTURE_TOLERANCE, SEQ, _errors, _report, no_tf32, scan_call  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.gpu
 
 
-def _forward(layer, seed: int):
-    """One scan call from a passed-in FAM: (a random projection of its outputs, its inputs)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    F, b, att = ARGS.fam_len, 2, layer.attention
-    new = lambda *shape: torch.randn(shape, device="cuda", generator=g).requires_grad_()  # noqa: E731
-    fam0, k, v = new(F, b, ARGS.hidden_size), new(SEQ, b, att.groups, att.head_dim), new(SEQ, b, att.groups,
-                                                                                         att.head_dim)
-    positions = torch.arange(SEQ, device="cuda", dtype=torch.float32).expand(b, -1) + 100.0
-    spec = layer._scan_spec(False, BlockLayout(0, SEQ, ARGS.block_size, F, ARGS.mem_blocks).fam_rows)
-    outputs = [x for x in fast_scan(spec, fam0, k, v, layer._fam_rope(positions), layer._scan_weights())
-               if x is not None]
-    loss = sum((x.float() * torch.randn(x.shape, device="cuda", generator=g)).sum() for x in outputs)
-    return loss, [fam0, k, v, *layer._scan_weights()]
-
-
 def _in_flight(layer, seeds=(1, 2, 3)) -> dict:
-    calls = [_forward(layer, seed) for seed in seeds]
+    calls = [scan_call(layer, False, SEQ, seed)[1:] for seed in seeds]  # from a passed-in FAM
     found = {}
     for seed, (loss, inputs) in reversed(list(zip(seeds, calls))):
-        for i, grad in enumerate(torch.autograd.grad(loss, inputs)):
-            found[f"call {seed} grad {i}"] = grad
-    found["logits"] = found["call 1 grad 0"]  # _report's first entry
+        for name, grad in zip(inputs, torch.autograd.grad(loss, list(inputs.values()))):
+            found[f"call {seed} grad {name}"] = grad
+    found["logits"] = found["call 1 grad fam0"]  # _report's first entry
     return found
 
 
