@@ -230,20 +230,23 @@ class FAMScan(torch.autograd.Function):
         rope, weights, saved = tuple(rest[:4]), tuple(rest[4:10]), Activations(*rest[10:19])
         T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
         static, in_place = _static_scan(spec, saved.fam.shape[1:], saved.fam.dtype, k, rope, weights)
-        slot = static.slots.find(saved) if static is not None else None  # None: copied into the shared buffers
+        slot = static.slots.find(saved) if static is not None else None
         inputs = dict(rope=rope, scales=scan_buffers.scales(k.device, spec.from_prompt),
                       bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device), d_fam=d_fam,
-                      d_fam_k=d_keys[:R], d_fam_v=d_values[:R], **({} if slot is not None else dict(saved=saved)))
+                      d_fam_k=d_keys[:R], d_fam_v=d_values[:R])
+        if slot is None:  # the activations are not where the forward's loop left them: copied in
+            inputs["saved"] = saved
         if spec.from_prompt:
             inputs.update(prompt_keys=rest[19], prompt_values=rest[20], d_prompt=d_prompt_out[0])
         b = _buffers(spec, static, inputs, weights, k, rope, saved.fam[0], backward=True, in_place=in_place)
+        if static is not None:
+            b = static.buffers_for(slot)
         scan_buffers.load_blocks(b, k, v, keys[:R], values[:R])
         partial = S % spec.block_size != 0
         with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
             if static is None:
                 d = _backward_loop(spec, partial, b)
             else:
-                b = static.buffers_for(slot)
                 loop = functools.partial(_backward_loop, spec, partial)
                 d = static.loop("backward", loop, weights if in_place else None, slot)()
         own = torch.clone if static is not None else (lambda x: x)
