@@ -46,10 +46,14 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
                    "DEADLINE", "PREEMPTED"}
 
 
+SBIN_DIRS = ["/usr/sbin", "/sbin"]  # added to the cluster's PATH (SlurmCluster.env) where missing
+
+
 def missing_binaries() -> list[str]:
-    """Slurm/munge programs the cluster needs that are not installed."""
+    """Slurm/munge programs the cluster needs that are not installed (on PATH or in SBIN_DIRS)."""
     names = ["munged", "munge", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "srun", "scancel"]
-    return [n for n in names if not (shutil.which(n) or Path(f"/usr/sbin/{n}").exists())]
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
+    return [n for n in names if not shutil.which(n, path=search)]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -95,6 +99,10 @@ class SlurmCluster:
         for var in [v for v in env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if var != "SLURM_CONF":  # a test run inside a Slurm job must not leak its job's settings
                 del env[var]
+        # Debian installs the daemons in /usr/sbin, which a non-login or non-root PATH lacks
+        # (`env -i PATH=/usr/bin:/bin`: missing_binaries() found them, and slurmctld then failed to start).
+        path = env.get("PATH", os.defpath).split(os.pathsep)
+        env["PATH"] = os.pathsep.join(path + [d for d in SBIN_DIRS if d not in path])
         return env
 
     def write_config(self) -> None:
