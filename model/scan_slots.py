@@ -20,6 +20,10 @@ How:
     take the same slots, and replay the same graphs, step after step. (Slots shared by all layers,
     each taking the first free one, would pair layers and slots anew each step when more than one
     call of a layer is in flight, and capture a new graph for each new pair.)
+  - A layer with no free slot of its own takes another layer's free one (which is then its own too)
+    before a new one: where the calls run one after another (model.recompute_fam_scan re-runs each
+    layer's scan just before its backward), every layer shares one slot, as the clones did, instead
+    of keeping one each between steps (fam-1b at 64k: 0.4 GB a layer).
   - At most MAX_SLOTS_PER_OWNER per layer (where the weights are read in place) and MAX_SLOTS per
     shape key (0: none, the copies as before). Past them (more calls in flight: micro-chunks kept
     for one backward) a call's activations go through the shared buffers and are cloned out.
@@ -73,15 +77,20 @@ class Slots:
         self.owned: dict = {}
 
     def take(self, owner, make: Callable[[], tuple]) -> int | None:
-        """The owner's first free slot, or a new one made by `make`; None past the limits."""
+        """The owner's first free slot; else another owner's free slot, which becomes the owner's
+        too; else a new one made by `make`; None past the limits."""
         if _USE_COUNT is None:
             return None
         mine = self.owned.setdefault(owner, [])
         index = next((i for i in mine if self.slots[i].free()), None)
         cap = MAX_SLOTS if owner is None else MAX_SLOTS_PER_OWNER  # None: every layer's calls
-        if index is None and len(mine) < cap and len(self.slots) < MAX_SLOTS:
+        if index is not None or len(mine) >= cap:
+            return index
+        index = next((i for i, slot in enumerate(self.slots) if i not in mine and slot.free()), None)
+        if index is None and len(self.slots) < MAX_SLOTS:
             self.slots.append(Slot(make()))
             index = len(self.slots) - 1
+        if index is not None:
             mine.append(index)
         return index
 

@@ -28,9 +28,9 @@ def static_buffers(monkeypatch):
     scan_graphs.clear()
 
 
-def _model(fast: bool):
+def _model(fast: bool, args=ARGS):
     torch.manual_seed(0)
-    model = build_model(ARGS)
+    model = build_model(args)
     use_fast_scan(model, fast)
     return model
 
@@ -186,3 +186,23 @@ def test_a_layer_has_up_to_its_own_limit_and_shared_loops_up_to_the_shapes(owner
     assert taken[:expected] == list(range(expected)) and taken[expected:] == [None] * (20 - expected)
     del held
     assert slots.take(owner, lambda: (torch.zeros(2),)) == 0  # all free again: the first comes back
+
+
+@pytest.mark.parametrize("recompute_fam_scan, slots", [(True, 1), (False, 2)], ids=["scan re-run", "scan stashed"])
+def test_layers_recomputed_one_after_another_share_one_slot(recompute_fam_scan, slots):
+    """Layer recompute that re-runs the scan just before each layer's backward has one layer's call
+    in flight at a time: the layers share one slot (a slot each would hold every layer's activations
+    between steps). Where the forward's scan is stashed for the backward, both are in flight: two.
+    The same slots and loops every step, and the eager scan's gradients."""
+    args = small_args(num_layers=2, init_method_std=0.1, recompute=True, recompute_fam_scan=recompute_fam_scan)
+    models = {fast: _model(fast, args) for fast in (False, True)}
+    counts = []
+    for seed in (1, 2, 3):
+        _loss(models[True], seed).backward()
+        counts.append((_slots(), [len(scan.loops) for scan in scan_graphs._CACHE.values()]))
+    assert counts == [([slots], [4])] * 3, counts
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+        _loss(model, 4).backward()
+    got, want = _grads(models[True]), _grads(models[False])
+    assert _worst(got, want) <= RTOL, _worst(got, want)
