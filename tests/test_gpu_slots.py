@@ -10,6 +10,8 @@ replay writes over it silently: only the numbers show it).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,15 +59,18 @@ def test_captured_calls_in_flight_each_read_their_own_slot(broken, monkeypatch, 
     assert len(errors) >= 27 and not bad, bad
 
 
-def test_each_step_takes_its_slots_back(no_tf32, monkeypatch):
-    """A two-layer model, five captured steps (forward and backward): one slot per layer."""
+@pytest.mark.parametrize("recompute_fam_scan", [False, True], ids=["no recompute", "scan re-run"])
+def test_each_step_takes_its_slots_back(recompute_fam_scan, no_tf32, monkeypatch):
+    """A two-layer model, five captured steps (forward and backward): one slot per layer; with the
+    scan re-run just before each layer's backward, one slot for both layers (model/scan_slots.py)."""
     monkeypatch.setattr(scan_graphs, "MODE", "cuda")
     scan_graphs.clear()
-    model = build_model(ARGS, device="cuda")
+    args = dataclasses.replace(ARGS, recompute=True, recompute_fam_scan=True) if recompute_fam_scan else ARGS
+    model = build_model(args, device="cuda")
     tokens = torch.randint(0, ARGS.vocab_size, (2, SEQ), device="cuda", generator=torch.Generator(
         device="cuda").manual_seed(0))
     for _ in range(5):
         model(tokens, labels=tokens).loss.backward()
     slots, loops = _slots(), [len(scan.loops) for scan in scan_graphs._CACHE.values()]
     scan_graphs.clear()
-    assert slots == [ARGS.num_layers] and loops == [2 * ARGS.num_layers], (slots, loops)
+    assert slots == [1 if recompute_fam_scan else ARGS.num_layers] and loops == [2 * ARGS.num_layers], (slots, loops)
