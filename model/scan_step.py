@@ -111,16 +111,6 @@ def _heads(x):
     return x.permute(1, 2, 0, 3)
 
 
-def _heads_as_flash_output(x):
-    """[F, b, g, npg, d] -> [b, g, npg * F, d] as `_heads`, laid out as flash attention lays out its
-    output: [b, rows, g, d] contiguous, seen transposed. Its backward copies an output or output
-    gradient laid out any other way (ATen's `_flash_attention_backward` calls .contiguous() on them
-    as [b, rows, g, d]): two copies per block step, 0.9 ms a fam-1b step at 8k, micro-batch 4 on an
-    H200 ("Session 16", the non-contiguous direct_copy kernels, 2 per flash backward)."""
-    n_f, b, g, npg, d = x.shape
-    return x.permute(1, 3, 0, 2, 4).reshape(b, npg * n_f, g, d).transpose(1, 2)
-
-
 def _bmm32(a, b):
     """a @ b over [b, g] with an fp32 result. bf16 operands stay bf16 and accumulate in fp32 on
     the tensor cores (cuBLAS through bmm's out_dtype), as flash attention does; fp32 stays fp32."""
@@ -266,12 +256,12 @@ def _attend_rows_backward(d_context, q, keys, values, key_bias, x_proj, lse, gro
     """Back through `_attend_rows`: (dq [F, b, g, npg, d] fp32 before RoPE's backward, d_keys,
     d_values [b, g, F + c, d] as the kernels write them, fp32 or, from flash, in its dtype)."""
     n_f, b = d_context.shape[0], d_context.shape[1]
+    d_ctx = _heads(d_context.view(n_f, b, groups, -1, head_dim))
     kh, vh = _heads(keys), _heads(values)
-    if uses_flash(q, keys, key_bias, dtype):  # the forward's output is x_proj, read back in flash's layout
-        d_ctx, ctx = (_heads_as_flash_output(x.view(n_f, b, groups, -1, head_dim)) for x in (d_context, x_proj))
+    if uses_flash(q, keys, key_bias, dtype):  # the forward's output is x_proj, in the heads' layout
+        ctx = _heads(x_proj.view(n_f, b, groups, -1, head_dim))
         dq, d_keys, d_values = _flash_backward(d_ctx, q, kh, vh, ctx, lse, head_dim)
     else:
-        d_ctx = _heads(d_context.view(n_f, b, groups, -1, head_dim))
         p = _probabilities(q, kh, key_bias, head_dim)  # one product: cheaper than keeping p
         dq, d_keys, d_values = _attend_backward(d_ctx, p, q, kh, vh, head_dim)
     return dq.view(b, groups, -1, n_f, head_dim).permute(3, 0, 1, 2, 4), d_keys, d_values

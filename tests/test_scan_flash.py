@@ -86,22 +86,6 @@ def test_a_flash_backward_without_its_kept_tensors_goes_red(broken, monkeypatch)
     assert max(diffs.values()) > 50 * RTOL, diffs
 
 
-def test_the_flash_backward_gets_its_output_and_gradient_in_flash_attentions_layout(monkeypatch):
-    """ATen's flash backward copies its output and output gradient unless they are laid out as its
-    forward writes its output ([b, rows, g, d] contiguous, seen as [b, g, rows, d]): the step hands
-    them over that way (the values are checked by the tests above)."""
-    use_reference_flash(monkeypatch.setattr)
-    layouts = []
-
-    def spy(d_ctx, q, kh, vh, ctx, lse, head_dim):
-        layouts.append([x.to(q.dtype).transpose(1, 2).is_contiguous() for x in (d_ctx, ctx)])
-        return reference_flash_backward(d_ctx, q, kh, vh, ctx, lse, head_dim)
-
-    monkeypatch.setattr(scan_step, "_flash_backward", spy)
-    _differences(small_args(num_layers=2, num_attention_heads=8, num_query_groups=2), 40)
-    assert len(layouts) >= 8 and all(all(pair) for pair in layouts), layouts
-
-
 def _flash_tp_worker(rank, world_size, sequence_parallel):
     calls = use_reference_flash(setattr)
     diffs = _tp_worker(rank, world_size, sequence_parallel)
