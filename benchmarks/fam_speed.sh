@@ -14,6 +14,8 @@
 #               (default "1 2 4"): where FAM's cost meets BSWA's as the scan's GEMMs get more rows
 #     slots     fam-1b and bswa-1b at SEQ, micro-batch MB (default 4), --profile, one process with the scan's
 #               kept-activation slots (the default), one without (--scan-slots off, as before 2026-12-01)
+#     codegen   fam-1b and bswa-1b at SEQ, micro-batch MB, profiled, with inductor's generated code saved
+#               (OUT/output_code.log.gz): where each kernel of the profile comes from
 #     tests     pytest -m gpu, in a shuffled order (SEED, default 1)   (about 5.5 min on an H200, 2026-11-30)
 #     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)
 #   The table phases add their records (with each anchor's row) to OUT/<date>-<card>/train_step.json,
@@ -73,6 +75,11 @@ for phase in "$@"; do
         profile) pair profile --profile ;;
         slots)
             for s in on off; do pair "slots-$s" --micro-batch "${MB:-4}" --profile --scan-slots "$s"; done ;;
+        codegen)  # the code inductor generated for every compiled graph (gzipped): which source line each kernel
+            # of the profile's list comes from (the 343 non-contiguous copies a fam-1b step, session 18)
+            export TORCH_LOGS=output_code TORCH_LOGS_OUT="$OUT/output_code.log"
+            pair codegen --micro-batch "${MB:-4}" --warmup 1 --steps 2 --profile
+            unset TORCH_LOGS TORCH_LOGS_OUT; gzip -f "$OUT/output_code.log" ;;
         batches)
             for b in ${BATCHES:-1 2 4}; do pair "batch-${SEQ:-8192}-$b" --micro-batch "$b" --results-dir "$OUT"; done ;;
         tests)
@@ -84,7 +91,7 @@ for phase in "$@"; do
             python3 -m benchmarks.parity_suite --out "$OUT/parity" --cells ${CELLS:-1gpu tp2 pp2 dp2} --steps 10 \
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
-        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, profile, batch2, slots, batches, tests, parity)"
+        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, profile, batch2, slots, codegen, batches, tests, parity)"
            exit 2 ;;
     esac
 done

@@ -198,7 +198,8 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
     pair_flags = re.findall(r"\) pair [\w-]+ (.*?) ;;", script)  # the phases that run pair(): their own flags
     pair_flags += re.findall(r'pair "batch-[^"]*" (.*?); done', script)  # `batches`: one pair per micro-batch
     pair_flags += re.findall(r'pair "slots-[^"]*" (.*?); done', script)  # `slots`: on and off
-    assert len(pair_flags) == 4
+    pair_flags += re.findall(r"\n\s+pair codegen (.*?)\n", script)  # `codegen`: with inductor's output code logged
+    assert len(pair_flags) == 5
     commands = [table.replace('"$@"', "8192")] + [pair.replace('"$@"', flags) for flags in pair_flags]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in commands:
