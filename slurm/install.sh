@@ -3,11 +3,13 @@
 # (tests/slurm_cluster.py). Idempotent: does nothing when the binaries are present.
 # Needs root (CI containers run as root); daemons are started by the test fixture, not here.
 set -euo pipefail
+# Debian puts the daemons in /usr/sbin, which a non-root or `env -i` PATH may lack.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin:/sbin" ;; esac
 
 needed=(slurmctld slurmd sbatch munged)
 missing=0
 for bin in "${needed[@]}"; do
-    command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || missing=1
+    command -v "$bin" >/dev/null 2>&1 || missing=1
 done
 if [ "$missing" -eq 0 ]; then
     echo "slurm and munge already installed: $(slurmd -V)"
