@@ -60,7 +60,7 @@ def eager_scan(spec, fam0, k, v, rope, weights):
     (same arguments and results as `fast_scan`): the block attention's keys and values [R + S, b,
     g, d], every block's FAM K/V, zero rows up to R, then k or v."""
     cos_q, sin_q, cos_k, sin_k = rope
-    C, S, T, F = spec.block_size, k.shape[0], cos_q.shape[0], cos_q.shape[1]
+    C, T, F = spec.block_size, cos_q.shape[0], cos_q.shape[1]
     step_args = (*weights, spec.eps, spec.groups, spec.head_dim, spec.enter, spec.leave)
     prompt_out = None
     if spec.from_prompt:  # the prompt rows attend only among themselves: a step over no block

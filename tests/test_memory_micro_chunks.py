@@ -16,7 +16,7 @@ import torch
 from model import build_model
 from model.micro_chunks import _as_leaves, state_bytes
 from pipeline.memory.estimate import Settings, estimate
-from tests.test_memory import FP32, _predicted_saved, _small
+from tests.test_memory import _predicted_saved, _small
 
 CPU_FP32 = dict(dtype="fp32", kernels="cpu", precision="autocast")
 
