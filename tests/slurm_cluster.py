@@ -46,13 +46,20 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
                    "DEADLINE", "PREEMPTED"}
 
 
-SBIN_DIRS = ["/usr/sbin", "/sbin"]  # added to the cluster's PATH (SlurmCluster.env) where missing
+SBIN_DIRS = ["/usr/sbin", "/sbin"]  # where Debian installs the daemons
+
+
+def with_sbin(path: str) -> str:
+    """`path` (a PATH value) with SBIN_DIRS added where missing: a non-login or non-root PATH lacks
+    them (`env -i PATH=/usr/bin:/bin` once found the daemons there, then failed to start slurmctld)."""
+    dirs = path.split(os.pathsep)
+    return os.pathsep.join(dirs + [d for d in SBIN_DIRS if d not in dirs])
 
 
 def missing_binaries() -> list[str]:
     """Slurm/munge programs the cluster needs that are not installed (on PATH or in SBIN_DIRS)."""
     names = ["munged", "munge", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "srun", "scancel"]
-    search = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
+    search = with_sbin(os.environ.get("PATH", os.defpath))
     return [n for n in names if not shutil.which(n, path=search)]
 
 
@@ -99,10 +106,7 @@ class SlurmCluster:
         for var in [v for v in env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if var != "SLURM_CONF":  # a test run inside a Slurm job must not leak its job's settings
                 del env[var]
-        # Debian installs the daemons in /usr/sbin, which a non-login or non-root PATH lacks
-        # (`env -i PATH=/usr/bin:/bin`: missing_binaries() found them, and slurmctld then failed to start).
-        path = env.get("PATH", os.defpath).split(os.pathsep)
-        env["PATH"] = os.pathsep.join(path + [d for d in SBIN_DIRS if d not in path])
+        env["PATH"] = with_sbin(env.get("PATH", os.defpath))  # the daemons are started by name
         return env
 
     def write_config(self) -> None:
