@@ -130,7 +130,7 @@ def kept_buffers(spec: ScanSpec, fam0, k, rope, weights) -> Activations:
     gemm = lambda features: ((F, b, features), spec.dtype)  # noqa: E731 - all F rows (gathered under SP)
     shapes = dict(fam=(fam0.shape, fam0.dtype), q=((b, spec.groups, heads_q * F, spec.head_dim), k.dtype),
                   a=(fam0.shape, torch.float32), gate_up=gemm(fc1.shape[0]), x_qkv=gemm(qkv.shape[1]),
-                  x_proj=gemm(proj.shape[1]), x_fc1=gemm(fc1.shape[1]), x_fc2=gemm(fc2.shape[1]),
+                  x_proj=((b, F, proj.shape[1]), spec.dtype), x_fc1=gemm(fc1.shape[1]), x_fc2=gemm(fc2.shape[1]),
                   lse=((b, spec.groups, heads_q * F), torch.float32))
     return new_group(Activations, T + spec.from_prompt, shapes, k.device)
 
@@ -150,11 +150,13 @@ def backward_outputs(spec: ScanSpec, k, rope, weights) -> dict:
     b, kv = k.shape[1], k.shape[1:]
     n1w, qkv, proj, n2w, fc1, fc2 = weights
     gemm = lambda w: ((F, b, w.shape[0]), spec.dtype)  # noqa: E731
-    shapes = dict(d_qkv=gemm(qkv), d_proj=gemm(proj), d_fc1=gemm(fc1), d_fc2=gemm(fc2),
+    shapes = dict(d_qkv=gemm(qkv), d_proj=((b, F, proj.shape[0]), spec.dtype), d_fc1=gemm(fc1), d_fc2=gemm(fc2),
                   d_norm1=(n1w.shape, torch.float32), d_norm2=(n2w.shape, torch.float32))
-    g, d = kv[1], kv[2]  # the block K/V gradients in the attention kernels' layout, [b, g, C, d] per block
+    # The block K/V gradients per block, [C, b, g, d]: the layout flash attention's backward writes them in
+    # (its dk, dv are laid out like the keys and values it reads: [F + C, b, g, d]), so a step copies one
+    # contiguous run of rows, and the gradient of k, v [S, b, g, d] adds them without a transpose.
     return dict(grads=new_group(Gradients, T + spec.from_prompt, shapes, k.device),
-                d_keys=k.new_empty(T, b, g, C, d), d_values=k.new_empty(T, b, g, C, d))
+                d_keys=k.new_empty(T, C, *kv), d_values=k.new_empty(T, C, *kv))
 
 
 def _join_blocks(buffer, x, F: int, R: int):
@@ -178,11 +180,11 @@ def join(fam_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _add_block_rows(outer, buffer):
-    return outer + buffer.permute(0, 3, 1, 2, 4).flatten(0, 1)[: outer.shape[0]]
+    return outer + buffer.flatten(0, 1)[: outer.shape[0]]
 
 
 def add_block_rows(outer: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """outer [S, b, g, d] plus the blocks' rows of buffer [T, b, g, C, d] (C * T >= S), a new tensor:
+    """outer [S, b, g, d] plus the blocks' rows of buffer [T, C, b, g, d] (C * T >= S), a new tensor:
     the gradient of k or v from the block attention and from the scan, added where autograd would
     have added the scan's copy of its static buffer."""
     if not outer.is_cuda:

@@ -40,14 +40,15 @@ import torch.nn.functional as F_
 
 
 class Activations(NamedTuple):
-    """What a step's backward reads, per step: [F, b, ...] (fam, a: this rank's rows under SP)."""
+    """What a step's backward reads, per step: [F, b, ...] (fam, a: this rank's rows under SP), x_proj
+    [b, F, ...]."""
 
     fam: torch.Tensor  # the step's input FAM, fam dtype
     q: torch.Tensor  # the FAM queries after RoPE [b, g, npg*F, d], keys' dtype
     a: torch.Tensor  # the residual after attention, fp32
     gate_up: torch.Tensor  # FC1's output, GEMM dtype
     x_qkv: torch.Tensor  # the four GEMMs' inputs (GEMM dtype): the weight gradients' X
-    x_proj: torch.Tensor
+    x_proj: torch.Tensor  # [b, F, n*d]: batch-major, flash's output layout (model/scan_step.py `_as_flash_output`)
     x_fc1: torch.Tensor
     x_fc2: torch.Tensor
     lse: torch.Tensor  # the attention's log-sum-exp [b, g, npg*F] fp32, written where flash attention ran
@@ -57,7 +58,7 @@ class Gradients(NamedTuple):
     """What a step's backward writes besides the activation gradients, per step."""
 
     d_qkv: torch.Tensor  # the four GEMMs' output gradients (GEMM dtype): the weight gradients' dY
-    d_proj: torch.Tensor
+    d_proj: torch.Tensor  # [b, F, h]: batch-major, as x_proj
     d_fc1: torch.Tensor
     d_fc2: torch.Tensor
     d_norm1: torch.Tensor  # [h] fp32
@@ -109,6 +110,18 @@ def _heads(x):
         n_f, b, g, npg, d = x.shape
         return x.permute(1, 2, 3, 0, 4).reshape(b, g, npg * n_f, d)
     return x.permute(1, 2, 0, 3)
+
+
+def _as_flash_output(x, groups: int, head_dim: int):
+    """[b, F, n*d] (batch-major rows) -> [b, g, npg*F, d] as `_heads`, laid out as flash lays out its
+    output: [b, npg*F, g, d] contiguous, seen transposed. ATen's flash backward makes its output and
+    output gradient contiguous in that layout, so any other costs a copy of each per step (at micro-batch
+    > 1: 2 x 162 a fam-1b training step at 8k). For one head per group (npg = 1) the step's kept
+    projection input is that layout already (no copy here); the output gradient is written in it by
+    the conversion to the keys' dtype that runs anyway (one kernel under torch.compile)."""
+    b, n_f = x.shape[0], x.shape[1]
+    x = x.view(b, n_f, groups, -1, head_dim).permute(0, 3, 1, 2, 4).contiguous()  # [b, npg, F, g, d]
+    return x.view(b, -1, groups, head_dim).transpose(1, 2)
 
 
 def _bmm32(a, b):
@@ -232,7 +245,7 @@ def step_forward(fam, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale,
     values[:n_f] = mixed[:, :, :, -1]
     q, context, lse = _attend_rows(mixed, keys, values, key_bias, cos_q, sin_q, head_dim, dtype)
     a, y, gate_up, h_act, new = _update(context, scale * f32, weights, eps, dtype, enter, leave)
-    _keep(saved, fam, q, a, gate_up, x1, context, y, h_act, lse)
+    _keep(saved, fam, q, a, gate_up, x1, context.transpose(0, 1), y, h_act, lse)  # x_proj batch-major
     return new.to(fam.dtype)
 
 
@@ -256,12 +269,13 @@ def _attend_rows_backward(d_context, q, keys, values, key_bias, x_proj, lse, gro
     """Back through `_attend_rows`: (dq [F, b, g, npg, d] fp32 before RoPE's backward, d_keys,
     d_values [b, g, F + c, d] as the kernels write them, fp32 or, from flash, in its dtype)."""
     n_f, b = d_context.shape[0], d_context.shape[1]
-    d_ctx = _heads(d_context.view(n_f, b, groups, -1, head_dim))
     kh, vh = _heads(keys), _heads(values)
     if uses_flash(q, keys, key_bias, dtype):  # the forward's output is x_proj, in the heads' layout
-        ctx = _heads(x_proj.view(n_f, b, groups, -1, head_dim))
+        ctx = _as_flash_output(x_proj, groups, head_dim)
+        d_ctx = _as_flash_output(d_context.to(q.dtype).transpose(0, 1), groups, head_dim)
         dq, d_keys, d_values = _flash_backward(d_ctx, q, kh, vh, ctx, lse, head_dim)
     else:
+        d_ctx = _heads(d_context.view(n_f, b, groups, -1, head_dim))
         p = _probabilities(q, kh, key_bias, head_dim)  # one product: cheaper than keeping p
         dq, d_keys, d_values = _attend_backward(d_ctx, p, q, kh, vh, head_dim)
     return dq.view(b, groups, -1, n_f, head_dim).permute(3, 0, 1, 2, 4), d_keys, d_values
@@ -284,7 +298,7 @@ def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q,
     """Back-propagate d_new (grad of F_t) and d_fam_k, d_fam_v (grads of F_{t-1}'s K/V as the block
     queries read them [F, b, g, d], or None) through the step `step_forward` ran (its `saved`
     activations, the same keys/values). Writes block t's K/V gradients into out_dk, out_dv
-    [b, g, c, d] (when given; the attention kernels' layout, so a contiguous copy) and the weight
+    [c, b, g, d] (when given; the layout of the keys/values, in which flash writes them) and the weight
     uses' output gradients into `out`; returns the grad of the step's input FAM."""
     enter, leave = enter or _same, leave or _same
     da, dz, d_gu, dy, xh2, do, d_context = _update_backward(d_new.float(), saved.a, saved.gate_up, weights, eps,
@@ -292,9 +306,9 @@ def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q,
     dq, d_keys, d_values = _attend_rows_backward(d_context, saved.q, keys, values, key_bias, saved.x_proj, saved.lse,
                                                  groups, head_dim, dtype)
     n_f = dq.shape[0]
-    if out_dk is not None:
-        out_dk.copy_(d_keys[:, :, n_f:])
-        out_dv.copy_(d_values[:, :, n_f:])
+    if out_dk is not None:  # [c, b, g, d]: from flash, rows F: of its [F + c, b, g, d] gradients, as they lie
+        out_dk.copy_(d_keys[:, :, n_f:].permute(2, 0, 1, 3))
+        out_dv.copy_(d_values[:, :, n_f:].permute(2, 0, 1, 3))
     d_k_fam, d_v_fam = (x[:, :, :n_f].permute(2, 0, 1, 3).float() for x in (d_keys, d_values))
     if d_fam_k is not None:
         d_k_fam, d_v_fam = d_k_fam + d_fam_k.float(), d_v_fam + d_fam_v.float()
@@ -302,5 +316,5 @@ def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q,
     dx1 = leave(F_.linear(d_mixed, weights[1].t())).float()
     xh1, r1 = _normalize(saved.fam.float(), eps)
     d_fam = scale * da + _normalize_backward(dx1 * weights[0], xh1, r1)
-    _keep(out, d_mixed, do, d_gu, dz, (dx1 * xh1).sum((0, 1)), (dy * xh2).sum((0, 1)))
+    _keep(out, d_mixed, do.transpose(0, 1), d_gu, dz, (dx1 * xh1).sum((0, 1)), (dy * xh2).sum((0, 1)))
     return d_fam

@@ -99,3 +99,25 @@ def test_the_flash_path_matches_the_eager_scan_under_tensor_parallelism(sequence
         assert len(diffs) > 15
         bad = {name: d for name, d in diffs.items() if not d <= RTOL}
         assert not bad, (rank, bad)
+
+
+@pytest.mark.parametrize("groups", [4, 2], ids=["one head per group", "grouped"])
+def test_the_flash_backward_gets_its_output_and_output_gradient_in_its_own_layout(groups, monkeypatch):
+    """ATen's flash backward copies an output or output gradient that is not [b, rows, g, d]
+    contiguous (seen as [b, g, rows, d]): the step hands both over in that layout, at micro-batch 2,
+    one head per group (fam-1b's case, where a reshape of a permuted view keeps the old layout) and
+    grouped."""
+    use_reference_flash(monkeypatch.setattr)
+    layouts = []
+
+    def backward(d_ctx, q, kh, vh, ctx, *rest):
+        layouts.append((d_ctx.shape[0], d_ctx.transpose(1, 2).is_contiguous(), ctx.transpose(1, 2).is_contiguous()))
+        return reference_flash_backward(d_ctx, q, kh, vh, ctx, *rest)
+
+    monkeypatch.setattr(scan_step, "_flash_backward", backward)
+    diffs = _differences(small_args(num_layers=2, num_query_groups=groups), 40)
+    assert layouts and all(batch == 2 for batch, *_ in layouts)
+    assert all(d_ctx for _, d_ctx, _ in layouts), "output gradient not in flash's layout"
+    assert all(ctx for *_, ctx in layouts), "output not in flash's layout"
+    bad = {name: d for name, d in diffs.items() if not d <= RTOL}
+    assert not bad, bad
