@@ -8,6 +8,7 @@
 #   PHASE:
 #     short     fam-1b, bswa-1b, dense-1b at 8k and 32k, each with the anchor beside it
 #     long      the same at 64k and 128k, recompute (long64, long128: one length each, to run side by side)
+#     table     the same at SEQS (default 8192; a quoted list for several)
 #     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)
 #     batch2    fam-1b and bswa-1b at 8k, micro-batch 2 (the scan's weight reads serve both sequences)
 #     batches   fam-1b and bswa-1b at SEQ (default 8192), one process per micro-batch in BATCHES
@@ -16,7 +17,8 @@
 #               kept-activation slots (the default), one without (--scan-slots off, as before 2026-12-01)
 #     codegen   fam-1b and bswa-1b at SEQ, micro-batch MB, profiled, with inductor's generated code saved
 #               (OUT/output_code.log.gz): where each kernel of the profile comes from
-#     tests     pytest -m gpu, in a shuffled order (SEED, default 1)   (about 5.5 min on an H200, 2026-11-30)
+#     tests     pytest -m gpu, in a shuffled order (SEED, default 1), or ORDER (file, reverse, shuffle:N)
+#               (about 5.5 min on an H200, 2026-11-30)
 #     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)
 #   The table phases add their records (with each anchor's row) to OUT/<date>-<card>/train_step.json,
 #   so short and long, run in two calls, fill one file; their logs and --json rows go to OUT too.
@@ -24,9 +26,9 @@
 #   fam-1b's 8k row in 210 s; with --profile and the anchor, 8k to 64k (9 rows, 6 anchors) took about
 #   520 s. So give each table phase a call of its own, and keep the machine warm between calls (it goes
 #   back after 30 s idle, and its inductor caches with it).
-#   PROFILE=1 adds --profile to the table phases. COMPILE_CACHE=DIR passes --compile-cache DIR to every
-#   train_step (benchmarks/compile_cache.py), meant to skip the compiles when DIR is carried from an earlier
-#   call; tried once on an H200 (2026-12-01), it did not (see that file).
+#   PROFILE=1 adds --profile to the table phases (micro-batch 1: the anchor's). COMPILE_CACHE=DIR passes
+#   --compile-cache DIR to every train_step (benchmarks/compile_cache.py), meant to skip the compiles when
+#   DIR is carried from an earlier call; tried once on an H200 (2026-12-01), it did not (see that file).
 #   GPU picks the device for one-GPU phases (default 0): on two GPUs, `tests` on GPU 1 beside a table
 #   on GPU 0 compiles on the same host, which slows the table's CPU-bound 8k rows (2026-11-30).
 # Each phase has its own inductor cache (.inductor-<phase>, git-ignored): one process's cache at a
@@ -71,6 +73,7 @@ for phase in "$@"; do
         long) table long 65536 131072 ;;
         long64) table long64 65536 ;;
         long128) table long128 131072 ;;
+        table) seqs=${SEQS:-8192}; table "table-${seqs// /-}" $seqs ;;  # SEQS: one length or several, quoted
         batch2) pair batch2 --micro-batch 2 --results-dir "$OUT" ;;
         profile) pair profile --profile ;;
         slots)
@@ -83,15 +86,16 @@ for phase in "$@"; do
         batches)
             for b in ${BATCHES:-1 2 4}; do pair "batch-${SEQ:-8192}-$b" --micro-batch "$b" --results-dir "$OUT"; done ;;
         tests)
-            CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m pytest -m gpu -q -rs -p no:cacheprovider --order "shuffle:${SEED:-1}" \
-                tests > "$OUT/pytest_gpu.log" 2>&1
+            CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m pytest -m gpu -q -rs -p no:cacheprovider \
+                --order "${ORDER:-shuffle:${SEED:-1}}" tests > "$OUT/pytest_gpu.log" 2>&1
             echo "tests: rc $?"; tail -n 3 "$OUT/pytest_gpu.log" ;;
         parity)
             # shellcheck disable=SC2086  # CELLS is a list of words
             python3 -m benchmarks.parity_suite --out "$OUT/parity" --cells ${CELLS:-1gpu tp2 pp2 dp2} --steps 10 \
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
-        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, profile, batch2, slots, codegen, batches, tests, parity)"
+        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, profile, batch2, slots," \
+                "codegen, batches, tests, parity)"
            exit 2 ;;
     esac
 done
