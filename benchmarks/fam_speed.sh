@@ -10,6 +10,8 @@
 #     long      the same at 64k and 128k, recompute (long64, long128: one length each, to run side by side)
 #     table     the same at SEQS (default 8192; a quoted list for several)
 #     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)
+#     ratios    fam-1b and bswa-1b at 8k (micro-batch 4), 32k, 64k and 128k (micro-batch 2, recompute): issue 13's
+#               fam / bswa rows side by side in one process, at the micro-batch where each ratio is highest
 #     batch2    fam-1b and bswa-1b at 8k, micro-batch 2 (the scan's weight reads serve both sequences)
 #     batches   fam-1b and bswa-1b at SEQ (default 8192), one process per micro-batch in BATCHES
 #               (default "1 2 4"): where FAM's cost meets BSWA's as the scan's GEMMs get more rows
@@ -74,6 +76,7 @@ for phase in "$@"; do
         long64) table long64 65536 ;;
         long128) table long128 131072 ;;
         table) seqs=${SEQS:-8192}; table "table-${seqs// /-}" $seqs ;;  # SEQS: one length or several, quoted
+        ratios) pair ratios --seq-lens 8192 32768 65536 131072 --micro-batch 4 2 2 2 --results-dir "$OUT" ;;
         batch2) pair batch2 --micro-batch 2 --results-dir "$OUT" ;;
         profile) pair profile --profile ;;
         slots)
@@ -94,8 +97,8 @@ for phase in "$@"; do
             python3 -m benchmarks.parity_suite --out "$OUT/parity" --cells ${CELLS:-1gpu tp2 pp2 dp2} --steps 10 \
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
-        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, profile, batch2, slots," \
-                "codegen, batches, tests, parity)"
+        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, ratios, profile, batch2," \
+                "slots, codegen, batches, tests, parity)"
            exit 2 ;;
     esac
 done

@@ -106,9 +106,10 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 32768, 65536])
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--recompute", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--micro-batch", type=int, default=1,
-                        help="sequences per step (the FAM scan's weight reads serve all of them); the anchor runs "
-                             "micro-batch 1 only")
+    parser.add_argument("--micro-batch", type=int, nargs="+", default=[1],
+                        help="sequences per step (the FAM scan's weight reads serve all of them): one for every "
+                             "--seq-lens, or one per length in their order (issue 13's rows side by side: "
+                             "--seq-lens 8192 32768 --micro-batch 4 2); the anchor runs micro-batch 1 only")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
@@ -144,7 +145,7 @@ def main() -> None:
             if cache:
                 cache.save()
     rows, records, anchors = [], [], {}
-    for seq in opts.seq_lens:
+    for seq, micro_batch in zip(opts.seq_lens, micro_batches(opts)):
         for name in opts.configs:
             auto = [True] if seq >= 65536 else [False, True]  # 64k+ never fits a 1B model without it
             tries = {"auto": auto, "on": [True], "off": [False]}[opts.recompute]
@@ -152,10 +153,11 @@ def main() -> None:
                 before = torch.cuda.memory_allocated()
                 try:
                     result = run_cell(name, seq, opts.vocab_size, recompute, opts.warmup, opts.steps, opts.profile,
-                                      opts.precision, opts.loss, opts.micro_batch)
+                                      opts.precision, opts.loss, micro_batch)
                     break
                 except torch.OutOfMemoryError:
-                    result = {"oom": True, "recompute": recompute}
+                    result = {"oom": True, "recompute": recompute, **({"micro_batch": micro_batch} if micro_batch != 1
+                                                                       else {})}
                 finally:
                     left = release_cell(before)  # the scan's buffers and graphs, cycles, the cache
             result.update(row_notes(left))
@@ -178,9 +180,19 @@ def main() -> None:
     print_table(rows, opts)
 
 
+def micro_batches(opts) -> list[int]:
+    """The micro-batch of each --seq-lens entry: one value for all, or one each."""
+    sizes = list(opts.micro_batch)
+    return sizes * len(opts.seq_lens) if len(sizes) == 1 else sizes
+
+
 def check_micro_batch(parser: argparse.ArgumentParser, opts) -> None:
-    if opts.micro_batch < 1 or (opts.micro_batch > 1 and (opts.anchor or opts.micro_chunk_len)):
-        parser.error(f"--micro-batch {opts.micro_batch}: must be >= 1, and 1 with --anchor or --micro-chunk-len "
+    given = " ".join(map(str, opts.micro_batch))
+    if len(opts.micro_batch) not in (1, len(opts.seq_lens)):
+        parser.error(f"--micro-batch {given}: give one micro-batch, or one per --seq-lens entry "
+                     f"({len(opts.seq_lens)})")
+    if min(opts.micro_batch) < 1 or (max(opts.micro_batch) > 1 and (opts.anchor or opts.micro_chunk_len)):
+        parser.error(f"--micro-batch {given}: must be >= 1, and 1 with --anchor or --micro-chunk-len "
                      "(they measure micro-batch 1)")
 
 
@@ -234,21 +246,23 @@ def print_table(rows: list, opts) -> None:
     --profile also the GPU's view of a step: its kernel time, the time the GPU idles between kernels
     (kernel time / GPU busy - kernel time) and the kernel-time ratio to bswa, which is what the
     tokens/s ratio would be if both kept the GPU equally busy (issue 13, session 16)."""
-    print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch {opts.micro_batch}, "
+    batch = " ".join(map(str, opts.micro_batch)) if isinstance(opts.micro_batch, list) else opts.micro_batch
+    print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch {batch}, "
           f"vocab {opts.vocab_size}")
     extra = " GPU busy | kernel ms | idle ms | x bswa, kernels | kernels/step | CPU ms/step | waits |"
-    print("| config | sequence | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |"
+    print("| config | sequence | micro-batch | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |"
           + extra * opts.profile)
-    print("|---|---|---|---|---|---|---|---|" + "---|---|---|---|---|---|---|" * opts.profile)
+    print("|---|---|---|---|---|---|---|---|---|" + "---|---|---|---|---|---|---|" * opts.profile)
     found = {(name, seq): r for name, seq, r in rows if not r.get("oom")}
     for name, seq, r in rows:
         if r.get("oom"):
-            print(f"| {name} | {seq:,} | out of memory | | | | | {r['recompute']} |" + " | | | | | | |" * opts.profile)
+            print(f"| {name} | {seq:,} | {r.get('micro_batch', 1)} | out of memory | | | | | {r['recompute']} |"
+                  + " | | | | | | |" * opts.profile)
             continue
         bswa = found.get((name.replace("fam", "bswa").replace("dense", "bswa"), seq))
         ratio = f"{r['tokens_per_s'] / bswa['tokens_per_s']:.2f}" if bswa else ""
-        line = (f"| {name} | {seq:,} | {r['tokens_per_s'] / 1e3:.1f}k | {ratio} | {r['tflops']:.0f} | {r['mfu']:.0%} "
-                f"| {r['peak_gib']:.1f} GiB | {r['recompute']} |")
+        line = (f"| {name} | {seq:,} | {r.get('micro_batch', 1)} | {r['tokens_per_s'] / 1e3:.1f}k | {ratio} "
+                f"| {r['tflops']:.0f} | {r['mfu']:.0%} | {r['peak_gib']:.1f} GiB | {r['recompute']} |")
         if opts.profile:
             kernels = f"{bswa['kernel_ms'] / r['kernel_ms']:.3f}" if bswa else ""
             line += (f" {r['gpu_busy']:.0%} | {r['kernel_ms']:.1f} | {r['kernel_ms'] * (1 / r['gpu_busy'] - 1):.1f} |"

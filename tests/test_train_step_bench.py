@@ -40,6 +40,21 @@ def test_the_gpu_command_parses_and_stops_only_for_want_of_a_gpu(monkeypatch, ca
     assert stop.startswith("--anchor no/such/anchor.py: no such file")
     assert _main(["--seqlens", "8192"], monkeypatch) == "2"  # argparse's usage error for a misspelt option
     assert "unrecognized arguments: --seqlens" in capsys.readouterr().err
+    # one micro-batch per length, or one for all: three for two lengths is a usage error naming both
+    assert _main(["--seq-lens", "8192", "32768", "--micro-batch", "4", "2", "2"], monkeypatch) == "2"
+    assert "--micro-batch 4 2 2: give one micro-batch, or one per --seq-lens entry (2)" in capsys.readouterr().err
+    assert _main(["--seq-lens", "8192", "32768", "--micro-batch", "4", "2", "--anchor", DEFAULT_ANCHOR],
+                 monkeypatch) == "2"
+    assert "1 with --anchor" in capsys.readouterr().err
+
+
+def test_each_length_gets_its_own_micro_batch_or_all_the_one_given():
+    from argparse import Namespace
+
+    from benchmarks import train_step
+
+    assert train_step.micro_batches(Namespace(seq_lens=[8192, 32768, 65536], micro_batch=[4, 2, 2])) == [4, 2, 2]
+    assert train_step.micro_batches(Namespace(seq_lens=[8192, 32768], micro_batch=[2])) == [2, 2]
 
 
 @pytest.mark.parametrize("name", ["fam-1b", "bswa-1b", "dense-1b"])
@@ -152,12 +167,13 @@ def test_the_table_shows_each_rows_profile_and_an_out_of_memory_row(monkeypatch,
     row = dict(tokens_per_s=30e3, tflops=250.0, mfu=0.25, peak_gib=40.0, recompute=False, gpu_busy=0.8,
                kernel_ms=200.0, kernels_per_step=10180, host_ms=212.4, syncs=[["model/x.py:3", 2], ["model/y.py:9", 1]])
     rows = [("bswa-1b", 8192, dict(row, tokens_per_s=40e3, kernel_ms=170.0)), ("fam-1b", 8192, row),
-            ("dense-1b", 8192, {"oom": True, "recompute": True})]
+            ("dense-1b", 8192, {"oom": True, "recompute": True, "micro_batch": 4})]
     train_step.print_table(rows, Namespace(precision="bf16-mixed", vocab_size=32000, profile=True, micro_batch=1))
     lines = capsys.readouterr().out.splitlines()
     # 200 ms of kernels at 80 % busy: 50 ms idle; bswa's 170 ms of kernels against fam's 200: 0.850
-    assert lines[-2] == ("| fam-1b | 8,192 | 30.0k | 0.75 | 250 | 25% | 40.0 GiB | False | 80% | 200.0 | 50.0 | 0.850 |"
-                         " 10,180 | 212 | 3 |")
+    assert lines[-2] == ("| fam-1b | 8,192 | 1 | 30.0k | 0.75 | 250 | 25% | 40.0 GiB | False | 80% | 200.0 | 50.0 "
+                         "| 0.850 | 10,180 | 212 | 3 |")
+    assert lines[-1].startswith("| dense-1b | 8,192 | 4 | out of memory |")
     assert lines[-1].count("|") == lines[-2].count("|") == lines[2].count("|")
 
 
@@ -204,7 +220,7 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
     pair_flags += re.findall(r'pair "batch-[^"]*" (.*?); done', script)  # `batches`: one pair per micro-batch
     pair_flags += re.findall(r'pair "slots-[^"]*" (.*?); done', script)  # `slots`: on and off
     pair_flags += re.findall(r"\n\s+pair codegen (.*?)\n", script)  # `codegen`: with inductor's output code logged
-    assert len(pair_flags) == 5
+    assert len(pair_flags) == 6
     commands = [table.replace('"$@"', "8192")] + [pair.replace('"$@"', flags) for flags in pair_flags]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in commands:
