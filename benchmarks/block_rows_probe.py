@@ -23,6 +23,7 @@ micro-batch 1 on an H200, session 15.)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -66,7 +67,7 @@ class Plan:
         self.weights = [make(k, n) for k, n in matmul_shapes(args)]
         self.inputs = [make(sum(rows), k) for k, _ in matmul_shapes(args)]
         self.grads = [make(sum(rows), n) for _, n in matmul_shapes(args)]
-        ends = torch.tensor(rows).cumsum(0).tolist()
+        ends = list(itertools.accumulate(rows))
         self.steps = [slice(end - r, end) for r, end in zip(rows, ends)]
         # scan: the block rows' weight gradient, then the FAM rows' in one GEMM, added to it
         self.parts = [self.steps[0], slice(rows[0], ends[-1])] if split_weight_grad else [slice(0, ends[-1])]
