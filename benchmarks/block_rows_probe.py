@@ -33,14 +33,9 @@ import torch
 
 from model import load_model_args
 from model.config import ModelArgs
+from pipeline.training.flops import layer_matmul_params, layer_matmul_shapes
 
 PLANS = ("whole", "scan", "block")
-
-
-def matmul_shapes(args: ModelArgs) -> list[tuple[int, int]]:
-    """(inputs, outputs) of a layer's matmuls: QKV with g query groups, output, SwiGLU's fc1, fc2."""
-    h, n, g, d = args.hidden_size, args.num_attention_heads, args.query_groups, args.head_dim
-    return [(h, (n + 2 * g) * d), (n * d, h), (h, 2 * args.ffn_size), (args.ffn_size, h)]
 
 
 def plan_rows(args: ModelArgs, seq: int, micro_batch: int) -> dict[str, list[int]]:
@@ -53,7 +48,7 @@ def plan_rows(args: ModelArgs, seq: int, micro_batch: int) -> dict[str, list[int
 
 def plan_flops(args: ModelArgs, rows: list[int]) -> float:
     """Forward and backward (activation and weight gradients) matmul FLOPs of one layer."""
-    return 6.0 * sum(rows) * sum(k * n for k, n in matmul_shapes(args))
+    return 6.0 * sum(rows) * layer_matmul_params(args)
 
 
 class Plan:
@@ -64,9 +59,9 @@ class Plan:
 
     def __init__(self, args: ModelArgs, rows: list[int], split_weight_grad: bool, device, dtype):
         make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype) * 0.02  # noqa: E731
-        self.weights = [make(k, n) for k, n in matmul_shapes(args)]
-        self.inputs = [make(sum(rows), k) for k, _ in matmul_shapes(args)]
-        self.grads = [make(sum(rows), n) for _, n in matmul_shapes(args)]
+        self.weights = [make(k, n) for k, n in layer_matmul_shapes(args)]
+        self.inputs = [make(sum(rows), k) for k, _ in layer_matmul_shapes(args)]
+        self.grads = [make(sum(rows), n) for _, n in layer_matmul_shapes(args)]
         ends = list(itertools.accumulate(rows))
         self.steps = [slice(end - r, end) for r, end in zip(rows, ends)]
         # scan: the block rows' weight gradient, then the FAM rows' in one GEMM, added to it

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from benchmarks import block_rows_probe as probe
-from model import load_model_args
-from pipeline.training.flops import layer_matmul_params
+from model import build_model, load_model_args
+from pipeline.training.flops import layer_matmul_shapes
 
 
 def test_the_plans_run_the_block_rows_and_t_times_the_fam_rows_with_a_partial_last_block():
@@ -23,14 +23,15 @@ def test_the_plans_run_the_block_rows_and_t_times_the_fam_rows_with_a_partial_la
     assert sum(rows["scan"]) == sum(rows["block"]) == 80 + 3 * 4 * 2
 
 
-def test_the_matmul_shapes_are_the_layers_weights_and_flops_count_forward_and_both_gradients():
-    """The shapes add up to pipeline/training/flops.py's count of a layer's matmul weights (a
-    dropped or misshapen matmul goes red), at 6 FLOPs per weight and row."""
-    for name in ("tiny", "fam-1b", "fam-8b"):
-        args = load_model_args(name)
-        assert sum(k * n for k, n in probe.matmul_shapes(args)) == layer_matmul_params(args), name
+def test_the_matmul_shapes_are_the_models_weights_and_flops_count_forward_and_both_gradients():
+    """pipeline/training/flops.py's shapes, which the probe runs, are the built layer's linear weights
+    (a dropped or misshapen matmul goes red), at 6 FLOPs per weight and row."""
     args = load_model_args("tiny")
-    assert probe.plan_flops(args, [3, 4]) == 6 * 7 * layer_matmul_params(args)
+    layer = build_model(args, device="cpu").layers[0]
+    weights = [layer.attention.linear_qkv.weight, layer.attention.linear_proj.weight, layer.mlp.linear_fc1.weight,
+               layer.mlp.linear_fc2.weight]
+    assert layer_matmul_shapes(args) == [(w.shape[1], w.shape[0]) for w in weights]  # torch keeps [out, in]
+    assert probe.plan_flops(args, [3, 4]) == 6 * 7 * sum(w.numel() for w in weights)
 
 
 @pytest.mark.parametrize("plan", probe.PLANS)
@@ -40,7 +41,7 @@ def test_each_plans_weight_gradients_are_the_gemm_over_all_its_rows(plan):
     rows = probe.plan_rows(args, seq=40, micro_batch=2)[plan]
     run = probe.Plan(args, rows, plan == "scan", "cpu", torch.float64)
     grads = run.run()
-    assert [tuple(g.shape) for g in grads] == probe.matmul_shapes(args)
+    assert [tuple(g.shape) for g in grads] == layer_matmul_shapes(args)
     for x, dy, grad in zip(run.inputs, run.grads, grads):
         assert x.shape[0] == sum(rows)
         torch.testing.assert_close(grad, x.T @ dy)

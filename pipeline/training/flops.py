@@ -29,10 +29,15 @@ from model.config import ModelArgs
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
+def layer_matmul_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+    """(inputs, outputs) of one layer's matmuls: QKV with g query groups, output, SwiGLU's fc1 and fc2."""
+    h, n, g, d = args.hidden_size, args.num_attention_heads, args.query_groups, args.head_dim
+    return [(h, (n + 2 * g) * d), (n * d, h), (h, 2 * args.ffn_size), (args.ffn_size, h)]
+
+
 def layer_matmul_params(args: ModelArgs) -> int:
     """Matmul weights of one layer: attention (QKV with g query groups, output) and SwiGLU."""
-    h, n, g, d = args.hidden_size, args.num_attention_heads, args.query_groups, args.head_dim
-    return h * (n + 2 * g) * d + n * d * h + 3 * h * args.ffn_size
+    return sum(k * n for k, n in layer_matmul_shapes(args))
 
 
 def attention_keys(args: ModelArgs, seq_len: int) -> tuple[int, int]:
