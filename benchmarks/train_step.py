@@ -246,9 +246,7 @@ def print_table(rows: list, opts) -> None:
     --profile also the GPU's view of a step: its kernel time, the time the GPU idles between kernels
     (kernel time / GPU busy - kernel time) and the kernel-time ratio to bswa, which is what the
     tokens/s ratio would be if both kept the GPU equally busy (issue 13, session 16)."""
-    batch = " ".join(map(str, opts.micro_batch)) if isinstance(opts.micro_batch, list) else opts.micro_batch
-    print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, micro-batch {batch}, "
-          f"vocab {opts.vocab_size}")
+    print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, vocab {opts.vocab_size}")  # micro-batch: per row
     extra = " GPU busy | kernel ms | idle ms | x bswa, kernels | kernels/step | CPU ms/step | waits |"
     print("| config | sequence | micro-batch | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |"
           + extra * opts.profile)

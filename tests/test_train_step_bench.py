@@ -168,7 +168,7 @@ def test_the_table_shows_each_rows_profile_and_an_out_of_memory_row(monkeypatch,
                kernel_ms=200.0, kernels_per_step=10180, host_ms=212.4, syncs=[["model/x.py:3", 2], ["model/y.py:9", 1]])
     rows = [("bswa-1b", 8192, dict(row, tokens_per_s=40e3, kernel_ms=170.0)), ("fam-1b", 8192, row),
             ("dense-1b", 8192, {"oom": True, "recompute": True, "micro_batch": 4})]
-    train_step.print_table(rows, Namespace(precision="bf16-mixed", vocab_size=32000, profile=True, micro_batch=1))
+    train_step.print_table(rows, Namespace(precision="bf16-mixed", vocab_size=32000, profile=True))
     lines = capsys.readouterr().out.splitlines()
     # 200 ms of kernels at 80 % busy: 50 ms idle; bswa's 170 ms of kernels against fam's 200: 0.850
     assert lines[-2] == ("| fam-1b | 8,192 | 1 | 30.0k | 0.75 | 250 | 25% | 40.0 GiB | False | 80% | 200.0 | 50.0 "
