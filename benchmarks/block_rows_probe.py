@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.micro_chunk_step import save_rows
 from model import load_model_args
 from model.config import ModelArgs
 from pipeline.training.flops import layer_matmul_params, layer_matmul_shapes
@@ -140,7 +139,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--json", help="also write the rows to this file, after each one")
     opts = parser.parse_args(argv)
-    args = load_model_args(opts.config)
+    try:
+        args = load_model_args(opts.config)
+    except ValueError as err:  # an unknown name, a YAML file that does not parse, a bad value: named in err
+        parser.error(f"--config {opts.config}: {err}")
     if not args.uses_fam:
         parser.error(f"--config {opts.config}: no FAM rows (attention '{args.attention}', fam_len {args.fam_len}); "
                      "name a FAM config such as fam-1b")
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(probe(args, seq, b, opts.device, opts.warmup, opts.iters))
             print(rows[-1], flush=True)  # a run cut short keeps what it measured
             if opts.json:
-                Path(opts.json).write_text(json.dumps(rows, indent=1))
+                save_rows(rows, opts.json)
     print_table(opts.config, rows, torch.cuda.get_device_name() if opts.device == "cuda" else "cpu")
     return rows
 

@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -197,7 +198,9 @@ def row_notes(left_gib: float) -> dict:
 
 
 def save_rows(rows: list[dict], path: str) -> None:
-    """The rows as a JSON list, written after every cell (a run stopped by its time limit keeps them)."""
+    """The rows as a JSON list, written after every cell (a run stopped by its time limit keeps them).
+    A missing folder is made: a GPU cell's rows must not be lost for want of it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -49,9 +49,10 @@ def test_each_plans_weight_gradients_are_the_gemm_over_all_its_rows(plan):
 
 
 def test_the_cpu_run_prints_a_row_per_length_and_micro_batch_and_a_bswa_config_is_refused(capsys, tmp_path):
+    saved = tmp_path / "not" / "made" / "yet" / "rows.json"  # the folder is made, not the rows lost
     rows = probe.main(["--config", "tiny", "--seq-lens", "40", "--micro-batch", "1", "2", "--device", "cpu",
-                       "--warmup", "0", "--iters", "1", "--json", str(tmp_path / "rows.json")])
-    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+                       "--warmup", "0", "--iters", "1", "--json", str(saved)])
+    assert json.loads(saved.read_text()) == rows
     assert [(r["seq_len"], r["micro_batch"]) for r in rows] == [(40, 1), (40, 2)]
     assert rows[0]["flop_ratio"] == pytest.approx(56 / 40)  # 40 rows plus one block's F = 16 FAM rows
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 40 |")]
@@ -60,3 +61,9 @@ def test_the_cpu_run_prints_a_row_per_length_and_micro_batch_and_a_bswa_config_i
         probe.main(["--config", "bswa-tiny", "--device", "cpu"])
     assert stop.value.code == 2
     assert "--config bswa-tiny: no FAM rows (attention 'fam', fam_len 0)" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("model:\n  hidden_size: [1,\n")
+    for config, named in (("nonesuch", "unknown config 'nonesuch'"), (str(tmp_path / "bad.yaml"), "not valid YAML")):
+        with pytest.raises(SystemExit) as stop:
+            probe.main(["--config", config, "--device", "cpu"])
+        assert stop.value.code == 2
+        assert f"--config {config}: " in (err := capsys.readouterr().err) and named in err, err
