@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -199,10 +200,13 @@ def row_notes(left_gib: float) -> dict:
 
 def save_rows(rows: list[dict], path: str) -> None:
     """The rows as a JSON list, written after every cell (a run stopped by its time limit keeps them).
-    A missing folder is made: a GPU cell's rows must not be lost for want of it."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+    A missing folder is made: a GPU cell's rows must not be lost for want of it. Written whole (temp
+    file, rename), as anchor_rows.write_records does: a run killed mid-write keeps the last rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, path)
 
 
 def format_micro_chunk_table(rows: list[dict], vocab: int, precision: str) -> str:
