@@ -122,14 +122,14 @@ def write_records(records: list[dict], results_dir: str | os.PathLike, day: str 
                   card: str | None = None) -> Path:
     """`records` into `<results_dir>/<date>-<card>/train_step.json`, written whole (temp file, rename).
     Records already there are kept unless this run has one of the same config, seq_len, precision,
-    scan_compile_mode (absent: the default), loss_path (absent: whole logits, before 2026-12),
+    scan_compile_mode (absent: "default"), loss_path (absent: whole logits, before 2026-12),
     fused_ops (absent: eager RoPE and SwiGLU), scan_weights (absent: read in place), scan_slots (absent:
     on), scan_attention (absent: the matrix products, as before 2026-12) and micro_batch (absent: 1), so a benchmark split
     over several commands (one per sequence length) fills one file."""
     folder = Path(results_dir) / f"{day or datetime.date.today().isoformat()}-{card or card_name()}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train_step.json"
-    key = lambda r: (r.get("config"), r.get("seq_len"), r.get("precision"), r.get("scan_compile_mode"),  # noqa: E731
+    key = lambda r: (r.get("config"), r.get("seq_len"), r.get("precision"), r.get("scan_compile_mode", "default"),  # noqa: E731
                      r.get("loss_path"), r.get("fused_ops"), r.get("scan_weights"), r.get("scan_slots"),
                      r.get("scan_attention"), r.get("micro_batch", 1))
     try:

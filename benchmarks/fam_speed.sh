@@ -17,6 +17,10 @@
 #               (default "1 2 4"): where FAM's cost meets BSWA's as the scan's GEMMs get more rows
 #     slots     fam-1b and bswa-1b at SEQ, micro-batch MB (default 4), --profile, one process with the scan's
 #               kept-activation slots (the default), one without (--scan-slots off, as before 2026-12-01)
+#     blocks    fam-1b and bswa-1b at SEQ, micro-batch MB, --profile, one process with the scan's keys/values
+#               buffers held for its backward (the default since 2026-12-02), one reloading them (--scan-blocks)
+#     combo     fam-1b and bswa-1b at SEQ, micro-batch MB, --profile, the scan's steps compiled with inductor's
+#               combo kernels (--scan-compile-mode combo-kernels)
 #     codegen   fam-1b and bswa-1b at SEQ, micro-batch MB, profiled, with inductor's generated code saved
 #               (OUT/output_code.log.gz): where each kernel of the profile comes from
 #     tests     pytest -m gpu, in a shuffled order (SEED, default 1), or ORDER (file, reverse, shuffle:N)
@@ -81,6 +85,9 @@ for phase in "$@"; do
         profile) pair profile --profile ;;
         slots)
             for s in on off; do pair "slots-$s" --micro-batch "${MB:-4}" --profile --scan-slots "$s"; done ;;
+        blocks)
+            for k in held reloaded; do pair "blocks-$k" --micro-batch "${MB:-4}" --profile --scan-blocks "$k"; done ;;
+        combo) pair combo --micro-batch "${MB:-4}" --profile --scan-compile-mode combo-kernels ;;
         codegen)  # the code inductor generated for every compiled graph (gzipped): which source line each kernel
             # of the profile's list comes from (the 343 non-contiguous copies a fam-1b step, session 18)
             export TORCH_LOGS=output_code TORCH_LOGS_OUT="$OUT/output_code.log"
@@ -98,7 +105,7 @@ for phase in "$@"; do
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
         *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, ratios, profile, batch2," \
-                "slots, codegen, batches, tests, parity)"
+                "slots, blocks, combo, codegen, batches, tests, parity)"
            exit 2 ;;
     esac
 done

@@ -171,17 +171,19 @@ def release_cell(before: int, allocated=torch.cuda.memory_allocated) -> float:
 
 def row_notes(left_gib: float) -> dict:
     """What a row records beside its figures, when it applies: `leaked_gib` (release_cell found a
-    leak), `scan_compile_mode` (the FAM scan's steps were not compiled in the default mode) and
+    leak), `scan_compile_mode` (always: how the FAM scan's steps were compiled, model/fast_scan.py COMPILE_MODE;
+    rows without it: "default", before 2026-12-02) and
     `fused_ops` (the QKV split, RoPE and SwiGLU ran as compiled kernels: model/rope.py, model/mlp.py),
     `fused_op_shapes` ("dynamic" when they were compiled for dynamic shapes only) and
     `recompute_fam_scan` and `overlap_fam_scan` (when RECOMPUTE_FAM_SCAN, OVERLAP_FAM_SCAN set them),
     `scan_weights` ("copied" when the scan's graphs copy the weights in, as before 2026-12),
     `scan_slots` ("off" when the scan's kept activations went through the shared buffers, as before 2026-12-01) and
     `scan_attention` (always: "flash" where the scan's steps ran flash attention, "matmul" where they ran the
-    matrix products everywhere; rows without it ran the matrix products, as before 2026-12)."""
+    matrix products everywhere; rows without it ran the matrix products, as before 2026-12) and `scan_blocks`
+    (always: "held" where the scan's backward read the keys/values buffers its forward wrote, "reloaded"
+    where it loaded them again; rows without it reloaded them, as before 2026-12-02)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
-    if fast_scan.COMPILE_MODE:
-        notes["scan_compile_mode"] = fast_scan.COMPILE_MODE
+    notes["scan_compile_mode"] = fast_scan.COMPILE_MODE or "default"
     if rope.FUSED or mlp.FUSED:
         notes["fused_ops"] = True
         if not compile_limits.STATIC_SHAPES:
@@ -195,6 +197,7 @@ def row_notes(left_gib: float) -> dict:
     if not scan_slots.MAX_SLOTS:
         notes["scan_slots"] = "off"
     notes["scan_attention"] = "flash" if scan_step.FLASH else "matmul"
+    notes["scan_blocks"] = "held" if fast_scan.HOLD_BLOCKS else "reloaded"
     return notes
 
 

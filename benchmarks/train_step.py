@@ -198,8 +198,11 @@ def check_micro_batch(parser: argparse.ArgumentParser, opts) -> None:
 
 def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     """How the model's kernels are built: the scan's compile mode, the compiled or eager pointwise ops."""
-    parser.add_argument("--scan-compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
-                        help="torch.compile mode of the FAM scan's steps (model/fast_scan.py COMPILE_MODE)")
+    parser.add_argument("--scan-compile-mode", choices=["combo-kernels", "default", "max-autotune-no-cudagraphs"],
+                        default="combo-kernels",
+                        help="how the FAM scan's steps are compiled: with inductor's combo kernels (the default since "
+                             "2026-12-02), torch.compile's default mode (as before) or another mode "
+                             "(model/fast_scan.py COMPILE_MODE)")
     parser.add_argument("--eager-ops", action="store_true",
                         help="the QKV split, RoPE and SwiGLU as eager ops (megatron's), not the default compiled "
                              "kernels (model/rope.py, model/mlp.py FUSED), as train_step measured before 2026-12")
@@ -218,6 +221,10 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="each FAM scan call keeps its activations in its own slot, read in place by the "
                              "backward (on, the default since 2026-12-01), or in the shared buffers, cloned out and "
                              "copied back, as before (model/scan_slots.py MAX_SLOTS = 0)")
+    parser.add_argument("--scan-blocks", choices=["held", "reloaded"], default="held",
+                        help="the FAM scan's backward reads the keys/values buffers its forward wrote, held per call "
+                             "without recompute (held, the default since 2026-12-02), or loads them again from k, v "
+                             "and the FAM rows, as before (model/fast_scan.py HOLD_BLOCKS)")
     parser.add_argument("--scan-attention", choices=["flash", "matmul"], default="flash",
                         help="the FAM scan steps' attention: flash attention where it applies (the default since "
                              "2026-12) or the matrix products and softmax everywhere, as before "
@@ -231,6 +238,7 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_kernel_options(opts) -> None:
     fast_scan.COMPILE_MODE = None if opts.scan_compile_mode == "default" else opts.scan_compile_mode
     fast_scan.WEIGHTS_IN_PLACE = opts.scan_weights == "in-place"
+    fast_scan.HOLD_BLOCKS = opts.scan_blocks == "held"
     scan_slots.MAX_SLOTS = scan_slots.DEFAULT_MAX_SLOTS if opts.scan_slots == "on" else 0
     scan_step.FLASH = opts.scan_attention == "flash"
     rope.FUSED = mlp.FUSED = not opts.eager_ops

@@ -9,7 +9,8 @@ then adds up, T times per weight and layer. `FAMScan` instead:
     values [R + S, b, g, d] whole: the buffers' first F rows of every block, zeros up to R (T*F
     padded to a tile, model/masks.py), then k or v, so the layer concatenates nothing, and
     saves these instead of k and v (v is a view that would keep the whole QKV output alive);
-  - backward: walks the blocks in reverse over the kept activations (no recompute) and
+  - backward: walks the blocks in reverse over the kept activations and the keys/values buffers
+    the forward wrote (held for it without layer recompute: `_take_blocks`; no recompute) and
     back-propagates activation gradients only (to the previous FAM, to the block's K/V, to the
     initial FAM: the prompt rows or a passed-in state), writing each weight use's output gradient;
     the block attention's gradients of k and v arrive through the joined keys/values and are added
@@ -25,8 +26,8 @@ On CUDA each step is torch.compile'd (one graph for every block and layer, one f
 step), and each layer's whole loop, forward and backward, replays as one CUDA graph over static
 buffers shared by all layers (model/scan_graphs.py; not under tensor parallelism, whose
 collectives run uncaptured); weights already in the GEMM dtype are read in place, by each layer's
-own graphs (WEIGHTS_IN_PLACE); each call's kept activations stay in its own slot from the forward
-to the backward (model/scan_slots.py). On CPU the same code runs uncompiled, over fresh buffers or (tests)
+own graphs (WEIGHTS_IN_PLACE); each call's kept activations and keys/values buffers stay in its own
+slots from the forward to the backward (model/scan_slots.py). On CPU the same code runs uncompiled, over fresh buffers or (tests)
 the static ones; tests/test_scan.py checks it against the eager per-step autograd scan. Under
 layer recompute, model.recompute_fam_scan = false keeps the scan's outputs and activations from the
 forward instead of running the scan again in backward (model/scan_stash.py).
@@ -54,7 +55,8 @@ Autotuned steps (COMPILE_MODE below) did not change that. With `_scales`' host c
 reads and FAM's FLOPs outside the scan (benchmarks/fam_floor.py): the scan's other kernels, not its
 reads, are most of the gap. With flash attention in the steps and the block loads in one compiled
 write ("Session 14"): 0.79x at 8k, micro-batch 1; 0.88x at micro-batch 4; 0.89x at micro-batch 2
-from 32k to 128k.
+from 32k to 128k. With the keys/values buffers held and the steps' combo kernels (2026-12-02,
+"Session 21"): 0.896x at 8k, micro-batch 4, and 0.906x at 32k, micro-batch 2, in one run.
 """
 
 from __future__ import annotations
@@ -69,11 +71,22 @@ from model.scan_buffers import ScanSpec
 from model.scan_step import Activations, Gradients, step_backward, step_forward
 
 
-# torch.compile's mode for the CUDA scan steps (None: its default). `benchmarks.train_step
-# --scan-compile-mode` sets it, to measure "max-autotune-no-cudagraphs" (Triton GEMM templates that
-# can take a step's elementwise work into their epilogues: fewer of its ~40 kernels) against the
-# default in one run; model/scan_graphs.py captures either. Set it before the first scan runs.
-COMPILE_MODE: str | None = None
+# How the CUDA scan steps are compiled: COMBO_KERNELS (torch.compile's default mode with inductor's
+# combo_kernels: independent pointwise kernels of a step, such as its two K/V gradient copies, launched
+# as one), None (torch.compile's default, before 2026-12-02) or a torch.compile mode. Measured on one
+# H200 (fam-1b, 8k tokens, micro-batch 4, benchmarks/results/2026-12-02-1xH200, "Session 21"): 8,227
+# kernels a step against 9,163, FAM's own kernels 56.0 against 59.1 ms, 0.890 of bswa-1b's tokens/s
+# against 0.886. "max-autotune-no-cudagraphs" (Triton GEMM templates that can take a step's
+# elementwise work into their epilogues) made no difference ("Session 10"). `benchmarks.train_step
+# --scan-compile-mode` sets it; model/scan_graphs.py captures any. Set it before the first scan runs.
+COMBO_KERNELS = "combo-kernels"
+COMPILE_MODE: str | None = COMBO_KERNELS
+
+
+# The forward's keys/values buffers held for the backward where it runs without recompute
+# (`_take_blocks`); False loads them again in the backward, as before 2026-12-02
+# (`benchmarks.train_step --scan-blocks reloaded`, to measure the two).
+HOLD_BLOCKS = True
 
 
 # Where the weights are already in the GEMM dtype, each layer's captured loops read them in place
@@ -86,6 +99,8 @@ WEIGHTS_IN_PLACE = True
 def _compiled(fn, fullgraph: bool, mode: str | None = None):
     # fullgraph where there are no collectives: a graph break would be a silent slow path, and
     # past the shape budget it raises instead of running eagerly.
+    if mode == COMBO_KERNELS:
+        return torch.compile(fn, dynamic=False, fullgraph=fullgraph, options={"combo_kernels": True})
     return torch.compile(fn, dynamic=False, fullgraph=fullgraph, mode=mode)
 
 
@@ -93,7 +108,10 @@ def _step_functions(device: torch.device, spec: ScanSpec):
     if device.type != "cuda":
         return step_forward, step_backward
     fullgraph = spec.enter is None
-    return _compiled(step_forward, fullgraph, COMPILE_MODE), _compiled(step_backward, fullgraph, COMPILE_MODE)
+    # combo kernels only where measured: one graph per step (TP = 1); the steps of tensor parallelism, split at
+    # their collectives, keep torch.compile's default, as the 2-GPU parity suite last checked them
+    mode = None if COMPILE_MODE == COMBO_KERNELS and not fullgraph else COMPILE_MODE
+    return _compiled(step_forward, fullgraph, mode), _compiled(step_backward, fullgraph, mode)
 
 
 def _slot(group, i: int):
@@ -177,9 +195,10 @@ def _buffers(spec: ScanSpec, static, inputs: dict, weights, k, rope, fam0_like, 
     the static ones (made on first use) with the inputs copied in (the weights too, unless the
     loops read them in place)."""
     if static is None:
-        if backward:  # the forward's kept activations come in; the keys/values buffers are rebuilt
-            made = dict(scan_buffers.backward_outputs(spec, k, rope, weights),
-                        **scan_buffers.block_buffers(spec, k, rope))
+        if backward:  # the forward's kept activations come in, and its keys/values buffers unless rebuilt
+            made = scan_buffers.backward_outputs(spec, k, rope, weights)
+            if "keys" not in inputs:
+                made.update(scan_buffers.block_buffers(spec, k, rope))
         else:
             made = scan_buffers.forward_outputs(spec, fam0_like, k, rope, weights)
         return dict(inputs, weights=scan_buffers.gemm_dtype(weights, spec.dtype), **made)
@@ -206,49 +225,57 @@ class FAMScan(torch.autograd.Function):
         rope = (cos_q, sin_q, cos_k, sin_k)
         keep = any(ctx.needs_input_grad)
         stash, replaying = scan_stash.current()
+        blocks = ()  # the loop's keys/values buffers, kept for the backward (not under a stash: recompute)
         if replaying:  # the stash's own copies, handed over; it keeps the FAM rows of the keys/values only
             (fam, fam_k, fam_v, *prompt_out), saved, prompt_kv = stash.entries.popleft()
             outputs = (fam, scan_buffers.join(fam_k, k), scan_buffers.join(fam_v, v), *prompt_out)
         else:
-            outputs, saved, prompt_kv = _run_forward(spec, fam0, k, v, rope, weights, keep)
+            outputs, saved, prompt_kv, blocks = _run_forward(spec, fam0, k, v, rope, weights, keep, stash is None)
             if stash is not None:  # copies: what the first run returns may be changed in place before the recompute
                 rows = (outputs[0], outputs[1][: spec.fam_rows], outputs[2][: spec.fam_rows], *outputs[3:])
                 stash.entries.append((tuple(x.detach().clone() for x in rows), saved, prompt_kv))
-        ctx.spec = spec
+        ctx.spec, ctx.kept_blocks = spec, bool(blocks)
         if keep:  # the joined keys/values, not k and v: v is a view that would keep the whole QKV output
-            ctx.save_for_backward(outputs[1], outputs[2], *rope, *weights, *saved, *prompt_kv)
+            ctx.save_for_backward(outputs[1], outputs[2], *rope, *weights, *saved, *prompt_kv, *blocks)
         return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_fam, d_keys, d_values, *d_prompt_out):
         """d_keys, d_values [R + S, b, g, d]: the FAM rows' gradients go into the steps, the block rows' are
-        added to the steps' own gradients of k and v (one add, no copy out of the static buffers)."""
+        added to the steps' own gradients of k and v (one add, no copy out of the static buffers). The
+        steps read the keys/values buffers the forward's loop wrote, where it kept them (`_take_blocks`);
+        else (under recompute) they are loaded again from k, v and the FAM rows."""
         spec, R = ctx.spec, ctx.spec.fam_rows
         keys, values, *rest = ctx.saved_tensors
         k, v = keys[R:], values[R:]
         rope, weights, saved = tuple(rest[:4]), tuple(rest[4:10]), Activations(*rest[10:19])
+        blocks = tuple(rest[-2:]) if ctx.kept_blocks else ()
         T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
         static, in_place = _static_scan(spec, saved.fam.shape[1:], saved.fam.dtype, k, rope, weights)
         slot = static.slots.find(saved) if static is not None else None
+        held = static.blocks.find(blocks) if static is not None and blocks else None
         inputs = dict(rope=rope, scales=scan_buffers.scales(k.device, spec.from_prompt),
                       bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device), d_fam=d_fam,
                       d_fam_k=d_keys[:R], d_fam_v=d_values[:R])
         if slot is None:  # the activations are not where the forward's loop left them: copied in
             inputs["saved"] = saved
+        if static is None and blocks:  # the forward's own (fresh) keys/values buffers
+            inputs.update(keys=blocks[0], values=blocks[1])
         if spec.from_prompt:
             inputs.update(prompt_keys=rest[19], prompt_values=rest[20], d_prompt=d_prompt_out[0])
         b = _buffers(spec, static, inputs, weights, k, rope, saved.fam[0], backward=True, in_place=in_place)
         if static is not None:
-            b = static.buffers_for(slot)
-        scan_buffers.load_blocks(b, k, v, keys[:R], values[:R])
+            b = static.buffers_for(slot, held)
+        if held is None and "keys" not in inputs:
+            scan_buffers.load_blocks(b, k, v, keys[:R], values[:R])
         partial = S % spec.block_size != 0
         with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
             if static is None:
                 d = _backward_loop(spec, partial, b)
             else:
                 loop = functools.partial(_backward_loop, spec, partial)
-                d = static.loop("backward", loop, weights if in_place else None, slot)()
+                d = static.loop("backward", loop, weights if in_place else None, slot, held)()
         own = torch.clone if static is not None else (lambda x: x)
         d_k, d_v = (scan_buffers.add_block_rows(outer[R:], b[name]) for outer, name in ((d_keys, "d_keys"),
                                                                                         (d_values, "d_values")))
@@ -256,32 +283,40 @@ class FAMScan(torch.autograd.Function):
         return (None, own(d).to(saved.fam.dtype), d_k, d_v, None, None, None, None, *grads)
 
 
-def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool):
+def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool, hold_blocks: bool):
     """The scan's forward loop: ((F_T, keys, values [R + S][, prompt stream output]), the steps' kept
-    activations and the prompt step's K/V (empty unless `keep`), all owned by the caller."""
+    activations and the prompt step's K/V (empty unless `keep`), and (`keep` and `hold_blocks`) the
+    loop's keys/values buffers for the backward, all owned by the caller."""
     T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
     static, in_place = _static_scan(spec, fam0.shape, fam0.dtype, k, rope, weights)
     inputs = dict(fam0=fam0, rope=rope, scales=scan_buffers.scales(k.device, spec.from_prompt),
                   bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device))
     b = _buffers(spec, static, inputs, weights, k, rope, fam0, backward=False, in_place=in_place)
+    slot = _take_slot(spec, static, in_place, keep, fam0, k, rope, weights)
+    held = _take_blocks(spec, static, in_place, keep and hold_blocks, k, rope, weights)
+    if static is not None:
+        b = static.buffers_for(slot, held)
     scan_buffers.load_blocks(b, k, v)
     partial = S % spec.block_size != 0
-    slot = _take_slot(spec, static, in_place, keep, fam0, k, rope, weights)
     with torch.autocast(k.device.type, enabled=False), bounded_compiles("the FAM scan (model/fast_scan.py)"):
         if static is None:
             fam, prompt_out = _forward_loop(spec, partial, b)
         else:
             loop = functools.partial(_forward_loop, spec, partial)
-            loop = static.loop("forward", loop, weights if in_place else None, slot)
+            loop = static.loop("forward", loop, weights if in_place else None, slot, held)
             fam, prompt_out = loop()
     own = torch.clone if static is not None else (lambda x: x)  # nothing static leaves
     keys, values = (scan_buffers.join_blocks(b[name], x, F, spec.fam_rows) for name, x in (("keys", k), ("values", v)))
     outputs = (own(fam), keys, values) + ((own(prompt_out),) if spec.from_prompt else ())
     if not keep:
-        return outputs, (), ()
+        return outputs, (), (), ()
     prompt_kv = (own(b["prompt_keys"]), own(b["prompt_values"])) if spec.from_prompt else ()
     saved = static.slots[slot].lend() if slot is not None else tuple(own(x) for x in b["saved"])
-    return outputs, tuple(saved), prompt_kv
+    if held is not None:
+        blocks = tuple(static.blocks[held].lend())
+    else:  # fresh buffers are this call's own; the shared static ones are written by the next call
+        blocks = (b["keys"], b["values"]) if static is None and hold_blocks and HOLD_BLOCKS else ()
+    return outputs, tuple(saved), prompt_kv, blocks
 
 
 def _take_slot(spec: ScanSpec, static, in_place: bool, keep: bool, fam0, k, rope, weights) -> int | None:
@@ -292,6 +327,20 @@ def _take_slot(spec: ScanSpec, static, in_place: bool, keep: bool, fam0, k, rope
         return None
     owner = scan_graphs.weights_key(weights) if in_place else None
     return static.slots.take(owner, lambda: scan_buffers.kept_buffers(spec, fam0, k, rope, weights))
+
+
+def _take_blocks(spec: ScanSpec, static, in_place: bool, hold: bool, k, rope, weights) -> int | None:
+    """The slot (model/scan_slots.py) whose keys/values buffers [T, F + C, b, g, d] this call's loops
+    run over, so that the backward reads the block K/V and FAM K/V where the forward's loop wrote
+    them instead of loading them again (fam-1b at 8k, micro-batch 4, H200: 3.6 ms a step, "Session
+    16"); None: the shared buffers (no static buffers, or nothing to keep, or under recompute, which
+    would hold every layer's block K/V between its forward and its backward, or no slot left).
+    Where the block attention saves its keys/values anyway (no recompute) this holds another copy
+    of them: fam-1b at 8k, micro-batch 4, 0.2 GB a layer."""
+    if static is None or not hold or not HOLD_BLOCKS:
+        return None
+    owner = scan_graphs.weights_key(weights) if in_place else None
+    return static.blocks.take(owner, lambda: scan_buffers.Blocks(**scan_buffers.block_buffers(spec, k, rope)))
 
 
 def _weight_gradients(saved: Activations, grads: Gradients, weights):

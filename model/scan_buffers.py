@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F_
@@ -114,6 +114,13 @@ def input_buffers(spec: ScanSpec, fam0, k, rope, weights, in_place: bool) -> dic
         buffers["weights"] = tuple(new(x.shape, dtype=x.dtype if i in (0, 3) else spec.dtype)
                                    for i, x in enumerate(weights))
     return buffers
+
+
+class Blocks(NamedTuple):
+    """A call's keys/values buffers, held for its backward (model/fast_scan.py `_take_blocks`)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 def block_buffers(spec: ScanSpec, k, rope) -> dict:

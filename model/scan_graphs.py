@@ -15,9 +15,10 @@ How:
   - `static_scan(key, ...)` keeps one set of buffers per shape key (model/fast_scan.py: the spec,
     the number of blocks T and the tensor shapes, not the exact length: a partial last block is
     padded), shared by every layer: a layer copies its inputs in (FAM0, block K/V, RoPE tables),
-    replays, and copies out what outlives the call, except the kept activations: each call in flight
-    has its own set of those, a slot (model/scan_slots.py), that its backward reads where the forward
-    wrote it, with a loop pair per slot. At most CACHE_SIZE keys are kept (least
+    replays, and copies out what outlives the call, except the kept activations and (without layer
+    recompute) the keys/values buffers: each call in flight has its own set of each, a slot
+    (model/scan_slots.py), that its backward reads where the forward wrote it, with a loop pair per
+    pair of slots. At most CACHE_SIZE keys are kept (least
     recently used goes first), so evaluation across many lengths does not pile up buffers.
     They outlive the model that made them until `clear()`: on one H200 (2026-12-01, fam-1b, bf16,
     a slot per layer) a training step left 1.3 GiB at 8k tokens, 2.3 at 16k, 4.3 at 32k and 8.4 at
@@ -117,28 +118,33 @@ def weights_key(weights: tuple) -> tuple:
 
 
 class StaticScan:
-    """One shape key's buffers (forward's, backward's added on first use), its kept-activation
-    slots (model/scan_slots.py) and its loops: one forward and one backward for all layers (weights
-    copied in), or one pair per layer (weights read in place), each per slot, at most
-    LOOPS_PER_SHAPE (least recently used goes first)."""
+    """One shape key's buffers (forward's, backward's added on first use), its slots
+    (model/scan_slots.py: kept activations in `slots`, the block keys/values in `blocks`) and its
+    loops: one forward and one backward for all layers (weights copied in), or one pair per layer
+    (weights read in place), each per pair of slots, at most LOOPS_PER_SHAPE (least recently used
+    goes first)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.buffers, self.slots = device, {}, Slots()
+        self.device, self.buffers, self.slots, self.blocks = device, {}, Slots(), Slots()
         self.loops: collections.OrderedDict = collections.OrderedDict()
 
-    def buffers_for(self, slot: int | None) -> dict:
-        """The buffers a loop of `slot` runs over: the shared ones, with the slot's kept activations
-        (None: the shared ones, which are copied in or cloned out)."""
-        return self.buffers if slot is None else dict(self.buffers, saved=self.slots[slot].buffers)
+    def buffers_for(self, slot: int | None, blocks: int | None = None) -> dict:
+        """The buffers a loop runs over: the shared ones, with `slot`'s kept activations and `blocks`'
+        keys/values buffers (None: the shared ones, which are copied in or cloned out)."""
+        b = self.buffers if slot is None else dict(self.buffers, saved=self.slots[slot].buffers)
+        if blocks is not None:
+            b = dict(b, keys=self.blocks[blocks].buffers[0], values=self.blocks[blocks].buffers[1])
+        return b
 
-    def loop(self, name: str, run: Callable, weights: tuple | None = None, slot: int | None = None) -> StaticLoop:
+    def loop(self, name: str, run: Callable, weights: tuple | None = None, slot: int | None = None,
+             blocks: int | None = None) -> StaticLoop:
         """The loop `name` ("forward", "backward") for these weights read in place (None: copied in)
-        over `slot`'s kept activations (None: the shared buffers')."""
-        key = (name, None if weights is None else weights_key(weights), slot)
+        over `slot`'s kept activations and `blocks`' keys/values (None: the shared buffers')."""
+        key = (name, None if weights is None else weights_key(weights), slot, blocks)
         if key in self.loops:
             self.loops.move_to_end(key)
             return self.loops[key]
-        self.loops[key] = StaticLoop(run, self.buffers_for(slot), self.device, weights)
+        self.loops[key] = StaticLoop(run, self.buffers_for(slot, blocks), self.device, weights)
         while len(self.loops) > LOOPS_PER_SHAPE:
             self.loops.popitem(last=False)
         return self.loops[key]

@@ -5,7 +5,9 @@ each call's kept activations (model/scan_step.py `Activations`, F rows per block
 of them after the forward and copied back in before the backward. On one H200 (fam-1b, 8k tokens,
 micro-batch 4, "Session 16") that round trip was 252 copies and 4.0 ms of a step's kernels. A slot
 is one call's own set of those buffers: the forward loop writes them and the backward loop reads
-them where they are, so neither copy runs.
+them where they are, so neither copy runs. The same class keeps a second kind of slot, a call's
+keys/values buffers [T, F + C, b, g, d] (model/fast_scan.py `_take_blocks`), taken only where no
+layer recompute follows, so that the backward need not load the block and FAM K/V again.
 
 How:
   - A slot is busy while anything besides the slot references its memory: the aliases the forward

@@ -108,19 +108,18 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     for module in (micro_chunk_step.rope, micro_chunk_step.mlp):  # megatron's eager ops: no note
         monkeypatch.setattr(module, "FUSED", False)
     clean = micro_chunk_step.release_cell(10 * gib, allocated=lambda: 10 * gib + 4096)
-    flash = {"scan_attention": "flash"}  # the default, always noted
+    flash = {"scan_compile_mode": "combo-kernels", "scan_attention": "flash", "scan_blocks": "held"}  # always noted
     assert micro_chunk_step.row_notes(clean) == flash and "WARNING" not in capsys.readouterr().out
     left = micro_chunk_step.release_cell(10 * gib, allocated=lambda: 31 * gib + gib // 2)
     assert micro_chunk_step.row_notes(left) == {"leaked_gib": 21.5, **flash}
     assert "left 21.5 GiB allocated" in capsys.readouterr().out
     monkeypatch.setattr(micro_chunk_step.fast_scan, "COMPILE_MODE", "max-autotune-no-cudagraphs")
-    assert micro_chunk_step.row_notes(clean) == {"scan_compile_mode": "max-autotune-no-cudagraphs", **flash}
+    autotuned = {**flash, "scan_compile_mode": "max-autotune-no-cudagraphs"}
+    assert micro_chunk_step.row_notes(clean) == autotuned
     monkeypatch.setattr(micro_chunk_step.mlp, "FUSED", True)  # the default: compiled ops, noted
-    assert micro_chunk_step.row_notes(clean) == {"scan_compile_mode": "max-autotune-no-cudagraphs", "fused_ops": True,
-                                                 **flash}
+    assert micro_chunk_step.row_notes(clean) == {"fused_ops": True, **autotuned}
     monkeypatch.setattr(micro_chunk_step.compile_limits, "STATIC_SHAPES", 0)
-    assert micro_chunk_step.row_notes(clean) == {"scan_compile_mode": "max-autotune-no-cudagraphs", "fused_ops": True,
-                                                 "fused_op_shapes": "dynamic", **flash}
+    assert micro_chunk_step.row_notes(clean) == {"fused_ops": True, "fused_op_shapes": "dynamic", **autotuned}
     assert micro_chunk_step.cell_model_args("fam-1b", 32000, True).recompute_fam_scan is False  # the default
     monkeypatch.setattr(micro_chunk_step, "RECOMPUTE_FAM_SCAN", True)  # --recompute-fam-scan on: noted, in every model
     assert micro_chunk_step.row_notes(clean)["recompute_fam_scan"] is True
@@ -136,3 +135,7 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     assert micro_chunk_step.row_notes(clean)["scan_slots"] == "off"
     monkeypatch.setattr(micro_chunk_step.scan_step, "FLASH", False)  # --scan-attention matmul
     assert micro_chunk_step.row_notes(clean)["scan_attention"] == "matmul"
+    monkeypatch.setattr(micro_chunk_step.fast_scan, "HOLD_BLOCKS", False)  # --scan-blocks reloaded
+    assert micro_chunk_step.row_notes(clean)["scan_blocks"] == "reloaded"
+    monkeypatch.setattr(micro_chunk_step.fast_scan, "COMPILE_MODE", None)  # --scan-compile-mode default
+    assert micro_chunk_step.row_notes(clean)["scan_compile_mode"] == "default"

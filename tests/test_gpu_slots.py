@@ -37,6 +37,10 @@ def _slots() -> list[int]:
     return [len(scan.slots.slots) for scan in scan_graphs._CACHE.values()]
 
 
+def _block_slots() -> list[int]:  # the keys/values buffers held for the backward (model/fast_scan.py `_take_blocks`)
+    return [len(scan.blocks.slots) for scan in scan_graphs._CACHE.values()]
+
+
 @pytest.mark.parametrize("broken", [False, True], ids=["slots", "a slot handed out while read"])
 def test_captured_calls_in_flight_each_read_their_own_slot(broken, monkeypatch, no_tf32):
     layer = build_model(ARGS, device="cuda").layers[0]
@@ -47,22 +51,28 @@ def test_captured_calls_in_flight_each_read_their_own_slot(broken, monkeypatch, 
     for round_ in range(2):  # the first round runs directly and captures a loop pair per slot, the second replays
         if broken and round_ == 1:  # replays write over slot 0 without autograd seeing it (no version bump)
             monkeypatch.setattr(scan_slots.Slot, "free", lambda self: True)
-        errors = _errors(_in_flight(layer), want)
+        try:
+            errors = _errors(_in_flight(layer), want)
+        except RuntimeError as err:  # the block K/V load into a held keys/values buffer is outside the graph:
+            assert broken and "modified by an inplace operation" in str(err), err  # autograd sees that write
+            scan_graphs.clear()
+            return
     _report(f"captured calls in flight{', broken' if broken else ''}", errors)
-    slots = _slots()
+    slots = _slots(), _block_slots()
     scan_graphs.clear()
     if broken:
         assert max(errors.values()) > 1e4 * CAPTURE_TOLERANCE, errors
         return
-    assert slots == [3], slots
+    assert slots == ([3], [3]), slots
     bad = {n: e for n, e in errors.items() if not e <= CAPTURE_TOLERANCE}
     assert len(errors) >= 27 and not bad, bad
 
 
 @pytest.mark.parametrize("recompute_fam_scan", [False, True], ids=["no recompute", "scan re-run"])
 def test_each_step_takes_its_slots_back(recompute_fam_scan, no_tf32, monkeypatch):
-    """A two-layer model, five captured steps (forward and backward): one slot per layer; with the
-    scan re-run just before each layer's backward, one slot for both layers (model/scan_slots.py)."""
+    """A two-layer model, five captured steps (forward and backward): one slot per layer, and one
+    keys/values slot; with the scan re-run just before each layer's backward, one of each for both
+    layers (model/scan_slots.py)."""
     monkeypatch.setattr(scan_graphs, "MODE", "cuda")
     scan_graphs.clear()
     args = dataclasses.replace(ARGS, recompute=True, recompute_fam_scan=True) if recompute_fam_scan else ARGS
@@ -71,6 +81,7 @@ def test_each_step_takes_its_slots_back(recompute_fam_scan, no_tf32, monkeypatch
         device="cuda").manual_seed(0))
     for _ in range(5):
         model(tokens, labels=tokens).loss.backward()
-    slots, loops = _slots(), [len(scan.loops) for scan in scan_graphs._CACHE.values()]
+    slots, loops = (_slots(), _block_slots()), [len(scan.loops) for scan in scan_graphs._CACHE.values()]
     scan_graphs.clear()
-    assert slots == [1 if recompute_fam_scan else ARGS.num_layers] and loops == [2 * ARGS.num_layers], (slots, loops)
+    want = [1 if recompute_fam_scan else ARGS.num_layers]
+    assert slots == (want, want) and loops == [2 * ARGS.num_layers], (slots, loops)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import model.fast_scan as fast_scan
 import model.scan_graphs as scan_graphs
 import model.scan_slots as scan_slots
 from model import build_model
@@ -66,6 +67,10 @@ def _slots() -> list[int]:
     return [len(scan.slots.slots) for scan in scan_graphs._CACHE.values()]
 
 
+def _block_slots() -> list[int]:
+    return [len(scan.blocks.slots) for scan in scan_graphs._CACHE.values()]
+
+
 @pytest.mark.parametrize("max_slots", [128, 4, 0], ids=["a slot per call", "slots run out", "no slots"])
 def test_micro_batches_in_flight_each_read_their_own_slot(max_slots, monkeypatch):
     """Three micro-batches of two layers in flight: six slots, or four and two calls through the
@@ -73,7 +78,7 @@ def test_micro_batches_in_flight_each_read_their_own_slot(max_slots, monkeypatch
     monkeypatch.setattr(scan_slots, "MAX_SLOTS", max_slots)
     want = _micro_batches_in_flight(_model(fast=False))
     got = _micro_batches_in_flight(_model(fast=True))
-    assert _slots() == [min(6, max_slots)]
+    assert _slots() == _block_slots() == [min(6, max_slots)]
     assert len(want) >= 10 and _worst(got, want) <= RTOL, _worst(got, want)
 
 
@@ -85,6 +90,20 @@ def test_a_slot_handed_out_while_still_read_goes_red(monkeypatch):
     try:
         got = _micro_batches_in_flight(_model(fast=True))
     except RuntimeError as err:  # on CPU autograd sees the write (the GPU's graph replay would not)
+        assert "modified by an inplace operation" in str(err)
+        return
+    assert _worst(got, want) > 1e3 * RTOL
+
+
+def test_a_keys_values_slot_handed_out_while_still_read_goes_red(monkeypatch):
+    """The same for the held keys/values buffers alone: every call takes the first one, so each
+    micro-batch's forward loads its block K/V over the one before's before that one's backward."""
+    take = fast_scan._take_blocks
+    monkeypatch.setattr(fast_scan, "_take_blocks", lambda *args: None if take(*args) is None else 0)
+    want = _micro_batches_in_flight(_model(fast=False))
+    try:
+        got = _micro_batches_in_flight(_model(fast=True))
+    except RuntimeError as err:
         assert "modified by an inplace operation" in str(err)
         return
     assert _worst(got, want) > 1e3 * RTOL
@@ -140,13 +159,16 @@ def _copies_per_step(model) -> int:
 
 def test_slots_remove_the_kept_activations_round_trip(monkeypatch):
     """With slots, a call's 9 kept tensors are neither cloned out after the forward nor copied back
-    before the backward: 18 copies fewer per layer call, exactly."""
+    before the backward: 18 copies fewer per layer call, exactly; and the backward reads the keys/values
+    buffers the forward wrote (model/fast_scan.py `_take_blocks`) instead of loading them again: 2 fewer."""
     counts = {}
-    for max_slots in (0, 128):
+    for max_slots, hold in ((0, False), (128, False), (128, True)):
         monkeypatch.setattr(scan_slots, "MAX_SLOTS", max_slots)
+        monkeypatch.setattr(fast_scan, "HOLD_BLOCKS", hold)
         scan_graphs.clear()
-        counts[max_slots] = _copies_per_step(_model(fast=True))
-    assert counts[0] - counts[128] == 18 * ARGS.num_layers, counts
+        counts[max_slots, hold] = _copies_per_step(_model(fast=True))
+    assert counts[0, False] - counts[128, False] == 18 * ARGS.num_layers, counts
+    assert counts[128, False] - counts[128, True] == 2 * ARGS.num_layers, counts
 
 
 def test_the_same_calls_take_the_same_slots_and_graphs_every_step():
@@ -192,7 +214,8 @@ def test_a_layer_has_up_to_its_own_limit_and_shared_loops_up_to_the_shapes(owner
 def test_layers_recomputed_one_after_another_share_one_slot(recompute_fam_scan, slots):
     """Layer recompute that re-runs the scan just before each layer's backward has one layer's call
     in flight at a time: the layers share one slot (a slot each would hold every layer's activations
-    between steps). Where the forward's scan is stashed for the backward, both are in flight: two.
+    between steps), and one keys/values slot. Where the forward's scan is stashed for the backward,
+    both are in flight: two, and no keys/values slot (each would hold its layer's block K/V).
     The same slots and loops every step, and the eager scan's gradients."""
     args = small_args(num_layers=2, init_method_std=0.1, recompute=True, recompute_fam_scan=recompute_fam_scan)
     models = {fast: _model(fast, args) for fast in (False, True)}
@@ -201,6 +224,7 @@ def test_layers_recomputed_one_after_another_share_one_slot(recompute_fam_scan, 
         _loss(models[True], seed).backward()
         counts.append((_slots(), [len(scan.loops) for scan in scan_graphs._CACHE.values()]))
     assert counts == [([slots], [4])] * 3, counts
+    assert _block_slots() == [1 if recompute_fam_scan else 0]  # a replayed scan holds no keys/values
     for model in models.values():
         model.zero_grad(set_to_none=True)
         _loss(model, 4).backward()

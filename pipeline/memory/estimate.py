@@ -60,7 +60,7 @@ ZERO3_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters
 DEFAULT_ALLOWANCE_GIB = 4.0  # CUDA context + NCCL buffers + allocator fragmentation
 KERNELS = ("cuda", "cpu")
 SWIGLU = ("eager", "fused")  # Settings.swiglu
-SCAN_KEYS = ("joined", "block")  # Settings.scan_keys
+SCAN_KEYS = ("held", "joined", "block")  # Settings.scan_keys
 
 
 # ---------------------------------------------------------------- pipeline
@@ -93,9 +93,11 @@ class Settings:
     `swiglu`: "fused" (model/mlp.py's compiled SwiGLU, the GPU's default; with kernels="cpu" it counts
     as eager) or "eager" (megatron's ops: the CPU's, and the GPU's with FUSED off; every GPU peak
     measured before 2026-12);
-    `scan_keys`: what the GPU's fast scan saves of the block K/V: "joined" (the block attention's keys and
-    values [R + S], which it returns; since session 16) or "block" (k and v, whose view kept the QKV output,
-    beside the FAM K/V, which the layer then concatenated: every GPU peak measured before session 16).
+    `scan_keys`: what the GPU's fast scan saves of the block K/V: "held" (the block attention's keys and
+    values [R + S], which it returns, and its loop's keys/values buffers [T, F + C], which its backward
+    reads, except where a recompute replays a kept scan; since 2026-12-02), "joined" (the first two
+    alone; sessions 16 to 20) or "block" (k and v, whose view kept the QKV output, beside the FAM K/V,
+    which the layer then concatenated: every GPU peak measured before session 16).
     None (recompute, schedule, microbatches): the model's, the default for virtual_stages, P."""
 
     tp: int = 1
@@ -116,7 +118,7 @@ class Settings:
     kernels: str = "cuda"
     return_logits: bool = False
     swiglu: str = "fused"
-    scan_keys: str = "joined"
+    scan_keys: str = "held"
     micro_chunk_len: int = 0  # train.micro_chunk_len: 0 off
     micro_chunk_mode: str = "exact"  # train.micro_chunk_mode
     offload_states: bool = False  # train.micro_chunk_offload_states
@@ -209,7 +211,9 @@ def _shapes(m: ModelArgs, s: Settings, e: Bytes) -> _Shapes:
         s.kernels
     shard = tp if sp else 1
     F = m.fam_len if m.uses_fam else 0
-    terms = layer_activation_terms(m, S, b, tp, sp, e, kernels, s.swiglu, s.scan_keys)
+    # a recompute that replays a kept scan (model/scan_stash.py) holds no keys/values buffers for it
+    keys = "joined" if s.scan_keys == "held" and s.recompute and not m.recompute_fam_scan else s.scan_keys
+    terms = layer_activation_terms(m, S, b, tp, sp, e, kernels, s.swiglu, keys)
     if s.micro_chunks > 1 and m.attention != "dense":
         # a micro-chunk after the first attends to the passed state's m blocks too: their K/V join the saved keys
         # (and, on CPU, SDPA's mask copy widens by them); not exact: a micro-chunk after the first skips the

@@ -115,7 +115,7 @@ def stage_params(m: ModelArgs, layers: int, first: bool, last: bool, tp: int = 1
 # shape: the layer's shape, then each estimate setting that changes what a layer saves (estimate.py Settings)
 def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
                            bytes_: Bytes | None = None, kernels: str = "cuda", swiglu: str = "fused",
-                           scan_keys: str = "joined") -> dict[str, int]:
+                           scan_keys: str = "held") -> dict[str, int]:
     """Bytes autograd saves for one layer and one micro-batch, by part (no recompute). scan_keys: what
     the GPU's fast scan saves of the block K/V (pipeline/memory/estimate.py Settings)."""
     # SwiGLU: megatron's eager ops keep fc1's output (2 FFN widths), silu(gate), up + 0.0 and fc2's input;
@@ -141,7 +141,7 @@ def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int
     T = math.ceil(S / C)
     kv_len = fam_key_rows(T, F) + S  # keys [R + S]: FAM keys padded to a tile, then the tokens (model/masks.py)
     terms["attention"] = b * (2 * S * n + 2 * kv_len * g) * d * e.act + b * n * S * 4
-    joined = bool(F) and kernels == "cuda" and scan_keys == "joined"
+    joined = bool(F) and kernels == "cuda" and scan_keys in ("joined", "held")
     if joined:  # the keys and values [R + S] are the fast scan's outputs, counted with it
         terms["attention"] = b * 2 * S * n * d * e.act + b * n * S * 4
     if F and kernels == "cuda" and m.overlap_fam_scan and tp == 1:
@@ -152,8 +152,10 @@ def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int
     if kernels == "cpu":
         terms["attention"] += S * kv_len * e.act  # SDPA's float copy of the dense mask
     if F:
-        scan = _eager_scan_bytes(m, S, b, tp, shard, e, normed) if kernels == "cpu" else _fast_scan_bytes(m, S, b, tp,
-                                                                                                           shard, e, joined)
+        if kernels == "cpu":
+            scan = _eager_scan_bytes(m, S, b, tp, shard, e, normed)
+        else:
+            scan = _fast_scan_bytes(m, S, b, tp, shard, e, joined, held=joined and scan_keys == "held")
         terms["fam_scan"] = scan + 4 * T * F * b * d * 4  # + the FAM RoPE tables [T, F, b, 1, d] x 4, fp32
     return terms
 
@@ -174,15 +176,19 @@ def _eager_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Byte
     return steps * b * (F // shard * local + F * whole) + inputs + keys
 
 
-def _fast_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes, joined: bool = True) -> int:
+def _fast_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes, joined: bool = True,
+                     held: bool = False) -> int:
     """model/fast_scan.py `FAMScan` (GPU): no autograd inside; it saves its inputs and each step's
-    `Activations` (model/scan_step.py), for the T blocks and the prompt step. Its weights are the
-    parameters, read in place where they are in the GEMM dtype (else GEMM-dtype copies, per call or in
-    the static buffers of model/scan_graphs.py, one set per shape for all layers: not counted here)."""
+    `Activations` (model/scan_step.py), for the T blocks and the prompt step, and (held) its loop's
+    keys/values buffers [T, F + C, b, g, d] (`_take_blocks`). Its weights are the parameters, read in
+    place where they are in the GEMM dtype (else GEMM-dtype copies, per call or in the static buffers
+    of model/scan_graphs.py, one set per shape for all layers: not counted here)."""
     d, n, g, T = m.head_dim, m.num_attention_heads // tp, m.query_groups // tp, math.ceil(S / m.block_size)
     if not joined:  # before session 16: its inputs k and v, and its FAM K/V [R] (the layer concatenated them)
         return _scan_rows_bytes(m, S, b, tp, shard, e) + _block_kv_bytes(S, b, n, g, d, e)
     keys = 2 * (fam_key_rows(T, m.fam_len) + S) * b * g * d * e.act  # its outputs keys, values [R + S, b, g, d]
+    if held:
+        keys += 2 * T * (m.fam_len + m.block_size) * b * g * d * e.act
     return _scan_rows_bytes(m, S, b, tp, shard, e, fam_rows=False) + keys
 
 
