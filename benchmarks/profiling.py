@@ -9,6 +9,11 @@ two can be diffed kernel by kernel from --json. `ops` names what launched the ti
 33 us" reads as "aten::copy_ of [24576, 1536] bf16 into fp32". `device="cpu"` profiles the CPU's operators
 instead (the tests: the same counting, on this machine).
 
+`gaps` says where the GPU idles between a step's kernels (`idle_gaps`): the gaps summed by size and
+the kernel pairs with the most idle time between them, plus the time of copies and memsets, which the
+kernel time leaves out. issue 13's fam-1b at 8k, micro-batch 4, idled about 19 ms a step where bswa-1b
+idled none, and 936 fewer kernels did not shorten it (benchmarks/results/2026-12-02-1xH200, session 21).
+
 `host_ms` and `syncs` tell a CPU-bound step from a GPU-bound one: the CPU time to issue one step
 (until step() returns, before waiting for the GPU) and every call that made the CPU wait for the
 GPU (torch.cuda.set_sync_debug_mode), by the Python line that made it. A step whose host_ms
@@ -48,15 +53,13 @@ def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "c
         step()
         if cuda:
             torch.cuda.synchronize()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.device_type() == kind and not e.name().startswith(("Memcpy", "Memset"))]
+    device = [e for e in prof.profiler.kineto_results.events() if e.device_type() == kind]
+    copies = [e for e in device if e.name().startswith(("Memcpy", "Memset"))]
+    events = [e for e in device if not e.name().startswith(("Memcpy", "Memset"))]
     if not cuda:  # operators nest on the CPU: count the outermost aten ones only
         events = [e for e in events if e.name().startswith("aten::")]
         events = _outermost(events)
-    busy_ns, covered_to = 0, 0
-    for start, end in sorted((e.start_ns(), e.end_ns()) for e in events):
-        busy_ns += max(0, end - max(start, covered_to))
-        covered_to = max(covered_to, end)
+    busy_ns = union_ns([(e.start_ns(), e.end_ns()) for e in events])
     by_name: dict[str, list] = {}
     for e in events:
         entry = by_name.setdefault(e.name()[:100], [0, 0])
@@ -64,14 +67,49 @@ def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "c
         entry[1] += e.duration_ns()
     per_step = lambda n: n // steps if n % steps == 0 else n / steps  # noqa: E731  (counts stay ints when they can)
     ranked = sorted(([name, per_step(n), ns / 1e6 / steps] for name, (n, ns) in by_name.items()), key=lambda r: -r[2])
+    gaps = idle_gaps([(e.start_ns(), e.end_ns(), e.name()) for e in events], steps)
+    gaps["copy_ms"] = union_ns([(e.start_ns(), e.end_ns()) for e in copies]) / 1e6 / steps
     found = {"kernels_per_step": per_step(len(events)), "kernel_ms": busy_ns / 1e6 / steps, "kernels": ranked,
-             "ops": _ops(step, steps, cuda), **host_side(step, steps, cuda)}
+             "gaps": gaps, "ops": _ops(step, steps, cuda), **host_side(step, steps, cuda)}
     if wall_seconds:
         found["gpu_busy"] = found["kernel_ms"] / 1e3 / wall_seconds
     return found
 
 
 OPS = 60
+GAP_SIZES_US = (2, 10, 100)  # idle_gaps' bins: up to 2 us, 2-10, 10-100, over 100
+GAP_PAIRS = 10  # the kernel pairs idle_gaps lists
+
+
+def union_ns(intervals: list) -> int:
+    """The time covered by (start, end) intervals, overlaps counted once."""
+    busy, covered_to = 0, 0
+    for start, end in sorted(intervals):
+        busy += max(0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
+    return busy
+
+
+def idle_gaps(kernels: list, steps: int = 1) -> dict:
+    """The idle time between (start_ns, end_ns, name) kernels, per step: `ms` in all, `count`, `by_size` (ms in
+    each bin of GAP_SIZES_US, labelled by its upper bound, the last "more") and `pairs`, the GAP_PAIRS
+    [kernel before, kernel after, gaps, ms] with the most idle time between them (names to 60 characters).
+    A gap runs from the last end so far (streams may overlap) to the next start."""
+    bins = [f"<={n}us" for n in GAP_SIZES_US] + ["more"]
+    by_size, pairs = dict.fromkeys(bins, 0.0), {}
+    total, count, covered_to, last = 0, 0, None, ""
+    for start, end, name in sorted(kernels):
+        if covered_to is not None and start > covered_to:
+            gap = start - covered_to
+            total, count = total + gap, count + 1
+            by_size[next((b for b, n in zip(bins, GAP_SIZES_US) if gap <= n * 1e3), "more")] += gap / 1e6 / steps
+            entry = pairs.setdefault((last[:60], name[:60]), [0, 0])
+            entry[0] += 1
+            entry[1] += gap
+        if covered_to is None or end > covered_to:
+            covered_to, last = end, name
+    ranked = sorted(([a, b, n / steps, ns / 1e6 / steps] for (a, b), (n, ns) in pairs.items()), key=lambda r: -r[3])
+    return {"ms": total / 1e6 / steps, "count": count / steps, "by_size": by_size, "pairs": ranked[:GAP_PAIRS]}
 
 
 def host_side(step: Callable[[], object], steps: int, cuda: bool) -> dict:

@@ -16,7 +16,8 @@ pipeline/training/flops.py) and peak memory. The vocabulary defaults to
 and the GPU-busy fraction (the time some kernel ran over the unprofiled step's wall time; the table adds
 kernel and idle ms per step and the kernel-time ratio to bswa), the CPU's
 time to issue a step and the calls in it that waited for the GPU, then the operators that launched
-the kernel time, with their input shapes.
+the kernel time, with their input shapes. Under the table, each row's idle time between kernels by gap
+size and the three kernel pairs with the most idle time between them (benchmarks/profiling.py idle_gaps).
 `--json PATH` writes every cell's raw figures as a JSON list (with --profile: every kernel by name,
 to diff two configs).
 `--anchor [PATH]` runs the shared plain-PyTorch anchor (default ../shared/gpu/anchor_gpt.py) in this
@@ -275,6 +276,20 @@ def print_table(rows: list, opts) -> None:
                      f" {kernels} | {r['kernels_per_step']:,.0f} | {r['host_ms']:.0f} |"
                      f" {sum(n for _, n in r['syncs']):.0f} |")
         print(line)
+    for name, seq, r in rows if opts.profile else ():
+        print_gaps(name, seq, r.get("gaps"))
+
+
+def print_gaps(name: str, seq: int, gaps: dict | None) -> None:
+    """Where a profiled row's GPU idled between kernels (benchmarks/profiling.py idle_gaps): by gap size,
+    the copies' time, and the three kernel pairs with the most idle time between them."""
+    if not gaps:
+        return
+    sizes = ", ".join(f"{size} {ms:.1f}" for size, ms in gaps["by_size"].items())
+    print(f"{name} {seq:,}: idle {gaps['ms']:.1f} ms a step in {gaps['count']:,.0f} gaps (ms by gap: {sizes});"
+          f" copies and memsets {gaps['copy_ms']:.1f} ms")
+    for before, after, count, ms in gaps["pairs"][:3]:
+        print(f"  {ms:.2f} ms in {count:,.0f} gaps: {before} -> {after}")
 
 
 def add_anchor_arguments(parser: argparse.ArgumentParser) -> None:

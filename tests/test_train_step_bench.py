@@ -153,6 +153,25 @@ def test_profile_counts_launches_per_step_and_ranks_names_by_time():
         op_times = [ms for *_, ms in found["ops"]]
         assert op_times == sorted(op_times, reverse=True)
         assert found["host_ms"] > 0 and found["syncs"] == []  # the CPU's time to issue a step; no CUDA here
+        gaps = found["gaps"]  # the idle time between the ops: their span less the time some op ran
+        assert gaps["count"] >= 1 and 0 <= gaps["ms"] and abs(sum(gaps["by_size"].values()) - gaps["ms"]) < 1e-9
+        assert gaps["copy_ms"] == 0  # no copies or memsets on the CPU's timeline
+
+
+def test_idle_gaps_sum_each_gap_once_by_size_and_by_the_kernels_around_it():
+    """benchmarks/profiling.py idle_gaps on a made-up timeline (ns): overlapping kernels leave no gap, a gap
+    runs from the latest end so far, and each lands in one size bin and one (before, after) pair."""
+    from benchmarks.profiling import idle_gaps
+
+    kernels = [(0, 10_000, "gemm"), (11_000, 20_000, "copy"), (25_000, 40_000, "gemm"),
+               (30_000, 35_000, "flash"),  # inside the gemm: no gap, and the gemm stays the one before the next
+               (240_000, 241_000, "copy"), (241_500, 250_000, "gemm")]
+    gaps = idle_gaps(kernels, steps=2)  # per step: everything halved
+    assert gaps["count"] == 2.0
+    assert gaps["ms"] == (1_000 + 5_000 + 200_000 + 500) / 1e6 / 2
+    assert gaps["by_size"] == {"<=2us": 0.00075, "<=10us": 0.0025, "<=100us": 0.0, "more": 0.1}
+    # the 1 us and 200 us gaps follow a gemm (the 200 us one the gemm that ended last, not the flash inside it)
+    assert gaps["pairs"] == [["gemm", "copy", 1.0, 0.1005], ["copy", "gemm", 1.0, 0.00275]]
 
 
 def test_the_table_shows_each_rows_profile_and_an_out_of_memory_row(monkeypatch, capsys):
@@ -175,6 +194,20 @@ def test_the_table_shows_each_rows_profile_and_an_out_of_memory_row(monkeypatch,
                          "| 0.850 | 10,180 | 212 | 3 |")
     assert lines[-1].startswith("| dense-1b | 8,192 | 4 | out of memory |")
     assert lines[-1].count("|") == lines[-2].count("|") == lines[2].count("|")
+
+
+def test_a_profiled_row_prints_where_its_gpu_idled(capsys):
+    from benchmarks import train_step
+
+    gaps = {"ms": 19.3, "count": 9163.0, "by_size": {"<=2us": 8.0, "<=10us": 6.0, "<=100us": 4.3, "more": 1.0},
+            "pairs": [["a", "b", 162.0, 2.5], ["b", "c", 18.0, 1.25], ["c", "a", 1.0, 0.5], ["x", "y", 1.0, 0.1]],
+            "copy_ms": 0.75}
+    train_step.print_gaps("fam-1b", 8192, gaps)
+    train_step.print_gaps("bswa-1b", 8192, None)  # not profiled: nothing
+    assert capsys.readouterr().out.splitlines() == [
+        "fam-1b 8,192: idle 19.3 ms a step in 9,163 gaps (ms by gap: <=2us 8.0, <=10us 6.0, <=100us 4.3, more 1.0);"
+        " copies and memsets 0.8 ms",
+        "  2.50 ms in 162 gaps: a -> b", "  1.25 ms in 18 gaps: b -> c", "  0.50 ms in 1 gaps: c -> a"]
 
 
 def test_a_wait_inside_torch_is_placed_at_the_project_line_that_led_to_it():
