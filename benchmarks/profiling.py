@@ -121,6 +121,7 @@ def host_side(step: Callable[[], object], steps: int, cuda: bool) -> dict:
     own `set_sync_debug_mode("warn")` (torch 2.11), now outside the recording."""
     if cuda:
         torch.cuda.synchronize()
+    before = _allocator_counts(cuda)
     sites: Counter = Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
@@ -143,7 +144,25 @@ def host_side(step: Callable[[], object], steps: int, cuda: bool) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
     if cuda:
         torch.cuda.synchronize()
-    return {"host_ms": host * 1e3 / steps, "syncs": [[site, n / steps] for site, n in sites.most_common()]}
+    return {"host_ms": host * 1e3 / steps, "syncs": [[site, n / steps] for site, n in sites.most_common()],
+            "allocator": allocator_calls(before, _allocator_counts(cuda), steps)}
+
+
+ALLOCATOR_COUNTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def _allocator_counts(cuda: bool) -> dict:
+    if not cuda:
+        return dict.fromkeys(ALLOCATOR_COUNTS, 0)
+    stats = torch.cuda.memory_stats()
+    return {name: stats.get(name, 0) for name in ALLOCATOR_COUNTS}
+
+
+def allocator_calls(before: dict, after: dict, steps: int) -> dict:
+    """Per step, what the caching allocator did that can leave the GPU idle without a wait that `syncs` sees:
+    retries after a failed allocation (which free cached blocks), cudaMalloc and cudaFree calls (a cudaFree
+    waits for the whole device) and waits for all streams."""
+    return {name.removeprefix("num_"): (after[name] - before[name]) / steps for name in ALLOCATOR_COUNTS}
 
 
 def sync_site(filename: str, lineno: int, stack: list) -> str:

@@ -277,17 +277,19 @@ def print_table(rows: list, opts) -> None:
                      f" {sum(n for _, n in r['syncs']):.0f} |")
         print(line)
     for name, seq, r in rows if opts.profile else ():
-        print_gaps(name, seq, r.get("gaps"))
+        print_gaps(name, seq, r.get("gaps"), r.get("allocator"))
 
 
-def print_gaps(name: str, seq: int, gaps: dict | None) -> None:
+def print_gaps(name: str, seq: int, gaps: dict | None, allocator: dict | None = None) -> None:
     """Where a profiled row's GPU idled between kernels (benchmarks/profiling.py idle_gaps): by gap size,
-    the copies' time, and the three kernel pairs with the most idle time between them."""
+    the copies' time, the caching allocator's calls that can idle it, and the three kernel pairs with the
+    most idle time between them."""
     if not gaps:
         return
     sizes = ", ".join(f"{size} {ms:.1f}" for size, ms in gaps["by_size"].items())
+    calls = ", ".join(f"{n:g} {name}" for name, n in (allocator or {}).items())
     print(f"{name} {seq:,}: idle {gaps['ms']:.1f} ms a step in {gaps['count']:,.0f} gaps (ms by gap: {sizes});"
-          f" copies and memsets {gaps['copy_ms']:.1f} ms")
+          f" copies and memsets {gaps['copy_ms']:.1f} ms" + (f"; allocator a step: {calls}" if calls else ""))
     for before, after, count, ms in gaps["pairs"][:3]:
         print(f"  {ms:.2f} ms in {count:,.0f} gaps: {before} -> {after}")
 

@@ -156,6 +156,7 @@ def test_profile_counts_launches_per_step_and_ranks_names_by_time():
         gaps = found["gaps"]  # the idle time between the ops: their span less the time some op ran
         assert gaps["count"] >= 1 and 0 <= gaps["ms"] and abs(sum(gaps["by_size"].values()) - gaps["ms"]) < 1e-9
         assert gaps["copy_ms"] == 0  # no copies or memsets on the CPU's timeline
+        assert set(found["allocator"].values()) == {0}  # the CUDA caching allocator's calls: none here
 
 
 def test_idle_gaps_sum_each_gap_once_by_size_and_by_the_kernels_around_it():
@@ -172,6 +173,11 @@ def test_idle_gaps_sum_each_gap_once_by_size_and_by_the_kernels_around_it():
     assert gaps["by_size"] == {"<=2us": 0.00075, "<=10us": 0.0025, "<=100us": 0.0, "more": 0.1}
     # the 1 us and 200 us gaps follow a gemm (the 200 us one the gemm that ended last, not the flash inside it)
     assert gaps["pairs"] == [["gemm", "copy", 1.0, 0.1005], ["copy", "gemm", 1.0, 0.00275]]
+    from benchmarks.profiling import ALLOCATOR_COUNTS, allocator_calls
+
+    before, after = dict.fromkeys(ALLOCATOR_COUNTS, 7), dict(zip(ALLOCATOR_COUNTS, (9, 11, 7, 8)))
+    assert allocator_calls(before, after, steps=2) == {"alloc_retries": 1.0, "device_alloc": 2.0, "device_free": 0.0,
+                                                       "sync_all_streams": 0.5}
 
 
 def test_the_table_shows_each_rows_profile_and_an_out_of_memory_row(monkeypatch, capsys):
@@ -202,11 +208,13 @@ def test_a_profiled_row_prints_where_its_gpu_idled(capsys):
     gaps = {"ms": 19.3, "count": 9163.0, "by_size": {"<=2us": 8.0, "<=10us": 6.0, "<=100us": 4.3, "more": 1.0},
             "pairs": [["a", "b", 162.0, 2.5], ["b", "c", 18.0, 1.25], ["c", "a", 1.0, 0.5], ["x", "y", 1.0, 0.1]],
             "copy_ms": 0.75}
-    train_step.print_gaps("fam-1b", 8192, gaps)
+    allocator = {"alloc_retries": 0.5, "device_alloc": 2.0, "device_free": 1.0, "sync_all_streams": 0.5}
+    train_step.print_gaps("fam-1b", 8192, gaps, allocator)
     train_step.print_gaps("bswa-1b", 8192, None)  # not profiled: nothing
     assert capsys.readouterr().out.splitlines() == [
         "fam-1b 8,192: idle 19.3 ms a step in 9,163 gaps (ms by gap: <=2us 8.0, <=10us 6.0, <=100us 4.3, more 1.0);"
-        " copies and memsets 0.8 ms",
+        " copies and memsets 0.8 ms; allocator a step: 0.5 alloc_retries, 2 device_alloc, 1 device_free,"
+        " 0.5 sync_all_streams",
         "  2.50 ms in 162 gaps: a -> b", "  1.25 ms in 18 gaps: b -> c", "  0.50 ms in 1 gaps: c -> a"]
 
 
