@@ -12,7 +12,8 @@ instead (the tests: the same counting, on this machine).
 `gaps` says where the GPU idles between a step's kernels (`idle_gaps`): the gaps summed by size and
 the kernel pairs with the most idle time between them, plus the time of copies and memsets, which the
 kernel time leaves out. issue 13's fam-1b at 8k, micro-batch 4, idled about 19 ms a step where bswa-1b
-idled none, and 936 fewer kernels did not shorten it (benchmarks/results/2026-12-02-1xH200, session 21).
+idled none, and 936 fewer kernels shortened it by 0.4 ms, within the noise (benchmarks/results/
+2026-12-02-1xH200, session 21).
 
 `host_ms` and `syncs` tell a CPU-bound step from a GPU-bound one: the CPU time to issue one step
 (until step() returns, before waiting for the GPU) and every call that made the CPU wait for the
