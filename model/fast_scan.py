@@ -9,9 +9,9 @@ then adds up, T times per weight and layer. `FAMScan` instead:
     values [R + S, b, g, d] whole: the buffers' first F rows of every block, zeros up to R (T*F
     padded to a tile, model/masks.py), then k or v, so the layer concatenates nothing, and
     saves these instead of k and v (v is a view that would keep the whole QKV output alive);
-  - backward: walks the blocks in reverse over the kept activations and the keys/values buffers
-    the forward wrote (held for it without layer recompute: `_take_blocks`; no recompute) and
-    back-propagates activation gradients only (to the previous FAM, to the block's K/V, to the
+  - backward: walks the blocks in reverse over the kept activations (it recomputes nothing) and
+    the keys/values buffers the forward wrote (held for it where no layer recompute follows:
+    `_take_blocks`) and back-propagates activation gradients only (to the previous FAM, to the block's K/V, to the
     initial FAM: the prompt rows or a passed-in state), writing each weight use's output gradient;
     the block attention's gradients of k and v arrive through the joined keys/values and are added
     to the steps' in one pass (autograd would add a copy of the static buffer to them);
