@@ -332,11 +332,12 @@ def _take_slot(spec: ScanSpec, static, in_place: bool, keep: bool, fam0, k, rope
 def _take_blocks(spec: ScanSpec, static, in_place: bool, hold: bool, k, rope, weights) -> int | None:
     """The slot (model/scan_slots.py) whose keys/values buffers [T, F + C, b, g, d] this call's loops
     run over, so that the backward reads the block K/V and FAM K/V where the forward's loop wrote
-    them instead of loading them again (fam-1b at 8k, micro-batch 4, H200: 3.6 ms a step, "Session
-    16"); None: the shared buffers (no static buffers, or nothing to keep, or under recompute, which
-    would hold every layer's block K/V between its forward and its backward, or no slot left).
-    Where the block attention saves its keys/values anyway (no recompute) this holds another copy
-    of them: fam-1b at 8k, micro-batch 4, 0.2 GB a layer."""
+    them instead of loading them again (fam-1b at 8k, micro-batch 4, H200: 36 writes, 1.84 ms a
+    step in "Session 21"; 3.6 ms on another host in "Session 16"). None: the shared buffers (no
+    static buffers, nothing to keep, no slot left, or under recompute, where holding them would keep
+    every layer's block K/V from its forward to its backward). Where the block attention saves its
+    keys/values anyway (no recompute) this holds another copy of them: fam-1b at 8k, micro-batch 4,
+    0.2 GB a layer."""
     if static is None or not hold or not HOLD_BLOCKS:
         return None
     owner = scan_graphs.weights_key(weights) if in_place else None
