@@ -29,8 +29,9 @@ collectives run uncaptured); weights already in the GEMM dtype are read in place
 own graphs (WEIGHTS_IN_PLACE); each call's kept activations and keys/values buffers stay in its own
 slots from the forward to the backward (model/scan_slots.py). On CPU the same code runs uncompiled,
 over fresh buffers or (tests) the static ones; tests/test_scan.py checks it against the eager
-per-step autograd scan. Under layer recompute, model.recompute_fam_scan = false keeps the scan's outputs and activations from the
-forward instead of running the scan again in backward (model/scan_stash.py).
+per-step autograd scan. Under layer recompute, model.recompute_fam_scan = false keeps the scan's
+outputs and activations from the forward instead of running the scan again in backward
+(model/scan_stash.py).
 
 Kept vs recomputed activations: per step the backward reads 8 tensors of F rows (fam-1b: 6.3 MB
 per block and layer, bf16 and fp32; a block's 1024 tokens keep ~25x that) instead of re-running
