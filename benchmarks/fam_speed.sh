@@ -32,6 +32,8 @@
 #   fam-1b's 8k row in 210 s; with --profile and the anchor, 8k to 64k (9 rows, 6 anchors) took about
 #   520 s. So give each table phase a call of its own, and keep the machine warm between calls (it goes
 #   back after 30 s idle, and its inductor caches with it).
+#   TRACE=1 saves each profiled cell of a pair phase (profile, slots, blocks, combo, codegen) as a gzipped Chrome
+#   trace in OUT/traces (train_step --trace): the timeline behind the idle gaps that --profile prints.
 #   PROFILE=1 adds --profile to the table phases (micro-batch 1: the anchor's). COMPILE_CACHE=DIR passes
 #   --compile-cache DIR to every train_step (benchmarks/compile_cache.py), meant to skip the compiles when
 #   DIR is carried from an earlier call; tried once on an H200 (2026-12-01), it did not (see that file).
@@ -68,7 +70,7 @@ pair() {  # name, train_step flags...: fam-1b and bswa-1b at SEQ (default 8k), n
     local name=$1; shift
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens "${SEQ:-8192}" \
         --recompute auto --json "$OUT/$name.json" ${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"} "$@" \
-        > "$OUT/$name.log" 2>&1
+        ${TRACE:+--trace "$OUT/traces"} > "$OUT/$name.log" 2>&1
     echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
 }
 

@@ -24,6 +24,10 @@ ran 79-87 % busy against bswa-1b's 91-99 %.
 
 from __future__ import annotations
 
+import gzip
+import os
+import shutil
+import tempfile
 import time
 import traceback
 import warnings
@@ -35,14 +39,15 @@ import torch
 
 
 def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "cuda",
-                    wall_seconds: float | None = None) -> dict:
+                    wall_seconds: float | None = None, trace_path: str | os.PathLike | None = None) -> dict:
     """Run `step()` (`steps` training steps) under torch.profiler. Per step: launches, the union of
     the kernels' intervals in ms (`kernel_ms`: streams may overlap), and every kernel name
     (first 100 characters) as [name, launches, ms], longest total first. Copies and memsets are
     left out. The first 8 of `kernels` are what the console shows. `ops`: the OPS operators with
     the most self time on the device, as [name, input shapes, calls, ms] per step (kernels in a
     CUDA graph replay count under the replay), from a second profiled run of `step`. With
-    `wall_seconds` (one unprofiled step's), also `gpu_busy`: kernel time over wall time."""
+    `wall_seconds` (one unprofiled step's), also `gpu_busy`: kernel time over wall time. With
+    `trace_path`, that second run's timeline is saved there (`save_trace`)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -71,7 +76,7 @@ def profile_kernels(step: Callable[[], object], steps: int = 1, device: str = "c
     gaps = idle_gaps([(e.start_ns(), e.end_ns(), e.name()) for e in events], steps)
     gaps["copy_ms"] = union_ns([(e.start_ns(), e.end_ns()) for e in copies]) / 1e6 / steps
     found = {"kernels_per_step": per_step(len(events)), "kernel_ms": busy_ns / 1e6 / steps, "kernels": ranked,
-             "gaps": gaps, "ops": _ops(step, steps, cuda), **host_side(step, steps, cuda)}
+             "gaps": gaps, "ops": _ops(step, steps, cuda, trace_path), **host_side(step, steps, cuda)}
     if wall_seconds:
         found["gpu_busy"] = found["kernel_ms"] / 1e3 / wall_seconds
     return found
@@ -181,7 +186,23 @@ _TORCH = Path(torch.__file__).resolve().parent
 _PLUMBING = {Path(warnings.__file__).resolve()}  # the warning's own way to `record`
 
 
-def _ops(step: Callable[[], object], steps: int, cuda: bool) -> list:
+def save_trace(prof, path: str | os.PathLike) -> Path:
+    """A profiled run's timeline (the CPU's operators and the device's kernels, copies and memsets) as a
+    gzipped Chrome trace, written whole (temp file, rename): open it in Perfetto (ui.perfetto.dev) or read
+    its `traceEvents` to find what the GPU waited for between two kernels. A missing folder is made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    os.replace(partial, path)
+    return path
+
+
+def _ops(step: Callable[[], object], steps: int, cuda: bool, trace_path=None) -> list:
     """[operator, input shapes, calls, ms] per step, by the time of the kernels each launched itself:
     a second profiled run, with the CPU's operators and their shapes (the first counts kernels
     alone: with CPU activity, annotations such as "## Call CompiledFxGraph ##" show up on the
@@ -193,6 +214,8 @@ def _ops(step: Callable[[], object], steps: int, cuda: bool) -> list:
         step()
         if cuda:
             torch.cuda.synchronize()
+    if trace_path:
+        save_trace(prof, trace_path)
     rows = []
     for avg in prof.key_averages(group_by_input_shape=True):
         us = avg.self_device_time_total if cuda else avg.self_cpu_time_total

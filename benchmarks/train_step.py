@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -61,7 +62,8 @@ def step_loss(model, tokens: torch.Tensor, loss_path: str = "chunked") -> torch.
 
 # shape: one benchmark cell's settings, as the CLI gives them
 def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, steps: int, profile: bool = False,
-             precision: str = "bf16-mixed", loss_path: str = "chunked", micro_batch: int = 1) -> dict:
+             precision: str = "bf16-mixed", loss_path: str = "chunked", micro_batch: int = 1,
+             trace_dir: str | None = None) -> dict:
     args = cell_model_args(name, vocab, recompute)
     model = build_model(args, device="cuda")
     opt = build_step_optimizer(model, precision)
@@ -87,7 +89,8 @@ def run_cell(name: str, seq: int, vocab: int, recompute: bool, warmup: int, step
     flops, tokens_per_step = flops_per_token(args, seq), micro_batch * seq
     profiled = {}
     if profile:
-        profiled = profile_kernels(step, wall_seconds=seconds)
+        trace = trace_dir and Path(trace_dir) / trace_name(name, seq, micro_batch, recompute)
+        profiled = profile_kernels(step, wall_seconds=seconds, trace_path=trace)
     return {
         **profiled,
         "tokens_per_s": tokens_per_step / seconds,
@@ -115,6 +118,9 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step: GPU-busy fraction, kernels per step, the costliest kernels")
+    parser.add_argument("--trace", metavar="DIR",
+                        help="with --profile, save each cell's profiled step as a gzipped Chrome trace in DIR "
+                             "(CONFIG-SEQ-mbB[-recompute].trace.json.gz; benchmarks/profiling.py save_trace)")
     parser.add_argument("--json", help="write the raw rows to this file")
     parser.add_argument("--compile-cache", metavar="DIR",
                         help="load the torch.compile caches of earlier runs from DIR and add this run's "
@@ -127,7 +133,13 @@ def parse_options() -> argparse.Namespace:
     add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
     check_micro_batch(parser, opts)
+    if opts.trace and not opts.profile:
+        parser.error(f"--trace {opts.trace}: traces are taken of the profiled step; add --profile")
     return opts
+
+
+def trace_name(name: str, seq: int, micro_batch: int, recompute: bool) -> str:
+    return f"{name}-{seq}-mb{micro_batch}{'-recompute' * recompute}.trace.json.gz"
 
 
 def main() -> None:
@@ -154,7 +166,7 @@ def main() -> None:
                 before = torch.cuda.memory_allocated()
                 try:
                     result = run_cell(name, seq, opts.vocab_size, recompute, opts.warmup, opts.steps, opts.profile,
-                                      opts.precision, opts.loss, micro_batch)
+                                      opts.precision, opts.loss, micro_batch, opts.trace)
                     break
                 except torch.OutOfMemoryError:
                     result = {"oom": True, "recompute": recompute, **({"micro_batch": micro_batch} if micro_batch != 1

@@ -159,6 +159,32 @@ def test_profile_counts_launches_per_step_and_ranks_names_by_time():
         assert set(found["allocator"].values()) == {0}  # the CUDA caching allocator's calls: none here
 
 
+def test_the_profiled_step_is_saved_as_a_chrome_trace_when_asked(tmp_path):
+    """benchmarks/profiling.py save_trace through profile_kernels: a gzipped Chrome trace whose events are
+    the profiled run's operators, in a folder made for it, and no temp file left."""
+    import gzip
+    import json
+
+    from benchmarks.profiling import profile_kernels
+
+    a = torch.randn(64, 64)
+    path = tmp_path / "traces" / "fam-1b-8192-mb4.trace.json.gz"
+    profile_kernels(lambda: a @ a, device="cpu", trace_path=path)
+    events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_trace_needs_profile_and_names_each_cell(monkeypatch, capsys):
+    from benchmarks import train_step
+
+    monkeypatch.setattr("sys.argv", ["train_step", "--configs", "fam-1b", "--seq-lens", "8192", "--trace", "t"])
+    with pytest.raises(SystemExit):
+        train_step.parse_options()
+    assert "--trace t: traces are taken of the profiled step; add --profile" in capsys.readouterr().err
+    assert train_step.trace_name("fam-1b", 65536, 2, True) == "fam-1b-65536-mb2-recompute.trace.json.gz"
+
+
 def test_idle_gaps_sum_each_gap_once_by_size_and_by_the_kernels_around_it():
     """benchmarks/profiling.py idle_gaps on a made-up timeline (ns): overlapping kernels leave no gap, a gap
     runs from the latest end so far, and each lands in one size bin and one (before, after) pair."""
@@ -255,7 +281,8 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
     fill = {'"${CONFIGS[@]}"': "fam-1b bswa-1b dense-1b", '"$ANCHOR"': DEFAULT_ANCHOR,
             '"$OUT/$name.json"': "runs/x/short.json", '"$OUT"': "runs/x", "${PROFILE:+--profile}": "--profile",
             '"${SEQ:-8192}"': "8192", '"$b"': "4", '"${MB:-4}"': "4", '"$s"': "off", '"$k"': "reloaded",
-            '${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"}': "--compile-cache runs/x/compile-cache"}
+            '${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"}': "--compile-cache runs/x/compile-cache",
+            '${TRACE:+--trace "$OUT/traces"}': ""}
     table, pair = re.findall(r"python3 -m benchmarks\.train_step (.*?)>", script.replace("\\\n", " "))
     pair_flags = re.findall(r"\) pair [\w-]+ (.*?) ;;", script)  # the phases that run pair(): their own flags
     pair_flags += re.findall(r'pair "batch-[^"]*" (.*?); done', script)  # `batches`: one pair per micro-batch
