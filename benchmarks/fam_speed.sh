@@ -33,7 +33,8 @@
 #   520 s. So give each table phase a call of its own, and keep the machine warm between calls (it goes
 #   back after 30 s idle, and its inductor caches with it).
 #   TRACE=1 saves each profiled cell of a pair phase (profile, slots, blocks, combo, codegen) as a gzipped Chrome
-#   trace in OUT/traces (train_step --trace): the timeline behind the idle gaps that --profile prints.
+#   trace in OUT/traces (train_step --trace): the timeline behind the idle gaps that --profile prints; read it
+#   with `python -m benchmarks.trace_gaps OUT/traces/NAME.trace.json.gz` (no GPU needed).
 #   PROFILE=1 adds --profile to the table phases (micro-batch 1: the anchor's). COMPILE_CACHE=DIR passes
 #   --compile-cache DIR to every train_step (benchmarks/compile_cache.py), meant to skip the compiles when
 #   DIR is carried from an earlier call; tried once on an H200 (2026-12-01), it did not (see that file).
