@@ -15,6 +15,9 @@ counted once) is put in one of three classes, by the runtime call that launched 
     device's own latency between kernels).
 issue 13's fam-1b at 8k, micro-batch 4, idled about 19 ms a step where bswa-1b idled none
 (benchmarks/results/2026-12-02-1xH200, session 21); which class that is decides what to shorten.
+A caution: the traced run records the CPU's operators and their shapes, which slows the host, so
+it can wait for the CPU where an unprofiled step does not. Compare its idle total with the one
+`--profile` prints from its kernel-only run before reading the first class as the cause.
 """
 
 from __future__ import annotations
