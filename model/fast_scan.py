@@ -231,7 +231,8 @@ class FAMScan(torch.autograd.Function):
             (fam, fam_k, fam_v, *prompt_out), saved, prompt_kv = stash.entries.popleft()
             outputs = (fam, scan_buffers.join(fam_k, k), scan_buffers.join(fam_v, v), *prompt_out)
         else:
-            outputs, saved, prompt_kv, blocks = _run_forward(spec, fam0, k, v, rope, weights, keep, stash is None)
+            hold = stash is None and HOLD_BLOCKS
+            outputs, saved, prompt_kv, blocks = _run_forward(spec, fam0, k, v, rope, weights, keep, hold)
             if stash is not None:  # copies: what the first run returns may be changed in place before the recompute
                 rows = (outputs[0], outputs[1][: spec.fam_rows], outputs[2][: spec.fam_rows], *outputs[3:])
                 stash.entries.append((tuple(x.detach().clone() for x in rows), saved, prompt_kv))
@@ -316,7 +317,7 @@ def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool, hold_blo
     if held is not None:
         blocks = tuple(static.blocks[held].lend())
     else:  # fresh buffers are this call's own; the shared static ones are written by the next call
-        blocks = (b["keys"], b["values"]) if static is None and hold_blocks and HOLD_BLOCKS else ()
+        blocks = (b["keys"], b["values"]) if static is None and hold_blocks else ()
     return outputs, tuple(saved), prompt_kv, blocks
 
 
@@ -339,7 +340,7 @@ def _take_blocks(spec: ScanSpec, static, in_place: bool, hold: bool, k, rope, we
     every layer's block K/V from its forward to its backward). Where the block attention saves its
     keys/values anyway (no recompute) this holds another copy of them: fam-1b at 8k, micro-batch 4,
     0.2 GB a layer."""
-    if static is None or not hold or not HOLD_BLOCKS:
+    if static is None or not hold:
         return None
     owner = scan_graphs.weights_key(weights) if in_place else None
     return static.blocks.take(owner, lambda: scan_buffers.Blocks(**scan_buffers.block_buffers(spec, k, rope)))

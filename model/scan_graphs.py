@@ -133,7 +133,7 @@ class StaticScan:
         keys/values buffers (None: the shared ones, which are copied in or cloned out)."""
         b = self.buffers if slot is None else dict(self.buffers, saved=self.slots[slot].buffers)
         if blocks is not None:
-            b = dict(b, keys=self.blocks[blocks].buffers[0], values=self.blocks[blocks].buffers[1])
+            b = dict(b, **self.blocks[blocks].buffers._asdict())  # keys, values
         return b
 
     def loop(self, name: str, run: Callable, weights: tuple | None = None, slot: int | None = None,
