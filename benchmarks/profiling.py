@@ -96,24 +96,32 @@ def union_ns(intervals: list) -> int:
     return busy
 
 
+def iter_gaps(intervals):
+    """(start, length, item before, item after) of each idle gap between (start, end, item) intervals given
+    in start order: a gap runs from the latest end so far (streams may overlap) to the next start, and the
+    item before it is the one that ended last."""
+    covered_to, last = None, None
+    for start, end, item in intervals:
+        if covered_to is not None and start > covered_to:
+            yield covered_to, start - covered_to, last, item
+        if covered_to is None or end > covered_to:
+            covered_to, last = end, item
+
+
 def idle_gaps(kernels: list, steps: int = 1) -> dict:
     """The idle time between (start_ns, end_ns, name) kernels, per step: `ms` in all, `count`, `by_size` (ms in
     each bin of GAP_SIZES_US, labelled by its upper bound, the last "more") and `pairs`, the GAP_PAIRS
     [kernel before, kernel after, gaps, ms] with the most idle time between them (names to 60 characters).
-    A gap runs from the last end so far (streams may overlap) to the next start."""
+    Gaps as `iter_gaps` finds them."""
     bins = [f"<={n}us" for n in GAP_SIZES_US] + ["more"]
     by_size, pairs = dict.fromkeys(bins, 0.0), {}
-    total, count, covered_to, last = 0, 0, None, ""
-    for start, end, name in sorted(kernels):
-        if covered_to is not None and start > covered_to:
-            gap = start - covered_to
-            total, count = total + gap, count + 1
-            by_size[next((b for b, n in zip(bins, GAP_SIZES_US) if gap <= n * 1e3), "more")] += gap / 1e6 / steps
-            entry = pairs.setdefault((last[:60], name[:60]), [0, 0])
-            entry[0] += 1
-            entry[1] += gap
-        if covered_to is None or end > covered_to:
-            covered_to, last = end, name
+    total, count = 0, 0
+    for _, gap, last, name in iter_gaps(sorted(kernels)):
+        total, count = total + gap, count + 1
+        by_size[next((b for b, n in zip(bins, GAP_SIZES_US) if gap <= n * 1e3), "more")] += gap / 1e6 / steps
+        entry = pairs.setdefault((last[:60], name[:60]), [0, 0])
+        entry[0] += 1
+        entry[1] += gap
     ranked = sorted(([a, b, n / steps, ns / 1e6 / steps] for (a, b), (n, ns) in pairs.items()), key=lambda r: -r[3])
     return {"ms": total / 1e6 / steps, "count": count / steps, "by_size": by_size, "pairs": ranked[:GAP_PAIRS]}
 

@@ -29,6 +29,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.profiling import iter_gaps
+
 DEVICE = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCHES = ("cuda_runtime", "cuda_driver")  # cudaLaunchKernel, cudaGraphLaunch, ...; Triton's cuLaunchKernel
 CLASSES = ("waited for the CPU", "inside a CUDA graph", "launched in time")
@@ -90,19 +92,19 @@ def find_gaps(events: list[dict], min_us: float = 0.0) -> list[Gap]:
     """Every device idle gap of at least `min_us`, in time order, with its class (module docstring)."""
     launches = {_correlation(e): e for e in events if e.get("cat") in LAUNCHES and _correlation(e) is not None}
     host = _HostOps(events)
-    gaps, covered_to, last = [], None, None
-    for e in sorted((e for e in events if e.get("cat") in DEVICE), key=lambda e: e["ts"]):
-        if covered_to is not None and e["ts"] - covered_to >= max(min_us, 1e-9):
-            launch = launches.get(_correlation(e))
-            same_graph = launch is not None and launch["name"].startswith("cudaGraphLaunch") and \
-                _correlation(last) == _correlation(e)
-            if launch is not None and launch["ts"] > covered_to:
-                cause, op = CLASSES[0], host.around(launch.get("tid"), launch["ts"])
-            else:
-                cause, op = (CLASSES[1] if same_graph else CLASSES[2]), ""
-            gaps.append(Gap(covered_to, e["ts"] - covered_to, last["name"], e["name"], cause, op))
-        if covered_to is None or e["ts"] + e["dur"] > covered_to:
-            covered_to, last = e["ts"] + e["dur"], e
+    device = sorted((e for e in events if e.get("cat") in DEVICE), key=lambda e: e["ts"])
+    gaps = []
+    for start, us, last, e in iter_gaps((e["ts"], e["ts"] + e["dur"], e) for e in device):
+        if us < min_us:
+            continue
+        launch = launches.get(_correlation(e))
+        same_graph = launch is not None and launch["name"].startswith("cudaGraphLaunch") and \
+            _correlation(last) == _correlation(e)
+        if launch is not None and launch["ts"] > start:
+            cause, op = CLASSES[0], host.around(launch.get("tid"), launch["ts"])
+        else:
+            cause, op = (CLASSES[1] if same_graph else CLASSES[2]), ""
+        gaps.append(Gap(start, us, last["name"], e["name"], cause, op))
     return gaps
 
 
