@@ -103,6 +103,14 @@ def test_rows_are_saved_as_records_with_the_anchor_beside_them(tmp_path):
     saved = json.loads(path.read_text())
     assert [(r["seq_len"], r["tokens_per_s"]) for r in saved if r["config"] == "fam-1b"] == [
         (8192, 31000.0), (32768, 30000.0), (8192, 33000.0), (8192, 29000.0)]
+    # And the scan's keys/values held for its backward (--scan-blocks; records without the key reloaded them).
+    held = {**records[0], "tokens_per_s": 34000.0, "scan_blocks": "held"}
+    reloaded = {**records[0], "tokens_per_s": 32000.0, "scan_blocks": "reloaded"}  # replaces the keyless 31000
+    for record in (held, reloaded):  # two commands: the second keeps the first's row
+        write_records([record], tmp_path / "results", day="2026-11-29", card="1xH200")
+    saved = json.loads(path.read_text())
+    assert [(r["seq_len"], r["tokens_per_s"]) for r in saved if r["config"] == "fam-1b"] == [
+        (32768, 30000.0), (8192, 33000.0), (8192, 29000.0), (8192, 34000.0), (8192, 32000.0)]
 
 
 def test_the_benchmark_step_takes_the_trainers_loss_path_unless_asked_for_whole_logits(monkeypatch):
