@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.profiling import profile_kernels
+from data_prep.manifest import write_json_atomic
 from model.config import ModelArgs
 from pipeline.training.flops import peak_flops
 
@@ -139,7 +140,5 @@ def write_records(records: list[dict], results_dir: str | os.PathLike, day: str 
     except json.JSONDecodeError as err:
         raise SystemExit(f"{path} is not valid JSON ({err}): move it away or give another --results-dir") from None
     new = {key(r) for r in records}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps([r for r in earlier if key(r) not in new] + records, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(str(path), [r for r in earlier if key(r) not in new] + records, sort_keys=False)
     return path

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 from model import (build_model, compile_limits, fast_scan, load_model_args, mlp, rope, scan_graphs, scan_slots,
                    scan_step)
 from benchmarks.step_optimizer import build_step_optimizer, step_autocast
+from data_prep.manifest import write_json_atomic
 from model.micro_chunks import micro_chunked_forward_backward
 from pipeline.memory.cli import estimated_precision
 from pipeline.memory.estimate import DEFAULT_ALLOWANCE_GIB, GIB, Settings, estimate
@@ -203,13 +202,11 @@ def row_notes(left_gib: float) -> dict:
 
 def save_rows(rows: list[dict], path: str) -> None:
     """The rows as a JSON list, written after every cell (a run stopped by its time limit keeps them).
-    A missing folder is made: a GPU cell's rows must not be lost for want of it. Written whole (temp
-    file, rename), as anchor_rows.write_records does: a run killed mid-write keeps the last rows."""
+    A missing folder is made: a GPU cell's rows must not be lost for want of it. Written whole
+    (data_prep.manifest.write_json_atomic): a run killed mid-write keeps the last rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(str(path), rows, sort_keys=False)
 
 
 def format_micro_chunk_table(rows: list[dict], vocab: int, precision: str) -> str:

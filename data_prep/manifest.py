@@ -61,12 +61,13 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON so that readers see either the old file or the complete new one."""
+def write_json_atomic(path: str, obj, sort_keys: bool = True) -> None:
+    """Write JSON so that readers see either the old file or the complete new one (keys sorted unless
+    `sort_keys` is False: benchmark rows keep their own order, config first)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=1, sort_keys=sort_keys)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
