@@ -26,6 +26,7 @@ import argparse
 import bisect
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def load_events(path: str | Path) -> list[dict]:
     try:
         raw = path.read_bytes()
         data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zlib.error) as err:  # missing, not JSON, a cut or corrupt gzip
         raise SystemExit(f"{path}: not a readable Chrome trace ({err}); give one that "
                          "`benchmarks.train_step --profile --trace DIR` wrote") from None
     events = data.get("traceEvents") if isinstance(data, dict) else None

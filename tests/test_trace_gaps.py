@@ -64,8 +64,11 @@ def test_a_gzipped_trace_from_the_profiler_reads_and_prints(tmp_path, capsys):
     assert out[-1] == "  540.0 us, waited for the CPU (CPU in FAMScanBackward): step_b -> add_rows"
 
 
-@pytest.mark.parametrize("content, words", [(b"not json", "not a readable Chrome trace"),
-                                            (b'{"events": []}', "no traceEvents list")])
+@pytest.mark.parametrize("content, words", [
+    (b"not json", "not a readable Chrome trace"),
+    (gzip.compress(json.dumps({"traceEvents": EVENTS}).encode())[:40], "not a readable Chrome trace"),  # cut short
+    (b"\x1f\x8bgarbage", "not a readable Chrome trace"),
+    (b'{"events": []}', "no traceEvents list")], ids=["not json", "cut gzip", "corrupt gzip", "no events"])
 def test_a_file_that_is_no_trace_names_itself(tmp_path, content, words):
     path = tmp_path / "x.json"
     path.write_bytes(content)
