@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.module import MegatronModule
 from torch.utils.checkpoint import checkpoint
 
-from model import scan_stash
+from model import rope, scan_stash
 from model.config import FAMConfig, check_sequence_parallel_length
 from model.layer import FAMLayer
 from model.loss import vocab_parallel_cross_entropy
@@ -97,14 +97,15 @@ class FAMLanguageModel(MegatronModule):
     def run_layers(self, hidden, positions, state: FAMState | None):
         """hidden [F + s, b, h] through this module's layers; returns (hidden, their states)."""
         new_states = []
-        for i, layer in enumerate(self.layers):
-            layer_state = None if state is None else state.layers[i]
-            if self.config.recompute_granularity == "full" and torch.is_grad_enabled():
-                keep_scan = {} if self.config.recompute_fam_scan else {"context_fn": scan_stash.contexts}
-                hidden, s = checkpoint(layer, hidden, positions, layer_state, use_reentrant=False, **keep_scan)
-            else:
-                hidden, s = layer(hidden, positions, layer_state)
-            new_states.append(s)
+        with rope.SHARED.scope():  # the RoPE tables, computed once for all layers
+            for i, layer in enumerate(self.layers):
+                layer_state = None if state is None else state.layers[i]
+                if self.config.recompute_granularity == "full" and torch.is_grad_enabled():
+                    keep_scan = {} if self.config.recompute_fam_scan else {"context_fn": scan_stash.contexts}
+                    hidden, s = checkpoint(layer, hidden, positions, layer_state, use_reentrant=False, **keep_scan)
+                else:
+                    hidden, s = layer(hidden, positions, layer_state)
+                new_states.append(s)
         return hidden, new_states
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from model.fast_scan import fast_scan
 from model.masks import BlockLayout
 from model.mlp import FAMMLP
 from model.norm import build_norm
-from model.rope import rope_angles
+from model.rope import SHARED, rope_angles
 from model.scan import eager_scan, fam_step
 from model.scan_buffers import ScanSpec
 from model.state import LayerState
@@ -136,18 +136,10 @@ class FAMLayer(MegatronModule):
 
     def _fam_rope(self, positions: torch.Tensor):
         """cos/sin [T, F, b, 1, d] for every block's FAM queries (the block's last F positions)
-        and FAM keys (the F positions before the block), computed once for the whole scan."""
-        F, C = self.config.fam_len, self.config.block_size
-        starts = positions[:, 0::C]  # [b, T]
-        ends = positions[:, C - 1 :: C] + 1
-        if ends.shape[1] < starts.shape[1]:  # a partial last block ends at the last token
-            ends = torch.cat([ends, positions[:, -1:] + 1], dim=1)
-        offsets = torch.arange(F, dtype=positions.dtype, device=positions.device) - F
-        tables = []
-        for anchor in (ends, starts):  # queries end at the block's end, keys before its start
-            cos, sin = rope_angles(anchor[:, :, None] + offsets, self.config.kv_channels, self.config.rope_base)
-            tables += [t.permute(1, 2, 0, 3)[:, :, :, None].contiguous() for t in (cos, sin)]
-        return tables  # cos_q, sin_q, cos_k, sin_k
+        and FAM keys (the F positions before the block), computed once for the whole scan and
+        shared by every layer that gets the same positions (model/rope.py `SharedTables`)."""
+        F, C, d, base = self.config.fam_len, self.config.block_size, self.config.kv_channels, self.config.rope_base
+        return SHARED.get(positions, ("fam", F, C, d, base), lambda: _fam_tables(positions, F, C, d, base))
 
     def _scan_spec(self, from_prompt: bool, fam_rows: int) -> ScanSpec:
         cfg, att = self.config, self.attention
@@ -198,6 +190,20 @@ class FAMLayer(MegatronModule):
         q, k, v = self.attention.project_qkv(self.input_norm(hidden), positions, positions)
         x = self.ffn(self.attention.project_out(self.attention.attend_causal(q, k, v)) + hidden)
         return x, LayerState(None)
+
+
+def _fam_tables(positions: torch.Tensor, F: int, C: int, head_dim: int, base: float) -> tuple:
+    """FAMLayer._fam_rope's tables: cos_q, sin_q, cos_k, sin_k [T, F, b, 1, d]."""
+    starts = positions[:, 0::C]  # [b, T]
+    ends = positions[:, C - 1 :: C] + 1
+    if ends.shape[1] < starts.shape[1]:  # a partial last block ends at the last token
+        ends = torch.cat([ends, positions[:, -1:] + 1], dim=1)
+    offsets = torch.arange(F, dtype=positions.dtype, device=positions.device) - F
+    tables = []
+    for anchor in (ends, starts):  # queries end at the block's end, keys before its start
+        cos, sin = rope_angles(anchor[:, :, None] + offsets, head_dim, base)
+        tables += [t.permute(1, 2, 0, 3)[:, :, :, None].contiguous() for t in (cos, sin)]
+    return tuple(tables)
 
 
 @functools.lru_cache(maxsize=8)

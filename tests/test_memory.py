@@ -25,8 +25,10 @@ from pipeline.memory.terms import (
     element_bytes,
     embedding_saved_bytes,
     head_bytes,
+    fam_rope_table_bytes,
     layer_activation_terms,
     layer_held_bytes,
+    rope_table_bytes,
     stage_params,
 )
 from tests.time_bounds import HANG_GUARD_SECONDS
@@ -128,7 +130,7 @@ def _predicted_saved(args: ModelArgs, batch: int, seq: int) -> int:
         layers = (args.num_layers + 1) * layer_input + seq * batch * 4
     else:
         layers = args.num_layers * sum(layer_activation_terms(args, seq, batch, bytes_=FP32, kernels="cpu").values())
-        layers += layer_input
+        layers += layer_input + rope_table_bytes(args, seq, batch)  # the layers share one forward's RoPE tables
     return layers + head_bytes(args, seq, batch, bytes_=FP32, kernels="cpu").saved + embedding_saved_bytes(seq, batch)
 
 
@@ -166,7 +168,8 @@ def test_activation_terms_equal_autograd_saved_tensors_of_the_cpu_model(name, ov
     got, scan = _saved_bytes(args, batch, seq)
     assert abs(_predicted_saved(args, batch, seq) - got) <= UNMODELLED_BYTES, (name, got)
     terms = layer_activation_terms(args, seq, batch, bytes_=FP32, kernels="cpu")
-    assert scan == (0 if args.recompute else args.num_layers * terms.get("fam_scan", 0)), (name, scan)
+    shared = fam_rope_table_bytes(args, seq, batch)  # the layers' scans share one forward's FAM RoPE tables
+    assert scan == (0 if args.recompute else args.num_layers * terms.get("fam_scan", 0) + shared), (name, scan)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -182,7 +185,8 @@ def test_gpu_scan_terms_equal_the_fast_scans_saved_tensors_run_on_cpu(name, over
     args = _small(**over)
     got, scan = _saved_bytes(args, batch, seq, fast_scan=True, dtype=dtype)
     e = FP32 if dtype == torch.float32 else element_bytes("bf16-zero", "bf16")
-    assert scan == args.num_layers * layer_activation_terms(args, seq, batch, bytes_=e, kernels="cuda")["fam_scan"]
+    scans = args.num_layers * layer_activation_terms(args, seq, batch, bytes_=e, kernels="cuda")["fam_scan"]
+    assert scan == scans + fam_rope_table_bytes(args, seq, batch)  # + one forward's FAM RoPE tables, shared
 
 
 def test_weight_gradient_and_adam_bytes_equal_the_tiny_models():
@@ -287,9 +291,10 @@ def test_estimate_within_5pct_of_measured_gpu_peaks(name, seq, recompute, vocab,
     layer's backward instead of two put the recompute rows 7-11 % over."""
     args = load_model_args(name, vocab_size=vocab, **SCAN_AS_MEASURED)
     # measured before 2026-12, with megatron's eager SwiGLU (model/mlp.py: five FFN-wide tensors kept, not three)
+    # and each layer's own RoPE tables (before session 22)
     keys = "joined" if (name, seq, recompute, vocab) in MEASURED_WITH_JOINED_KEYS else "block"
     est = estimate(args, Settings(seq_len=seq, recompute=recompute, microbatches=microbatches, swiglu="eager",
-                                  scan_keys=keys))
+                                  scan_keys=keys, rope_tables="per-layer"))
     assert abs(est.peak / GIB - measured_gib) / measured_gib < 0.05, (est.peak / GIB, est.worst().peaks)
 
 
@@ -361,6 +366,7 @@ def test_a_model_value_of_the_wrong_type_is_refused_by_name_as_in_training(tmp_p
     ("fam-1b", dict(zero=4), "zero_stage"),
     ("fam-1b", dict(precision="bf16-zero", dtype="fp32"), "bf16"),
     ("fam-1b", dict(scan_keys="cat"), "scan_keys"),
+    ("fam-1b", dict(rope_tables="once"), "rope_tables"),
 ])
 def test_impossible_combinations_raise_naming_the_setting(config, kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -179,8 +179,9 @@ def test_chunked_loss_without_logits_equals_loss_from_logits(fam_len, monkeypatc
 def record_megatron_layers(model, tokens, offsets, monkeypatch) -> list[dict]:
     """Run the megatron model with spies on the RoPE angles it computes (tests/rope_spy.py), on
     its block attention and on its FAM scan steps. Per layer, in call order: token query and key
-    positions [b, S] (split_qkv_rope), FAM query and key tables [b, T, F] (FAMLayer._fam_rope), the
-    BlockLayout the block queries attend with, and each scan step's number of block keys."""
+    positions [b, S] (split_qkv_rope), FAM query and key tables [b, T, F] (FAMLayer._fam_rope), all
+    three computed once and shared by the layers, the BlockLayout the block queries attend with, and
+    each scan step's number of block keys."""
     import model.scan as scan_module
     from model.attention import FAMSelfAttention
     from tests import rope_spy
@@ -205,17 +206,17 @@ def record_megatron_layers(model, tokens, offsets, monkeypatch) -> list[dict]:
             model(tokens, position_offset=offsets)
     finally:
         undo()
-    layers, rope_calls, scan = [], iter(records), []
+    # computed once per forward, in layer 0, and shared by every layer (model/rope.py SharedTables): the
+    # tokens' (queries and keys: the same positions), then the FAM queries' and keys'
+    (s1, tok), (s2, fam_q), (s3, fam_k) = records
+    assert (s1, s2, s3) == ("model.rope", "model.layer", "model.layer")
+    layers, scan = [], []
     for kind, value in events:
         if kind == "scan":
             scan.append(value)
             continue
-        (s1, tok_q), (s2, tok_k), (s3, fam_q), (s4, fam_k) = (next(rope_calls) for _ in range(4))
-        assert (s1, s2, s3, s4) == ("model.rope", "model.rope", "model.layer", "model.layer")
-        layers.append({"tok_q": tok_q.T, "tok_k": tok_k.T, "fam_q": fam_q, "fam_k": fam_k, "layout": value,
-                       "scan": scan})
+        layers.append({"tok_q": tok.T, "tok_k": tok.T, "fam_q": fam_q, "fam_k": fam_k, "layout": value, "scan": scan})
         scan = []
-    assert next(rope_calls, None) is None
     return layers
 
 

@@ -3,10 +3,11 @@
 RoPE sees only relative positions, so logits cannot tell whether an offset reached the model
 (offsets [0, 321.25] against none differ by 1.7e-7). A spy on the RoPE angles the code computes
 (tests/rope_spy.py), installed inside every process of `pipeline.train.run`, records the positions
-of every layer's tokens and FAM rows, step by step. Checks:
+of the tokens and FAM rows, step by step (computed once per forward and shared by the layers,
+model/rope.py SharedTables: tests/test_rope.py checks that every layer gets them). Checks:
   * one process: micro-batch a, row j of step s sits at offset + index with offset =
     draw_step(seed, s).offsets[a * micro + j] (pipeline/training/draws.py, the paper's listing),
-    the same in every layer, and the FAM rows at model/reference.py's positions;
+    and the FAM rows at model/reference.py's positions;
   * DP=2, PP=2 and DP=2 with ZeRO-2: each rank's rows carry the offset one process gave the same
     sample (matched by sample key, train.record_sample_keys), on every rank that runs a layer
     (under PP the second stage gets the positions from the first).
@@ -36,7 +37,7 @@ SETTINGS = dict(data__micro_batch_size=MICRO, data__global_batch_size=GLOBAL, tr
 POSITION_ATOL = 2**-7
 
 
-def _record_positions(records: list, block_size: int, fam_len: int, layers: int, accum: int,
+def _record_positions(records: list, block_size: int, fam_len: int, accum: int,
                       shape_inference: bool) -> dict:
     """{step: [per micro-batch: row offsets]} from the spy's records, checking on the way that every
     layer of a micro-batch used the same token positions, offset + index, and the FAM rows the
@@ -52,21 +53,20 @@ def _record_positions(records: list, block_size: int, fam_len: int, layers: int,
             calls.append((site, value))
             continue
         if step is not None:
+            # once per forward, shared by the stage's layers (model/rope.py SharedTables): the tokens' positions
+            # (queries and keys alike), then the FAM query and key tables
             tokens = [v.T for s, v in calls if s == "model.rope"]  # split_qkv_rope: [S, b] -> [b, S]
             tables = [v for s, v in calls if s == "model.layer"]  # FAM query, key tables [b, T, F]
             if shape_inference and step == 1:
-                tokens, tables = tokens[2 * layers :], tables[2 * layers :]
-            assert len(tokens) == 2 * layers * accum and len(tables) == 2 * layers * accum, (step, len(calls))
+                tokens, tables = tokens[1:], tables[2:]
+            assert len(tokens) == accum and len(tables) == 2 * accum, (step, len(calls))
             offsets = []
             for a in range(accum):
-                used = tokens[2 * layers * a : 2 * layers * (a + 1)]
-                assert all(np.array_equal(u, used[0]) for u in used), (step, a)  # queries, keys, every layer
-                pos = used[0]
+                pos = tokens[a]
                 np.testing.assert_allclose(pos, pos[:, :1] + np.arange(pos.shape[1]), rtol=0, atol=POSITION_ATOL)
                 fam_q, fam_k = documented_fam_positions(pos, block_size, fam_len)
-                for q, k in zip(tables[2 * layers * a :: 2][:layers], tables[2 * layers * a + 1 :: 2][:layers]):
-                    np.testing.assert_allclose(q, fam_q, rtol=0, atol=POSITION_ATOL)
-                    np.testing.assert_allclose(k, fam_k, rtol=0, atol=POSITION_ATOL)
+                np.testing.assert_allclose(tables[2 * a], fam_q, rtol=0, atol=POSITION_ATOL)
+                np.testing.assert_allclose(tables[2 * a + 1], fam_k, rtol=0, atol=POSITION_ATOL)
                 offsets.append(pos[:, 0].tolist())
             steps[step] = offsets
         step, calls = value, []
@@ -98,10 +98,9 @@ def _worker(rank: int, world_size: int, shards: str, run_dir: str, extra: dict) 
         undo()
     p = cfg.parallel
     dp = world_size // (p.tensor_parallel_size * p.pipeline_parallel_size)
-    layers = cfg.model.num_layers // p.pipeline_parallel_size
     meta = sum(1 for _, v in records if v is None)
     records = [(s, v) for s, v in records if v is not None]
-    steps = _record_positions(records, cfg.model.block_size, cfg.model.fam_len, layers, GLOBAL // (MICRO * dp),
+    steps = _record_positions(records, cfg.model.block_size, cfg.model.fam_len, GLOBAL // (MICRO * dp),
                               shape_inference=p.pipeline_parallel_size > 1)
     return {"status": summary["status"], "steps": steps, "meta_calls": meta}
 

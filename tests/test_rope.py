@@ -69,3 +69,66 @@ def test_rope_keeps_the_dtype_and_rotates_bf16_in_fp32():
     assert got.dtype == torch.bfloat16
     want = complex_rope(x.float(), positions[:, None, :], 10000.0)
     assert (got.double() - want).abs().max() < 2e-2  # one bf16 rounding of values up to ~4: 2^-8 x 4
+
+
+def _count_angles(monkeypatch) -> list:
+    """Every rope_angles call the model makes (model.rope's for the tokens, model.layer's for the FAM rows)."""
+    import model.layer
+    import model.rope
+
+    calls: list = []
+    real = model.rope.rope_angles
+
+    def counted(positions, head_dim, base):
+        calls.append(tuple(positions.shape))
+        return real(positions, head_dim, base)
+
+    monkeypatch.setattr(model.rope, "rope_angles", counted)
+    monkeypatch.setattr(model.layer, "rope_angles", counted)
+    return calls
+
+
+def test_a_forward_computes_the_rope_tables_once_for_all_its_layers(monkeypatch):
+    """model/rope.py SharedTables: one forward of a 3-layer FAM model computes the tokens' table
+    once (queries and keys share the positions) and the FAM rows' two once, not per layer; with
+    recompute in backward (outside the forward's scope) each recomputed layer computes its own.
+    Red if the layers compute their own (9 calls) or the scope leaks past the forward."""
+    from model import build_model
+    from tests.test_reference import small_args
+
+    torch.manual_seed(0)
+    model = build_model(small_args(num_layers=3))
+    tokens = torch.randint(0, 64, (2, 40))
+    calls = _count_angles(monkeypatch)
+    out = model(tokens, labels=tokens)
+    assert len(calls) == 3, calls
+    out.loss.backward()
+    assert len(calls) == 3
+    model(tokens, labels=tokens)  # a new forward: new positions, computed again
+    assert len(calls) == 6
+
+    recomputing = build_model(small_args(num_layers=3, recompute=True))
+    calls.clear()
+    recomputing(tokens, labels=tokens).loss.backward()
+    assert len(calls) == 3 + 3 * 3, calls  # the forward's, then each layer's recompute
+
+
+def test_shared_tables_follow_positions_changed_in_place_and_live_only_in_a_scope():
+    """A positions buffer written again (a pipeline stage receives every micro-batch's positions into
+    the same tensor, a write that does not bump its version: here through .data) gets new tables in
+    the next scope; in one scope an in-place change (a new version) does too; outside a scope nothing
+    is kept. Red for a cache keyed by the tensor alone that outlives the scope."""
+    from model.rope import SHARED, token_tables
+
+    positions = torch.arange(6, dtype=torch.float32)[None].repeat(2, 1)  # [b, s]
+    with SHARED.scope():
+        first = token_tables(positions, 8, 10000.0)
+        assert token_tables(positions, 8, 10000.0)[0] is first[0]  # shared within the scope
+        positions.add_(1.0)  # a new version
+        assert torch.equal(token_tables(positions, 8, 10000.0)[0], rope_angles(positions.T, 8, 10000.0)[0][:, :, None])
+    positions.data.copy_(positions + 100.0)  # the version stays
+    with SHARED.scope():
+        again = token_tables(positions, 8, 10000.0)
+    assert torch.equal(again[0], rope_angles(positions.T, 8, 10000.0)[0][:, :, None])
+    assert SHARED.entries is None
+    assert token_tables(positions, 8, 10000.0)[0] is not token_tables(positions, 8, 10000.0)[0]

@@ -51,8 +51,8 @@ from dataclasses import dataclass, field, replace
 from model.config import ModelArgs
 from pipeline.config.rules import ParallelPlan, check_parallel, layer_counts
 from pipeline.memory.terms import (Bytes, HeadBytes, block_mask_bytes, element_bytes, embedding_saved_bytes,
-                                   head_bytes, layer_activation_terms, layer_held_bytes, layer_params, scan_kept_bytes,
-                                   stage_params)
+                                   head_bytes, layer_activation_terms, layer_held_bytes, layer_params, rope_table_bytes,
+                                   scan_kept_bytes, stage_params)
 
 GIB = 2**30
 ZERO_REDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size
@@ -61,6 +61,7 @@ DEFAULT_ALLOWANCE_GIB = 4.0  # CUDA context + NCCL buffers + allocator fragmenta
 KERNELS = ("cuda", "cpu")
 SWIGLU = ("eager", "fused")  # Settings.swiglu
 SCAN_KEYS = ("held", "joined", "block")  # Settings.scan_keys
+ROPE_TABLES = ("shared", "per-layer")  # Settings.rope_tables
 
 
 # ---------------------------------------------------------------- pipeline
@@ -97,7 +98,10 @@ class Settings:
     values [R + S], which it returns, and its loop's keys/values buffers [T, F + C], which its backward
     reads, except where a recompute replays a kept scan; since 2026-12-02), "joined" (the first two
     alone; sessions 16 to 20) or "block" (k and v, whose view kept the QKV output, beside the FAM K/V,
-    which the layer then concatenated: every GPU peak measured before session 16).
+    which the layer then concatenated: every GPU peak measured before session 16);
+    `rope_tables`: "shared" (one forward's RoPE tables, saved once for all its layers: model/rope.py
+    SharedTables, since 2026-12-02) or "per-layer" (each layer computed and saved its own, the tokens'
+    queries' and keys' apart: every GPU peak measured before then).
     None (recompute, schedule, microbatches): the model's, the default for virtual_stages, P."""
 
     tp: int = 1
@@ -119,6 +123,7 @@ class Settings:
     return_logits: bool = False
     swiglu: str = "fused"
     scan_keys: str = "held"
+    rope_tables: str = "shared"
     micro_chunk_len: int = 0  # train.micro_chunk_len: 0 off
     micro_chunk_mode: str = "exact"  # train.micro_chunk_mode
     offload_states: bool = False  # train.micro_chunk_offload_states
@@ -201,6 +206,7 @@ class _Shapes:
     head: HeadBytes
     workspace: int  # activation gradients of one layer's backward
     positions: int
+    rope: int  # one forward's RoPE tables, shared by its layers (terms.py rope_table_bytes)
     embedding: int
     block_mask: int
 
@@ -214,6 +220,9 @@ def _shapes(m: ModelArgs, s: Settings, e: Bytes) -> _Shapes:
     # a recompute that replays a kept scan (model/scan_stash.py) holds no keys/values buffers for it
     keys = "joined" if s.scan_keys == "held" and s.recompute and not m.recompute_fam_scan else s.scan_keys
     terms = layer_activation_terms(m, S, b, tp, sp, e, kernels, s.swiglu, keys)
+    rope = rope_table_bytes(m, S, b)
+    if s.rope_tables == "per-layer":  # each layer's own: the tokens' queries' and keys' apart
+        terms["rope"], rope = rope + 2 * S * b * m.head_dim * 4, 0
     if s.micro_chunks > 1 and m.attention != "dense":
         # a micro-chunk after the first attends to the passed state's m blocks too: their K/V join the saved keys
         # (and, on CPU, SDPA's mask copy widens by them); not exact: a micro-chunk after the first skips the
@@ -233,7 +242,8 @@ def _shapes(m: ModelArgs, s: Settings, e: Bytes) -> _Shapes:
         held_layer=layer_held_bytes(m, S, b, tp, sp, e),
         head=head_bytes(m, S, b, tp, sp, e, kernels, s.return_logits),
         workspace=2 * S * b * (m.ffn_size // tp) * e.act + 2 * layer_input + regather,
-        positions=S * b * 4, embedding=embedding_saved_bytes(S, b), block_mask=block_mask_bytes(m, S, kernels),
+        positions=S * b * 4, rope=rope, embedding=embedding_saved_bytes(S, b),
+        block_mask=block_mask_bytes(m, S, kernels),
     )
 
 
@@ -256,10 +266,10 @@ def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, 
     flight = in_flight(s.schedule, pp, rank, v, s.microbatches * (s.micro_chunks if pp > 1 else 1))
     if s.recompute:  # checkpointed inputs (and kept scans), stage output
         per_mb = (layers + 1) * sh.layer_input + layers * sh.scan_kept + sh.positions
-        current_end = sh.layer_input + sh.positions + sh.full_layer  # layer 0, recomputed
-    else:
-        per_mb = layers * sh.full_layer + sh.layer_input
-        current_end = sh.full_layer
+        current_end = sh.layer_input + sh.positions + sh.full_layer + sh.rope  # layer 0, recomputed
+    else:  # the forward's RoPE tables, saved by every layer
+        per_mb = layers * sh.full_layer + sh.layer_input + sh.rope
+        current_end = sh.full_layer + sh.rope
     per_mb += sh.embedding if first else 0
     activations = int(flight * per_mb)
     losses = s.microbatches if s.schedule == "gpipe" and pp > 1 else 1  # 1F1B: backward follows the loss
@@ -273,7 +283,8 @@ def _rank_memory(m: ModelArgs, rank: int, layers: int, first: bool, last: bool, 
     device_saved = 0 if s.offload_states else saved
     static = weights + optimizer + buffers + sh.block_mask
     live = static + (gradients if grads_live else 0) + activations + fam_state + device_saved
-    recomputed = sh.full_layer - sh.scan_kept if s.recompute else 0  # a kept scan is in `activations` already
+    # a kept scan is in `activations` already; a recomputed layer computes its own RoPE tables
+    recomputed = sh.full_layer - sh.scan_kept + sh.rope if s.recompute else 0
     peaks = {"forward": live + head_saved + (sh.head.forward if last else 0)}
     if last:  # one loss chunk recomputed and its gradient, the output layer's weight gradient
         peaks["loss backward"] = live + head_saved + sh.head.backward
@@ -322,6 +333,8 @@ def estimate(model_args: ModelArgs, settings: Settings = Settings()) -> MemoryEs
         raise ValueError(f"kernels={s.kernels!r}: must be one of {KERNELS}")
     if s.swiglu not in SWIGLU:
         raise ValueError(f"swiglu={s.swiglu!r}: must be one of {SWIGLU} ('fused': model/mlp.py on CUDA)")
+    if s.rope_tables not in ROPE_TABLES:
+        raise ValueError(f"rope_tables={s.rope_tables!r}: must be one of {ROPE_TABLES} ('shared': model/rope.py now)")
     if s.scan_keys not in SCAN_KEYS:
         raise ValueError(f"scan_keys={s.scan_keys!r}: must be one of {SCAN_KEYS} ('joined': model/fast_scan.py now)")
     if s.return_logits and s.pp > 1:

@@ -6,13 +6,13 @@ pipeline/memory/estimate.py).
 
 - activations: what autograd saves per layer per micro-batch (layer_activation_terms): the layer
   input [F+S, b, h]; both RMSNorms (rstd, outputs saved by megatron's linears in the input dtype,
-  fp32 under autocast; the CPU's composite norm also x·rstd); RoPE cos/sin, fp32; block
+  fp32 under autocast; the CPU's composite norm also x·rstd); block
   attention's q [S], K and V [R + S, b, g, d] (R: the FAM keys padded to a tile, model/masks.py),
   output and fp32 lse (CPU: SDPA's float mask; GPU with model.overlap_fam_scan at TP = 1: two
   outputs and lses, the window and FAM parts', and the window part's k and v, which keeps the QKV
   output); SwiGLU's intermediates (5 FFN-wide tensors in megatron's eager ops, 3 in model/mlp.py's
   fused kernel on CUDA); the FAM scan, T block steps
-  plus the soft-prompt stream's step (F rows, no block keys) and the FAM RoPE tables: on CPU
+  plus the soft-prompt stream's step (F rows, no block keys): on CPU
   (kernels="cpu") what autograd keeps of model/scan.py's eager steps, on GPU what
   model/fast_scan.py's one node saves (its outputs, the block attention's K and V [R + S], which the
   attention then saves without new bytes; the prompt step's K/V and each step's Activations). The
@@ -20,6 +20,9 @@ pipeline/memory/estimate.py).
   bf16 weight copies where the graphs do not read the weights in place) are not counted. With
   recompute only each layer's input (and positions) is saved, and backward re-creates one layer's
   full set.
+- rope_tables: the RoPE cos/sin, fp32, of the tokens (queries and keys share them) and of the FAM
+  rows, computed once per forward and shared by its layers (model/rope.py SharedTables): once
+  per micro-batch, not per layer. A layer recomputed in backward computes its own.
 - sequence parallelism shards by TP along the tokens what lies between the TP regions: layer
   input, norms, residuals (SP linears save their un-gathered input), and the FAM rows' (F/tp).
   QKV/attention/FFN tensors stay whole in S. A linear's backward re-gathers its input.
@@ -131,7 +134,6 @@ def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int
     terms = {
         "input": (F + S) * b * h * e.resid // shard,
         "norms": rows * (2 * 4 + 2 * normed + 3 * h * e.resid) // shard,  # rstd x2, outputs x2, residual
-        "rope": 4 * rows * d * 4,  # cos, sin of q and k positions, fp32
         "mlp": mlp_widths * rows * (f // tp) * e.act,
     }
     if m.attention == "dense":
@@ -156,8 +158,21 @@ def layer_activation_terms(m: ModelArgs, seq_len: int, micro_batch: int, tp: int
             scan = _eager_scan_bytes(m, S, b, tp, shard, e, normed)
         else:
             scan = _fast_scan_bytes(m, S, b, tp, shard, e, joined, held=joined and scan_keys == "held")
-        terms["fam_scan"] = scan + 4 * T * F * b * d * 4  # + the FAM RoPE tables [T, F, b, 1, d] x 4, fp32
+        terms["fam_scan"] = scan
     return terms
+
+
+def rope_table_bytes(m: ModelArgs, seq_len: int, micro_batch: int) -> int:
+    """The RoPE tables of one forward (model/rope.py SharedTables), fp32: the tokens' cos and sin
+    [S, b, 1, d] and, with FAM, the FAM rows' four [T, F, b, 1, d]."""
+    return 2 * seq_len * micro_batch * m.head_dim * 4 + fam_rope_table_bytes(m, seq_len, micro_batch)
+
+
+def fam_rope_table_bytes(m: ModelArgs, seq_len: int, micro_batch: int) -> int:
+    """The FAM rows' RoPE tables of one forward: cos and sin of queries and keys [T, F, b, 1, d], fp32."""
+    if not m.uses_fam or m.attention == "dense":
+        return 0
+    return 4 * math.ceil(seq_len / m.block_size) * m.fam_len * micro_batch * m.head_dim * 4
 
 
 def _eager_scan_bytes(m: ModelArgs, S: int, b: int, tp: int, shard: int, e: Bytes, normed: int) -> int:
