@@ -111,6 +111,12 @@ def test_rows_are_saved_as_records_with_the_anchor_beside_them(tmp_path):
     saved = json.loads(path.read_text())
     assert [(r["seq_len"], r["tokens_per_s"]) for r in saved if r["config"] == "fam-1b"] == [
         (32768, 30000.0), (8192, 33000.0), (8192, 29000.0), (8192, 34000.0), (8192, 32000.0)]
+    # And the same cell with layer recompute (--recompute on, where auto's memory rule left it off).
+    write_records([{**held, "tokens_per_s": 27000.0, "recompute": True}], tmp_path / "results", day="2026-11-29",
+                  card="1xH200")
+    saved = json.loads(path.read_text())
+    assert [(r["tokens_per_s"], r["recompute"]) for r in saved if r.get("scan_blocks") == "held"] == [
+        (34000.0, False), (27000.0, True)]
 
 
 def test_the_benchmark_step_takes_the_trainers_loss_path_unless_asked_for_whole_logits(monkeypatch):
