@@ -10,8 +10,8 @@
 #     long      the same at 64k and 128k, recompute (long64, long128: one length each, to run side by side)
 #     table     the same at SEQS (default 8192; a quoted list for several)
 #     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)
-#     ratios    fam-1b and bswa-1b at 8k (micro-batch 4), 32k, 64k and 128k (micro-batch 2, recompute): issue 13's
-#               fam / bswa rows side by side in one process, at the micro-batch where each ratio is highest
+#     ratios    fam-1b and bswa-1b at 8k (micro-batch 4, no recompute), 32k, 64k and 128k (micro-batch 2, recompute):
+#               issue 13's fam / bswa rows side by side in one process, at the micro-batch where each ratio is highest
 #     batch2    fam-1b and bswa-1b at 8k, micro-batch 2 (the scan's weight reads serve both sequences)
 #     batches   fam-1b and bswa-1b at SEQ (default 8192), one process per micro-batch in BATCHES
 #               (default "1 2 4"): where FAM's cost meets BSWA's as the scan's GEMMs get more rows
@@ -83,7 +83,9 @@ for phase in "$@"; do
         long64) table long64 65536 ;;
         long128) table long128 131072 ;;
         table) seqs=${SEQS:-8192}; table "table-${seqs// /-}" $seqs ;;  # SEQS: one length or several, quoted
-        ratios) pair ratios --seq-lens 8192 32768 65536 131072 --micro-batch 4 2 2 2 --results-dir "$OUT" ;;
+        ratios)  # both configs with the same recompute at each length (auto ran bswa-1b without it at 32k, session 22)
+            pair ratios --seq-lens 8192 32768 65536 131072 --micro-batch 4 2 2 2 --recompute off on on on \
+                --results-dir "$OUT" ;;
         batch2) pair batch2 --micro-batch 2 --results-dir "$OUT" ;;
         profile) pair profile --profile ;;
         slots)

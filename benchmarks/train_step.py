@@ -109,7 +109,10 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=["fam-1b", "bswa-1b", "dense-1b"])
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 32768, 65536])
     parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--recompute", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--recompute", nargs="+", choices=["auto", "on", "off"], default=["auto"],
+                        help="layer recompute: auto (below 64k off unless it runs out of memory, on from 64k), on "
+                             "or off; one for every --seq-lens, or one per length in their order (fam / bswa rows "
+                             "alike: --seq-lens 8192 32768 --recompute off on)")
     parser.add_argument("--micro-batch", type=int, nargs="+", default=[1],
                         help="sequences per step (the FAM scan's weight reads serve all of them): one for every "
                              "--seq-lens, or one per length in their order (issue 13's rows side by side: "
@@ -133,6 +136,11 @@ def parse_options() -> argparse.Namespace:
     add_micro_chunk_arguments(parser)  # issue 14: --micro-chunk-len, --mode (benchmarks/micro_chunk_step.py)
     opts = parser.parse_args()
     check_micro_batch(parser, opts)
+    check_per_length(parser, "--recompute", opts.recompute, opts.seq_lens)
+    if opts.micro_chunk_len:  # one setting for the whole micro-chunk benchmark (micro_chunk_step.pick_recompute)
+        if len(opts.recompute) > 1:
+            parser.error(f"--recompute {' '.join(opts.recompute)}: give one value with --micro-chunk-len")
+        opts.recompute = opts.recompute[0]
     if opts.trace and not opts.profile:
         parser.error(f"--trace {opts.trace}: traces are taken of the profiled step; add --profile")
     return opts
@@ -158,10 +166,11 @@ def main() -> None:
             if cache:
                 cache.save()
     rows, records, anchors = [], [], {}
-    for seq, micro_batch in zip(opts.seq_lens, micro_batches(opts)):
+    for seq, micro_batch, recompute_mode in zip(opts.seq_lens, micro_batches(opts), per_length(opts.recompute,
+                                                                                            opts.seq_lens)):
         for name in opts.configs:
             auto = [True] if seq >= 65536 else [False, True]  # 64k+ never fits a 1B model without it
-            tries = {"auto": auto, "on": [True], "off": [False]}[opts.recompute]
+            tries = {"auto": auto, "on": [True], "off": [False]}[recompute_mode]
             for recompute in tries:
                 before = torch.cuda.memory_allocated()
                 try:
@@ -193,17 +202,25 @@ def main() -> None:
     print_table(rows, opts)
 
 
+def per_length(values: list, seq_lens: list[int]) -> list:
+    """A per-length option's value for each --seq-lens entry: one value for all, or one each."""
+    return list(values) * len(seq_lens) if len(values) == 1 else list(values)
+
+
 def micro_batches(opts) -> list[int]:
     """The micro-batch of each --seq-lens entry: one value for all, or one each."""
-    sizes = list(opts.micro_batch)
-    return sizes * len(opts.seq_lens) if len(sizes) == 1 else sizes
+    return per_length(opts.micro_batch, opts.seq_lens)
+
+
+def check_per_length(parser: argparse.ArgumentParser, flag: str, values: list, seq_lens: list[int]) -> None:
+    if len(values) not in (1, len(seq_lens)):
+        parser.error(f"{flag} {' '.join(map(str, values))}: give one value, or one per --seq-lens entry "
+                     f"({len(seq_lens)})")
 
 
 def check_micro_batch(parser: argparse.ArgumentParser, opts) -> None:
     given = " ".join(map(str, opts.micro_batch))
-    if len(opts.micro_batch) not in (1, len(opts.seq_lens)):
-        parser.error(f"--micro-batch {given}: give one micro-batch, or one per --seq-lens entry "
-                     f"({len(opts.seq_lens)})")
+    check_per_length(parser, "--micro-batch", opts.micro_batch, opts.seq_lens)
     if min(opts.micro_batch) < 1 or (max(opts.micro_batch) > 1 and (opts.anchor or opts.micro_chunk_len)):
         parser.error(f"--micro-batch {given}: must be >= 1, and 1 with --anchor or --micro-chunk-len "
                      "(they measure micro-batch 1)")

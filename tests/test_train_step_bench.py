@@ -42,7 +42,15 @@ def test_the_gpu_command_parses_and_stops_only_for_want_of_a_gpu(monkeypatch, ca
     assert "unrecognized arguments: --seqlens" in capsys.readouterr().err
     # one micro-batch per length, or one for all: three for two lengths is a usage error naming both
     assert _main(["--seq-lens", "8192", "32768", "--micro-batch", "4", "2", "2"], monkeypatch) == "2"
-    assert "--micro-batch 4 2 2: give one micro-batch, or one per --seq-lens entry (2)" in capsys.readouterr().err
+    assert "--micro-batch 4 2 2: give one value, or one per --seq-lens entry (2)" in capsys.readouterr().err
+    # recompute likewise (one per length: fam / bswa alike at each), and one value with micro-chunks
+    assert _main(["--seq-lens", "8192", "32768", "--recompute", "off", "on", "on"], monkeypatch) == "2"
+    assert "--recompute off on on: give one value, or one per --seq-lens entry (2)" in capsys.readouterr().err
+    assert _main(["--seq-lens", "8192", "32768", "--recompute", "kept"], monkeypatch) == "2"
+    assert "invalid choice: 'kept'" in capsys.readouterr().err
+    assert _main(["--seq-lens", "8192", "32768", "--recompute", "off", "on", "--micro-chunk-len", "4096"],
+                 monkeypatch) == "2"
+    assert "give one value with --micro-chunk-len" in capsys.readouterr().err
     assert _main(["--seq-lens", "8192", "32768", "--micro-batch", "4", "2", "--anchor", DEFAULT_ANCHOR],
                  monkeypatch) == "2"
     assert "1 with --anchor" in capsys.readouterr().err
@@ -55,6 +63,8 @@ def test_each_length_gets_its_own_micro_batch_or_all_the_one_given():
 
     assert train_step.micro_batches(Namespace(seq_lens=[8192, 32768, 65536], micro_batch=[4, 2, 2])) == [4, 2, 2]
     assert train_step.micro_batches(Namespace(seq_lens=[8192, 32768], micro_batch=[2])) == [2, 2]
+    assert train_step.per_length(["off", "on", "on"], [8192, 32768, 65536]) == ["off", "on", "on"]
+    assert train_step.per_length(["auto"], [8192, 32768]) == ["auto", "auto"]
 
 
 @pytest.mark.parametrize("name", ["fam-1b", "bswa-1b", "dense-1b"])
@@ -297,8 +307,10 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
             '"${SEQ:-8192}"': "8192", '"$b"': "4", '"${MB:-4}"': "4", '"$s"': "off", '"$k"': "reloaded",
             '${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"}': "--compile-cache runs/x/compile-cache",
             '${TRACE:+--trace "$OUT/traces"}': ""}
-    table, pair = re.findall(r"python3 -m benchmarks\.train_step (.*?)>", script.replace("\\\n", " "))
-    pair_flags = re.findall(r"\) pair [\w-]+ (.*?) ;;", script)  # the phases that run pair(): their own flags
+    script = script.replace("\\\n", " ")  # continued lines joined
+    table, pair = re.findall(r"python3 -m benchmarks\.train_step (.*?)>", script)
+    # the phases that run pair() (a comment may follow the phase's name): their own flags
+    pair_flags = re.findall(r"\)(?:\s*#[^\n]*\n)?\s*pair [\w-]+ (.*?) ;;", script)
     pair_flags += re.findall(r'pair "batch-[^"]*" (.*?); done', script)  # `batches`: one pair per micro-batch
     pair_flags += re.findall(r'pair "slots-[^"]*" (.*?); done', script)  # `slots`: on and off
     pair_flags += re.findall(r'pair "blocks-[^"]*" (.*?); done', script)  # `blocks`: held and reloaded
@@ -336,3 +348,46 @@ def test_scan_slots_off_turns_the_slots_off_and_on_brings_the_default_back(monke
     assert fast_scan.COMPILE_MODE == fast_scan.COMBO_KERNELS and fast_scan.HOLD_BLOCKS  # the defaults
     train_step.apply_kernel_options(parser.parse_args(["--scan-compile-mode", "default", "--scan-blocks", "reloaded"]))
     assert fast_scan.COMPILE_MODE is None and not fast_scan.HOLD_BLOCKS
+
+
+def test_each_length_runs_with_its_own_recompute_setting(monkeypatch, tmp_path, capsys):
+    """--recompute off on: every config at the first length without layer recompute, at the second with
+    it (the cells themselves faked: timing needs a GPU); auto tries without and falls back on running
+    out of memory, as session 22's 32k bswa-1b row did not, so it ran without where fam-1b could not."""
+    ran = []
+
+    def fake_cell(name, seq, vocab, recompute, *rest):
+        ran.append((name, seq, recompute))
+        if name == "fam-1b" and seq == 32768 and not recompute:
+            raise torch.OutOfMemoryError("fake")
+        return dict(tokens_per_s=1e4, tflops=100.0, mfu=0.1, peak_gib=1.0, recompute=recompute)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(train_step, "run_cell", fake_cell)
+    monkeypatch.setattr(train_step, "release_cell", lambda before: 0.0)
+    argv = ["--configs", "fam-1b", "bswa-1b", "--seq-lens", "8192", "32768", "--results-dir", str(tmp_path)]
+    _main_runs([*argv, "--recompute", "off", "on"], monkeypatch)
+    assert ran == [("fam-1b", 8192, False), ("bswa-1b", 8192, False), ("fam-1b", 32768, True),
+                   ("bswa-1b", 32768, True)]
+    ran.clear()
+    _main_runs([*argv, "--recompute", "auto"], monkeypatch)
+    assert ran == [("fam-1b", 8192, False), ("bswa-1b", 8192, False), ("fam-1b", 32768, False),
+                   ("fam-1b", 32768, True), ("bswa-1b", 32768, False)]
+
+
+def _main_runs(argv: list[str], monkeypatch) -> None:
+    from benchmarks import micro_chunk_step
+    from model import compile_limits, fast_scan, mlp, rope, scan_slots, scan_step
+
+    # main sets these from its options (apply_kernel_options): put back after the test
+    for module, names in ((fast_scan, ("COMPILE_MODE", "WEIGHTS_IN_PLACE", "HOLD_BLOCKS")),
+                          (scan_slots, ("MAX_SLOTS",)), (scan_step, ("FLASH",)), (rope, ("FUSED",)), (mlp, ("FUSED",)),
+                          (compile_limits, ("STATIC_SHAPES",)),
+                          (micro_chunk_step, ("RECOMPUTE_FAM_SCAN", "OVERLAP_FAM_SCAN"))):
+        for name in names:
+            monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["train_step", *argv])
+    train_step.main()
