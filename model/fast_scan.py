@@ -57,7 +57,9 @@ reads and FAM's FLOPs outside the scan (benchmarks/fam_floor.py): the scan's oth
 reads, are most of the gap. With flash attention in the steps and the block loads in one compiled
 write ("Session 14"): 0.79x at 8k, micro-batch 1; 0.88x at micro-batch 4; 0.89x at micro-batch 2
 from 32k to 128k. With the keys/values buffers held and the steps' combo kernels (2026-12-02,
-"Session 21"): 0.896x at 8k, micro-batch 4, and 0.906x at 32k, micro-batch 2, in one run.
+"Session 21"): 0.896x at 8k, micro-batch 4, and 0.906x at 32k, micro-batch 2, in one run; 0.897x, 0.901x,
+0.899x and 0.901x at 8k to 128k in "Session 22", where the scan's own steps were 47 of the 57 ms a step
+(at 8k) that fam-1b's kernels take beyond bswa-1b's.
 """
 
 from __future__ import annotations
