@@ -191,13 +191,24 @@ def _static_scan(spec: ScanSpec, fam_shape, fam_dtype, k, rope, weights):
     return scan_graphs.static_scan(key, k.device), in_place
 
 
+def _constants(spec: ScanSpec, k, rope) -> dict:
+    """The inputs that depend only on the shapes: the residual scales and the key bias of a partial
+    last block (model/scan_buffers.py)."""
+    T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
+    return dict(scales=scan_buffers.scales(k.device, spec.from_prompt),
+                bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device))
+
+
 # shape: the loop's inputs by name, plus what sizes the buffers made on first use
 def _buffers(spec: ScanSpec, static, inputs: dict, weights, k, rope, fam0_like, backward: bool,
              in_place: bool = False) -> dict:
     """The loop's buffers holding this call's inputs: fresh ones around the inputs themselves, or
     the static ones (made on first use) with the inputs copied in (the weights too, unless the
-    loops read them in place)."""
+    loops read them in place). The static buffers get the constant inputs (`_constants`) only when
+    made or last loaded for another sequence length: every layer's call and both directions read the
+    same ones, so building and copying them (6 launches a call) is not repeated."""
     if static is None:
+        inputs = dict(inputs, **_constants(spec, k, rope))
         if backward:  # the forward's kept activations come in, and its keys/values buffers unless rebuilt
             made = scan_buffers.backward_outputs(spec, k, rope, weights)
             if "keys" not in inputs:
@@ -212,6 +223,9 @@ def _buffers(spec: ScanSpec, static, inputs: dict, weights, k, rope, fam0_like, 
     if backward and "grads" not in b:
         grads_in = {name: torch.empty_like(x) for name, x in inputs.items() if name.startswith("d_")}
         b.update(grads_in, **scan_buffers.backward_outputs(spec, k, rope, weights))
+    if static.constants != k.shape[0]:  # S decides the key bias; the shape key, the rest (`_static_scan`)
+        scan_buffers.copy_into(b, _constants(spec, k, rope))
+        static.constants = k.shape[0]
     scan_buffers.copy_into(b, inputs if in_place else dict(inputs, weights=weights))
     return b
 
@@ -255,13 +269,11 @@ class FAMScan(torch.autograd.Function):
         k, v = keys[R:], values[R:]
         rope, weights, saved = tuple(rest[:4]), tuple(rest[4:10]), Activations(*rest[10:19])
         blocks = tuple(rest[-2:]) if ctx.kept_blocks else ()
-        T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
+        S = k.shape[0]
         static, in_place = _static_scan(spec, saved.fam.shape[1:], saved.fam.dtype, k, rope, weights)
         slot = static.slots.find(saved) if static is not None else None
         held = static.blocks.find(blocks) if static is not None and blocks else None
-        inputs = dict(rope=rope, scales=scan_buffers.scales(k.device, spec.from_prompt),
-                      bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device), d_fam=d_fam,
-                      d_fam_k=d_keys[:R], d_fam_v=d_values[:R])
+        inputs = dict(rope=rope, d_fam=d_fam, d_fam_k=d_keys[:R], d_fam_v=d_values[:R])
         if slot is None:  # the activations are not where the forward's loop left them: copied in
             inputs["saved"] = saved
         if static is None and blocks:  # the forward's own (fresh) keys/values buffers
@@ -291,10 +303,9 @@ def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool, hold_blo
     """The scan's forward loop: ((F_T, keys, values [R + S][, prompt stream output]), the steps' kept
     activations and the prompt step's K/V (empty unless `keep`), and (`keep` and `hold_blocks`) the
     loop's keys/values buffers for the backward, all owned by the caller."""
-    T, F, S = rope[0].shape[0], rope[0].shape[1], k.shape[0]
+    F, S = rope[0].shape[1], k.shape[0]
     static, in_place = _static_scan(spec, fam0.shape, fam0.dtype, k, rope, weights)
-    inputs = dict(fam0=fam0, rope=rope, scales=scan_buffers.scales(k.device, spec.from_prompt),
-                  bias=scan_buffers.key_bias(T, F, spec.block_size, S, k.device))
+    inputs = dict(fam0=fam0, rope=rope)
     b = _buffers(spec, static, inputs, weights, k, rope, fam0, backward=False, in_place=in_place)
     slot = _take_slot(spec, static, in_place, keep, fam0, k, rope, weights)
     held = _take_blocks(spec, static, in_place, keep and hold_blocks, k, rope, weights)

@@ -127,6 +127,7 @@ class StaticScan:
     def __init__(self, device: torch.device):
         self.device, self.buffers, self.slots, self.blocks = device, {}, Slots(), Slots()
         self.loops: collections.OrderedDict = collections.OrderedDict()
+        self.constants: int | None = None  # the sequence length the constant inputs are for (model/fast_scan.py)
 
     def buffers_for(self, slot: int | None, blocks: int | None = None) -> dict:
         """The buffers a loop runs over: the shared ones, with `slot`'s kept activations and `blocks`'

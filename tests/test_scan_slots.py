@@ -230,3 +230,35 @@ def test_layers_recomputed_one_after_another_share_one_slot(recompute_fam_scan, 
         _loss(model, 4).backward()
     got, want = _grads(models[True]), _grads(models[False])
     assert _worst(got, want) <= RTOL, _worst(got, want)
+
+
+def _grads_and_state_at(model, seq: int, seed: int) -> dict:
+    """Every gradient, and each layer's last FAM (the state for the next call, which the last block's
+    keys alone decide: the loss does not read it)."""
+    model.zero_grad(set_to_none=True)
+    tokens = _tokens(2, seq, seed=seed)
+    out = model(tokens, labels=tokens)
+    out.loss.backward()
+    return {**_grads(model), **{f"fam {i}": s.fam.detach() for i, s in enumerate(out.state.layers)}}
+
+
+def test_constant_inputs_are_loaded_once_per_length_not_per_call(monkeypatch):
+    """The static buffers get the residual scales and the key bias (model/fast_scan.py `_constants`) when
+    first made and when the length changes, not at every call: two steps of a 2-layer model build them
+    once. Lengths 37 and 38 have the same 5 blocks, the last partial, so they share one set of buffers
+    with different key biases: each must get its own (every gradient and the last FAM of each layer against
+    the eager scan), also when the first comes back. Red if the buffers kept the first length's bias."""
+    import model.scan_buffers as scan_buffers
+
+    built = []
+    real = scan_buffers.key_bias
+    monkeypatch.setattr(scan_buffers, "key_bias", lambda *a: built.append(a) or real(*a))
+    fast = _model(fast=True)
+    for seed in (1, 2):
+        _loss(fast, seed).backward()
+    assert len(built) == 1, built
+    eager = _model(fast=False)
+    for seq, seed in ((38, 3), (37, 4), (38, 5)):
+        got, want = _grads_and_state_at(fast, seq, seed), _grads_and_state_at(eager, seq, seed)
+        assert _worst(got, want) <= RTOL, (seq, _worst(got, want))
+    assert [a[3] for a in built] == [37, 38, 37, 38]  # S: a new bias at each change of length
