@@ -11,9 +11,10 @@ instead (the tests: the same counting, on this machine).
 
 `gaps` says where the GPU idles between a step's kernels (`idle_gaps`): the gaps summed by size and
 the kernel pairs with the most idle time between them, plus the time of copies and memsets, which the
-kernel time leaves out. issue 13's fam-1b at 8k, micro-batch 4, idled about 19 ms a step where bswa-1b
-idled none, and 936 fewer kernels shortened it by 0.4 ms, within the noise (benchmarks/results/
-2026-12-02-1xH200, session 21).
+kernel time leaves out. issue 13's fam-1b at 8k, micro-batch 4, idled 16.5 ms a step in these gaps and
+bswa-1b 9.2 ms (benchmarks/results/2026-12-02-1xH200, session 22): 3.5 ms of the difference one gap of
+up to 2 us per kernel, 2.9 ms gaps of 10-100 us at the scan's edges. The unprofiled wall time less the
+kernel time, which session 21 read as idle (19 ms against none), is not: kernels overlap.
 
 `host_ms` and `syncs` tell a CPU-bound step from a GPU-bound one: the CPU time to issue one step
 (until step() returns, before waiting for the GPU) and every call that made the CPU wait for the

@@ -279,10 +279,19 @@ def apply_kernel_options(opts) -> None:
     micro_chunk_step.OVERLAP_FAM_SCAN = setting[opts.fam_scan_overlap]
 
 
+def idle_ms(r: dict) -> float:
+    """A profiled row's idle time a step: the gaps between its kernels (benchmarks/profiling.py idle_gaps),
+    or, for rows without them, the unprofiled step's wall time less the kernel time. The second is not
+    idle time: where kernels overlap it is below the gaps, negative for bswa-1b at 8k (session 22: -2.5
+    ms against 9.2 ms of gaps), and session 21 read fam-1b's 19 ms against that as idle the other lacked."""
+    gaps = r.get("gaps")
+    return gaps["ms"] if gaps else r["kernel_ms"] * (1 / r["gpu_busy"] - 1)
+
+
 def print_table(rows: list, opts) -> None:
     """The rows as a markdown table, each with its ratio to the bswa config of the same sequence. With
     --profile also the GPU's view of a step: its kernel time, the time the GPU idles between kernels
-    (kernel time / GPU busy - kernel time) and the kernel-time ratio to bswa, which is what the
+    (`idle_ms`) and the kernel-time ratio to bswa, which is what the
     tokens/s ratio would be if both kept the GPU equally busy (issue 13, session 16)."""
     print(f"\n{torch.cuda.get_device_name()}, {opts.precision}, vocab {opts.vocab_size}")  # micro-batch: per row
     extra = " GPU busy | kernel ms | idle ms | x bswa, kernels | kernels/step | CPU ms/step | waits |"
@@ -301,7 +310,7 @@ def print_table(rows: list, opts) -> None:
                 f"| {r['tflops']:.0f} | {r['mfu']:.0%} | {r['peak_gib']:.1f} GiB | {r['recompute']} |")
         if opts.profile:
             kernels = f"{bswa['kernel_ms'] / r['kernel_ms']:.3f}" if bswa else ""
-            line += (f" {r['gpu_busy']:.0%} | {r['kernel_ms']:.1f} | {r['kernel_ms'] * (1 / r['gpu_busy'] - 1):.1f} |"
+            line += (f" {r['gpu_busy']:.0%} | {r['kernel_ms']:.1f} | {idle_ms(r):.1f} |"
                      f" {kernels} | {r['kernels_per_step']:,.0f} | {r['host_ms']:.0f} |"
                      f" {sum(n for _, n in r['syncs']):.0f} |")
         print(line)

@@ -250,6 +250,14 @@ def test_the_table_shows_each_rows_profile_and_an_out_of_memory_row(monkeypatch,
                          "| 0.850 | 10,180 | 212 | 3 |")
     assert lines[-1].startswith("| dense-1b | 8,192 | 4 | out of memory |")
     assert lines[-1].count("|") == lines[-2].count("|") == lines[2].count("|")
+    # a row with its gaps between kernels counted (benchmarks/profiling.py idle_gaps) shows those as idle:
+    # the wall time less the kernel time is not idle time where kernels overlap (here 200 ms at 101 % busy)
+    gaps = {"ms": 9.2, "count": 1762.0, "by_size": {"<=2us": 1.3, "<=10us": 2.3, "<=100us": 1.4, "more": 4.2},
+            "pairs": [], "copy_ms": 2.8}
+    counted = dict(row, gpu_busy=1.01, gaps=gaps)
+    train_step.print_table([("fam-1b", 8192, counted)], Namespace(precision="bf16-mixed", vocab_size=32000,
+                                                                   profile=True))
+    assert "| 101% | 200.0 | 9.2 |" in capsys.readouterr().out
 
 
 def test_a_profiled_row_prints_where_its_gpu_idled(capsys):
