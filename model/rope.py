@@ -89,10 +89,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def split_qkv_rope(mixed: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor, base: float):
     """megatron's grouped QKV output [s, b, g, npg + 2, d] -> q [s, b, g * npg, d] and k [s, b, g, d]
-    with RoPE at positions [b, s] (tables shared by the layers: `token_tables`), and v [s, b, g, d]. On CUDA
-    (FUSED) one compiled kernel reads
-    `mixed` once and writes all three (its backward writes the whole gradient of `mixed` in one
-    kernel); elsewhere the same math in eager ops, v a view of `mixed`."""
+    with RoPE at positions [b, s] (tables shared by the layers: `token_tables`), and v [s, b, g, d].
+    On CUDA (FUSED) one compiled kernel reads `mixed` once and writes all three (its backward writes
+    the whole gradient of `mixed` in one kernel); elsewhere the same math in eager ops, v a view of
+    `mixed`."""
     q_tables = token_tables(q_positions, mixed.shape[-1], base)
     k_tables = q_tables if k_positions is q_positions else token_tables(k_positions, mixed.shape[-1], base)
     tables = q_tables + k_tables
