@@ -23,6 +23,9 @@
 #               combo kernels (--scan-compile-mode combo-kernels)
 #     codegen   fam-1b and bswa-1b at SEQ, micro-batch MB, profiled, with inductor's generated code saved
 #               (OUT/output_code.log.gz): where each kernel of the profile comes from
+#     attention benchmarks.step_attention_probe: the scan's attention backward as today (flash, block rows copied
+#               out) and deferred (dQ and the FAM rows per step, every block's rows after the loop), one layer
+#               at 8k and 64k, micro-batch 1 and 4 (session 22's lead: 63 of a backward step's ~198 us)
 #     tests     pytest -m gpu, in a shuffled order (SEED, default 1), or ORDER (file, reverse, shuffle:N)
 #               (about 5.5 min on an H200, 2026-11-30)
 #     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)
@@ -100,6 +103,10 @@ for phase in "$@"; do
             unset TORCH_LOGS TORCH_LOGS_OUT; gzip -f "$OUT/output_code.log" ;;
         batches)
             for b in ${BATCHES:-1 2 4}; do pair "batch-${SEQ:-8192}-$b" --micro-batch "$b" --results-dir "$OUT"; done ;;
+        attention)
+            CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.step_attention_probe --json "$OUT/step_attention.json" \
+                > "$OUT/step_attention.log" 2>&1
+            echo "attention: rc $?"; grep -h "^|" "$OUT/step_attention.log" ;;
         tests)
             CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m pytest -m gpu -q -rs -p no:cacheprovider \
                 --order "${ORDER:-shuffle:${SEED:-1}}" tests > "$OUT/pytest_gpu.log" 2>&1
@@ -110,7 +117,7 @@ for phase in "$@"; do
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
         *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, ratios, profile, batch2," \
-                "slots, blocks, combo, codegen, batches, tests, parity)"
+                "slots, blocks, combo, codegen, batches, attention, tests, parity)"
            exit 2 ;;
     esac
 done

@@ -1,0 +1,209 @@
+"""The scan's attention backward two ways, for one layer: a GPU probe for issue 13 (before building it).
+
+    python -m benchmarks.step_attention_probe --config fam-1b --seq-lens 8192 65536 --micro-batch 1 4
+
+Each backward step of the fast scan (model/scan_step.py `step_backward`) back-propagates the FAM rows'
+attention over [F_{t-1}; block t] (F + C keys). Today that is flash attention's backward: dQ, and dK, dV
+for all F + C keys; then a copy of the block rows' dK, dV into the scan's gradient buffers [T, C, b, g, d]
+(session 22's trace at fam-1b 8k, micro-batch 4: 41 us and 22 us a step, of a backward step's ~198 us).
+Only dQ and the FAM rows' dK, dV feed the recurrence; the block rows' dK, dV are an output. So:
+  flash     today: per step, flash's backward, then the block rows copied out;
+  deferred  per step, dQ and the FAM rows' dK, dV only, from matrix products with flash's kept
+            log-sum-exp (no softmax recomputed from scratch); after the loop, every block's rows' dK,
+            dV at once, batched over the T blocks, written in the buffers' layout.
+This probe times both for one layer's T blocks (every block whole: T = S / C rounded up), each as one
+CUDA graph (as the scan replays its loop), and checks on the way that they agree. It bounds what
+building `deferred` into the scan could gain. tests/test_step_attention_probe.py checks the math of
+`deferred` against the full backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from benchmarks.micro_chunk_step import save_rows
+from model import load_model_args
+from model.config import ModelArgs
+from model.scan_step import _attend_backward, _flash, _flash_backward
+
+VARIANTS = ("flash", "deferred")
+
+
+def rows_backward(d_ctx, q, kh, vh, ctx, lse, n_f: int, scale: float):
+    """dQ [b, g, rows, d] fp32 over all keys, and the FAM rows' dK, dV [b, g, F, d] fp32, of softmax(q k^T
+    scale) v at (q, kh [b, g, F + c, d], vh), given its output ctx and log-sum-exp lse [b, g, rows]."""
+    p = torch.exp(torch.matmul(q.float(), kh.float().transpose(-1, -2)) * scale - lse[..., None])
+    dp = torch.matmul(d_ctx.float(), vh.float().transpose(-1, -2))
+    ds = p * (dp - (d_ctx.float() * ctx.float()).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, kh.float()) * scale
+    d_k = torch.matmul(ds[..., :n_f].transpose(-1, -2), q.float()) * scale
+    d_v = torch.matmul(p[..., :n_f].transpose(-1, -2), d_ctx.float())
+    return dq, d_k, d_v
+
+
+def block_rows_backward(d_ctx, q, keys, values, ctx, lse, n_f: int, scale: float):
+    """Every block's rows' dK, dV [T, C, b, g, d] (the scan's gradient buffers' layout) at once: d_ctx,
+    q, ctx [T, b, g, rows, d], lse [T, b, g, rows], keys and values [T, F + C, b, g, d] (the scan's
+    buffers)."""
+    kh, vh = (x[:, n_f:].permute(0, 2, 3, 1, 4) for x in (keys, values))  # [T, b, g, C, d]
+    p = torch.exp(torch.matmul(q.float(), kh.float().transpose(-1, -2)) * scale - lse[..., None])
+    dp = torch.matmul(d_ctx.float(), vh.float().transpose(-1, -2))
+    ds = p * (dp - (d_ctx.float() * ctx.float()).sum(-1, keepdim=True))
+    d_k = torch.matmul(ds.transpose(-1, -2), q.float()) * scale  # [T, b, g, C, d]
+    d_v = torch.matmul(p.transpose(-1, -2), d_ctx.float())
+    return tuple(x.permute(0, 3, 1, 2, 4).to(keys.dtype) for x in (d_k, d_v))
+
+
+class Layer:
+    """One layer's T blocks of scan attention at a config's shapes: the keys/values buffers [T, F + C, b,
+    g, d], each step's FAM queries, output, log-sum-exp and output gradient, and the outputs both
+    variants write (the block rows' dK, dV [T, C, b, g, d]; dQ and the FAM rows' dK, dV per step)."""
+
+    def __init__(self, args: ModelArgs, seq: int, micro_batch: int, device, dtype):
+        T, F, C, b = math.ceil(seq / args.block_size), args.fam_len, args.block_size, micro_batch
+        g, d = args.query_groups, args.head_dim
+        rows = args.num_attention_heads // g * F
+        self.n_f, self.scale, self.T = F, d**-0.5, T
+        make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+        self.keys, self.values = make(T, F + C, b, g, d), make(T, F + C, b, g, d)
+        self.q, self.d_ctx = make(T, b, g, rows, d), make(T, b, g, rows, d) * 0.1
+        heads = lambda x: x.permute(1, 2, 0, 3)  # noqa: E731 - [F + C, b, g, d] -> [b, g, F + C, d]
+        outputs = [self._forward(self.q[t], heads(self.keys[t]), heads(self.values[t])) for t in range(T)]
+        self.ctx = torch.stack([o for o, _ in outputs])
+        self.lse = torch.stack([lse for _, lse in outputs])
+        self.d_keys, self.d_values = make(T, C, b, g, d), make(T, C, b, g, d)
+        self.dq = torch.empty(T, b, g, rows, d, device=device)
+        self.d_fam_k, self.d_fam_v = (torch.empty(T, b, g, F, d, device=device) for _ in range(2))
+        self.heads = heads
+
+    def _uses_flash(self) -> bool:
+        return self.q.is_cuda and self.q.dtype != torch.float32
+
+    def _forward(self, q, kh, vh):
+        if self._uses_flash():
+            return _flash(q, kh, vh, q.shape[-1])
+        s = torch.matmul(q, kh.transpose(-1, -2)) * self.scale
+        return torch.matmul(torch.softmax(s, dim=-1), vh), torch.logsumexp(s, dim=-1)
+
+    def flash(self) -> None:
+        """Today's steps (model/scan_step.py): flash's backward (on CPU and in fp32 the full backward of
+        the matrix products, as the scan runs there), the block rows copied out."""
+        F, d = self.n_f, self.q.shape[-1]
+        for t in reversed(range(self.T)):
+            kh, vh = self.heads(self.keys[t]), self.heads(self.values[t])
+            if self._uses_flash():
+                dq, d_k, d_v = _flash_backward(self.d_ctx[t], self.q[t], kh, vh, self.ctx[t], self.lse[t], d)
+            else:
+                p = torch.softmax(torch.matmul(self.q[t], kh.transpose(-1, -2)) * self.scale, dim=-1)
+                dq, d_k, d_v = _attend_backward(self.d_ctx[t], p, self.q[t], kh, vh, d)
+            self.dq[t].copy_(dq)
+            self.d_fam_k[t].copy_(d_k[:, :, :F])
+            self.d_fam_v[t].copy_(d_v[:, :, :F])
+            self.d_keys[t].copy_(d_k[:, :, F:].permute(2, 0, 1, 3))
+            self.d_values[t].copy_(d_v[:, :, F:].permute(2, 0, 1, 3))
+
+    def deferred(self, step=rows_backward, blocks=block_rows_backward) -> None:
+        """dQ and the FAM rows' dK, dV per step; every block's rows after the loop."""
+        for t in reversed(range(self.T)):
+            kh, vh = self.heads(self.keys[t]), self.heads(self.values[t])
+            dq, d_k, d_v = step(self.d_ctx[t], self.q[t], kh, vh, self.ctx[t], self.lse[t], self.n_f, self.scale)
+            self.dq[t].copy_(dq)
+            self.d_fam_k[t].copy_(d_k)
+            self.d_fam_v[t].copy_(d_v)
+        d_k, d_v = blocks(self.d_ctx, self.q, self.keys, self.values, self.ctx, self.lse, self.n_f, self.scale)
+        self.d_keys.copy_(d_k)
+        self.d_values.copy_(d_v)
+
+    def results(self) -> dict:
+        names = ("dq", "d_fam_k", "d_fam_v", "d_keys", "d_values")
+        return {name: getattr(self, name).float().clone() for name in names}
+
+
+def time_variant(run, device: str, warmup: int, iters: int) -> float:
+    """Seconds per run: on a GPU one CUDA graph of it (the scan replays its loops so), else the wall clock."""
+    for _ in range(warmup):
+        run()
+    if device != "cuda":
+        began = time.perf_counter()
+        for _ in range(iters):
+            run()
+        return (time.perf_counter() - began) / iters
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def probe(args: ModelArgs, seq: int, micro_batch: int, device: str, warmup: int, iters: int) -> dict:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    layer = Layer(args, seq, micro_batch, device, dtype)
+    compile_ = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if device == "cuda" else (lambda f: f)
+    step, blocks = compile_(rows_backward), compile_(block_rows_backward)
+    runs = {"flash": layer.flash, "deferred": lambda: layer.deferred(step, blocks)}
+    row, results = {"seq_len": seq, "micro_batch": micro_batch, "blocks": layer.T}, {}
+    for name in VARIANTS:
+        row[name] = {"us_per_layer": time_variant(runs[name], device, warmup, iters) * 1e6}
+        runs[name]()
+        results[name] = layer.results()
+    # the two must agree (bf16 on a GPU: flash's own rounding), else a time means nothing
+    row["max_rel_diff"] = max((results["deferred"][n] - x).abs().max().item() / x.abs().max().item()
+                              for n, x in results["flash"].items())
+    return row
+
+
+def print_table(name: str, rows: list[dict], device: str) -> None:
+    print(f"\n{name}: one layer's scan attention backward, T blocks ({device})")
+    print("| sequence | micro-batch | blocks | flash us | deferred us | flash / deferred | us saved a step "
+          "| max rel. diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f, d = r["flash"]["us_per_layer"], r["deferred"]["us_per_layer"]
+        print(f"| {r['seq_len']:,} | {r['micro_batch']} | {r['blocks']} | {f:.1f} | {d:.1f} | {f / d:.2f} "
+              f"| {(f - d) / r['blocks']:.1f} | {r['max_rel_diff']:.1e} |")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="fam-1b", help="a FAM config: its heads, groups, C and F")
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 65536])
+    parser.add_argument("--micro-batch", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu runs the same math (tests, tiny configs); only a GPU's times mean anything")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", help="also write the rows to this file, after each one")
+    opts = parser.parse_args(argv)
+    try:
+        args = load_model_args(opts.config)
+    except ValueError as err:
+        parser.error(f"--config {opts.config}: {err}")
+    if not args.uses_fam:
+        parser.error(f"--config {opts.config}: no FAM rows (attention '{args.attention}', fam_len {args.fam_len}); "
+                     "name a FAM config such as fam-1b")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks.step_attention_probe times GPU kernels: no CUDA device here (--device cpu)")
+    rows = []
+    for seq in opts.seq_lens:
+        for b in opts.micro_batch:
+            rows.append(probe(args, seq, b, opts.device, opts.warmup, opts.iters))
+            print(rows[-1], flush=True)
+            if opts.json:
+                save_rows(rows, opts.json)
+    print_table(opts.config, rows, torch.cuda.get_device_name() if opts.device == "cuda" else "cpu")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
