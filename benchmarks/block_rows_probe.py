@@ -22,15 +22,13 @@ micro-batch 1 on an H200, session 15.)
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import time
 
 import torch
 
-from benchmarks.micro_chunk_step import save_rows
-from model import load_model_args
+from benchmarks import probe_cli
 from model.config import ModelArgs
 from pipeline.training.flops import layer_matmul_params, layer_matmul_shapes
 
@@ -88,14 +86,7 @@ def time_plan(plan: Plan, device: str, warmup: int, iters: int) -> float:
     for _ in range(warmup):
         plan.run()
     if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(iters):
-            plan.run()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / iters
+        return probe_cli.cuda_seconds(plan.run, iters)
     began = time.perf_counter()
     for _ in range(iters):
         plan.run()
@@ -129,34 +120,8 @@ def print_table(name: str, rows: list[dict], device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="fam-1b", help="a FAM config: its layer's shapes, C and F")
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 32768, 65536, 131072])
-    parser.add_argument("--micro-batch", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                        help="cpu runs the same plans (tests, tiny configs); only a GPU's times mean anything")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--json", help="also write the rows to this file, after each one")
-    opts = parser.parse_args(argv)
-    try:
-        args = load_model_args(opts.config)
-    except ValueError as err:  # an unknown name, a YAML file that does not parse, a bad value: named in err
-        parser.error(f"--config {opts.config}: {err}")
-    if not args.uses_fam:
-        parser.error(f"--config {opts.config}: no FAM rows (attention '{args.attention}', fam_len {args.fam_len}); "
-                     "name a FAM config such as fam-1b")
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks.block_rows_probe times GPU matmuls: no CUDA device here (--device cpu to try it)")
-    rows = []
-    for seq in opts.seq_lens:
-        for b in opts.micro_batch:
-            rows.append(probe(args, seq, b, opts.device, opts.warmup, opts.iters))
-            print(rows[-1], flush=True)  # a run cut short keeps what it measured
-            if opts.json:
-                save_rows(rows, opts.json)
-    print_table(opts.config, rows, torch.cuda.get_device_name() if opts.device == "cuda" else "cpu")
-    return rows
+    return probe_cli.main(argv, __doc__.split("\n")[0], "block_rows_probe", probe, print_table,
+                          seq_lens=[8192, 32768, 65536, 131072], micro_batch=[1, 2, 4], warmup=2, iters=5)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,12 @@ building `deferred` into the scan could gain. tests/test_step_attention_probe.py
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import torch
 
-from benchmarks.micro_chunk_step import save_rows
-from model import load_model_args
+from benchmarks import probe_cli
 from model.config import ModelArgs
 from model.scan_step import _attend_backward, _flash, _flash_backward
 
@@ -136,14 +134,8 @@ def time_variant(run, device: str, warmup: int, iters: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
+    return probe_cli.cuda_seconds(graph.replay, iters)
 
 
 def probe(args: ModelArgs, seq: int, micro_batch: int, device: str, warmup: int, iters: int) -> dict:
@@ -175,34 +167,8 @@ def print_table(name: str, rows: list[dict], device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="fam-1b", help="a FAM config: its heads, groups, C and F")
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 65536])
-    parser.add_argument("--micro-batch", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                        help="cpu runs the same math (tests, tiny configs); only a GPU's times mean anything")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--json", help="also write the rows to this file, after each one")
-    opts = parser.parse_args(argv)
-    try:
-        args = load_model_args(opts.config)
-    except ValueError as err:
-        parser.error(f"--config {opts.config}: {err}")
-    if not args.uses_fam:
-        parser.error(f"--config {opts.config}: no FAM rows (attention '{args.attention}', fam_len {args.fam_len}); "
-                     "name a FAM config such as fam-1b")
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks.step_attention_probe times GPU kernels: no CUDA device here (--device cpu)")
-    rows = []
-    for seq in opts.seq_lens:
-        for b in opts.micro_batch:
-            rows.append(probe(args, seq, b, opts.device, opts.warmup, opts.iters))
-            print(rows[-1], flush=True)
-            if opts.json:
-                save_rows(rows, opts.json)
-    print_table(opts.config, rows, torch.cuda.get_device_name() if opts.device == "cuda" else "cpu")
-    return rows
+    return probe_cli.main(argv, __doc__.split("\n")[0], "step_attention_probe", probe, print_table,
+                          seq_lens=[8192, 65536], micro_batch=[1, 4], warmup=3, iters=20)
 
 
 if __name__ == "__main__":
