@@ -68,11 +68,16 @@ class Layer:
         self.n_f, self.scale, self.T = F, d**-0.5, T
         make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
         self.keys, self.values = make(T, F + C, b, g, d), make(T, F + C, b, g, d)
-        self.q, self.d_ctx = make(T, b, g, rows, d), make(T, b, g, rows, d) * 0.1
+        # the output and its gradient [T, b, g, rows, d] laid out as flash lays out its output, [b, rows, g, d]
+        # per block, as the scan keeps them (model/scan_step.py `_as_flash_output`): any other costs copies
+        flash_layout = lambda: torch.empty(T, b, rows, g, d, device=device, dtype=dtype).transpose(2, 3)  # noqa: E731
+        self.q, self.d_ctx = make(T, b, g, rows, d), flash_layout().copy_(make(T, b, g, rows, d) * 0.1)
         heads = lambda x: x.permute(1, 2, 0, 3)  # noqa: E731 - [F + C, b, g, d] -> [b, g, F + C, d]
-        outputs = [self._forward(self.q[t], heads(self.keys[t]), heads(self.values[t])) for t in range(T)]
-        self.ctx = torch.stack([o for o, _ in outputs])
-        self.lse = torch.stack([lse for _, lse in outputs])
+        self.ctx, self.lse = flash_layout(), torch.empty(T, b, g, rows, device=device)
+        for t in range(T):
+            ctx, lse = self._forward(self.q[t], heads(self.keys[t]), heads(self.values[t]))
+            self.ctx[t].copy_(ctx)
+            self.lse[t].copy_(lse)
         self.d_keys, self.d_values = make(T, C, b, g, d), make(T, C, b, g, d)
         self.dq = torch.empty(T, b, g, rows, d, device=device)
         self.d_fam_k, self.d_fam_v = (torch.empty(T, b, g, F, d, device=device) for _ in range(2))
