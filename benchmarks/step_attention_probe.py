@@ -31,12 +31,18 @@ from model.scan_step import _attend_backward, _flash, _flash_backward
 VARIANTS = ("flash", "deferred")
 
 
+def _scores_backward(d_ctx, q, kh, vh, ctx, lse, scale: float):
+    """(p, ds) [..., rows, keys] fp32 of softmax(q k^T scale) v over the keys kh, vh given (all of them or
+    some): p from the whole softmax's log-sum-exp lse, ds = p (dp - D) with D = rowsum(d_ctx * ctx)."""
+    p = torch.exp(torch.matmul(q.float(), kh.float().transpose(-1, -2)) * scale - lse[..., None])
+    dp = torch.matmul(d_ctx.float(), vh.float().transpose(-1, -2))
+    return p, p * (dp - (d_ctx.float() * ctx.float()).sum(-1, keepdim=True))
+
+
 def rows_backward(d_ctx, q, kh, vh, ctx, lse, n_f: int, scale: float):
     """dQ [b, g, rows, d] fp32 over all keys, and the FAM rows' dK, dV [b, g, F, d] fp32, of softmax(q k^T
     scale) v at (q, kh [b, g, F + c, d], vh), given its output ctx and log-sum-exp lse [b, g, rows]."""
-    p = torch.exp(torch.matmul(q.float(), kh.float().transpose(-1, -2)) * scale - lse[..., None])
-    dp = torch.matmul(d_ctx.float(), vh.float().transpose(-1, -2))
-    ds = p * (dp - (d_ctx.float() * ctx.float()).sum(-1, keepdim=True))
+    p, ds = _scores_backward(d_ctx, q, kh, vh, ctx, lse, scale)
     dq = torch.matmul(ds, kh.float()) * scale
     d_k = torch.matmul(ds[..., :n_f].transpose(-1, -2), q.float()) * scale
     d_v = torch.matmul(p[..., :n_f].transpose(-1, -2), d_ctx.float())
@@ -48,9 +54,7 @@ def block_rows_backward(d_ctx, q, keys, values, ctx, lse, n_f: int, scale: float
     q, ctx [T, b, g, rows, d], lse [T, b, g, rows], keys and values [T, F + C, b, g, d] (the scan's
     buffers)."""
     kh, vh = (x[:, n_f:].permute(0, 2, 3, 1, 4) for x in (keys, values))  # [T, b, g, C, d]
-    p = torch.exp(torch.matmul(q.float(), kh.float().transpose(-1, -2)) * scale - lse[..., None])
-    dp = torch.matmul(d_ctx.float(), vh.float().transpose(-1, -2))
-    ds = p * (dp - (d_ctx.float() * ctx.float()).sum(-1, keepdim=True))
+    p, ds = _scores_backward(d_ctx, q, kh, vh, ctx, lse, scale)
     d_k = torch.matmul(ds.transpose(-1, -2), q.float()) * scale  # [T, b, g, C, d]
     d_v = torch.matmul(p.transpose(-1, -2), d_ctx.float())
     return tuple(x.permute(0, 3, 1, 2, 4).to(keys.dtype) for x in (d_k, d_v))
