@@ -170,7 +170,7 @@ def rope_table_bytes(m: ModelArgs, seq_len: int, micro_batch: int) -> int:
 
 def fam_rope_table_bytes(m: ModelArgs, seq_len: int, micro_batch: int) -> int:
     """The FAM rows' RoPE tables of one forward: cos and sin of queries and keys [T, F, b, 1, d], fp32."""
-    if not m.uses_fam or m.attention == "dense":
+    if not m.uses_fam:
         return 0
     return 4 * math.ceil(seq_len / m.block_size) * m.fam_len * micro_batch * m.head_dim * 4
 
