@@ -12,6 +12,8 @@
 #     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)
 #     ratios    fam-1b and bswa-1b at 8k (micro-batch 4, no recompute), 32k, 64k and 128k (micro-batch 2, recompute):
 #               issue 13's fam / bswa rows side by side in one process, at the micro-batch where each ratio is highest
+#     ratios8k  fam-1b and bswa-1b at 8k, micro-batch 4 and 6, no recompute, 10 timed steps: the 8k rows with less noise,
+#               and at the largest micro-batch both fit without recompute (fam-1b ~118 GiB, estimated from 1, 2, 4)
 #     batch2    fam-1b and bswa-1b at 8k, micro-batch 2 (the scan's weight reads serve both sequences)
 #     batches   fam-1b and bswa-1b at SEQ (default 8192), one process per micro-batch in BATCHES
 #               (default "1 2 4"): where FAM's cost meets BSWA's as the scan's GEMMs get more rows
@@ -89,6 +91,8 @@ for phase in "$@"; do
         ratios)  # both configs with the same recompute at each length (auto ran bswa-1b without it at 32k, session 22)
             pair ratios --seq-lens 8192 32768 65536 131072 --micro-batch 4 2 2 2 --recompute off on on on \
                 --results-dir "$OUT" ;;
+        ratios8k)  # the 8k rows again at micro-batch 4 and 6 (both fit without recompute), 10 timed steps each
+            pair ratios8k --seq-lens 8192 8192 --micro-batch 4 6 --recompute off --steps 10 --results-dir "$OUT" ;;
         batch2) pair batch2 --micro-batch 2 --results-dir "$OUT" ;;
         profile) pair profile --profile ;;
         slots)
@@ -116,7 +120,7 @@ for phase in "$@"; do
             python3 -m benchmarks.parity_suite --out "$OUT/parity" --cells ${CELLS:-1gpu tp2 pp2 dp2} --steps 10 \
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
-        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, ratios, profile, batch2," \
+        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, ratios, ratios8k, profile, batch2," \
                 "slots, blocks, combo, codegen, batches, attention, tests, parity)"
            exit 2 ;;
     esac

@@ -298,13 +298,15 @@ def print_table(rows: list, opts) -> None:
     print("| config | sequence | micro-batch | tokens/s | x bswa | model TFLOP/s | MFU | peak memory | recompute |"
           + extra * opts.profile)
     print("|---|---|---|---|---|---|---|---|---|" + "---|---|---|---|---|---|---|" * opts.profile)
-    found = {(name, seq): r for name, seq, r in rows if not r.get("oom")}
+    # a row's bswa partner: the same length, micro-batch and recompute (one length may run at several micro-batches)
+    cell = lambda name, seq, r: (name, seq, r.get("micro_batch", 1), r["recompute"])  # noqa: E731
+    found = {cell(name, seq, r): r for name, seq, r in rows if not r.get("oom")}
     for name, seq, r in rows:
         if r.get("oom"):
             print(f"| {name} | {seq:,} | {r.get('micro_batch', 1)} | out of memory | | | | | {r['recompute']} |"
                   + " | | | | | | |" * opts.profile)
             continue
-        bswa = found.get((name.replace("fam", "bswa").replace("dense", "bswa"), seq))
+        bswa = found.get(cell(name.replace("fam", "bswa").replace("dense", "bswa"), seq, r))
         ratio = f"{r['tokens_per_s'] / bswa['tokens_per_s']:.2f}" if bswa else ""
         line = (f"| {name} | {seq:,} | {r.get('micro_batch', 1)} | {r['tokens_per_s'] / 1e3:.1f}k | {ratio} "
                 f"| {r['tflops']:.0f} | {r['mfu']:.0%} | {r['peak_gib']:.1f} GiB | {r['recompute']} |")

@@ -323,7 +323,7 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
     pair_flags += re.findall(r'pair "slots-[^"]*" (.*?); done', script)  # `slots`: on and off
     pair_flags += re.findall(r'pair "blocks-[^"]*" (.*?); done', script)  # `blocks`: held and reloaded
     pair_flags += re.findall(r"\n\s+pair codegen (.*?)\n", script)  # `codegen`: with inductor's output code logged
-    assert len(pair_flags) == 8
+    assert len(pair_flags) == 9
     commands = [table.replace('"$@"', "8192")] + [pair.replace('"$@"', flags) for flags in pair_flags]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in commands:

@@ -54,3 +54,21 @@ def _main_runs(argv: list[str], monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["train_step", *argv])
     train_step.main()
+
+
+def test_each_row_is_compared_with_bswa_at_its_own_micro_batch_and_recompute(monkeypatch, capsys):
+    """One length at two micro-batches (issue 13's 8k rows at 4 and 6): each fam row's "x bswa" is
+    against the bswa row of the same micro-batch and recompute, not the last bswa row of the length."""
+    from argparse import Namespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    base = dict(tflops=250.0, mfu=0.25, peak_gib=40.0, recompute=False)
+    rows = [("fam-1b", 8192, dict(base, tokens_per_s=45e3, micro_batch=4)),
+            ("bswa-1b", 8192, dict(base, tokens_per_s=50e3, micro_batch=4)),
+            ("fam-1b", 8192, dict(base, tokens_per_s=48e3, micro_batch=6)),
+            ("bswa-1b", 8192, dict(base, tokens_per_s=60e3, micro_batch=6)),
+            ("fam-1b", 8192, dict(base, tokens_per_s=30e3, micro_batch=6, recompute=True)),
+            ("bswa-1b", 8192, dict(base, tokens_per_s=40e3, micro_batch=6, recompute=True))]
+    train_step.print_table(rows, Namespace(precision="bf16-mixed", vocab_size=32000, profile=False))
+    fam = [line.split(" | ")[4] for line in capsys.readouterr().out.splitlines() if line.startswith("| fam-1b")]
+    assert fam == ["0.90", "0.80", "0.75"]
