@@ -293,8 +293,7 @@ class FAMScan(torch.autograd.Function):
                 loop = functools.partial(_backward_loop, spec, partial)
                 d = static.loop("backward", loop, weights if in_place else None, slot, held)()
         own = torch.clone if static is not None else (lambda x: x)
-        d_k, d_v = (scan_buffers.add_block_rows(outer[R:], b[name]) for outer, name in ((d_keys, "d_keys"),
-                                                                                        (d_values, "d_values")))
+        d_k, d_v = scan_buffers.add_block_rows(d_keys[R:], d_values[R:], b["d_keys"], b["d_values"])
         grads = _weight_gradients(b["saved"], b["grads"], weights)  # before any other replay
         return (None, own(d).to(saved.fam.dtype), d_k, d_v, None, None, None, None, *grads)
 
@@ -321,7 +320,7 @@ def _run_forward(spec: ScanSpec, fam0, k, v, rope, weights, keep: bool, hold_blo
             loop = static.loop("forward", loop, weights if in_place else None, slot, held)
             fam, prompt_out = loop()
     own = torch.clone if static is not None else (lambda x: x)  # nothing static leaves
-    keys, values = (scan_buffers.join_blocks(b[name], x, F, spec.fam_rows) for name, x in (("keys", k), ("values", v)))
+    keys, values = scan_buffers.join_blocks(b["keys"], b["values"], k, v, F, spec.fam_rows)
     outputs = (own(fam), keys, values) + ((own(prompt_out),) if spec.from_prompt else ())
     if not keep:
         return outputs, (), (), ()

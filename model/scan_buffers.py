@@ -166,19 +166,22 @@ def backward_outputs(spec: ScanSpec, k, rope, weights) -> dict:
                 d_keys=k.new_empty(T, C, *kv), d_values=k.new_empty(T, C, *kv))
 
 
-def _join_blocks(buffer, x, F: int, R: int):
-    T, rest = buffer.shape[0], buffer.shape[2:]
-    return torch.cat([buffer[:, :F].reshape(T * F, *rest), x.new_zeros(R - T * F, *rest), x])
+def _join_blocks(keys, values, k, v, F: int, R: int):
+    T, rest = keys.shape[0], keys.shape[2:]
+    return tuple(torch.cat([buffer[:, :F].reshape(T * F, *rest), x.new_zeros(R - T * F, *rest), x])
+                 for buffer, x in ((keys, k), (values, v)))
 
 
-def join_blocks(buffer: torch.Tensor, x: torch.Tensor, F: int, R: int) -> torch.Tensor:
-    """The block attention's keys or values [R + S, b, g, d] (model/masks.py): each block's F FAM rows
-    (rows :F of buffer [T, F + C, b, g, d]), zeros up to R, then the tokens' x [S, b, g, d]. One write,
-    compiled on CUDA like `load_blocks`."""
-    if not x.is_cuda:
-        return _join_blocks(buffer, x, F, R)
+def join_blocks(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, F: int, R: int) -> tuple:
+    """The block attention's keys and values [R + S, b, g, d] (model/masks.py): each block's F FAM rows
+    (rows :F of the buffers [T, F + C, b, g, d]), zeros up to R, then the tokens' k or v [S, b, g, d].
+    Compiled on CUDA like `load_blocks`, keys and values in one call: one kernel and one compiled call a
+    layer, not two (the forward's launches are the CPU's: at fam-1b 8k, micro-batch 4, an H200's profile
+    showed the GPU waiting on them at every layer, session 23)."""
+    if not k.is_cuda:
+        return _join_blocks(keys, values, k, v, F, R)
     with bounded_compiles("the FAM scan's keys and values (model/scan_buffers.py)"):
-        return compiled_pointwise(_join_blocks)(buffer, x, F, R)
+        return compiled_pointwise(_join_blocks)(keys, values, k, v, F, R)
 
 
 def join(fam_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -186,15 +189,15 @@ def join(fam_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fam_rows, x])
 
 
-def _add_block_rows(outer, buffer):
-    return outer + buffer.flatten(0, 1)[: outer.shape[0]]
+def _add_block_rows(d_k, d_v, buffer_k, buffer_v):
+    return tuple(outer + buffer.flatten(0, 1)[: outer.shape[0]] for outer, buffer in ((d_k, buffer_k), (d_v, buffer_v)))
 
 
-def add_block_rows(outer: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """outer [S, b, g, d] plus the blocks' rows of buffer [T, C, b, g, d] (C * T >= S), a new tensor:
-    the gradient of k or v from the block attention and from the scan, added where autograd would
-    have added the scan's copy of its static buffer."""
-    if not outer.is_cuda:
-        return _add_block_rows(outer, buffer)
+def add_block_rows(d_k: torch.Tensor, d_v: torch.Tensor, buffer_k: torch.Tensor, buffer_v: torch.Tensor) -> tuple:
+    """d_k, d_v [S, b, g, d] plus the blocks' rows of buffer_k, buffer_v [T, C, b, g, d] (C * T >= S), new
+    tensors: the gradients of k and v from the block attention and from the scan, added where autograd would
+    have added the scan's copy of its static buffer. Keys and values in one compiled call, as `join_blocks`."""
+    if not d_k.is_cuda:
+        return _add_block_rows(d_k, d_v, buffer_k, buffer_v)
     with bounded_compiles("the FAM scan's K/V gradients (model/scan_buffers.py)"):
-        return compiled_pointwise(_add_block_rows)(outer, buffer)
+        return compiled_pointwise(_add_block_rows)(d_k, d_v, buffer_k, buffer_v)
