@@ -28,6 +28,8 @@
 #     attention benchmarks.step_attention_probe: the scan's attention backward as today (flash, block rows copied
 #               out) and deferred (dQ and the FAM rows per step, every block's rows after the loop), one layer
 #               at 8k and 64k, micro-batch 1 and 4 (session 22's lead: 63 of a backward step's ~198 us)
+#     backends  benchmarks.step_backends_probe: the scan step's attention forward and backward by SDPA kernel (flash as
+#               today, cuDNN, memory-efficient), one layer at 8k and 64k, micro-batch 2 and 4
 #     tests     pytest -m gpu, in a shuffled order (SEED, default 1), or ORDER (file, reverse, shuffle:N)
 #               (about 5.5 min on an H200, 2026-11-30)
 #     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)
@@ -111,6 +113,10 @@ for phase in "$@"; do
             CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.step_attention_probe --json "$OUT/step_attention.json" \
                 > "$OUT/step_attention.log" 2>&1
             echo "attention: rc $?"; grep -h "^|" "$OUT/step_attention.log" ;;
+        backends)
+            CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.step_backends_probe --seq-lens 8192 65536 \
+                --micro-batch 2 4 --json "$OUT/step_backends.json" > "$OUT/step_backends.log" 2>&1
+            echo "backends: rc $?"; grep -h "^|" "$OUT/step_backends.log" ;;
         tests)
             CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m pytest -m gpu -q -rs -p no:cacheprovider \
                 --order "${ORDER:-shuffle:${SEED:-1}}" tests > "$OUT/pytest_gpu.log" 2>&1
@@ -121,7 +127,7 @@ for phase in "$@"; do
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
         *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, ratios, ratios8k, profile, batch2," \
-                "slots, blocks, combo, codegen, batches, attention, tests, parity)"
+                "slots, blocks, combo, codegen, batches, attention, backends, tests, parity)"
            exit 2 ;;
     esac
 done

@@ -1,10 +1,11 @@
 """The command line the one-layer GPU probes share (benchmarks/block_rows_probe.py,
-benchmarks/step_attention_probe.py): a FAM config, sequence lengths and micro-batches, the device, and
-the rows, printed and saved as each cell finishes."""
+benchmarks/step_attention_probe.py, benchmarks/step_backends_probe.py): a FAM config, sequence lengths
+and micro-batches, the device, and the rows, printed and saved as each cell finishes."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Callable
 
 import torch
@@ -80,3 +81,11 @@ def cuda_seconds(run: Callable[[], object], iters: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1e3 / iters
+
+
+def wall_seconds(run: Callable[[], object], iters: int) -> float:
+    """Seconds per call of run() on the wall clock (CPU: tests, tiny configs)."""
+    began = time.perf_counter()
+    for _ in range(iters):
+        run()
+    return (time.perf_counter() - began) / iters
