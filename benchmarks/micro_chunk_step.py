@@ -177,8 +177,8 @@ def row_notes(left_gib: float) -> dict:
     `recompute_fam_scan` and `overlap_fam_scan` (when RECOMPUTE_FAM_SCAN, OVERLAP_FAM_SCAN set them),
     `scan_weights` ("copied" when the scan's graphs copy the weights in, as before 2026-12),
     `scan_slots` ("off" when the scan's kept activations went through the shared buffers, as before 2026-12-01) and
-    `scan_attention` (always: "flash" where the scan's steps ran flash attention, "kernel" where their backward
-    ran model/step_attention_kernel.py's, "matmul" where they ran the matrix products everywhere; rows without it ran the matrix products, as before 2026-12) and `scan_blocks`
+    `scan_attention` (always: "flash" where the scan's steps ran flash attention, "matmul" where they ran the
+    matrix products everywhere; rows without it ran the matrix products, as before 2026-12) and `scan_blocks`
     (always: "held" where the scan's backward read the keys/values buffers its forward wrote, "reloaded"
     where it loaded them again; rows without it reloaded them, as before 2026-12-02)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
@@ -195,8 +195,7 @@ def row_notes(left_gib: float) -> dict:
         notes["scan_weights"] = "copied"
     if not scan_slots.MAX_SLOTS:
         notes["scan_slots"] = "off"
-    notes["scan_attention"] = ("matmul" if not scan_step.FLASH else
-                               "kernel" if fast_scan.ATTENTION_BACKWARD == "kernel" else "flash")
+    notes["scan_attention"] = "flash" if scan_step.FLASH else "matmul"
     notes["scan_blocks"] = "held" if fast_scan.HOLD_BLOCKS else "reloaded"
     return notes
 

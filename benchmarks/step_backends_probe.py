@@ -6,8 +6,7 @@ Each fast-scan step attends its F FAM queries over [F_{t-1}; block t] (F + C key
 (model/scan_step.py `_flash`, `_flash_backward`). At fam-1b's shapes that is a small problem (64 query rows
 per head), bound by latency more than by work: session 22's trace at 8k, micro-batch 4, spent 10 ms a
 step in it over 306 steps. This times the same attention, forward then backward, through
-`scaled_dot_product_attention` restricted to one kernel each (flash, cuDNN, memory-efficient), and
-`kernel`: flash's forward with model/step_attention_kernel.py's backward (`--scan-attention kernel`), for one
+`scaled_dot_product_attention` restricted to one kernel each (flash, cuDNN, memory-efficient), for one
 layer's T blocks as one CUDA graph (as the scan replays its loops), with the scan's layouts: queries
 [b, g, rows, d] contiguous, keys and values seen through [F + C, b, g, d] buffers. A kernel that does not
 take these inputs is reported as such. Each backend's output and gradients are checked against flash's
@@ -22,9 +21,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks import probe_cli
-from model import step_attention_kernel
 from model.config import ModelArgs
-from model.scan_step import _flash
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -60,28 +57,6 @@ def layer_run(backend: SDPBackend, x: dict):
     return run, out
 
 
-def kernel_run(x: dict, n_f: int):
-    """flash's forward (model/scan_step.py `_flash`) and model/step_attention_kernel.py's backward, which
-    writes the block rows' dK, dV in place: the scan's steps with `--scan-attention kernel`."""
-    T = x["q"].shape[0]
-    out = {name: torch.empty_like(x[src]) for name, src in (("out", "q"), ("dq", "q"), ("dk", "keys"),
-                                                            ("dv", "values"))}
-
-    def run():
-        for t in range(T):
-            q, keys, values = x["q"][t], x["keys"][t], x["values"][t]
-            o, lse = _flash(q, keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3), q.shape[-1])
-            delta = (x["d_out"][t].float() * o.float()).sum(-1)
-            dq, d_k, d_v = step_attention_kernel.attention_backward(
-                x["d_out"][t], q, keys, values, lse, delta, n_f, q.shape[-1] ** -0.5, out["dk"][t][n_f:],
-                out["dv"][t][n_f:])
-            out["out"][t].copy_(o)
-            out["dq"][t].copy_(dq)
-            out["dk"][t][:n_f].copy_(d_k.permute(2, 0, 1, 3))
-            out["dv"][t][:n_f].copy_(d_v.permute(2, 0, 1, 3))
-    return run, out
-
-
 def time_run(run, device: str, warmup: int, iters: int) -> float:
     """Seconds per run: a CUDA graph of it on a GPU, the wall clock elsewhere."""
     for _ in range(warmup):
@@ -99,11 +74,11 @@ def time_run(run, device: str, warmup: int, iters: int) -> float:
 def probe(args: ModelArgs, seq: int, micro_batch: int, device: str, warmup: int, iters: int,
           backends: tuple = ()) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    names = backends or (("flash", "kernel", "cudnn", "efficient") if device == "cuda" else ("math",))
+    names = backends or (("flash", "cudnn", "efficient") if device == "cuda" else ("math",))
     x = blocks(args, seq, micro_batch, device, dtype)
     row, first = {"seq_len": seq, "micro_batch": micro_batch, "blocks": x["q"].shape[0]}, None
     for name in names:
-        run, out = kernel_run(x, args.fam_len) if name == "kernel" else layer_run(BACKENDS[name], x)
+        run, out = layer_run(BACKENDS[name], x)
         try:
             seconds = time_run(run, device, warmup, iters)
         except RuntimeError as err:  # this kernel does not take these inputs (layout, size, card)
@@ -120,7 +95,7 @@ def probe(args: ModelArgs, seq: int, micro_batch: int, device: str, warmup: int,
 
 def print_table(name: str, rows: list[dict], device: str) -> None:
     print(f"\n{name}: one layer's scan attention, forward and backward, by kernel, us a step ({device})")
-    names = [n for n in (*BACKENDS, "kernel") if any(n in r for r in rows)]
+    names = [n for n in BACKENDS if any(n in r for r in rows)]
     print("| sequence | micro-batch | blocks | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     for r in rows:

@@ -255,11 +255,9 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the FAM scan's backward reads the keys/values buffers its forward wrote, held per call "
                              "without recompute (held, the default since 2026-12-02), or loads them again from k, v "
                              "and the FAM rows, as before (model/fast_scan.py HOLD_BLOCKS)")
-    parser.add_argument("--scan-attention", choices=["flash", "kernel", "matmul"], default="flash",
+    parser.add_argument("--scan-attention", choices=["flash", "matmul"], default="flash",
                         help="the FAM scan steps' attention: flash attention where it applies (the default since "
-                             "2026-12); kernel: flash's forward, the backward in one Triton kernel that writes the "
-                             "block rows' dK, dV in place (model/step_attention_kernel.py, fast_scan.py "
-                             "ATTENTION_BACKWARD); or the matrix products and softmax everywhere, as before "
+                             "2026-12) or the matrix products and softmax everywhere, as before "
                              "(model/scan_step.py FLASH)")
     parser.add_argument("--fam-scan-overlap", choices=["config", "on", "off"], default="config",
                         help="model.overlap_fam_scan: the FAM scan on a second CUDA stream beside the window part "
@@ -272,8 +270,7 @@ def apply_kernel_options(opts) -> None:
     fast_scan.WEIGHTS_IN_PLACE = opts.scan_weights == "in-place"
     fast_scan.HOLD_BLOCKS = opts.scan_blocks == "held"
     scan_slots.MAX_SLOTS = scan_slots.DEFAULT_MAX_SLOTS if opts.scan_slots == "on" else 0
-    scan_step.FLASH = opts.scan_attention != "matmul"
-    fast_scan.ATTENTION_BACKWARD = "kernel" if opts.scan_attention == "kernel" else "flash"
+    scan_step.FLASH = opts.scan_attention == "flash"
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":
         compile_limits.STATIC_SHAPES = 0

@@ -38,9 +38,28 @@ per block and layer, bf16 and fp32; a block's 1024 tokens keep ~25x that) instea
 the step's four GEMMs, whose F-row products each read all the layer's weights (132 MB in bf16,
 ~31 us on an H200), and their ~15 other kernels. fam-1b at 8k without layer recompute keeps
 ~1 GB more for it (18 layers x 9 steps).
-Measured on one H200 from 0.77x bswa-1b's tokens/s (fam-1b at 8k, micro-batch 1, the first version)
-to 0.90x (micro-batch 4) and 0.90-0.91x (32k-128k, micro-batch 2) in "Session 23"; each step of the way
-is in docs/fam.md ("The fast scan, version by version").
+Measured on one H200 (benchmarks.train_step --profile, bf16, micro-batch 1, vocab 32k), fam-1b
+at 8k tokens (bswa-1b: 40.2k tokens/s, 96 % busy, 2,397 kernels, 195 ms, measured with the
+first version):
+  first version (compiled steps uncaptured, recompute in backward, fp32 attention products):
+      19.5k tokens/s, GPU busy 63 %, 12,334 kernels and 266 ms of kernels per step;
+  this version: 30.9k tokens/s (0.77x bswa-1b), 92 % busy, 10,462 kernels, 243 ms, peak 42.7 GiB.
+At 64k the first version ran 23.6k tokens/s (bswa-1b 33.4k, 88,696 kernels, 2,551 ms).
+Under bf16-mixed, one run (benchmarks/results/2026-11-30-2xH200): 32.8k, 36.5k, 27.8k and 27.2k
+tokens/s at 8k, 32k, 64k and 128k, 0.76-0.80x bswa-1b. The scan's own kernels at 8k: 13 ms
+forward, 18 ms backward, about 2.5x the time to read the weights once per step and direction.
+Autotuned steps (COMPILE_MODE below) did not change that. With `_scales`' host copy gone (2026-11-30,
+"Session 11"): 39.1k tokens/s at 8k (0.79x bswa-1b in the same process, GPU 91 % busy, 191 against
+152 ms of kernels); with layer recompute keeping the scan (model/scan_stash.py) 36.1k at 64k and
+35.8k at 128k. With the weights read in place ("Session 12"): 40.2k, 44.7k, 36.4k and 36.0k at 8k to
+128k, 0.79-0.84x bswa-1b in the same runs, against a floor of 0.93-0.94x set by the steps' weight
+reads and FAM's FLOPs outside the scan (benchmarks/fam_floor.py): the scan's other kernels, not its
+reads, are most of the gap. With flash attention in the steps and the block loads in one compiled
+write ("Session 14"): 0.79x at 8k, micro-batch 1; 0.88x at micro-batch 4; 0.89x at micro-batch 2
+from 32k to 128k. With the keys/values buffers held and the steps' combo kernels (2026-12-02,
+"Session 21"): 0.896x at 8k, micro-batch 4, and 0.906x at 32k, micro-batch 2, in one run; 0.897x, 0.901x,
+0.899x and 0.901x at 8k to 128k in "Session 22", where the scan's own steps were 47 of the 57 ms a step
+(at 8k) that fam-1b's kernels take beyond bswa-1b's.
 """
 
 from __future__ import annotations
@@ -49,11 +68,10 @@ import functools
 
 import torch
 
-from model import scan_buffers, scan_graphs, scan_stash, step_attention_kernel
+from model import scan_buffers, scan_graphs, scan_stash
 from model.compile_limits import bounded_compiles
 from model.scan_buffers import ScanSpec
-from model.scan_step import (Activations, Gradients, backward_rows, backward_to_attention, step_backward,
-                             step_backward_with_kernel, step_forward, uses_flash)
+from model.scan_step import Activations, Gradients, step_backward, step_forward
 
 
 # How the CUDA scan steps are compiled: COMBO_KERNELS (torch.compile's default mode with inductor's
@@ -99,36 +117,6 @@ def _step_functions(device: torch.device, spec: ScanSpec):
     return _compiled(step_forward, fullgraph, mode), _compiled(step_backward, fullgraph, mode)
 
 
-# The steps' attention backward (model/step_attention_kernel.py): "flash" (ATen's flash attention backward,
-# then the block rows' dK, dV copied into the scan's buffers), "kernel" (one Triton kernel writing them in
-# place, where flash applies: CUDA, bf16/fp16, no masked key, TP = 1), or "reference" (the kernel's contract in plain
-# PyTorch on any device: tests of the loop's plumbing on CPU). `benchmarks.train_step --scan-attention
-# kernel` sets it.
-ATTENTION_BACKWARD = "flash"
-
-
-def _kernel_functions(device: torch.device, spec: ScanSpec):
-    """((the steps' two compiled parts), the attention backward) where ATTENTION_BACKWARD takes a kernel;
-    else None."""
-    if ATTENTION_BACKWARD == "flash" or (ATTENTION_BACKWARD == "kernel" and device.type != "cuda"):
-        return None
-    if spec.enter is not None:  # tensor parallelism: flash's path, as the parity suite last checked it
-        return None
-    attention = (step_attention_kernel.attention_backward if ATTENTION_BACKWARD == "kernel"
-                 else step_attention_kernel.attention_backward_reference)
-    if device.type != "cuda":
-        return (backward_to_attention, backward_rows), attention
-    fullgraph = spec.enter is None
-    mode = None if COMPILE_MODE == COMBO_KERNELS and not fullgraph else COMPILE_MODE
-    return (_compiled(backward_to_attention, fullgraph, mode), _compiled(backward_rows, fullgraph, mode)), attention
-
-
-def _takes_kernel(q, keys, key_bias, dtype) -> bool:
-    if ATTENTION_BACKWARD == "reference":
-        return key_bias is None
-    return uses_flash(q, keys, key_bias, dtype)
-
-
 def _slot(group, i: int):
     return type(group)(*(t[i] for t in group))
 
@@ -162,28 +150,19 @@ def _forward_loop(spec: ScanSpec, partial: bool, b: dict):
 def _backward_loop(spec: ScanSpec, partial: bool, b: dict):
     """The steps in reverse; returns the gradient of the initial FAM."""
     _, step = _step_functions(b["keys"].device, spec)
-    kernel = _kernel_functions(b["keys"].device, spec)
     cos_q, sin_q, cos_k, sin_k = b["rope"]
     first, rest = b["scales"][0], b["scales"][1]
     T, F = b["keys"].shape[0], cos_q.shape[1]
-
-    def back(d, d_fam_k, d_fam_v, keys, values, bias, tables, scale, t, out_dk, out_dv):
-        saved, grads = _slot(b["saved"], t), _slot(b["grads"], t)
-        if kernel is not None and _takes_kernel(saved.q, keys, bias, spec.dtype):
-            return step_backward_with_kernel(*kernel, d, d_fam_k, d_fam_v, keys, values, *tables, scale, b["weights"],
-                                             saved, grads, out_dk, out_dv, *spec.config())
-        return step(d, d_fam_k, d_fam_v, keys, values, bias, *tables, scale, b["weights"], saved, grads, out_dk,
-                    out_dv, *spec.config())
-
     d = b["d_fam"]
     for t in reversed(range(T)):
         rows = slice(t * F, (t + 1) * F)
-        d = back(d, b["d_fam_k"][rows], b["d_fam_v"][rows], b["keys"][t], b["values"][t], _bias(b, t, partial),
-                 (cos_q[t], sin_q[t], cos_k[t], sin_k[t]), first if t == 0 else rest, t, b["d_keys"][t],
-                 b["d_values"][t])
+        d = step(d, b["d_fam_k"][rows], b["d_fam_v"][rows], b["keys"][t], b["values"][t], _bias(b, t, partial),
+                 cos_q[t], sin_q[t], cos_k[t], sin_k[t], first if t == 0 else rest, b["weights"], _slot(b["saved"], t),
+                 _slot(b["grads"], t), b["d_keys"][t], b["d_values"][t], *spec.config())
     if spec.from_prompt:
-        d = d + back(b["d_prompt"], None, None, b["prompt_keys"], b["prompt_values"], None,
-                     (cos_k[0], sin_k[0], cos_k[0], sin_k[0]), rest, -1, None, None)
+        d = d + step(b["d_prompt"], None, None, b["prompt_keys"], b["prompt_values"], None, cos_k[0], sin_k[0],
+                     cos_k[0], sin_k[0], rest, b["weights"], _slot(b["saved"], -1), _slot(b["grads"], -1), None, None,
+                     *spec.config())
     return d
 
 

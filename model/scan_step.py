@@ -51,7 +51,7 @@ class Activations(NamedTuple):
     x_proj: torch.Tensor  # [b, F, n*d]: batch-major, flash's output layout (model/scan_step.py `_as_flash_output`)
     x_fc1: torch.Tensor
     x_fc2: torch.Tensor
-    lse: torch.Tensor  # the attention's log-sum-exp [b, g, npg*F] fp32
+    lse: torch.Tensor  # the attention's log-sum-exp [b, g, npg*F] fp32, written where flash attention ran
 
 
 class Gradients(NamedTuple):
@@ -133,15 +133,12 @@ def _bmm32(a, b):
     return out.view(*a.shape[:-2], *out.shape[-2:])
 
 
-def _scores(q, keys, key_bias, head_dim: int):
-    """q k^T / sqrt(d) + bias [b, g, npg*F, F + c], fp32."""
-    scores = _bmm32(q, keys.transpose(-1, -2)) * head_dim**-0.5
-    return scores if key_bias is None else scores + key_bias
-
-
 def _probabilities(q, keys, key_bias, head_dim: int):
     """softmax(q k^T / sqrt(d) + bias) [b, g, npg*F, F + c], fp32."""
-    return torch.softmax(_scores(q, keys, key_bias, head_dim), dim=-1)
+    scores = _bmm32(q, keys.transpose(-1, -2)) * head_dim**-0.5
+    if key_bias is not None:
+        scores = scores + key_bias
+    return torch.softmax(scores, dim=-1)
 
 
 def _attend_backward(d_ctx, p, q, keys, values, head_dim: int):
@@ -208,14 +205,13 @@ def _project(fam, n1w, wqkv, eps: float, groups: int, head_dim: int, dtype, ente
 
 def _attend_rows(mixed, keys, values, key_bias, cos_q, sin_q, head_dim: int, dtype):
     """The FAM rows' queries (RoPE at cos_q, sin_q) over keys/values [F + c, b, g, d]: (q [b, g,
-    npg*F, d] in the keys' dtype, context [F, b, n*d] in dtype, its log-sum-exp [b, g, npg*F] fp32)."""
+    npg*F, d] in the keys' dtype, context [F, b, n*d] in dtype, lse or None)."""
     q = _heads(_rope(mixed[:, :, :, :-2], cos_q.unsqueeze(3), sin_q.unsqueeze(3))).to(keys.dtype)
+    lse = None
     if uses_flash(q, keys, key_bias, dtype):
         ctx, lse = _flash(q, _heads(keys), _heads(values), head_dim)
-    else:  # the log-sum-exp too, as flash keeps it (a backward through model/step_attention_kernel.py reads it)
-        scores = _scores(q, _heads(keys), key_bias, head_dim)
-        ctx = _bmm32(torch.softmax(scores, dim=-1).to(values.dtype), _heads(values))
-        lse = torch.logsumexp(scores, dim=-1)
+    else:
+        ctx = _bmm32(_probabilities(q, _heads(keys), key_bias, head_dim).to(values.dtype), _heads(values))
     return q, _rows_to_context(ctx, mixed.shape[0]).to(dtype), lse
 
 
@@ -296,32 +292,6 @@ def _mixed_gradient(dq, d_k, d_v, cos_q, sin_q, cos_k, sin_k):
     ], dim=3).reshape(n_f, b, -1)
 
 
-def backward_update(d_new, saved: Activations, weights, out: Gradients, eps: float, dtype, enter, leave):
-    """A step's backward through its projection and FFN (`_update`): (da fp32, d_context [F, b, n*d] in
-    dtype); writes the projection's and the FFN's output gradients and norm2's into `out`."""
-    da, dz, d_gu, dy, xh2, do, d_context = _update_backward(d_new.float(), saved.a, saved.gate_up, weights, eps,
-                                                           dtype, enter, leave)
-    _keep(out, None, do.transpose(0, 1), d_gu, dz, None, (dy * xh2).sum((0, 1)))
-    return da, d_context
-
-
-def backward_rows(da, dq, d_k_fam, d_v_fam, d_fam_k, d_fam_v, cos_q, sin_q, cos_k, sin_k, scale, weights,
-                  saved: Activations, out: Gradients, eps: float, dtype, leave):
-    """A step's backward from its attention's gradients (dq [F, b, g, npg, d] before RoPE's backward, the
-    FAM rows' dK, dV [F, b, g, d]; plus d_fam_k, d_fam_v from the block queries, or None) through RoPE,
-    the QKV GEMM and norm1: the gradient of the step's input FAM; writes the QKV GEMM's output gradient
-    and norm1's into `out`."""
-    d_k_fam, d_v_fam = d_k_fam.float(), d_v_fam.float()
-    if d_fam_k is not None:
-        d_k_fam, d_v_fam = d_k_fam + d_fam_k.float(), d_v_fam + d_fam_v.float()
-    d_mixed = _mixed_gradient(dq, d_k_fam, d_v_fam, cos_q, sin_q, cos_k, sin_k).to(dtype)
-    dx1 = leave(F_.linear(d_mixed, weights[1].t())).float()
-    xh1, r1 = _normalize(saved.fam.float(), eps)
-    d_fam = scale * da + _normalize_backward(dx1 * weights[0], xh1, r1)
-    _keep(out, d_mixed, None, None, None, (dx1 * xh1).sum((0, 1)), None)
-    return d_fam
-
-
 def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q, cos_k, sin_k, scale, weights,
                   saved: Activations, out: Gradients, out_dk, out_dv, eps: float, groups: int, head_dim: int,
                   dtype: torch.dtype, enter=None, leave=None):
@@ -331,45 +301,20 @@ def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q,
     [c, b, g, d] (when given; the layout of the keys/values, in which flash writes them) and the weight
     uses' output gradients into `out`; returns the grad of the step's input FAM."""
     enter, leave = enter or _same, leave or _same
-    da, d_context = backward_update(d_new, saved, weights, out, eps, dtype, enter, leave)
+    da, dz, d_gu, dy, xh2, do, d_context = _update_backward(d_new.float(), saved.a, saved.gate_up, weights, eps,
+                                                           dtype, enter, leave)
     dq, d_keys, d_values = _attend_rows_backward(d_context, saved.q, keys, values, key_bias, saved.x_proj, saved.lse,
                                                  groups, head_dim, dtype)
     n_f = dq.shape[0]
     if out_dk is not None:  # [c, b, g, d]: from flash, rows F: of its [F + c, b, g, d] gradients, as they lie
         out_dk.copy_(d_keys[:, :, n_f:].permute(2, 0, 1, 3))
         out_dv.copy_(d_values[:, :, n_f:].permute(2, 0, 1, 3))
-    d_k_fam, d_v_fam = (x[:, :, :n_f].permute(2, 0, 1, 3) for x in (d_keys, d_values))
-    return backward_rows(da, dq, d_k_fam, d_v_fam, d_fam_k, d_fam_v, cos_q, sin_q, cos_k, sin_k, scale, weights,
-                         saved, out, eps, dtype, leave)
-
-
-# ---- the same backward with the attention's in one kernel (model/step_attention_kernel.py) ----
-
-
-def backward_to_attention(d_new, saved: Activations, weights, out: Gradients, eps: float, groups: int,
-                          head_dim: int, dtype: torch.dtype, enter=None, leave=None):
-    """`backward_update`, then the attention kernel's inputs: (da, the output gradient d_ctx [b, g, rows, d]
-    in the queries' dtype, contiguous, delta = rowsum(d_ctx * ctx) [b, g, rows] fp32, from the kept
-    projection input, which is the attention's output)."""
-    da, d_context = backward_update(d_new, saved, weights, out, eps, dtype, enter or _same, leave or _same)
-    n_f, b = d_context.shape[0], d_context.shape[1]
-    d_ctx = _heads(d_context.view(n_f, b, groups, -1, head_dim)).to(saved.q.dtype).contiguous()
-    ctx = saved.x_proj.view(b, n_f, groups, -1, head_dim).permute(0, 2, 3, 1, 4).reshape(d_ctx.shape)
-    return da, d_ctx, (d_ctx.float() * ctx.float()).sum(-1)
-
-
-def step_backward_with_kernel(parts, attention_backward, d_new, d_fam_k, d_fam_v, keys, values, cos_q, sin_q,
-                              cos_k, sin_k, scale, weights, saved: Activations, out: Gradients, out_dk, out_dv,
-                              eps: float, groups: int, head_dim: int, dtype: torch.dtype, enter=None, leave=None):
-    """`step_backward` where no key is masked, its attention's backward one call of `attention_backward`
-    (model/step_attention_kernel.py) that writes the block rows' dK, dV into out_dk, out_dv itself.
-    parts: (`backward_to_attention`, `backward_rows`), compiled on CUDA."""
-    to_attention, rows = parts
-    da, d_ctx, delta = to_attention(d_new, saved, weights, out, eps, groups, head_dim, dtype, enter, leave)
-    n_f = cos_q.shape[0]  # all F rows (gathered under SP)
-    dq, d_k_fam, d_v_fam = attention_backward(d_ctx, saved.q, keys, values, saved.lse, delta, n_f,
-                                              head_dim**-0.5, out_dk, out_dv)
-    b = dq.shape[0]
-    dq = dq.view(b, groups, -1, n_f, head_dim).permute(3, 0, 1, 2, 4)
-    return rows(da, dq, d_k_fam.permute(2, 0, 1, 3), d_v_fam.permute(2, 0, 1, 3), d_fam_k, d_fam_v, cos_q, sin_q,
-                cos_k, sin_k, scale, weights, saved, out, eps, dtype, leave or _same)
+    d_k_fam, d_v_fam = (x[:, :, :n_f].permute(2, 0, 1, 3).float() for x in (d_keys, d_values))
+    if d_fam_k is not None:
+        d_k_fam, d_v_fam = d_k_fam + d_fam_k.float(), d_v_fam + d_fam_v.float()
+    d_mixed = _mixed_gradient(dq, d_k_fam, d_v_fam, cos_q, sin_q, cos_k, sin_k).to(dtype)
+    dx1 = leave(F_.linear(d_mixed, weights[1].t())).float()
+    xh1, r1 = _normalize(saved.fam.float(), eps)
+    d_fam = scale * da + _normalize_backward(dx1 * weights[0], xh1, r1)
+    _keep(out, d_mixed, do.transpose(0, 1), d_gu, dz, (dx1 * xh1).sum((0, 1)), (dy * xh2).sum((0, 1)))
+    return d_fam

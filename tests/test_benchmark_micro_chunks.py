@@ -133,8 +133,6 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     assert "scan_slots" not in micro_chunk_step.row_notes(clean)  # the default: a slot per call
     monkeypatch.setattr(micro_chunk_step.scan_slots, "MAX_SLOTS", 0)  # --scan-slots off
     assert micro_chunk_step.row_notes(clean)["scan_slots"] == "off"
-    monkeypatch.setattr(micro_chunk_step.fast_scan, "ATTENTION_BACKWARD", "kernel")  # --scan-attention kernel
-    assert micro_chunk_step.row_notes(clean)["scan_attention"] == "kernel"
     monkeypatch.setattr(micro_chunk_step.scan_step, "FLASH", False)  # --scan-attention matmul
     assert micro_chunk_step.row_notes(clean)["scan_attention"] == "matmul"
     monkeypatch.setattr(micro_chunk_step.fast_scan, "HOLD_BLOCKS", False)  # --scan-blocks reloaded

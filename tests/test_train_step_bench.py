@@ -343,7 +343,7 @@ def test_scan_slots_off_turns_the_slots_off_and_on_brings_the_default_back(monke
     from model import compile_limits, fast_scan, mlp, rope, scan_slots, scan_step
 
     for module, name in ((scan_slots, "MAX_SLOTS"), (fast_scan, "COMPILE_MODE"), (fast_scan, "WEIGHTS_IN_PLACE"),
-                         (fast_scan, "HOLD_BLOCKS"), (fast_scan, "ATTENTION_BACKWARD"),
+                         (fast_scan, "HOLD_BLOCKS"),
                          (scan_step, "FLASH"), (rope, "FUSED"), (mlp, "FUSED"), (compile_limits, "STATIC_SHAPES"),
                          (micro_chunk_step, "RECOMPUTE_FAM_SCAN"), (micro_chunk_step, "OVERLAP_FAM_SCAN")):
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
@@ -356,7 +356,3 @@ def test_scan_slots_off_turns_the_slots_off_and_on_brings_the_default_back(monke
     assert fast_scan.COMPILE_MODE == fast_scan.COMBO_KERNELS and fast_scan.HOLD_BLOCKS  # the defaults
     train_step.apply_kernel_options(parser.parse_args(["--scan-compile-mode", "default", "--scan-blocks", "reloaded"]))
     assert fast_scan.COMPILE_MODE is None and not fast_scan.HOLD_BLOCKS
-    train_step.apply_kernel_options(parser.parse_args(["--scan-attention", "kernel"]))
-    assert scan_step.FLASH and fast_scan.ATTENTION_BACKWARD == "kernel"
-    train_step.apply_kernel_options(parser.parse_args(["--scan-attention", "matmul"]))
-    assert not scan_step.FLASH and fast_scan.ATTENTION_BACKWARD == "flash"
