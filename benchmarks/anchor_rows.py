@@ -126,7 +126,7 @@ def write_records(records: list[dict], results_dir: str | os.PathLike, day: str 
     scan_compile_mode (absent: "default"), loss_path (absent: whole logits, before 2026-12),
     fused_ops (absent: eager RoPE and SwiGLU), scan_weights (absent: read in place), scan_slots (absent:
     on), scan_attention (absent: the matrix products, as before 2026-12), scan_blocks (absent: "reloaded",
-    as before 2026-12-02), micro_batch (absent: 1) and recompute, so a benchmark split over several commands
+    as before 2026-12-02), scan_first_step (absent: "separate"), micro_batch (absent: 1) and recompute, so a benchmark split over several commands
     (one per sequence length) fills one file."""
     folder = Path(results_dir) / f"{day or datetime.date.today().isoformat()}-{card or card_name()}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,8 @@ def write_records(records: list[dict], results_dir: str | os.PathLike, day: str 
     key = lambda r: (r.get("config"), r.get("seq_len"), r.get("precision"),  # noqa: E731
                      r.get("scan_compile_mode", "default"), r.get("loss_path"), r.get("fused_ops"),
                      r.get("scan_weights"), r.get("scan_slots"), r.get("scan_attention"),
-                     r.get("scan_blocks", "reloaded"), r.get("micro_batch", 1), r.get("recompute"))
+                     r.get("scan_blocks", "reloaded"), r.get("scan_first_step", "separate"), r.get("micro_batch", 1),
+                     r.get("recompute"))
     try:
         earlier = json.loads(path.read_text()) if path.is_file() else []
     except json.JSONDecodeError as err:

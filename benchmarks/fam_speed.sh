@@ -21,6 +21,8 @@
 #               kept-activation slots (the default), one without (--scan-slots off, as before 2026-12-01)
 #     blocks    fam-1b and bswa-1b at SEQ, micro-batch MB, --profile, one process with the scan's keys/values
 #               buffers held for its backward (the default since 2026-12-02), one reloading them (--scan-blocks)
+#     firststep fam-1b and bswa-1b at SEQ, micro-batch MB, --profile, one process with block 0's step and the prompt
+#               step merged (--scan-first-step merged), one with them separate (the default)
 #     combo     fam-1b and bswa-1b at SEQ, micro-batch MB, --profile, the scan's steps compiled with inductor's
 #               combo kernels (--scan-compile-mode combo-kernels)
 #     codegen   fam-1b and bswa-1b at SEQ, micro-batch MB, profiled, with inductor's generated code saved
@@ -101,6 +103,9 @@ for phase in "$@"; do
             for s in on off; do pair "slots-$s" --micro-batch "${MB:-4}" --profile --scan-slots "$s"; done ;;
         blocks)
             for k in held reloaded; do pair "blocks-$k" --micro-batch "${MB:-4}" --profile --scan-blocks "$k"; done ;;
+        firststep)  # block 0's step and the prompt step as one (model/scan_first_step.py) against two, profiled
+            for f in merged separate; do pair "firststep-$f" --micro-batch "${MB:-4}" --profile --scan-first-step "$f" \
+                --results-dir "$OUT"; done ;;
         combo) pair combo --micro-batch "${MB:-4}" --profile --scan-compile-mode combo-kernels ;;
         codegen)  # the code inductor generated for every compiled graph (gzipped): which source line each kernel
             # of the profile's list comes from (the 343 non-contiguous copies a fam-1b step, session 18)
@@ -127,7 +132,7 @@ for phase in "$@"; do
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
         *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, ratios, ratios8k, profile, batch2," \
-                "slots, blocks, combo, codegen, batches, attention, backends, tests, parity)"
+                "slots, blocks, firststep, combo, codegen, batches, attention, backends, tests, parity)"
            exit 2 ;;
     esac
 done

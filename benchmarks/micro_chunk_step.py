@@ -180,7 +180,8 @@ def row_notes(left_gib: float) -> dict:
     `scan_attention` (always: "flash" where the scan's steps ran flash attention, "matmul" where they ran the
     matrix products everywhere; rows without it ran the matrix products, as before 2026-12) and `scan_blocks`
     (always: "held" where the scan's backward read the keys/values buffers its forward wrote, "reloaded"
-    where it loaded them again; rows without it reloaded them, as before 2026-12-02)."""
+    where it loaded them again; rows without it reloaded them, as before 2026-12-02) and `scan_first_step`
+    ("merged" where block 0's step and the prompt step ran as one, model/scan_first_step.py)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
     notes["scan_compile_mode"] = fast_scan.COMPILE_MODE or "default"
     if rope.FUSED or mlp.FUSED:
@@ -197,6 +198,8 @@ def row_notes(left_gib: float) -> dict:
         notes["scan_slots"] = "off"
     notes["scan_attention"] = "flash" if scan_step.FLASH else "matmul"
     notes["scan_blocks"] = "held" if fast_scan.HOLD_BLOCKS else "reloaded"
+    if fast_scan.MERGED_FIRST_STEP:
+        notes["scan_first_step"] = "merged"
     return notes
 
 

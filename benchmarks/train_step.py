@@ -259,6 +259,10 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the FAM scan steps' attention: flash attention where it applies (the default since "
                              "2026-12) or the matrix products and softmax everywhere, as before "
                              "(model/scan_step.py FLASH)")
+    parser.add_argument("--scan-first-step", choices=["separate", "merged"], default="separate",
+                        help="from the prompt, block 0's scan step and the prompt step as two steps (the default) or "
+                             "one, with one QKV GEMM and the projection and FFN over both steps' rows "
+                             "(model/scan_first_step.py, fast_scan.py MERGED_FIRST_STEP; not yet measured)")
     parser.add_argument("--fam-scan-overlap", choices=["config", "on", "off"], default="config",
                         help="model.overlap_fam_scan: the FAM scan on a second CUDA stream beside the window part "
                              "of the block attention (on) or one attention call after the scan (off); config: "
@@ -271,6 +275,7 @@ def apply_kernel_options(opts) -> None:
     fast_scan.HOLD_BLOCKS = opts.scan_blocks == "held"
     scan_slots.MAX_SLOTS = scan_slots.DEFAULT_MAX_SLOTS if opts.scan_slots == "on" else 0
     scan_step.FLASH = opts.scan_attention == "flash"
+    fast_scan.MERGED_FIRST_STEP = opts.scan_first_step == "merged"
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":
         compile_limits.STATIC_SHAPES = 0

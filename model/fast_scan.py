@@ -71,7 +71,8 @@ import torch
 from model import scan_buffers, scan_graphs, scan_stash
 from model.compile_limits import bounded_compiles
 from model.scan_buffers import ScanSpec
-from model.scan_step import Activations, Gradients, step_backward, step_forward
+from model.scan_first_step import step_backward_first, step_forward_first
+from model.scan_step import Activations, step_backward, step_forward, weight_gradients
 
 
 # How the CUDA scan steps are compiled: COMBO_KERNELS (torch.compile's default mode with inductor's
@@ -117,6 +118,22 @@ def _step_functions(device: torch.device, spec: ScanSpec):
     return _compiled(step_forward, fullgraph, mode), _compiled(step_backward, fullgraph, mode)
 
 
+# From the prompt at tensor-parallel size 1, block 0's step and the prompt step run as one
+# (model/scan_first_step.py): one QKV GEMM, the projection and FFN over both steps' rows. False: two steps,
+# as before 2026-12-02. Not yet measured on a GPU (`benchmarks.train_step --scan-first-step merged`).
+MERGED_FIRST_STEP = False
+
+
+def _merges_first_step(spec: ScanSpec) -> bool:
+    return MERGED_FIRST_STEP and spec.from_prompt and spec.enter is None
+
+
+def _first_step_functions(device: torch.device, spec: ScanSpec):
+    if device.type != "cuda":
+        return step_forward_first, step_backward_first
+    return _compiled(step_forward_first, True, COMPILE_MODE), _compiled(step_backward_first, True, COMPILE_MODE)
+
+
 def _slot(group, i: int):
     return type(group)(*(t[i] for t in group))
 
@@ -130,20 +147,31 @@ def _bias(b: dict, t: int, partial: bool):
     return b["bias"][t] if partial and t == b["keys"].shape[0] - 1 else None
 
 
+def _first_step_args(partial: bool, b: dict) -> tuple:
+    """The arguments block 0's step and the prompt step share in model/scan_first_step.py."""
+    tables = tuple(x[0] for x in b["rope"])
+    return (b["keys"][0], b["values"][0], _bias(b, 0, partial), b["prompt_keys"], b["prompt_values"], tables,
+            (b["scales"][0], b["scales"][1]), b["weights"])
+
+
 def _forward_loop(spec: ScanSpec, partial: bool, b: dict):
     """All T steps and the prompt step; returns (F_T, prompt stream output or None). partial: the
     last block is shorter than C (its padding keys masked)."""
     step, _ = _step_functions(b["keys"].device, spec)
     cos_q, sin_q, cos_k, sin_k = b["rope"]
     first, rest = b["scales"][0], b["scales"][1]
-    fam = b["fam0"]
+    fam, prompt_out, merged = b["fam0"], None, _merges_first_step(spec)
     for t in range(b["keys"].shape[0]):
+        if t == 0 and merged:
+            first_step, _ = _first_step_functions(b["keys"].device, spec)
+            fam, prompt_out = first_step(fam, *_first_step_args(partial, b), _slot(b["saved"], 0),
+                                         _slot(b["saved"], -1), *spec.config()[:4])
+            continue
         fam = step(fam, b["keys"][t], b["values"][t], _bias(b, t, partial), cos_q[t], sin_q[t], cos_k[t], sin_k[t],
                    first if t == 0 else rest, b["weights"], _slot(b["saved"], t), *spec.config())
-    if not spec.from_prompt:
-        return fam, None
-    prompt_out = step(b["fam0"], b["prompt_keys"], b["prompt_values"], None, cos_k[0], sin_k[0], cos_k[0], sin_k[0],
-                      rest, b["weights"], _slot(b["saved"], -1), *spec.config())
+    if spec.from_prompt and not merged:
+        prompt_out = step(b["fam0"], b["prompt_keys"], b["prompt_values"], None, cos_k[0], sin_k[0], cos_k[0],
+                          sin_k[0], rest, b["weights"], _slot(b["saved"], -1), *spec.config())
     return fam, prompt_out
 
 
@@ -153,9 +181,14 @@ def _backward_loop(spec: ScanSpec, partial: bool, b: dict):
     cos_q, sin_q, cos_k, sin_k = b["rope"]
     first, rest = b["scales"][0], b["scales"][1]
     T, F = b["keys"].shape[0], cos_q.shape[1]
-    d = b["d_fam"]
+    d, merged = b["d_fam"], _merges_first_step(spec)
     for t in reversed(range(T)):
         rows = slice(t * F, (t + 1) * F)
+        if t == 0 and merged:
+            _, first_step = _first_step_functions(b["keys"].device, spec)
+            return first_step(d, b["d_prompt"], b["d_fam_k"][rows], b["d_fam_v"][rows], *_first_step_args(partial, b),
+                              _slot(b["saved"], 0), _slot(b["saved"], -1), _slot(b["grads"], 0),
+                              _slot(b["grads"], -1), b["d_keys"][0], b["d_values"][0], *spec.config()[:4])
         d = step(d, b["d_fam_k"][rows], b["d_fam_v"][rows], b["keys"][t], b["values"][t], _bias(b, t, partial),
                  cos_q[t], sin_q[t], cos_k[t], sin_k[t], first if t == 0 else rest, b["weights"], _slot(b["saved"], t),
                  _slot(b["grads"], t), b["d_keys"][t], b["d_values"][t], *spec.config())
@@ -294,7 +327,7 @@ class FAMScan(torch.autograd.Function):
                 d = static.loop("backward", loop, weights if in_place else None, slot, held)()
         own = torch.clone if static is not None else (lambda x: x)
         d_k, d_v = scan_buffers.add_block_rows(d_keys[R:], d_values[R:], b["d_keys"], b["d_values"])
-        grads = _weight_gradients(b["saved"], b["grads"], weights)  # before any other replay
+        grads = weight_gradients(b["saved"], b["grads"], weights)  # before any other replay
         return (None, own(d).to(saved.fam.dtype), d_k, d_v, None, None, None, None, *grads)
 
 
@@ -356,15 +389,6 @@ def _take_blocks(spec: ScanSpec, static, in_place: bool, hold: bool, k, rope, we
         return None
     owner = scan_graphs.weights_key(weights) if in_place else None
     return static.blocks.take(owner, lambda: scan_buffers.Blocks(**scan_buffers.block_buffers(spec, k, rope)))
-
-
-def _weight_gradients(saved: Activations, grads: Gradients, weights):
-    """One GEMM per weight over all steps' rows: dW = sum_t dY_t^T X_t = dY^T X over T*F*b rows."""
-    n1w, qkv, proj, n2w, fc1, fc2 = weights
-    uses = ((saved.x_qkv, grads.d_qkv, qkv), (saved.x_proj, grads.d_proj, proj), (saved.x_fc1, grads.d_fc1, fc1),
-            (saved.x_fc2, grads.d_fc2, fc2))
-    d_qkv, d_proj, d_fc1, d_fc2 = ((dy.flatten(0, -2).t() @ x.flatten(0, -2)).to(w.dtype) for x, dy, w in uses)
-    return grads.d_norm1.sum(0).to(n1w.dtype), d_qkv, d_proj, grads.d_norm2.sum(0).to(n2w.dtype), d_fc1, d_fc2
 
 
 def fast_scan(spec: ScanSpec, fam0, k, v, rope, weights):

@@ -318,3 +318,12 @@ def step_backward(d_new, d_fam_k, d_fam_v, keys, values, key_bias, cos_q, sin_q,
     d_fam = scale * da + _normalize_backward(dx1 * weights[0], xh1, r1)
     _keep(out, d_mixed, do.transpose(0, 1), d_gu, dz, (dx1 * xh1).sum((0, 1)), (dy * xh2).sum((0, 1)))
     return d_fam
+
+
+def weight_gradients(saved: Activations, grads: Gradients, weights):
+    """One GEMM per weight over all steps' rows: dW = sum_t dY_t^T X_t = dY^T X over T*F*b rows."""
+    n1w, qkv, proj, n2w, fc1, fc2 = weights
+    uses = ((saved.x_qkv, grads.d_qkv, qkv), (saved.x_proj, grads.d_proj, proj), (saved.x_fc1, grads.d_fc1, fc1),
+            (saved.x_fc2, grads.d_fc2, fc2))
+    d_qkv, d_proj, d_fc1, d_fc2 = ((dy.flatten(0, -2).t() @ x.flatten(0, -2)).to(w.dtype) for x, dy, w in uses)
+    return grads.d_norm1.sum(0).to(n1w.dtype), d_qkv, d_proj, grads.d_norm2.sum(0).to(n2w.dtype), d_fc1, d_fc2

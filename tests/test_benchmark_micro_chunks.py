@@ -135,6 +135,9 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     assert micro_chunk_step.row_notes(clean)["scan_slots"] == "off"
     monkeypatch.setattr(micro_chunk_step.scan_step, "FLASH", False)  # --scan-attention matmul
     assert micro_chunk_step.row_notes(clean)["scan_attention"] == "matmul"
+    assert "scan_first_step" not in micro_chunk_step.row_notes(clean)  # the default: separate
+    monkeypatch.setattr(micro_chunk_step.fast_scan, "MERGED_FIRST_STEP", True)  # --scan-first-step merged
+    assert micro_chunk_step.row_notes(clean)["scan_first_step"] == "merged"
     monkeypatch.setattr(micro_chunk_step.fast_scan, "HOLD_BLOCKS", False)  # --scan-blocks reloaded
     assert micro_chunk_step.row_notes(clean)["scan_blocks"] == "reloaded"
     monkeypatch.setattr(micro_chunk_step.fast_scan, "COMPILE_MODE", None)  # --scan-compile-mode default

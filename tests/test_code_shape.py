@@ -17,7 +17,9 @@ from tests import code_shape
 
 # The compiled scan step's entry points: flat tensor arguments by design (model/scan.py docstring).
 COMPILED_SCAN_STEP = {("model/scan.py", "fam_step"), ("model/scan_step.py", "step_forward"),
-                      ("model/scan_step.py", "step_backward"), ("model/fast_scan.py", "forward")}
+                      ("model/scan_step.py", "step_backward"), ("model/fast_scan.py", "forward"),
+                      ("model/scan_first_step.py", "step_forward_first"),
+                      ("model/scan_first_step.py", "step_backward_first")}
 
 
 def write(root: Path, files: dict[str, str]) -> None:

@@ -312,7 +312,7 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
     script = (ROOT / "benchmarks" / "fam_speed.sh").read_text()
     fill = {'"${CONFIGS[@]}"': "fam-1b bswa-1b dense-1b", '"$ANCHOR"': DEFAULT_ANCHOR,
             '"$OUT/$name.json"': "runs/x/short.json", '"$OUT"': "runs/x", "${PROFILE:+--profile}": "--profile",
-            '"${SEQ:-8192}"': "8192", '"$b"': "4", '"${MB:-4}"': "4", '"$s"': "off", '"$k"': "reloaded",
+            '"${SEQ:-8192}"': "8192", '"$b"': "4", '"${MB:-4}"': "4", '"$s"': "off", '"$k"': "reloaded", '"$f"': "merged",
             '${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"}': "--compile-cache runs/x/compile-cache",
             '${TRACE:+--trace "$OUT/traces"}': ""}
     script = script.replace("\\\n", " ")  # continued lines joined
@@ -322,8 +322,9 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
     pair_flags += re.findall(r'pair "batch-[^"]*" (.*?); done', script)  # `batches`: one pair per micro-batch
     pair_flags += re.findall(r'pair "slots-[^"]*" (.*?); done', script)  # `slots`: on and off
     pair_flags += re.findall(r'pair "blocks-[^"]*" (.*?); done', script)  # `blocks`: held and reloaded
+    pair_flags += re.findall(r'pair "firststep-[^"]*" (.*?); done', script)  # `firststep`: merged and separate
     pair_flags += re.findall(r"\n\s+pair codegen (.*?)\n", script)  # `codegen`: with inductor's output code logged
-    assert len(pair_flags) == 9
+    assert len(pair_flags) == 10
     commands = [table.replace('"$@"', "8192")] + [pair.replace('"$@"', flags) for flags in pair_flags]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in commands:
@@ -343,7 +344,7 @@ def test_scan_slots_off_turns_the_slots_off_and_on_brings_the_default_back(monke
     from model import compile_limits, fast_scan, mlp, rope, scan_slots, scan_step
 
     for module, name in ((scan_slots, "MAX_SLOTS"), (fast_scan, "COMPILE_MODE"), (fast_scan, "WEIGHTS_IN_PLACE"),
-                         (fast_scan, "HOLD_BLOCKS"),
+                         (fast_scan, "HOLD_BLOCKS"), (fast_scan, "MERGED_FIRST_STEP"),
                          (scan_step, "FLASH"), (rope, "FUSED"), (mlp, "FUSED"), (compile_limits, "STATIC_SHAPES"),
                          (micro_chunk_step, "RECOMPUTE_FAM_SCAN"), (micro_chunk_step, "OVERLAP_FAM_SCAN")):
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
@@ -355,4 +356,6 @@ def test_scan_slots_off_turns_the_slots_off_and_on_brings_the_default_back(monke
     assert scan_slots.MAX_SLOTS == scan_slots.DEFAULT_MAX_SLOTS > 0
     assert fast_scan.COMPILE_MODE == fast_scan.COMBO_KERNELS and fast_scan.HOLD_BLOCKS  # the defaults
     train_step.apply_kernel_options(parser.parse_args(["--scan-compile-mode", "default", "--scan-blocks", "reloaded"]))
-    assert fast_scan.COMPILE_MODE is None and not fast_scan.HOLD_BLOCKS
+    assert fast_scan.COMPILE_MODE is None and not fast_scan.HOLD_BLOCKS and not fast_scan.MERGED_FIRST_STEP
+    train_step.apply_kernel_options(parser.parse_args(["--scan-first-step", "merged"]))
+    assert fast_scan.MERGED_FIRST_STEP
