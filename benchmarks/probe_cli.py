@@ -89,3 +89,18 @@ def wall_seconds(run: Callable[[], object], iters: int) -> float:
     for _ in range(iters):
         run()
     return (time.perf_counter() - began) / iters
+
+
+def graph_seconds(run: Callable[[], object], device: str, warmup: int, iters: int) -> float:
+    """Seconds per run() after `warmup` runs: on a GPU one CUDA graph of it, replayed (the scan replays its
+    loops so), else the wall clock."""
+    for _ in range(warmup):
+        run()
+    if device != "cuda":
+        return wall_seconds(run, iters)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    return cuda_seconds(graph.replay, iters)

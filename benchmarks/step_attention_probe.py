@@ -20,7 +20,6 @@ building `deferred` into the scan could gain. tests/test_step_attention_probe.py
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -130,23 +129,6 @@ class Layer:
         return {name: getattr(self, name).float().clone() for name in names}
 
 
-def time_variant(run, device: str, warmup: int, iters: int) -> float:
-    """Seconds per run: on a GPU one CUDA graph of it (the scan replays its loops so), else the wall clock."""
-    for _ in range(warmup):
-        run()
-    if device != "cuda":
-        began = time.perf_counter()
-        for _ in range(iters):
-            run()
-        return (time.perf_counter() - began) / iters
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    return probe_cli.cuda_seconds(graph.replay, iters)
-
-
 def probe(args: ModelArgs, seq: int, micro_batch: int, device: str, warmup: int, iters: int) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     layer = Layer(args, seq, micro_batch, device, dtype)
@@ -155,7 +137,7 @@ def probe(args: ModelArgs, seq: int, micro_batch: int, device: str, warmup: int,
     runs = {"flash": layer.flash, "deferred": lambda: layer.deferred(step, blocks)}
     row, results = {"seq_len": seq, "micro_batch": micro_batch, "blocks": layer.T}, {}
     for name in VARIANTS:
-        row[name] = {"us_per_layer": time_variant(runs[name], device, warmup, iters) * 1e6}
+        row[name] = {"us_per_layer": probe_cli.graph_seconds(runs[name], device, warmup, iters) * 1e6}
         runs[name]()
         results[name] = layer.results()
     # the two must agree (bf16 on a GPU: flash's own rounding), else a time means nothing

@@ -57,20 +57,6 @@ def layer_run(backend: SDPBackend, x: dict):
     return run, out
 
 
-def time_run(run, device: str, warmup: int, iters: int) -> float:
-    """Seconds per run: a CUDA graph of it on a GPU, the wall clock elsewhere."""
-    for _ in range(warmup):
-        run()
-    if device != "cuda":
-        return probe_cli.wall_seconds(run, iters)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    return probe_cli.cuda_seconds(graph.replay, iters)
-
-
 def probe(args: ModelArgs, seq: int, micro_batch: int, device: str, warmup: int, iters: int,
           backends: tuple = ()) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -80,7 +66,7 @@ def probe(args: ModelArgs, seq: int, micro_batch: int, device: str, warmup: int,
     for name in names:
         run, out = layer_run(BACKENDS[name], x)
         try:
-            seconds = time_run(run, device, warmup, iters)
+            seconds = probe_cli.graph_seconds(run, device, warmup, iters)
         except RuntimeError as err:  # this kernel does not take these inputs (layout, size, card)
             row[name] = {"error": str(err).splitlines()[0][:200]}
             continue

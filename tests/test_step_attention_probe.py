@@ -62,15 +62,19 @@ def test_a_config_without_fam_and_a_missing_gpu_are_named(monkeypatch, capsys):
         probe.main(["--config", "tiny"])
 
 
-def test_fam_speed_shs_attention_phase_parses(monkeypatch):
-    """The `attention` phase's command line (benchmarks/fam_speed.sh), its shell variables filled in,
-    parses and stops only for want of a GPU."""
+def phase_parses(module: str, main, monkeypatch) -> None:
+    """The fam_speed.sh phase that runs `python3 -m benchmarks.<module>`: its command line, the shell variables
+    filled in, parses and stops only for want of a GPU."""
     import re
     from pathlib import Path
 
     script = (Path(__file__).resolve().parent.parent / "benchmarks" / "fam_speed.sh").read_text()
-    (command,) = re.findall(r"python3 -m benchmarks\.step_attention_probe (.*?)>", script.replace("\\\n", " "))
-    argv = command.replace('"$OUT/step_attention.json"', "runs/x/step_attention.json").split()
+    (command,) = re.findall(rf"python3 -m benchmarks\.{module} (.*?)>", script.replace("\\\n", " "))
+    argv = re.sub(r'"\$OUT/([\w.]+)"', r"runs/x/\1", command).split()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device here"):
-        probe.main(argv)
+        main(argv)
+
+
+def test_fam_speed_shs_attention_phase_parses(monkeypatch):
+    phase_parses("step_attention_probe", probe.main, monkeypatch)

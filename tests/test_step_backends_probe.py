@@ -51,16 +51,6 @@ def test_a_kernel_that_refuses_the_inputs_is_reported_not_fatal(capsys):
 
 
 def test_fam_speed_shs_backends_phase_parses(monkeypatch):
-    """The `backends` phase's command line (benchmarks/fam_speed.sh), its shell variables filled in,
-    parses and stops only for want of a GPU."""
-    import re
-    from pathlib import Path
+    from tests.test_step_attention_probe import phase_parses
 
-    import pytest
-
-    script = (Path(__file__).resolve().parent.parent / "benchmarks" / "fam_speed.sh").read_text()
-    (command,) = re.findall(r"python3 -m benchmarks\.step_backends_probe (.*?)>", script.replace("\\\n", " "))
-    argv = command.replace('"$OUT/step_backends.json"', "runs/x/step_backends.json").split()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="no CUDA device here"):
-        probe.main(argv)
+    phase_parses("step_backends_probe", probe.main, monkeypatch)
