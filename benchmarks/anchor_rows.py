@@ -126,8 +126,8 @@ def write_records(records: list[dict], results_dir: str | os.PathLike, day: str 
     scan_compile_mode (absent: "default"), loss_path (absent: whole logits, before 2026-12),
     fused_ops (absent: eager RoPE and SwiGLU), scan_weights (absent: read in place), scan_slots (absent:
     on), scan_attention (absent: the matrix products, as before 2026-12), scan_blocks (absent: "reloaded",
-    as before 2026-12-02), scan_first_step (absent: "separate"), micro_batch (absent: 1) and recompute, so a benchmark split over several commands
-    (one per sequence length) fills one file."""
+    as before 2026-12-02), scan_first_step (absent: "separate"), micro_batch (absent: 1) and recompute, so
+    a benchmark split over several commands (one per sequence length) fills one file."""
     folder = Path(results_dir) / f"{day or datetime.date.today().isoformat()}-{card or card_name()}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train_step.json"

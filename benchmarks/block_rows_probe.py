@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import torch
 
@@ -87,10 +86,7 @@ def time_plan(plan: Plan, device: str, warmup: int, iters: int) -> float:
         plan.run()
     if device == "cuda":
         return probe_cli.cuda_seconds(plan.run, iters)
-    began = time.perf_counter()
-    for _ in range(iters):
-        plan.run()
-    return (time.perf_counter() - began) / iters
+    return probe_cli.wall_seconds(plan.run, iters)
 
 
 def probe(args: ModelArgs, seq: int, micro_batch: int, device: str, warmup: int, iters: int) -> dict:

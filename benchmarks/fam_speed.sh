@@ -131,8 +131,9 @@ for phase in "$@"; do
             python3 -m benchmarks.parity_suite --out "$OUT/parity" --cells ${CELLS:-1gpu tp2 pp2 dp2} --steps 10 \
                 --warmup-steps 10 > "$OUT/parity.log" 2>&1
             echo "parity: rc $?"; tail -n 15 "$OUT/parity.log" ;;
-        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, ratios, ratios8k, profile, batch2," \
-                "slots, blocks, firststep, combo, codegen, batches, attention, backends, tests, parity)"
+        *) echo "fam_speed.sh: unknown phase '$phase' (short, long, long64, long128, table, ratios, ratios8k," \
+                "profile, batch2, slots, blocks, firststep, combo, codegen, batches, attention, backends, tests," \
+                "parity)"
            exit 2 ;;
     esac
 done

@@ -67,8 +67,12 @@ class FAMLayer(MegatronModule):
 
     def ffn(self, a: torch.Tensor) -> torch.Tensor:
         """O = FF(PreNorm(A)) + A, for tokens and FAM alike (Algorithm 2)."""
+        return self.feed_forward(a) + a
+
+    def feed_forward(self, a: torch.Tensor) -> torch.Tensor:
+        """FF(PreNorm(A)): `ffn` without its residual."""
         out, _ = self.mlp(self.pre_mlp_norm(a))
-        return out + a
+        return out
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, state: LayerState | None = None):
         """hidden [F + S, b, h], positions [b, S] float -> (hidden [F + S, b, h], LayerState)."""
@@ -113,8 +117,8 @@ class FAMLayer(MegatronModule):
                 values = torch.cat([t for t in (mem_v, values) if t is not None])
             context = self.attention.attend_blocks(q, keys, values, layout)
         a = self.attention.project_out(context) + x  # 4
-        y, _ = self.mlp(self.pre_mlp_norm(a))
-        out = RowsAndResidual.apply(prompt_out, y, a) if F else y + a  # [F + S]: the ffn's sum written in place
+        y = self.feed_forward(a)
+        out = RowsAndResidual.apply(prompt_out, y, a) if F else y + a  # [F + S]: `ffn`'s sum written in place
 
         new_state = LayerState(fam, *self._memory(mem_k, mem_v, k, v))
         return out, new_state
