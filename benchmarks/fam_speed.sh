@@ -33,7 +33,7 @@
 #     backends  benchmarks.step_backends_probe: the scan step's attention forward and backward by SDPA kernel (flash as
 #               today, cuDNN, memory-efficient), one layer at 8k and 64k, micro-batch 2 and 4
 #     tests     pytest -m gpu, in a shuffled order (SEED, default 1), or ORDER (file, reverse, shuffle:N)
-#               (about 5.5 min on an H200, 2026-11-30)
+#               (about 7 min on an H200, 2026-12-02); TESTS: files to run instead of all of tests/
 #     parity    the parity suite's 1gpu, tp2, pp2, dp2 cells (2 GPUs; CELLS to choose)
 #   The table phases add their records (with each anchor's row) to OUT/<date>-<card>/train_step.json,
 #   so short and long, run in two calls, fill one file; their logs and --json rows go to OUT too.
@@ -47,6 +47,8 @@
 #   PROFILE=1 adds --profile to the table phases (micro-batch 1: the anchor's). COMPILE_CACHE=DIR passes
 #   --compile-cache DIR to every train_step (benchmarks/compile_cache.py), meant to skip the compiles when
 #   DIR is carried from an earlier call; tried once on an H200 (2026-12-01), it did not (see that file).
+#   SCAN_FLAGS adds train_step flags to every table and pair phase (e.g. "--scan-attention cudnn"): a kernel
+#   option measured against another in the same call without a commit between.
 #   GPU picks the device for one-GPU phases (default 0): on two GPUs, `tests` on GPU 1 beside a table
 #   on GPU 0 compiles on the same host, which slows the table's CPU-bound 8k rows (2026-11-30).
 # Each phase has its own inductor cache (.inductor-<phase>, git-ignored): one process's cache at a
@@ -72,7 +74,7 @@ table() {  # name, sequence lengths...
     local name=$1; shift
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs "${CONFIGS[@]}" --seq-lens "$@" \
         --recompute auto --anchor "$ANCHOR" --results-dir "$OUT" --json "$OUT/$name.json" ${PROFILE:+--profile} \
-        ${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"} > "$OUT/$name.log" 2>&1
+        ${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"} ${SCAN_FLAGS:-} > "$OUT/$name.log" 2>&1
     echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
 }
 
@@ -80,7 +82,7 @@ pair() {  # name, train_step flags...: fam-1b and bswa-1b at SEQ (default 8k), n
     local name=$1; shift
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m benchmarks.train_step --configs fam-1b bswa-1b --seq-lens "${SEQ:-8192}" \
         --recompute auto --json "$OUT/$name.json" ${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"} "$@" \
-        ${TRACE:+--trace "$OUT/traces"} > "$OUT/$name.log" 2>&1
+        ${TRACE:+--trace "$OUT/traces"} ${SCAN_FLAGS:-} > "$OUT/$name.log" 2>&1
     echo "$name: rc $?"; grep -h "^|" "$OUT/$name.log"
 }
 
@@ -124,7 +126,7 @@ for phase in "$@"; do
             echo "backends: rc $?"; grep -h "^|" "$OUT/step_backends.log" ;;
         tests)
             CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m pytest -m gpu -q -rs -p no:cacheprovider \
-                --order "${ORDER:-shuffle:${SEED:-1}}" tests > "$OUT/pytest_gpu.log" 2>&1
+                --order "${ORDER:-shuffle:${SEED:-1}}" ${TESTS:-tests} > "$OUT/pytest_gpu.log" 2>&1
             echo "tests: rc $?"; tail -n 3 "$OUT/pytest_gpu.log" ;;
         parity)
             # shellcheck disable=SC2086  # CELLS is a list of words

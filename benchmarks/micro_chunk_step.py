@@ -177,9 +177,9 @@ def row_notes(left_gib: float) -> dict:
     `recompute_fam_scan` and `overlap_fam_scan` (when RECOMPUTE_FAM_SCAN, OVERLAP_FAM_SCAN set them),
     `scan_weights` ("copied" when the scan's graphs copy the weights in, as before 2026-12),
     `scan_slots` ("off" when the scan's kept activations went through the shared buffers, as before 2026-12-01) and
-    `scan_attention` (always: "flash" where the scan's steps ran flash attention, "matmul" where they ran the
-    matrix products everywhere; rows without it ran the matrix products, as before 2026-12) and `scan_blocks`
-    (always: "held" where the scan's backward read the keys/values buffers its forward wrote, "reloaded"
+    `scan_attention` (always: "flash" or "cudnn" where the scan's steps ran that fused kernel, "matmul" where
+    they ran the matrix products everywhere; rows without it ran the matrix products, as before 2026-12) and
+    `scan_blocks` (always: "held" where the scan's backward read the keys/values buffers its forward wrote, "reloaded"
     where it loaded them again; rows without it reloaded them, as before 2026-12-02) and `scan_first_step`
     ("merged" where block 0's step and the prompt step ran as one, model/scan_first_step.py)."""
     notes = {"leaked_gib": left_gib} if left_gib > LEAK_WARN_GIB else {}
@@ -196,7 +196,7 @@ def row_notes(left_gib: float) -> dict:
         notes["scan_weights"] = "copied"
     if not scan_slots.MAX_SLOTS:
         notes["scan_slots"] = "off"
-    notes["scan_attention"] = "flash" if scan_step.FLASH else "matmul"
+    notes["scan_attention"] = scan_step.FUSED_KERNEL if scan_step.FLASH else "matmul"
     notes["scan_blocks"] = "held" if fast_scan.HOLD_BLOCKS else "reloaded"
     if fast_scan.MERGED_FIRST_STEP:
         notes["scan_first_step"] = "merged"

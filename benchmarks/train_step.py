@@ -255,10 +255,10 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the FAM scan's backward reads the keys/values buffers its forward wrote, held per call "
                              "without recompute (held, the default since 2026-12-02), or loads them again from k, v "
                              "and the FAM rows, as before (model/fast_scan.py HOLD_BLOCKS)")
-    parser.add_argument("--scan-attention", choices=["flash", "matmul"], default="flash",
+    parser.add_argument("--scan-attention", choices=["flash", "cudnn", "matmul"], default="flash",
                         help="the FAM scan steps' attention: flash attention where it applies (the default since "
-                             "2026-12) or the matrix products and softmax everywhere, as before "
-                             "(model/scan_step.py FLASH)")
+                             "2026-12), cuDNN's fused attention there instead (model/scan_step.py FUSED_KERNEL), "
+                             "or the matrix products and softmax everywhere, as before (model/scan_step.py FLASH)")
     parser.add_argument("--scan-first-step", choices=["separate", "merged"], default="separate",
                         help="from the prompt, block 0's scan step and the prompt step as two steps (the default) or "
                              "one, with one QKV GEMM and the projection and FFN over both steps' rows "
@@ -274,7 +274,8 @@ def apply_kernel_options(opts) -> None:
     fast_scan.WEIGHTS_IN_PLACE = opts.scan_weights == "in-place"
     fast_scan.HOLD_BLOCKS = opts.scan_blocks == "held"
     scan_slots.MAX_SLOTS = scan_slots.DEFAULT_MAX_SLOTS if opts.scan_slots == "on" else 0
-    scan_step.FLASH = opts.scan_attention == "flash"
+    scan_step.FLASH = opts.scan_attention != "matmul"
+    scan_step.FUSED_KERNEL = "cudnn" if opts.scan_attention == "cudnn" else "flash"
     fast_scan.MERGED_FIRST_STEP = opts.scan_first_step == "merged"
     rope.FUSED = mlp.FUSED = not opts.eager_ops
     if opts.fused_op_shapes == "dynamic":

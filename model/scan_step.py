@@ -163,22 +163,53 @@ def _attend_backward(d_ctx, p, q, keys, values, head_dim: int):
 FLASH = True
 
 
+# Which fused kernel runs where FLASH applies: "flash" (ATen's flash attention) or "cudnn" (cuDNN's fused
+# attention through ATen, `_cudnn`). Measured on one H200 (benchmarks.step_backends_probe, session 23): one
+# layer's steps at fam-1b's shapes, forward and backward in a CUDA graph, 77.4 us a step with cuDNN against 90.8
+# with flash at micro-batch 4 (8k and 64k alike), 55.7 against 54.4 at micro-batch 2. `benchmarks.train_step
+# --scan-attention cudnn` chooses it. Set it before the first scan runs: compiled steps keep what they traced.
+FUSED_KERNEL = "flash"
+
+
 def uses_flash(q, keys, key_bias, dtype: torch.dtype) -> bool:
     return (FLASH and q.is_cuda and key_bias is None and q.dtype in (torch.bfloat16, torch.float16)
             and keys.dtype == q.dtype and dtype == q.dtype and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
 def _flash(q, kh, vh, head_dim: int):
-    """(ctx [b, g, rows, d] in q's dtype, lse [b, g, rows] fp32) of softmax(q k^T / sqrt(d)) v."""
+    """(ctx [b, g, rows, d] in q's dtype, lse [b, g, rows] fp32) of softmax(q k^T / sqrt(d)) v, by the fused
+    kernel FUSED_KERNEL names. ctx is laid out as [b, rows, g, d] (flash's own output layout, `_as_flash_output`)."""
+    if FUSED_KERNEL == "cudnn":
+        return _cudnn(q, kh, vh, head_dim)
     out = torch.ops.aten._scaled_dot_product_flash_attention(q, kh, vh, scale=head_dim**-0.5)
     return out[0], out[1]
+
+
+def _cudnn(q, kh, vh, head_dim: int):
+    """`_flash` by cuDNN's kernel. Its output takes q's layout, so q goes in laid out as flash lays out its
+    output: the step keeps that output as x_proj, and the backward hands it back in the same layout. Its
+    log-sum-exp comes as [b, g, rows, 1]."""
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, kh, vh, None, True, scale=head_dim**-0.5)
+    return out[0], out[1].squeeze(-1)
+
+
+def _cudnn_backward(d_ctx, q, kh, vh, ctx, lse, head_dim: int):
+    """`_flash_backward` by cuDNN's kernel: no bias, no dropout (no random state), not variable-length."""
+    none = q.new_empty(0, dtype=torch.int64)
+    dq, d_keys, d_values = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        d_ctx.to(q.dtype), q, kh, vh, ctx, lse.unsqueeze(-1), none, none, None, None, None, q.shape[2], kh.shape[2],
+        0.0, False, scale=head_dim**-0.5)
+    return dq.float(), d_keys, d_values
 
 
 def _flash_backward(d_ctx, q, kh, vh, ctx, lse, head_dim: int):
     """(dq fp32, d_keys, d_values in flash's dtype) [b, g, rows or F + c, d] of `_flash` at (q, kh, vh),
     given its output ctx and lse (no dropout: no random state; not variable-length: no cumulative
     lengths). The block rows' key/value gradients go to their buffers in flash's dtype as they are;
-    only the FAM rows' are taken to fp32 (`_attend_rows_backward`)."""
+    only the FAM rows' are taken to fp32 (`_attend_rows_backward`). By the kernel FUSED_KERNEL names."""
+    if FUSED_KERNEL == "cudnn":
+        return _cudnn_backward(d_ctx, q, kh, vh, ctx, lse, head_dim)
     no_rng = q.new_empty(0, dtype=torch.int64)
     dq, d_keys, d_values = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         d_ctx.to(q.dtype), q, kh, vh, ctx, lse, None, None, q.shape[2], kh.shape[2], 0.0, False, no_rng, no_rng,

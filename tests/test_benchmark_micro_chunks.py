@@ -133,6 +133,8 @@ def test_a_cell_that_leaves_memory_allocated_is_reported_in_its_row(capsys, monk
     assert "scan_slots" not in micro_chunk_step.row_notes(clean)  # the default: a slot per call
     monkeypatch.setattr(micro_chunk_step.scan_slots, "MAX_SLOTS", 0)  # --scan-slots off
     assert micro_chunk_step.row_notes(clean)["scan_slots"] == "off"
+    monkeypatch.setattr(micro_chunk_step.scan_step, "FUSED_KERNEL", "cudnn")  # --scan-attention cudnn
+    assert micro_chunk_step.row_notes(clean)["scan_attention"] == "cudnn"
     monkeypatch.setattr(micro_chunk_step.scan_step, "FLASH", False)  # --scan-attention matmul
     assert micro_chunk_step.row_notes(clean)["scan_attention"] == "matmul"
     assert "scan_first_step" not in micro_chunk_step.row_notes(clean)  # the default: separate

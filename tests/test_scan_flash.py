@@ -121,3 +121,42 @@ def test_the_flash_backward_gets_its_output_and_output_gradient_in_its_own_layou
     assert all(ctx for *_, ctx in layouts), "output not in flash's layout"
     bad = {name: d for name, d in diffs.items() if not d <= RTOL}
     assert not bad, bad
+
+
+def _fake_cudnn(calls: list):
+    """Stand-ins for ATen's cuDNN attention ops with their contract (the output in q's layout, the
+    log-sum-exp [b, g, rows, 1], the backward's arguments by position), from the reference kernels."""
+
+    def forward(q, kh, vh, attn_bias, compute_log_sumexp, *_, scale=None):
+        assert attn_bias is None and compute_log_sumexp and scale == q.shape[-1] ** -0.5
+        out, lse = reference_flash(q, kh, vh, q.shape[-1])
+        calls.append(("forward", q.transpose(1, 2).is_contiguous()))
+        out = torch.empty_like(q).copy_(out)  # q's strides, as cuDNN allocates its output
+        return out, lse.unsqueeze(-1), None, None, q.shape[2], kh.shape[2], None, None, None
+
+    def backward(d_ctx, q, kh, vh, ctx, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, dropout, causal,
+                 scale=None):
+        assert lse.shape[-1] == 1 and (bias, cum_q, cum_k, dropout, causal) == (None, None, None, 0.0, False)
+        assert (max_q, max_k, scale) == (q.shape[2], kh.shape[2], q.shape[-1] ** -0.5)
+        calls.append(("backward", d_ctx.stride() == ctx.stride()))
+        return tuple(x.to(q.dtype) for x in reference_flash_backward(d_ctx, q, kh, vh, ctx, lse[..., 0],
+                                                                     q.shape[-1]))
+    return forward, backward
+
+
+@pytest.mark.parametrize("case", ["whole blocks", "multi-query"])
+def test_the_cudnn_kernel_path_matches_the_eager_scan(case, monkeypatch):
+    """FUSED_KERNEL = "cudnn": the step calls cuDNN's ops (stand-ins here) with q laid out as flash's
+    output (so the kept output is in flash's layout too), its log-sum-exp reshaped both ways, the output
+    gradient in the output's strides; the scan matches the eager one."""
+    calls = []
+    forward, backward = _fake_cudnn(calls)
+    monkeypatch.setattr(scan_step, "uses_flash", _uses_flash_anywhere)
+    monkeypatch.setattr(scan_step, "FUSED_KERNEL", "cudnn")
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", forward)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward", backward)
+    over, seq = CASES[case]
+    diffs = _differences(small_args(num_layers=3, **over), seq)
+    assert {kind for kind, _ in calls} == {"forward", "backward"} and all(ok for _, ok in calls), calls
+    bad = {name: d for name, d in diffs.items() if not d <= RTOL}
+    assert len(diffs) > 20 and not bad, bad

@@ -345,7 +345,8 @@ def test_scan_slots_off_turns_the_slots_off_and_on_brings_the_default_back(monke
 
     for module, name in ((scan_slots, "MAX_SLOTS"), (fast_scan, "COMPILE_MODE"), (fast_scan, "WEIGHTS_IN_PLACE"),
                          (fast_scan, "HOLD_BLOCKS"), (fast_scan, "MERGED_FIRST_STEP"),
-                         (scan_step, "FLASH"), (rope, "FUSED"), (mlp, "FUSED"), (compile_limits, "STATIC_SHAPES"),
+                         (scan_step, "FLASH"), (scan_step, "FUSED_KERNEL"), (rope, "FUSED"), (mlp, "FUSED"),
+                         (compile_limits, "STATIC_SHAPES"),
                          (micro_chunk_step, "RECOMPUTE_FAM_SCAN"), (micro_chunk_step, "OVERLAP_FAM_SCAN")):
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
     parser = argparse.ArgumentParser()
@@ -359,3 +360,8 @@ def test_scan_slots_off_turns_the_slots_off_and_on_brings_the_default_back(monke
     assert fast_scan.COMPILE_MODE is None and not fast_scan.HOLD_BLOCKS and not fast_scan.MERGED_FIRST_STEP
     train_step.apply_kernel_options(parser.parse_args(["--scan-first-step", "merged"]))
     assert fast_scan.MERGED_FIRST_STEP
+    assert scan_step.FLASH and scan_step.FUSED_KERNEL == "flash"
+    train_step.apply_kernel_options(parser.parse_args(["--scan-attention", "cudnn"]))
+    assert scan_step.FLASH and scan_step.FUSED_KERNEL == "cudnn"
+    train_step.apply_kernel_options(parser.parse_args(["--scan-attention", "matmul"]))
+    assert not scan_step.FLASH

@@ -46,7 +46,8 @@ def _main_runs(argv: list[str], monkeypatch) -> None:
 
     # main sets these from its options (apply_kernel_options): put back after the test
     for module, names in ((fast_scan, ("COMPILE_MODE", "WEIGHTS_IN_PLACE", "HOLD_BLOCKS")),
-                          (scan_slots, ("MAX_SLOTS",)), (scan_step, ("FLASH",)), (rope, ("FUSED",)), (mlp, ("FUSED",)),
+                          (scan_slots, ("MAX_SLOTS",)), (scan_step, ("FLASH", "FUSED_KERNEL")), (rope, ("FUSED",)),
+                          (mlp, ("FUSED",)),
                           (compile_limits, ("STATIC_SHAPES",)),
                           (micro_chunk_step, ("RECOMPUTE_FAM_SCAN", "OVERLAP_FAM_SCAN"))):
         for name in names:
