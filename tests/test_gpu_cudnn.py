@@ -14,6 +14,7 @@ import torch
 
 import model.scan_graphs as scan_graphs
 import model.scan_step as scan_step
+import tests.test_gpu as test_gpu
 from model import build_model
 from tests.test_gpu import ARGS, FLASH_FACTOR, SEQ, _scan_outputs_and_grads, _worst_error, no_tf32  # noqa: F401
 
@@ -34,6 +35,7 @@ def _run_with_kernels(run) -> tuple[list, set]:
 
 
 def test_cudnn_scan_steps_are_as_close_to_fp32_as_the_flash_steps(monkeypatch):
+    monkeypatch.setattr(test_gpu, "ARGS", CUDNN_ARGS)  # the scan's inputs (tests/test_gpu.py scan_call) at its sizes
     model = build_model(CUDNN_ARGS, device="cuda").to(torch.bfloat16)
     fp32 = build_model(CUDNN_ARGS, device="cuda")
     fp32.load_state_dict(model.state_dict())  # the bf16 weights, in fp32
