@@ -10,10 +10,11 @@
 #     long      the same at 64k and 128k, recompute (long64, long128: one length each, to run side by side)
 #     table     the same at SEQS (default 8192; a quoted list for several)
 #     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)
-#     ratios    fam-1b and bswa-1b at 8k (micro-batch 4, no recompute), 32k, 64k and 128k (micro-batch 2, recompute):
+#     ratios    fam-1b and bswa-1b at 8k (micro-batch 6, no recompute), 32k, 64k and 128k (micro-batch 2, recompute):
 #               issue 13's fam / bswa rows side by side in one process, at the micro-batch where each ratio is highest
+#               (8k: 0.905 at 6 against 0.897 at 4, 2026-12-02; fam-1b's peak 118 GiB of an H200's 139)
 #     ratios8k  fam-1b and bswa-1b at 8k, micro-batch 4 and 6, no recompute, 10 timed steps: the 8k rows with less noise,
-#               and at the largest micro-batch both fit without recompute (fam-1b ~118 GiB, estimated from 1, 2, 4)
+#               and at the largest micro-batch both fit without recompute (fam-1b 118.4 GiB, measured 2026-12-02)
 #     batch2    fam-1b and bswa-1b at 8k, micro-batch 2 (the scan's weight reads serve both sequences)
 #     batches   fam-1b and bswa-1b at SEQ (default 8192), one process per micro-batch in BATCHES
 #               (default "1 2 4"): where FAM's cost meets BSWA's as the scan's GEMMs get more rows
@@ -95,7 +96,7 @@ for phase in "$@"; do
         long128) table long128 131072 ;;
         table) seqs=${SEQS:-8192}; table "table-${seqs// /-}" $seqs ;;  # SEQS: one length or several, quoted
         ratios)  # both configs with the same recompute at each length (auto ran bswa-1b without it at 32k, session 22)
-            pair ratios --seq-lens 8192 32768 65536 131072 --micro-batch 4 2 2 2 --recompute off on on on \
+            pair ratios --seq-lens 8192 32768 65536 131072 --micro-batch 6 2 2 2 --recompute off on on on \
                 --results-dir "$OUT" ;;
         ratios8k)  # the 8k rows again at micro-batch 4 and 6 (both fit without recompute), 10 timed steps each
             pair ratios8k --seq-lens 8192 8192 --micro-batch 4 6 --recompute off --steps 10 --results-dir "$OUT" ;;

@@ -262,7 +262,7 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scan-first-step", choices=["separate", "merged"], default="separate",
                         help="from the prompt, block 0's scan step and the prompt step as two steps (the default) or "
                              "one, with one QKV GEMM and the projection and FFN over both steps' rows "
-                             "(model/scan_first_step.py, fast_scan.py MERGED_FIRST_STEP; not yet measured)")
+                             "(model/scan_first_step.py, fast_scan.py MERGED_FIRST_STEP; no faster on an H200)")
     parser.add_argument("--fam-scan-overlap", choices=["config", "on", "off"], default="config",
                         help="model.overlap_fam_scan: the FAM scan on a second CUDA stream beside the window part "
                              "of the block attention (on) or one attention call after the scan (off); config: "

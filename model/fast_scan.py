@@ -119,8 +119,9 @@ def _step_functions(device: torch.device, spec: ScanSpec):
 
 
 # From the prompt at tensor-parallel size 1, block 0's step and the prompt step run as one
-# (model/scan_first_step.py): one QKV GEMM, the projection and FFN over both steps' rows. False: two steps,
-# as before 2026-12-02. Not yet measured on a GPU (`benchmarks.train_step --scan-first-step merged`). Set it
+# (model/scan_first_step.py): one QKV GEMM, the projection and FFN over both steps' rows. False: two steps.
+# On one H200 (fam-1b, 8k, micro-batch 4, cuDNN steps, "Session 24") it made no difference: 50.35k tokens/s
+# merged, 50.36k separate, so it stays off (`benchmarks.train_step --scan-first-step merged`). Set it
 # before the first scan runs: captured loops (model/scan_graphs.py) keep what they captured.
 MERGED_FIRST_STEP = False
 

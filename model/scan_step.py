@@ -166,8 +166,11 @@ FLASH = True
 # Which fused kernel runs where FLASH applies: "flash" (ATen's flash attention) or "cudnn" (cuDNN's fused
 # attention through ATen, `_cudnn`). Measured on one H200 (benchmarks.step_backends_probe, session 23): one
 # layer's steps at fam-1b's shapes, forward and backward in a CUDA graph, 77.4 us a step with cuDNN against 90.8
-# with flash at micro-batch 4 (8k and 64k alike), 55.7 against 54.4 at micro-batch 2. `benchmarks.train_step
-# --scan-attention cudnn` chooses it. Set it before the first scan runs: compiled steps keep what they traced.
+# with flash at micro-batch 4 (8k and 64k alike), 55.7 against 54.4 at micro-batch 2. In a whole training step
+# that did not show: fam-1b at 8k, micro-batch 4 (merged first step), 50.35k tokens/s with cuDNN against 50.53k
+# with flash, in separate processes on one machine (benchmarks/results/2026-12-02-1xH200, "Session 24"). So flash
+# stays the default. `benchmarks.train_step --scan-attention cudnn` chooses cuDNN. Set it before the first scan runs:
+# compiled steps keep what they traced.
 FUSED_KERNEL = "flash"
 
 
