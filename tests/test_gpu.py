@@ -225,17 +225,29 @@ def _worst_error(got: list, want: list) -> float:
     return max(max(_errors(a, b).values()) for a, b in zip(got, want))
 
 
+def bf16_layer_and_fp32_twin(args, device: str = "cuda"):
+    """Layer 1 of a bf16 model, and of an fp32 model with the same (bf16-representable) weights."""
+    model, fp32 = build_model(args, device=device).to(torch.bfloat16), build_model(args, device=device)
+    fp32.load_state_dict(model.state_dict())
+    return model.layers[1], fp32.layers[1]
+
+
+def scans(layer, dtype):
+    """A closure: the layer's scan outputs and gradients (bf16-representable inputs), from the prompt and from a
+    passed-in FAM."""
+    return lambda: [_scan_outputs_and_grads(layer, p, SEQ, 3, dtype, bf16_inputs=True) for p in (True, False)]
+
+
+def lse_zeroed(backward):
+    """A fused attention backward handed a log-sum-exp of zeros (p = exp(s), unnormalised): a broken variant."""
+    return lambda d_ctx, q, kh, vh, ctx, lse, head_dim: backward(d_ctx, q, kh, vh, ctx, lse * 0, head_dim)
+
+
 def test_flash_scan_steps_are_as_close_to_fp32_as_the_matrix_product_steps(monkeypatch, no_tf32):
     """A bf16 layer's fast scan over 700 tokens (5 whole blocks: flash attention; a partial last
     one: the matrix products), from the prompt and from a passed-in FAM: outputs and the gradients
     of FAM0, K, V and every weight, with flash on and off, against the fp32 layer."""
-    model, fp32 = build_model(ARGS, device="cuda").to(torch.bfloat16), build_model(ARGS, device="cuda")
-    fp32.load_state_dict(model.state_dict())  # the bf16 weights, in fp32
-    layer, reference = model.layers[1], fp32.layers[1]
-
-    def scans(layer, dtype):
-        return lambda: [_scan_outputs_and_grads(layer, p, SEQ, 3, dtype, bf16_inputs=True) for p in (True, False)]
-
+    layer, reference = bf16_layer_and_fp32_twin(ARGS)
     want, _ = _flash_kernels(scans(reference, torch.float32))
     runs = {}
     for name, flash in (("matmul", False), ("flash", True)):
@@ -246,9 +258,7 @@ def test_flash_scan_steps_are_as_close_to_fp32_as_the_matrix_product_steps(monke
           f"{ {name: count for name, (_, count) in runs.items()} }")
     assert runs["matmul"][1] == 0 and runs["flash"][1] > 0
     assert len(want[0]) >= 12 and errors["flash"] <= FLASH_FACTOR * errors["matmul"], errors
-    flash_backward = scan_step._flash_backward
-    monkeypatch.setattr(scan_step, "_flash_backward", lambda d_ctx, q, kh, vh, ctx, lse, head_dim: flash_backward(
-        d_ctx, q, kh, vh, ctx, lse * 0, head_dim))
+    monkeypatch.setattr(scan_step, "_flash_backward", lse_zeroed(scan_step._flash_backward))
     broken, _ = _flash_kernels(scans(layer, torch.bfloat16))
     assert _worst_error(broken, want) > 10 * FLASH_FACTOR * errors["matmul"], _worst_error(broken, want)
     scan_graphs.clear()

@@ -15,8 +15,8 @@ import torch
 import model.scan_graphs as scan_graphs
 import model.scan_step as scan_step
 import tests.test_gpu as test_gpu
-from model import build_model
-from tests.test_gpu import ARGS, FLASH_FACTOR, SEQ, _scan_outputs_and_grads, _worst_error, no_tf32  # noqa: F401
+from tests.test_gpu import (ARGS, FLASH_FACTOR, _worst_error, bf16_layer_and_fp32_twin, lse_zeroed, no_tf32,  # noqa: F401
+                            scans)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
 
@@ -36,14 +36,7 @@ def _run_with_kernels(run) -> tuple[list, set]:
 
 def test_cudnn_scan_steps_are_as_close_to_fp32_as_the_flash_steps(monkeypatch):
     monkeypatch.setattr(test_gpu, "ARGS", CUDNN_ARGS)  # the scan's inputs (tests/test_gpu.py scan_call) at its sizes
-    model = build_model(CUDNN_ARGS, device="cuda").to(torch.bfloat16)
-    fp32 = build_model(CUDNN_ARGS, device="cuda")
-    fp32.load_state_dict(model.state_dict())  # the bf16 weights, in fp32
-    layer, reference = model.layers[1], fp32.layers[1]
-
-    def scans(layer, dtype):
-        return lambda: [_scan_outputs_and_grads(layer, p, SEQ, 3, dtype, bf16_inputs=True) for p in (True, False)]
-
+    layer, reference = bf16_layer_and_fp32_twin(CUDNN_ARGS)
     want, _ = _run_with_kernels(scans(reference, torch.float32))
     runs = {}
     for name, flash, kernel in (("matmul", False, "flash"), ("flash", True, "flash"), ("cudnn", True, "cudnn")):
@@ -57,9 +50,7 @@ def test_cudnn_scan_steps_are_as_close_to_fp32_as_the_flash_steps(monkeypatch):
           f"\nkernels only under cuDNN: {sorted(cudnn_kernels)}")
     assert flash_kernels and not flash_kernels & runs["cudnn"][1] and cudnn_kernels
     assert len(want[0]) >= 12 and errors["cudnn"] <= FLASH_FACTOR * errors["matmul"], errors
-    backward = scan_step._cudnn_backward
-    monkeypatch.setattr(scan_step, "_cudnn_backward", lambda d_ctx, q, kh, vh, ctx, lse, head_dim: backward(
-        d_ctx, q, kh, vh, ctx, lse * 0, head_dim))
+    monkeypatch.setattr(scan_step, "_cudnn_backward", lse_zeroed(scan_step._cudnn_backward))
     broken, _ = _run_with_kernels(scans(layer, torch.bfloat16))
     assert _worst_error(broken, want) > 10 * FLASH_FACTOR * errors["matmul"], _worst_error(broken, want)
     scan_graphs.clear()
