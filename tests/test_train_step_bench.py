@@ -314,7 +314,7 @@ def test_every_train_step_command_of_fam_speed_sh_parses(monkeypatch, tmp_path):
             '"$OUT/$name.json"': "runs/x/short.json", '"$OUT"': "runs/x", "${PROFILE:+--profile}": "--profile",
             '"${SEQ:-8192}"': "8192", '"$b"': "4", '"${MB:-4}"': "4", '"$s"': "off", '"$k"': "reloaded", '"$f"': "merged",
             '${COMPILE_CACHE:+--compile-cache "$COMPILE_CACHE"}': "--compile-cache runs/x/compile-cache",
-            '${TRACE:+--trace "$OUT/traces"}': ""}
+            '${TRACE:+--trace "$OUT/traces"}': "", "${SCAN_FLAGS:-}": "--scan-attention cudnn"}
     script = script.replace("\\\n", " ")  # continued lines joined
     table, pair = re.findall(r"python3 -m benchmarks\.train_step (.*?)>", script)
     # the phases that run pair() (a comment may follow the phase's name): their own flags
