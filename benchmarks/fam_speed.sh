@@ -12,7 +12,7 @@
 #     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)
 #     ratios    fam-1b and bswa-1b at 8k (micro-batch 6, no recompute), 32k, 64k and 128k (micro-batch 2, recompute):
 #               issue 13's fam / bswa rows side by side in one process, at the micro-batch where each ratio is highest
-#               (8k: 0.905 at 6 against 0.897 at 4, 2026-12-02; fam-1b's peak 118 GiB of an H200's 139; on an
+#               (8k: 0.906 at 6 against 0.897 at 4, 2026-12-02; fam-1b's peak 118 GiB of an H200's 139; on an
 #               80 GB card, by these peaks, SCAN_FLAGS="--micro-batch 2 2 2 1"; not tried)
 #     ratios8k  fam-1b and bswa-1b at 8k, micro-batch 4 and 6, no recompute, 10 timed steps: the 8k rows with less noise,
 #               and at the largest micro-batch both fit without recompute (fam-1b 118.4 GiB, measured 2026-12-02)
