@@ -176,17 +176,18 @@ def scan_call(layer, from_prompt: bool, seq: int, seed: int, dtype=torch.float32
     bf16-representable with bf16_inputs): (its outputs, a random projection of them, the inputs
     by name: FAM0, K, V and the weights)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    F, b, att = ARGS.fam_len, 2, layer.attention
+    config, b, att = layer.config, 2, layer.attention
+    F = config.fam_len
     rounded = torch.bfloat16 if bf16_inputs else dtype
 
     def new(*shape):
         return torch.randn(shape, device="cuda", generator=g).to(rounded).to(dtype).requires_grad_()
 
-    fam0 = new(F, b, ARGS.hidden_size)
+    fam0 = new(F, b, config.hidden_size)
     k, v = (new(seq, b, att.groups, att.head_dim) for _ in "kv")
     positions = torch.arange(seq, device="cuda", dtype=torch.float32).expand(b, -1) + 100.0
     weights = layer._scan_weights()
-    spec = layer._scan_spec(from_prompt, BlockLayout(0, seq, ARGS.block_size, F, ARGS.mem_blocks).fam_rows)
+    spec = layer._scan_spec(from_prompt, BlockLayout(0, seq, config.block_size, F, config.mem_blocks).fam_rows)
     outputs = [x for x in fast_scan(spec, fam0, k, v, layer._fam_rope(positions), weights) if x is not None]
     loss = sum((x.float() * torch.randn(x.shape, device="cuda", generator=g)).sum() for x in outputs)
     inputs = {"fam0": fam0, "k": k, "v": v, **dict(zip(("n1", "qkv", "proj", "n2", "fc1", "fc2"), weights))}
@@ -225,9 +226,9 @@ def _worst_error(got: list, want: list) -> float:
     return max(max(_errors(a, b).values()) for a, b in zip(got, want))
 
 
-def bf16_layer_and_fp32_twin(args, device: str = "cuda"):
+def bf16_layer_and_fp32_twin(args):
     """Layer 1 of a bf16 model, and of an fp32 model with the same (bf16-representable) weights."""
-    model, fp32 = build_model(args, device=device).to(torch.bfloat16), build_model(args, device=device)
+    model, fp32 = build_model(args, device="cuda").to(torch.bfloat16), build_model(args, device="cuda")
     fp32.load_state_dict(model.state_dict())
     return model.layers[1], fp32.layers[1]
 

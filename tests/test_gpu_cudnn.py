@@ -14,7 +14,6 @@ import torch
 
 import model.scan_graphs as scan_graphs
 import model.scan_step as scan_step
-import tests.test_gpu as test_gpu
 from tests.test_gpu import (ARGS, FLASH_FACTOR, _worst_error, bf16_layer_and_fp32_twin, lse_zeroed, no_tf32,  # noqa: F401
                             scans)
 
@@ -35,7 +34,6 @@ def _run_with_kernels(run) -> tuple[list, set]:
 
 
 def test_cudnn_scan_steps_are_as_close_to_fp32_as_the_flash_steps(monkeypatch):
-    monkeypatch.setattr(test_gpu, "ARGS", CUDNN_ARGS)  # the scan's inputs (tests/test_gpu.py scan_call) at its sizes
     layer, reference = bf16_layer_and_fp32_twin(CUDNN_ARGS)
     want, _ = _run_with_kernels(scans(reference, torch.float32))
     runs = {}
