@@ -9,7 +9,7 @@
 #     short     fam-1b, bswa-1b, dense-1b at 8k and 32k, each with the anchor beside it
 #     long      the same at 64k and 128k, recompute (long64, long128: one length each, to run side by side)
 #     table     the same at SEQS (default 8192; a quoted list for several)
-#     profile   fam-1b and bswa-1b at 8k with --profile (GPU busy, kernels, waits)
+#     profile   fam-1b and bswa-1b at 8k, micro-batch MB (default 4), with --profile (GPU busy, kernels, waits)
 #     ratios    fam-1b and bswa-1b at 8k (micro-batch 6, no recompute), 32k, 64k and 128k (micro-batch 2, recompute):
 #               issue 13's fam / bswa rows side by side in one process, at the micro-batch where each ratio is highest
 #               (8k: 0.906 at 6 against 0.897 at 4, 2026-12-02; fam-1b's peak 118 GiB of an H200's 139; on an
@@ -102,7 +102,7 @@ for phase in "$@"; do
         ratios8k)  # the 8k rows again at micro-batch 4 and 6 (both fit without recompute), 10 timed steps each
             pair ratios8k --seq-lens 8192 8192 --micro-batch 4 6 --recompute off --steps 10 --results-dir "$OUT" ;;
         batch2) pair batch2 --micro-batch 2 --results-dir "$OUT" ;;
-        profile) pair profile --profile ;;
+        profile) pair profile --micro-batch "${MB:-4}" --profile ;;
         slots)
             for s in on off; do pair "slots-$s" --micro-batch "${MB:-4}" --profile --scan-slots "$s"; done ;;
         blocks)
