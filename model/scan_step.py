@@ -179,17 +179,27 @@ def uses_flash(q, keys, key_bias, dtype: torch.dtype) -> bool:
             and keys.dtype == q.dtype and dtype == q.dtype and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
-def _flash(q, kh, vh, head_dim: int):
+def _fused(q, kh, vh, head_dim: int):
     """(ctx [b, g, rows, d] in q's dtype, lse [b, g, rows] fp32) of softmax(q k^T / sqrt(d)) v, by the fused
     kernel FUSED_KERNEL names. ctx is laid out as [b, rows, g, d] (flash's own output layout, `_as_flash_output`)."""
-    if FUSED_KERNEL == "cudnn":
-        return _cudnn(q, kh, vh, head_dim)
+    return (_cudnn if FUSED_KERNEL == "cudnn" else _flash)(q, kh, vh, head_dim)
+
+
+def _fused_backward(d_ctx, q, kh, vh, ctx, lse, head_dim: int):
+    """(dq fp32, d_keys, d_values in the kernel's dtype) [b, g, rows or F + c, d] of `_fused` at (q, kh, vh),
+    given its output ctx and lse, by the kernel FUSED_KERNEL names. The block rows' key/value gradients go to
+    their buffers in that dtype as they are; only the FAM rows' are taken to fp32 (`_attend_rows_backward`)."""
+    return (_cudnn_backward if FUSED_KERNEL == "cudnn" else _flash_backward)(d_ctx, q, kh, vh, ctx, lse, head_dim)
+
+
+def _flash(q, kh, vh, head_dim: int):
+    """`_fused` by ATen's flash attention."""
     out = torch.ops.aten._scaled_dot_product_flash_attention(q, kh, vh, scale=head_dim**-0.5)
     return out[0], out[1]
 
 
 def _cudnn(q, kh, vh, head_dim: int):
-    """`_flash` by cuDNN's kernel. Its output takes q's layout, so q goes in laid out as flash lays out its
+    """`_fused` by cuDNN's kernel. Its output takes q's layout, so q goes in laid out as flash lays out its
     output: the step keeps that output as x_proj, and the backward hands it back in the same layout. Its
     log-sum-exp comes as [b, g, rows, 1]."""
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
@@ -198,7 +208,7 @@ def _cudnn(q, kh, vh, head_dim: int):
 
 
 def _cudnn_backward(d_ctx, q, kh, vh, ctx, lse, head_dim: int):
-    """`_flash_backward` by cuDNN's kernel: no bias, no dropout (no random state), not variable-length."""
+    """`_fused_backward` by cuDNN's kernel: no bias, no dropout (no random state), not variable-length."""
     none = q.new_empty(0, dtype=torch.int64)
     dq, d_keys, d_values = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         d_ctx.to(q.dtype), q, kh, vh, ctx, lse.unsqueeze(-1), none, none, None, None, None, q.shape[2], kh.shape[2],
@@ -207,12 +217,8 @@ def _cudnn_backward(d_ctx, q, kh, vh, ctx, lse, head_dim: int):
 
 
 def _flash_backward(d_ctx, q, kh, vh, ctx, lse, head_dim: int):
-    """(dq fp32, d_keys, d_values in flash's dtype) [b, g, rows or F + c, d] of `_flash` at (q, kh, vh),
-    given its output ctx and lse (no dropout: no random state; not variable-length: no cumulative
-    lengths). The block rows' key/value gradients go to their buffers in flash's dtype as they are;
-    only the FAM rows' are taken to fp32 (`_attend_rows_backward`). By the kernel FUSED_KERNEL names."""
-    if FUSED_KERNEL == "cudnn":
-        return _cudnn_backward(d_ctx, q, kh, vh, ctx, lse, head_dim)
+    """`_fused_backward` by ATen's flash attention: no dropout (no random state), not variable-length (no
+    cumulative lengths)."""
     no_rng = q.new_empty(0, dtype=torch.int64)
     dq, d_keys, d_values = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         d_ctx.to(q.dtype), q, kh, vh, ctx, lse, None, None, q.shape[2], kh.shape[2], 0.0, False, no_rng, no_rng,
@@ -243,7 +249,7 @@ def _attend_rows(mixed, keys, values, key_bias, cos_q, sin_q, head_dim: int, dty
     q = _heads(_rope(mixed[:, :, :, :-2], cos_q.unsqueeze(3), sin_q.unsqueeze(3))).to(keys.dtype)
     lse = None
     if uses_flash(q, keys, key_bias, dtype):
-        ctx, lse = _flash(q, _heads(keys), _heads(values), head_dim)
+        ctx, lse = _fused(q, _heads(keys), _heads(values), head_dim)
     else:
         ctx = _bmm32(_probabilities(q, _heads(keys), key_bias, head_dim).to(values.dtype), _heads(values))
     return q, _rows_to_context(ctx, mixed.shape[0]).to(dtype), lse
@@ -307,7 +313,7 @@ def _attend_rows_backward(d_context, q, keys, values, key_bias, x_proj, lse, gro
     if uses_flash(q, keys, key_bias, dtype):  # the forward's output is x_proj, in the heads' layout
         ctx = _as_flash_output(x_proj, groups, head_dim)
         d_ctx = _as_flash_output(d_context.to(q.dtype).transpose(0, 1), groups, head_dim)
-        dq, d_keys, d_values = _flash_backward(d_ctx, q, kh, vh, ctx, lse, head_dim)
+        dq, d_keys, d_values = _fused_backward(d_ctx, q, kh, vh, ctx, lse, head_dim)
     else:
         d_ctx = _heads(d_context.view(n_f, b, groups, -1, head_dim))
         p = _probabilities(q, kh, key_bias, head_dim)  # one product: cheaper than keeping p
