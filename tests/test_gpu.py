@@ -212,14 +212,20 @@ def _scan_outputs_and_grads(layer, from_prompt: bool, seq: int, seed: int, dtype
 FLASH_FACTOR = 1.5
 
 
-def _flash_kernels(run) -> tuple[list, int]:
-    """run()'s result, and the number of flash-attention kernels it launched."""
+def kernels_launched(run) -> tuple[list, list[str]]:
+    """run()'s result, and the name of each CUDA kernel it launched (one per launch)."""
     scan_graphs.clear()
     torch._dynamo.reset()  # the steps recompile for the setting under test
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         found = run()
         torch.cuda.synchronize()
-    return found, sum("flash" in e.name.lower() for e in prof.events())
+    return found, [e.name for e in prof.events()]
+
+
+def _flash_kernels(run) -> tuple[list, int]:
+    """run()'s result, and the number of flash-attention kernels it launched."""
+    found, names = kernels_launched(run)
+    return found, sum("flash" in name.lower() for name in names)
 
 
 def _worst_error(got: list, want: list) -> float:

@@ -14,8 +14,8 @@ import torch
 
 import model.scan_graphs as scan_graphs
 import model.scan_step as scan_step
-from tests.test_gpu import (ARGS, FLASH_FACTOR, _worst_error, bf16_layer_and_fp32_twin, lse_zeroed, no_tf32,  # noqa: F401
-                            scans)
+from tests.test_gpu import (ARGS, FLASH_FACTOR, _worst_error, bf16_layer_and_fp32_twin, kernels_launched,  # noqa: F401
+                            lse_zeroed, no_tf32, scans)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
 
@@ -25,12 +25,8 @@ CUDNN_ARGS = dataclasses.replace(ARGS, hidden_size=256)
 
 def _run_with_kernels(run) -> tuple[list, set]:
     """run()'s result and the names of the CUDA kernels it launched, the steps compiled afresh."""
-    scan_graphs.clear()
-    torch._dynamo.reset()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        found = run()
-        torch.cuda.synchronize()
-    return found, {e.name for e in prof.events()}
+    found, names = kernels_launched(run)
+    return found, set(names)
 
 
 def test_cudnn_scan_steps_are_as_close_to_fp32_as_the_flash_steps(monkeypatch):
